@@ -1,0 +1,142 @@
+"""`sdcn-trt`: sub-commands that map 1:1 onto the Python API (flag names = field names)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from sdcn_trt.config import GenerationConfig
+from sdcn_trt.engines import BACKENDS, BackendConfig
+from sdcn_trt.errors import SdcnError
+
+logger = logging.getLogger("sdcn_trt")
+
+
+# -- shared option groups ------------------------------------------------------------------------
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model (one of: --preset, --sd-dir + --controlnet, --checkpoint)")
+    g.add_argument("--preset", default=None, help="built-in seeded random weights: tiny | sd15-random (default: tiny)")
+    g.add_argument("--preset-seed", type=int, default=0, help="seed of the preset's weights")
+    g.add_argument("--sd-dir", help="diffusers SD1.5 folder (tokenizer/, text_encoder/, unet/, vae/)")
+    g.add_argument("--controlnet", help="diffusers ControlNet folder, or a ControlNet checkpoint file")
+    g.add_argument("--checkpoint", help="single ldm-layout file with SD + ControlNet (control_sd15_canny.pth)")
+    g.add_argument("--original-config", help="ldm YAML for --checkpoint (default: read off the tensor shapes)")
+    g.add_argument("--text-encoder-config", help="CLIPTextConfig json for --checkpoint (default: from shapes)")
+    g.add_argument("--tokenizer", help="folder with vocab.json + merges.txt (default: bundled CLIP vocabulary)")
+
+
+def add_backend_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("backend")
+    g.add_argument("--backend", default="torch", choices=BACKENDS)
+    g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    g.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"))
+    g.add_argument("--cache-dir", help="where exported ONNX and engines go (default: $SDCN_TRT_CACHE)")
+
+
+def add_generation_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("generation (the contest's process() arguments)")
+    for f in dataclasses.fields(GenerationConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            kind = {"int": int, "float": float, "str": str}[str(f.type)]
+            g.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f"default: {f.default!r}")
+
+
+def generation_config(args: argparse.Namespace) -> GenerationConfig:
+    return GenerationConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationConfig)})
+
+
+def backend_config(args: argparse.Namespace) -> BackendConfig:
+    return BackendConfig(backend=args.backend, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
+
+
+def load_pipeline(args: argparse.Namespace):  # -> ControlNetPipeline
+    from sdcn_trt import ControlNetPipeline
+    from sdcn_trt.errors import InputError
+
+    backend = backend_config(args)
+    chosen = [n for n, v in (("--preset", args.preset), ("--sd-dir", args.sd_dir), ("--checkpoint", args.checkpoint)) if v]
+    if len(chosen) > 1:
+        raise InputError(f"choose one model source, got {' and '.join(chosen)}")
+    if args.checkpoint:
+        return ControlNetPipeline.from_single_file(args.checkpoint, args.original_config, args.tokenizer,
+                                                   args.text_encoder_config, backend=backend)
+    if args.sd_dir:
+        if not args.controlnet:
+            raise InputError("--sd-dir needs --controlnet (a ControlNet folder or checkpoint file)")
+        return ControlNetPipeline.from_pretrained(args.sd_dir, args.controlnet, args.tokenizer, backend=backend)
+    return ControlNetPipeline.from_preset(args.preset or "tiny", seed=args.preset_seed, backend=backend)
+
+
+# -- sub-commands ----------------------------------------------------------------------------------
+def cmd_generate(args: argparse.Namespace) -> int:
+    from sdcn_trt.images import save_image
+    from sdcn_trt.preprocess import find_images, load_image
+
+    config = generation_config(args)
+    inputs: list[Path] = []
+    for item in args.inputs:
+        path = Path(item)
+        inputs += find_images(path) if path.is_dir() else [path]
+    images = [(p, load_image(p)) for p in inputs]  # read everything first: a bad file fails before any work
+    pipe = load_pipeline(args)
+    out_dir = Path(args.output)
+    for path, image in images:
+        result = pipe.run(image, config, progress=not args.quiet)
+        for i, generated in enumerate(result.images):
+            target = save_image(out_dir / f"{path.stem}_{i}.png", generated)
+            print(f"{path} -> {target} (seed {result.seed}, {sum(result.timings.values()):.2f} s)")
+        if args.save_control:
+            save_image(out_dir / f"{path.stem}_canny.png", 255 - result.control)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sdcn_trt.demo import run_demo
+
+    run_demo(Path(args.output), backends=args.backends, steps=args.ddim_steps, samples=args.samples)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdcn-trt", description="SD1.5 + ControlNet canny: generate, export, score.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="canny-to-image for image files or folders")
+    p.add_argument("inputs", nargs="+", help="image files or folders of images")
+    p.add_argument("-o", "--output", default="sdcn_out", help="output folder (default: sdcn_out)")
+    p.add_argument("--save-control", action="store_true", help="also write the inverted canny map")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_model_args(p)
+    add_backend_args(p)
+    add_generation_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="offline main job: tiny preset on scikit-image's sample photos")
+    p.add_argument("-o", "--output", default="sdcn_demo", help="output folder (default: sdcn_demo)")
+    p.add_argument("--backends", nargs="+", default=["torch", "onnxruntime"], choices=BACKENDS)
+    p.add_argument("--ddim-steps", type=int, default=20)
+    p.add_argument("--samples", nargs="+", default=None, help="skimage.data names (default: four photos)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except SdcnError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""GenerationConfig: the fields of the contest's `process()` call, validated once."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from sdcn_trt.errors import InputError
+
+# The reference seeds through pytorch_lightning's seed_everything, which only takes seeds numpy
+# accepts (0 .. 2**32 - 1); -1 means "pick one at random" as the original gradio app does.
+SEED_MIN = 0
+SEED_MAX = 2**32 - 1
+NUM_CONTROL_SCALES = 13  # ControlNet residuals: 12 down-block outputs + 1 mid-block output
+GUESS_MODE_DECAY = 0.825  # the original code's magic number: 0.825 ** 12 < 0.01
+
+
+@dataclass
+class GenerationConfig:
+    """The contest's canny2image settings; defaults are the contest's reference call."""
+
+    prompt: str = "a bird"
+    a_prompt: str = "best quality, extremely detailed"  # appended to the prompt after ", "
+    n_prompt: str = "longbody, lowres, bad anatomy, bad hands, missing fingers"  # negative prompt
+    num_samples: int = 1  # images per input
+    image_resolution: int = 256  # short side after resize, rounded to a multiple of 64
+    ddim_steps: int = 20
+    guess_mode: bool = False  # control on the conditional half only, decaying scales
+    strength: float = 1.0  # ControlNet conditioning scale
+    scale: float = 9.0  # classifier-free guidance scale
+    seed: int = 2946901  # -1 draws a random seed in 0..65535 like the original app
+    eta: float = 0.0  # DDIM eta; > 0 adds noise every step
+    low_threshold: int = 100  # cv2.Canny thresholds
+    high_threshold: int = 200
+
+    def __post_init__(self) -> None:
+        _check_int(self, "num_samples", 1)
+        _check_int(self, "image_resolution", 64)
+        _check_int(self, "ddim_steps", 1)
+        for name in ("strength", "scale", "eta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InputError(f"{name} must be a finite number, got {value!r}")
+            if value < 0:
+                raise InputError(f"{name} must be >= 0, got {value}")
+        for name in ("low_threshold", "high_threshold"):
+            _check_int(self, name, 0)
+        if self.low_threshold > self.high_threshold:
+            raise InputError(
+                f"low_threshold ({self.low_threshold}) must not exceed high_threshold ({self.high_threshold})"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise InputError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed != -1 and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise InputError(f"seed must be -1 (random) or in {SEED_MIN}..{SEED_MAX}, got {self.seed}")
+        for name in ("prompt", "a_prompt", "n_prompt"):
+            if not isinstance(getattr(self, name), str):
+                raise InputError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if not isinstance(self.guess_mode, bool):
+            raise InputError(f"guess_mode must be True or False, got {self.guess_mode!r}")
+
+    @property
+    def positive_prompt(self) -> str:
+        """The text the reference encodes for the conditional half: `prompt + ', ' + a_prompt`."""
+        return self.prompt + ", " + self.a_prompt if self.a_prompt else self.prompt
+
+    def control_scales(self) -> tuple[list[float], list[float]]:
+        """(conditional, unconditional) per-residual scales, exactly as the original computes them.
+
+        Guess mode: `strength * 0.825 ** (12 - i)` on the conditional half and no control at all
+        on the unconditional half (zero residuals); otherwise `strength` on both halves.
+        """
+        if self.guess_mode:
+            cond = [self.strength * (GUESS_MODE_DECAY ** float(12 - i)) for i in range(NUM_CONTROL_SCALES)]
+            return cond, [0.0] * NUM_CONTROL_SCALES
+        return [float(self.strength)] * NUM_CONTROL_SCALES, [float(self.strength)] * NUM_CONTROL_SCALES
+
+    def replace(self, **changes: object) -> "GenerationConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _check_int(config: GenerationConfig, name: str, minimum: int) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise InputError(f"{name} must be >= {minimum}, got {value}")

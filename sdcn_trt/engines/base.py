@@ -1,0 +1,58 @@
+"""The one runner interface every backend implements: activate / infer(feed) -> outputs / deactivate."""
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import torch
+
+from sdcn_trt.export.descriptors import NetworkDescriptor
+
+
+class Runner(abc.ABC):
+    """Runs one network. `infer` takes and returns torch tensors keyed by the descriptor's names.
+
+    Outputs may be buffers the runner reuses on the next call (TensorRT, CUDA graphs): copy
+    them if they must outlive it. Use as a context manager, or call activate()/deactivate().
+    """
+
+    def __init__(self, descriptor: NetworkDescriptor):
+        self.descriptor = descriptor
+        self.name = descriptor.name
+        self.is_active = False
+
+    def activate(self) -> "Runner":
+        if not self.is_active:
+            self.activate_impl()
+            self.is_active = True
+        return self
+
+    def deactivate(self) -> None:
+        if self.is_active:
+            self.deactivate_impl()
+            self.is_active = False
+
+    def infer(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not self.is_active:
+            self.activate()
+        return self.infer_impl(feed)
+
+    def __enter__(self) -> "Runner":
+        return self.activate()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.deactivate()
+
+    @property
+    def device(self) -> torch.device:
+        """Where the runner wants its inputs (and leaves its outputs)."""
+        return torch.device("cpu")
+
+    @abc.abstractmethod
+    def activate_impl(self) -> None: ...
+
+    @abc.abstractmethod
+    def infer_impl(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+    def deactivate_impl(self) -> None:
+        """Release what activate_impl allocated; nothing by default."""

@@ -1,0 +1,17 @@
+"""The package's exception types: each says what was wrong and what was expected."""
+
+
+class SdcnError(Exception):
+    """Base class of every error sdcn_trt raises on purpose."""
+
+
+class InputError(SdcnError, ValueError):
+    """A bad argument or input file: an image, a setting, a prompt, a shape."""
+
+
+class WeightsError(SdcnError, RuntimeError):
+    """Model weights that are missing, unreadable or do not match their configuration."""
+
+
+class BackendUnavailableError(SdcnError, RuntimeError):
+    """A backend whose packages or hardware are missing; the message says how to get them."""

@@ -1,0 +1,51 @@
+"""Writing images: atomic PNG/JPEG writes and labelled contact sheets people can look at."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from sdcn_trt.cache import atomic_path
+from sdcn_trt.errors import InputError
+
+
+def encode_image(image: np.ndarray, suffix: str = ".png") -> bytes:
+    """RGB (or gray) uint8 -> encoded bytes in the format of `suffix`."""
+    bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
+    ok, data = cv2.imencode(suffix, bgr)
+    if not ok:
+        raise InputError(f"OpenCV cannot encode an image as {suffix}")
+    return data.tobytes()
+
+
+def save_image(path: str | Path, image: np.ndarray) -> Path:
+    """Write an RGB uint8 image; the file appears complete or not at all."""
+    path = Path(path)
+    data = encode_image(image, path.suffix.lower() or ".png")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return path
+
+
+def _label(tile: np.ndarray, text: str) -> np.ndarray:
+    bar = np.full((22, tile.shape[1], 3), 255, np.uint8)
+    cv2.putText(bar, text[:40], (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([bar, tile], axis=0)
+
+
+def contact_sheet(rows: Sequence[Sequence[np.ndarray]], labels: Sequence[str], tile: int = 192) -> np.ndarray:
+    """A grid of RGB tiles (each row one input), every column headed by its label."""
+    out_rows = []
+    for row in rows:
+        tiles = []
+        for image, label in zip(row, labels):
+            rgb = image if image.ndim == 3 else np.stack([image] * 3, axis=-1)
+            h, w = rgb.shape[:2]
+            scaled = cv2.resize(rgb, (max(1, round(w * tile / h)), tile), interpolation=cv2.INTER_AREA)
+            tiles.append(_label(scaled, label))
+        out_rows.append(np.concatenate(tiles, axis=1))
+    width = max(r.shape[1] for r in out_rows)
+    padded = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in out_rows]
+    return np.concatenate(padded, axis=0)

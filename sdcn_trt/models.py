@@ -1,0 +1,184 @@
+"""Loading SD1.5 + ControlNet: diffusers folders, the built-in presets (seeded random weights)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from sdcn_trt.errors import InputError, WeightsError
+
+logger = logging.getLogger(__name__)
+
+SD15_SCALING_FACTOR = 0.18215  # ldm's `scale_factor` for SD1.x latents
+
+
+@dataclass
+class Components:
+    """The four networks and the tokenizer of one SD + ControlNet model (torch, fp32, CPU)."""
+
+    tokenizer: Any  # transformers.CLIPTokenizer
+    text_encoder: Any  # transformers.CLIPTextModel
+    unet: Any  # diffusers.UNet2DConditionModel
+    controlnet: Any  # diffusers.ControlNetModel
+    vae: Any  # diffusers.AutoencoderKL
+    source: str = "unknown"  # where the weights came from, for logs and cache keys
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"text_encoder": self.text_encoder, "unet": self.unet, "controlnet": self.controlnet, "vae": self.vae}
+
+    def eval_(self) -> "Components":
+        for module in self.modules().values():
+            module.eval().requires_grad_(False)
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets: architectures with seeded random weights (diffusers-style configs).
+# ---------------------------------------------------------------------------------------------
+def _tiny_configs() -> dict[str, dict[str, Any]]:
+    """Small configs keeping SD1.5's structure: attention on all UNet levels but the last, an
+    8x VAE (the hint block always downsamples 8x), 8 heads, CLIP with 64-wide heads."""
+    unet = dict(
+        sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=128, attention_head_dim=8, norm_num_groups=32,
+    )
+    controlnet = {k: v for k, v in unet.items() if k not in ("sample_size", "out_channels", "up_block_types")}
+    controlnet.update(conditioning_embedding_out_channels=(16, 32, 96, 256), conditioning_channels=3)
+    vae = dict(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 32, 32), layers_per_block=1,
+        latent_channels=4, norm_num_groups=32, sample_size=256, scaling_factor=SD15_SCALING_FACTOR,
+    )
+    text = dict(
+        vocab_size=49408, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=128, bos_token_id=49406,
+        eos_token_id=49407, pad_token_id=49407,
+    )
+    return {"unet": unet, "controlnet": controlnet, "vae": vae, "text_encoder": text}
+
+
+def _sd15_configs() -> dict[str, dict[str, Any]]:
+    """SD1.5's own architecture (UNet 859.5 M, ControlNet 361.3 M parameters, CLIP ViT-L/14 text)."""
+    unet = dict(
+        sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+    )
+    controlnet = {k: v for k, v in unet.items() if k not in ("sample_size", "out_channels", "up_block_types")}
+    controlnet.update(conditioning_embedding_out_channels=(16, 32, 96, 256), conditioning_channels=3)
+    vae = dict(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+        latent_channels=4, norm_num_groups=32, sample_size=512, scaling_factor=SD15_SCALING_FACTOR,
+    )
+    text = dict(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=49406,
+        eos_token_id=49407, pad_token_id=49407,
+    )
+    return {"unet": unet, "controlnet": controlnet, "vae": vae, "text_encoder": text}
+
+
+PRESETS: dict[str, Callable[[], dict[str, dict[str, Any]]]] = {"tiny": _tiny_configs, "sd15-random": _sd15_configs}
+
+
+def build_from_configs(configs: dict[str, dict[str, Any]], seed: int, tokenizer: Any, source: str) -> Components:
+    """Instantiate the networks from configs with weights drawn from `torch.manual_seed(seed)`.
+
+    ControlNet's zero convolutions are re-drawn too: zero residuals would make the control path
+    invisible to every parity test.
+    """
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+        unet = UNet2DConditionModel(**configs["unet"])
+        controlnet = ControlNetModel(**configs["controlnet"])
+        zero_convs = list(controlnet.controlnet_down_blocks) + [
+            controlnet.controlnet_mid_block, controlnet.controlnet_cond_embedding.conv_out
+        ]
+        for conv in zero_convs:
+            conv.reset_parameters()
+        vae = AutoencoderKL(**configs["vae"])
+    return Components(tokenizer, text_encoder, unet, controlnet, vae, source=source).eval_()
+
+
+def load_preset(name: str, seed: int = 0, tokenizer: str | Path | None = None) -> Components:
+    """A built-in architecture with seeded random weights: 'tiny' (tests, demo) or 'sd15-random'."""
+    from sdcn_trt.tokenizer import load_tokenizer
+
+    if name not in PRESETS:
+        raise InputError(f"unknown preset {name!r}; available presets: {', '.join(sorted(PRESETS))}")
+    return build_from_configs(PRESETS[name](), seed, load_tokenizer(tokenizer), source=f"preset:{name}:seed={seed}")
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers-format folders
+# ---------------------------------------------------------------------------------------------
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise WeightsError(f"{what} not found: {path}")
+    return path
+
+
+def _load_diffusers_model(cls: Any, folder: Path, what: str) -> Any:
+    _require(folder / "config.json", f"{what} config")
+    weights = [folder / n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                                    "model.safetensors", "pytorch_model.bin")]
+    index = list(folder.glob("*.index.json"))
+    if not any(w.is_file() for w in weights) and not index:
+        raise WeightsError(f"{what} weights not found in {folder}: expected one of {', '.join(w.name for w in weights)}")
+    try:
+        return cls.from_pretrained(str(folder), local_files_only=True, torch_dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise WeightsError(f"cannot load {what} from {folder}: {exc}") from exc
+
+
+def load_diffusers(sd_dir: str | Path, controlnet: str | Path, tokenizer: str | Path | None = None) -> Components:
+    """An SD1.5 pipeline folder (tokenizer/, text_encoder/, unet/, vae/) plus a ControlNet folder
+    (config.json + weights) or a single ControlNet checkpoint file in ldm layout."""
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from sdcn_trt.tokenizer import load_tokenizer
+
+    sd_dir = _require(Path(sd_dir), "Stable Diffusion folder")
+    controlnet_path = _require(Path(controlnet), "ControlNet")
+    tok_dir = Path(tokenizer) if tokenizer is not None else sd_dir / "tokenizer"
+    tok = load_tokenizer(tok_dir if tok_dir.exists() else None)
+    text_encoder = _load_diffusers_model(CLIPTextModel, sd_dir / "text_encoder", "text encoder")
+    unet = _load_diffusers_model(UNet2DConditionModel, sd_dir / "unet", "UNet")
+    vae = _load_diffusers_model(AutoencoderKL, sd_dir / "vae", "VAE")
+    if controlnet_path.is_dir():
+        control = _load_diffusers_model(ControlNetModel, controlnet_path, "ControlNet")
+    else:
+        from sdcn_trt.checkpoint import load_controlnet_file
+
+        control = load_controlnet_file(controlnet_path)
+    return Components(tok, text_encoder, unet, control, vae, source=f"diffusers:{sd_dir}+{controlnet_path}").eval_()
+
+
+def save_diffusers(components: Components, sd_dir: str | Path, controlnet_dir: str | Path) -> None:
+    """Write components as diffusers folders (the layout load_diffusers reads)."""
+    sd_dir, controlnet_dir = Path(sd_dir), Path(controlnet_dir)
+    components.tokenizer.save_pretrained(str(sd_dir / "tokenizer"))
+    components.text_encoder.save_pretrained(str(sd_dir / "text_encoder"))
+    components.unet.save_pretrained(str(sd_dir / "unet"))
+    components.vae.save_pretrained(str(sd_dir / "vae"))
+    components.controlnet.save_pretrained(str(controlnet_dir))

@@ -1,0 +1,113 @@
+"""The torch modules every backend runs: fixed named inputs/outputs, one per network descriptor."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sdcn_trt.models import Components
+
+
+class TextEncoderNet(nn.Module):
+    """input_ids (N, 77) int32 -> text_embeddings (N, 77, D): CLIP's last hidden state."""
+
+    def __init__(self, components: Components):
+        super().__init__()
+        self.text_encoder = components.text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids.long(), return_dict=True).last_hidden_state
+
+
+class FusedStepNet(nn.Module):
+    """One denoising evaluation: ControlNet and UNet on the CFG batch [uncond x B, cond x B].
+
+    Inputs: latents (B, 4, h, w); timestep (1,) float32; text_embeddings (2B, 77, D);
+    control (B, 3, H, W) in [0, 1]; control_scales (2, 13): row 0 scales the unconditional
+    half's residuals, row 1 the conditional half's (guess mode = a zero row 0). Output:
+    noise_pred (2B, 4, h, w), unconditional half first.
+    """
+
+    def __init__(self, components: Components):
+        super().__init__()
+        self.controlnet = components.controlnet
+        self.unet = components.unet
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text_embeddings: torch.Tensor,
+                control: torch.Tensor, control_scales: torch.Tensor) -> torch.Tensor:
+        batch = latents.shape[0]
+        x = torch.cat([latents, latents], dim=0)  # (2B, 4, h, w)
+        hint = torch.cat([control, control], dim=0)  # (2B, 3, H, W)
+        scales = control_scales.to(x.dtype).repeat_interleave(batch, dim=0)  # (2B, 13)
+        t = timestep.expand(x.shape[0])  # (2B,)
+        down, mid = self.controlnet(
+            x, t, encoder_hidden_states=text_embeddings, controlnet_cond=hint, conditioning_scale=1.0,
+            return_dict=False,
+        )
+        down = [r * scales[:, i, None, None, None] for i, r in enumerate(down)]
+        mid = mid * scales[:, len(down), None, None, None]
+        return self.unet(
+            x, t, encoder_hidden_states=text_embeddings, down_block_additional_residuals=down,
+            mid_block_additional_residual=mid, return_dict=False,
+        )[0]
+
+
+class VaeDecoderNet(nn.Module):
+    """latents (B, 4, h, w) -> images (B, 3, H, W) float in [0, 255], the reference's
+    `decode(latents / 0.18215) * 127.5 + 127.5`, clipped; the host truncates to uint8."""
+
+    def __init__(self, components: Components):
+        super().__init__()
+        self.vae = components.vae
+        self.inv_scaling = 1.0 / components.scaling_factor  # the reference multiplies by 1 / scale
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        x = self.vae.decode(self.inv_scaling * latents, return_dict=False)[0]
+        return (x * 127.5 + 127.5).clamp(0.0, 255.0)
+
+
+class VaeEncoderNet(nn.Module):
+    """images (B, 3, H, W) in [-1, 1] -> latents (B, 4, h, w): scaled posterior mean (img2img use)."""
+
+    def __init__(self, components: Components):
+        super().__init__()
+        self.vae = components.vae
+        self.scaling = components.scaling_factor
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(images, return_dict=False)[0].mean * self.scaling
+
+
+class ControlNetNet(nn.Module):
+    """FusedStepNet's first half: the 13 scaled residuals (2B, C_i, h_i, w_i), for split engines."""
+
+    def __init__(self, components: Components):
+        super().__init__()
+        self.controlnet = components.controlnet
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text_embeddings: torch.Tensor,
+                control: torch.Tensor, control_scales: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        batch = latents.shape[0]
+        x = torch.cat([latents, latents], dim=0)  # (2B, 4, h, w)
+        scales = control_scales.to(x.dtype).repeat_interleave(batch, dim=0)  # (2B, 13)
+        down, mid = self.controlnet(
+            x, timestep.expand(x.shape[0]), encoder_hidden_states=text_embeddings,
+            controlnet_cond=torch.cat([control, control], dim=0), conditioning_scale=1.0, return_dict=False,
+        )
+        return tuple(r * scales[:, i, None, None, None] for i, r in enumerate([*down, mid]))
+
+
+class UNetNet(nn.Module):
+    """FusedStepNet's second half: the UNet with the 13 residuals as inputs."""
+
+    def __init__(self, components: Components):
+        super().__init__()
+        self.unet = components.unet
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text_embeddings: torch.Tensor,
+                *residuals: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([latents, latents], dim=0)  # (2B, 4, h, w)
+        return self.unet(
+            x, timestep.expand(x.shape[0]), encoder_hidden_states=text_embeddings,
+            down_block_additional_residuals=list(residuals[:-1]), mid_block_additional_residual=residuals[-1],
+            return_dict=False,
+        )[0]

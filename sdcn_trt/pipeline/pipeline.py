@@ -1,0 +1,220 @@
+"""ControlNetPipeline: canny image + prompt -> image, the reference's canny2image on any backend."""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from sdcn_trt import preprocess
+from sdcn_trt.config import GenerationConfig
+from sdcn_trt.engines import BackendConfig, create_runner
+from sdcn_trt.engines.base import Runner
+from sdcn_trt.errors import InputError
+from sdcn_trt.export.descriptors import PIPELINE_NETWORKS, get_descriptor
+from sdcn_trt.models import Components
+from sdcn_trt.pipeline.scheduler import classifier_free_guidance, ddim_update, make_ddim_schedule
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class PipelineOutput:
+    """Generated images (uint8 HxWx3 RGB arrays, or PIL images), the edge map, and how long it took."""
+
+    images: list[Any]
+    control: np.ndarray  # the detected canny map, uint8 HxWx3 (0 or 255)
+    seed: int
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+
+def _backend_config(backend: BackendConfig | str, options: dict[str, Any]) -> BackendConfig:
+    if isinstance(backend, BackendConfig):
+        if options:
+            raise InputError(f"pass either a BackendConfig or options, not both: {sorted(options)}")
+        return backend
+    unknown = set(options) - {"device", "dtype", "cache_dir"}
+    if unknown:
+        raise InputError(f"unknown backend options {sorted(unknown)}; valid: cache_dir, device, dtype")
+    return BackendConfig(backend=backend, **options)
+
+
+class ControlNetPipeline:
+    """SD1.5 + ControlNet canny. The pipeline calls runners; it never asks which backend it holds."""
+
+    def __init__(self, components: Components, backend: BackendConfig | str = "torch", **backend_options: Any):
+        self.components = components
+        self.backend = _backend_config(backend, backend_options)
+        self.descriptors = {name: get_descriptor(name, components) for name in PIPELINE_NETWORKS}
+        self.runners: dict[str, Runner] = {n: create_runner(d, self.backend) for n, d in self.descriptors.items()}
+        self._text_cache: dict[tuple[str, str], torch.Tensor] = {}
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, sd_dir: str | Path, controlnet: str | Path, tokenizer: str | Path | None = None,
+                        backend: BackendConfig | str = "torch", **backend_options: Any) -> "ControlNetPipeline":
+        """diffusers folders: an SD1.5 pipeline folder and a ControlNet folder (or one ldm file)."""
+        from sdcn_trt.models import load_diffusers
+
+        return cls(load_diffusers(sd_dir, controlnet, tokenizer), backend, **backend_options)
+
+    @classmethod
+    def from_single_file(cls, checkpoint: str | Path, original_config: str | Path | None = None,
+                         tokenizer: str | Path | None = None, text_encoder_config: str | Path | None = None,
+                         backend: BackendConfig | str = "torch", **backend_options: Any) -> "ControlNetPipeline":
+        """control_sd15_canny.pth-style file (ldm layout); architecture from the YAML or the shapes."""
+        from sdcn_trt.checkpoint import load_single_file
+
+        components = load_single_file(checkpoint, original_config, tokenizer, text_encoder_config)
+        return cls(components, backend, **backend_options)
+
+    @classmethod
+    def from_preset(cls, name: str = "tiny", seed: int = 0, backend: BackendConfig | str = "torch",
+                    **backend_options: Any) -> "ControlNetPipeline":
+        """Built-in architecture with seeded random weights: 'tiny' or 'sd15-random'."""
+        from sdcn_trt.models import load_preset
+
+        return cls(load_preset(name, seed), backend, **backend_options)
+
+    def close(self) -> None:
+        for runner in self.runners.values():
+            runner.deactivate()
+
+    # -- stages ---------------------------------------------------------------------------------
+    def encode_prompts(self, positive: str, negative: str) -> torch.Tensor:
+        """(2, 77, D) CLIP states of [negative, positive], cached per prompt pair."""
+        from sdcn_trt.tokenizer import tokenize
+
+        key = (positive, negative)
+        if key not in self._text_cache:
+            ids = tokenize(self.components.tokenizer, [negative, positive]).to(torch.int32)  # (2, 77)
+            out = self.runners["text_encoder"].infer({"input_ids": ids})["text_embeddings"]
+            self._text_cache[key] = out.detach().clone()
+        return self._text_cache[key]
+
+    def run(self, image: np.ndarray, config: GenerationConfig, progress: bool | ProgressFn = False,
+            output_type: str = "np", generator: torch.Generator | None = None,
+            control_image: bool = False) -> PipelineOutput:
+        """Generate `config.num_samples` images for one input image.
+
+        `image` is a uint8 photo (HW, HWC; gray, RGB/BGR or RGBA) that is resized and edge-detected
+        as the reference does, or, with `control_image=True`, a ready 0/255 control map.
+        """
+        if output_type not in ("np", "pil"):
+            raise InputError(f"output_type must be 'np' or 'pil', got {output_type!r}")
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        # 1. Check inputs, preprocess: HWC3 -> resize -> Canny -> control in [0, 1]
+        preprocess.check_image(image)
+        if control_image:
+            detected = preprocess.hwc3(image)
+        else:
+            _, detected = preprocess.prepare(image, config.image_resolution, config.low_threshold, config.high_threshold)
+        height, width = detected.shape[:2]
+        fused = self.runners["fused_step"]
+        device = fused.device
+        control = preprocess.control_tensor(detected, config.num_samples).to(device)  # (B, 3, H, W)
+        timings["preprocess"] = time.perf_counter() - clock
+
+        # 2. Encode prompts: [negative, positive] -> repeated per sample, (2B, 77, D)
+        clock = time.perf_counter()
+        text = self.encode_prompts(config.positive_prompt, config.n_prompt)
+        text = text.repeat_interleave(config.num_samples, dim=0).to(device)
+        timings["text"] = time.perf_counter() - clock
+
+        # 3. Control scales (2, 13): row 0 unconditional (zeros in guess mode), row 1 conditional
+        uncond_scales, cond_scales = config.control_scales()[1], config.control_scales()[0]
+        scales = torch.tensor([uncond_scales, cond_scales], dtype=torch.float32, device=device)
+
+        # 4. Timesteps and DDIM tables
+        schedule = make_ddim_schedule(config.ddim_steps, config.eta)
+
+        # 5. Initial noise: seed -> torch.manual_seed(seed); torch.randn(B, 4, H/8, W/8), on the CPU
+        seed = config.seed if config.seed != -1 else random.randint(0, 65535)
+        if generator is None:
+            generator = torch.Generator().manual_seed(seed)
+        desc = self.descriptors["fused_step"]
+        latent_shape = (config.num_samples, desc.latent_channels, height // desc.vae_scale, width // desc.vae_scale)
+        latents = torch.randn(latent_shape, generator=generator).to(device)
+
+        # 6. Denoising loop: fused ControlNet+UNet on the CFG batch, guidance, DDIM update
+        clock = time.perf_counter()
+        report = _progress(progress, len(schedule))
+        feed = {"latents": latents, "timestep": torch.zeros(1, device=device), "text_embeddings": text,
+                "control": control, "control_scales": scales}
+        for i, step in enumerate(schedule.steps):
+            feed["latents"] = latents
+            feed["timestep"] = torch.full((1,), float(step.timestep), device=device)
+            eps = fused.infer(feed)["noise_pred"]  # (2B, 4, h, w)
+            eps_uncond, eps_cond = eps.chunk(2)
+            guided = eps_cond if config.scale == 1.0 else classifier_free_guidance(eps_uncond, eps_cond, config.scale)
+            # the reference draws noise at every step; it only matters (sigma > 0) when eta > 0
+            noise = torch.randn(latent_shape, generator=generator).to(device) if schedule.eta > 0 else None
+            latents = ddim_update(latents, guided, step, noise)
+            report(i + 1, len(schedule))
+        timings["denoise"] = time.perf_counter() - clock
+
+        # 7. Decode: VAE -> [0, 255] floats -> uint8 by truncation, as the reference's astype does
+        clock = time.perf_counter()
+        decoded = self.runners["vae_decoder"].infer({"latents": latents})["images"]  # (B, 3, H, W)
+        pixels = decoded.permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)  # (B, H, W, 3)
+        timings["decode"] = time.perf_counter() - clock
+        images: list[Any] = [pixels[i] for i in range(pixels.shape[0])]
+        if output_type == "pil":
+            from PIL import Image
+
+            images = [Image.fromarray(im) for im in images]
+        return PipelineOutput(images=images, control=detected, seed=seed, timings=timings)
+
+    # -- public call styles ---------------------------------------------------------------------
+    def __call__(self, prompt: str, image: np.ndarray, num_inference_steps: int = 20, guidance_scale: float = 9.0,
+                 controlnet_conditioning_scale: float = 1.0, guess_mode: bool = False,
+                 negative_prompt: str = GenerationConfig.n_prompt, eta: float = 0.0, seed: int | None = None,
+                 generator: torch.Generator | None = None, output_type: str = "np", num_images_per_prompt: int = 1,
+                 a_prompt: str = "", image_resolution: int = GenerationConfig.image_resolution,
+                 low_threshold: int = 100, high_threshold: int = 200, control_image: bool = False,
+                 progress: bool | ProgressFn = False) -> PipelineOutput:
+        """diffusers-style call. `image` is the photo to edge-detect (or, with control_image=True,
+        the edge map itself); `seed` None with no generator draws one like the reference (-1)."""
+        config = GenerationConfig(
+            prompt=prompt, a_prompt=a_prompt, n_prompt=negative_prompt, num_samples=num_images_per_prompt,
+            image_resolution=image_resolution, ddim_steps=num_inference_steps, guess_mode=guess_mode,
+            strength=controlnet_conditioning_scale, scale=guidance_scale, seed=-1 if seed is None else seed, eta=eta,
+            low_threshold=low_threshold, high_threshold=high_threshold,
+        )
+        return self.run(image, config, progress=progress, output_type=output_type, generator=generator,
+                        control_image=control_image)
+
+    def process(self, input_image: np.ndarray, prompt: str, a_prompt: str, n_prompt: str, num_samples: int,
+                image_resolution: int, ddim_steps: int, guess_mode: bool, strength: float, scale: float, seed: int,
+                eta: float, low_threshold: int, high_threshold: int) -> list[np.ndarray]:
+        """The original canny2image `process()`: same arguments, returns [255 - edges, image, ...]."""
+        config = GenerationConfig(prompt, a_prompt, n_prompt, num_samples, image_resolution, ddim_steps, guess_mode,
+                                  strength, scale, seed, eta, low_threshold, high_threshold)
+        out = self.run(input_image, config)
+        return [255 - out.control] + out.images
+
+
+def _progress(progress: bool | ProgressFn, total: int) -> ProgressFn:
+    if callable(progress):
+        return progress
+    if not progress:
+        return lambda done, total: None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="denoising", unit="step", leave=False)
+
+    def update(done: int, total: int) -> None:
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+
+    return update
