@@ -58,7 +58,12 @@ def run_reference(work: Path) -> None:
 
     DDIMSampler.register_buffer = register_buffer_cpu
     model = create_model(str(work / "model.yaml")).cpu()
-    model.load_state_dict(load_state_dict(str(work / "model.safetensors"), location="cpu"), strict=True)
+    result = model.load_state_dict(load_state_dict(str(work / "model.safetensors"), location="cpu"), strict=False)
+    schedule = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "logvar",
+                "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                "posterior_mean_coef1", "posterior_mean_coef2"}  # buffers the model computes itself
+    assert not result.unexpected_keys and set(result.missing_keys) <= schedule, result
     model.cond_stage_model.device = "cpu"
     model.eval()
     sampler = DDIMSampler(model)
@@ -100,10 +105,11 @@ def prepare(work: Path) -> None:
 
     from sdcn_trt.ldm_layout import original_config_for, save_single_file
     from sdcn_trt.models import load_preset
+    from sdcn_trt.tokenizer import write_clip_tokenizer_files
 
     components = load_preset("tiny", seed=0)
     clip_dir = work / "clip"
-    components.tokenizer.save_pretrained(str(clip_dir))
+    write_clip_tokenizer_files(clip_dir)  # plain vocab.json + merges.txt: every transformers version reads them
     components.text_encoder.config.to_json_file(str(clip_dir / "config.json"))
     # transformers 4 (the reference's) loads weights from the folder before the checkpoint overrides them
     from safetensors.torch import save_file

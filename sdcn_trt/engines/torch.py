@@ -1,11 +1,14 @@
 """The torch backend's runner: the descriptor's module in eager mode, fp32 or fp16, CPU or CUDA."""
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from sdcn_trt.engines.base import Runner
 from sdcn_trt.errors import BackendUnavailableError, InputError
 from sdcn_trt.export.descriptors import NetworkDescriptor
+from sdcn_trt.export.onnx_export import FP32_ONLY
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -39,12 +42,11 @@ class TorchRunner(Runner):
 
     def activate_impl(self) -> None:
         module = self.descriptor.build_module()
-        if self.descriptor.name == "text_encoder" and self.dtype == torch.float16:
-            # CLIP's causal mask overflows in fp16 (DESIGN: the contest's NaN pitfall); it is
-            # cheap and run once per prompt, so it stays fp32.
-            self.module = module.to(self._device)
-        else:
-            self.module = module.to(self._device, self.dtype)
+        # CLIP's causal mask overflows in fp16 (the contest's NaN pitfall); it runs once per prompt
+        dtype = torch.float32 if self.descriptor.name in FP32_ONLY else self.dtype
+        if dtype != torch.float32 or self._device.type != "cpu":
+            module = copy.deepcopy(module)  # .to() is in place: leave the shared fp32 CPU components alone
+        self.module = module.to(self._device, dtype)
 
     def deactivate_impl(self) -> None:
         self.module = None

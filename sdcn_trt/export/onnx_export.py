@@ -1,0 +1,179 @@
+"""torch -> ONNX for any descriptor: export, clean up, check against torch, cache by content hash."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sdcn_trt.cache import atomic_path, hash_file, hash_json, hash_module
+from sdcn_trt.errors import InputError
+from sdcn_trt.export.descriptors import NetworkDescriptor, ShapeSpec
+
+logger = logging.getLogger(__name__)
+
+MAX_OPSET = 20  # GroupNormalization-21 broke in TensorRT 10.7
+EXTERNAL_DATA_BYTES = 2**31 - 2**24  # protobuf's 2 GB limit, with headroom
+MODEL_FILE, DATA_FILE, META_FILE = "model.onnx", "model.onnx.data", "meta.json"
+FP32_ONLY = ("text_encoder",)  # CLIP's causal mask (-inf / finfo.min) overflows in fp16; it runs once per prompt
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """How a network is exported; every field is part of the cache key."""
+
+    precision: str = "fp32"  # "fp32", or "fp16" (fp16 weights and I/O: TensorRT 11's strongly typed networks)
+    opset: int = 17
+    sample: ShapeSpec = field(default_factory=lambda: ShapeSpec(1, 256, 384))  # tracing shape
+    dynamic: bool = True  # symbolic batch / height / width axes
+    simplify: bool = True  # onnxslim: constant folding, shape inference, dead-node removal
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "fp16"):
+            raise InputError(f"precision must be fp32 or fp16, got {self.precision!r}")
+        if not 13 <= self.opset <= MAX_OPSET:
+            raise InputError(f"opset must be in 13..{MAX_OPSET}, got {self.opset}")
+
+    def for_network(self, name: str) -> "ExportSettings":
+        if self.precision == "fp16" and name in FP32_ONLY:
+            return ExportSettings("fp32", self.opset, self.sample, self.dynamic, self.simplify)
+        return self
+
+
+@dataclass
+class ExportResult:
+    path: Path  # the .onnx file (its external data, if any, sits beside it)
+    key: str
+    cached: bool  # True when nothing was exported this time
+    check: dict[str, dict[str, float]]  # per output: max_abs, max_rel, mean_abs vs torch fp32
+    seconds: float
+
+
+def export_key(descriptor: NetworkDescriptor, settings: ExportSettings) -> str:
+    """Hash of the weights the network reads, the export settings and the exporter's version."""
+    module = descriptor.build_module()
+    return hash_json({"network": descriptor.name, "weights": hash_module(module), "settings": asdict(settings),
+                      "io": [descriptor.input_names, descriptor.output_names], "torch": torch.__version__,
+                      "format": 1})
+
+
+def _torch_outputs(module: torch.nn.Module, feed: dict[str, torch.Tensor], names: list[str]) -> dict[str, np.ndarray]:
+    with torch.inference_mode():
+        out = module(*feed.values())
+    out = out if isinstance(out, (tuple, list)) else (out,)
+    return {n: o.float().numpy() for n, o in zip(names, out)}
+
+
+def run_onnx(path: Path, feed: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Run an exported file on onnxruntime's CPU provider, casting inputs to the file's dtypes."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
+              "tensor(int64)": np.int64}
+    inputs = {i.name: feed[i.name].numpy().astype(dtypes[i.type]) for i in session.get_inputs()}
+    names = [o.name for o in session.get_outputs()]
+    return {n: v.astype(np.float32) for n, v in zip(names, session.run(names, inputs))}
+
+
+def compare_outputs(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """max |a - e|, max |a - e| / max |e|, mean |a - e| for every output."""
+    report = {}
+    for name, e in expected.items():
+        d = np.abs(actual[name].astype(np.float64) - e)
+        report[name] = {"max_abs": float(d.max()), "max_rel": float(d.max() / max(np.abs(e).max(), 1e-12)),
+                        "mean_abs": float(d.mean()), "nonfinite": int((~np.isfinite(actual[name])).sum())}
+    return report
+
+
+def _valid_cache(folder: Path, key: str) -> dict | None:
+    """The cache entry's metadata when it is complete and its files match their recorded hashes."""
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+        if meta.get("key") != key:
+            return None
+        for name, digest in meta["files"].items():
+            if hash_file(folder / name) != digest:
+                logger.warning("cached ONNX file %s is corrupt (hash mismatch); re-exporting", folder / name)
+                return None
+        return meta
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _write_model(model, target: Path) -> list[str]:  # model: onnx.ModelProto
+    """Save to `target`, with all weights in one external file when the model exceeds 2 GB."""
+    import onnx
+
+    if model.ByteSize() > EXTERNAL_DATA_BYTES:
+        onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=DATA_FILE, size_threshold=1024)
+        return [MODEL_FILE, DATA_FILE]
+    onnx.save_model(model, str(target))
+    return [MODEL_FILE]
+
+
+def export_onnx(descriptor: NetworkDescriptor, cache_dir: Path, settings: ExportSettings = ExportSettings(),
+                check: bool = True) -> ExportResult:
+    """Export `descriptor`'s network (or reuse a valid cached export) and check it against torch.
+
+    The entry is written in a temporary folder and renamed into place complete, with meta.json
+    recording file hashes: a crash leaves nothing that looks finished, and a corrupt or stale
+    file is detected and rebuilt.
+    """
+    import onnx
+
+    settings = settings.for_network(descriptor.name)
+    key = export_key(descriptor, settings)
+    folder = Path(cache_dir) / "onnx" / f"{descriptor.name}-{settings.precision}-{key[:16]}"
+    meta = _valid_cache(folder, key)
+    if meta is not None:
+        return ExportResult(folder / MODEL_FILE, key, True, meta["check"], 0.0)
+    clock = time.perf_counter()
+    module = descriptor.build_module()
+    feed = descriptor.sample_inputs(settings.sample)
+    expected = _torch_outputs(module, feed, descriptor.output_names) if check else {}
+    dtype = torch.float16 if settings.precision == "fp16" else torch.float32
+    if dtype != torch.float32:
+        module = copy.deepcopy(module).to(dtype)  # the components stay fp32 for everyone else
+    args = tuple(v.to(dtype) if v.is_floating_point() else v for v in feed.values())
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        raw = work / "raw.onnx"
+        with torch.inference_mode(False), torch.no_grad():
+            torch.onnx.export(module, args, str(raw), input_names=descriptor.input_names,
+                              output_names=descriptor.output_names, opset_version=settings.opset,
+                              dynamic_axes=descriptor.dynamic_axes() if settings.dynamic else None,
+                              do_constant_folding=True, dynamo=False)
+        model = onnx.load(str(raw), load_external_data=True)
+        if settings.simplify:
+            import onnxslim
+
+            model = onnxslim.slim(model)
+        for stale in work.iterdir():
+            stale.unlink()
+        files = _write_model(model, work / MODEL_FILE)
+        del model
+        report = compare_outputs(expected, run_onnx(work / MODEL_FILE, feed)) if check else {}
+        meta = {"key": key, "network": descriptor.name, "settings": asdict(settings), "check": report,
+                "files": {name: hash_file(work / name) for name in files}, "inputs": descriptor.input_names,
+                "outputs": descriptor.output_names}
+        with atomic_path(work / META_FILE) as tmp:
+            tmp.write_text(json.dumps(meta, indent=1, default=str))
+        if folder.exists():
+            shutil.rmtree(folder)
+        work.rename(folder)
+    finally:
+        if work.exists():
+            shutil.rmtree(work)
+    seconds = time.perf_counter() - clock
+    logger.info("exported %s (%s) to %s in %.1f s", descriptor.name, settings.precision, folder, seconds)
+    return ExportResult(folder / MODEL_FILE, key, False, report, seconds)
