@@ -50,7 +50,7 @@ def load_original_config(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise WeightsError(f"original config not found: {path}")
     config = yaml.safe_load(path.read_text())
-    if not isinstance(config, dict) or "params" not in config.get("model", {}):
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict) or "params" not in config["model"]:
         raise WeightsError(f"{path} is not an ldm model config (no model.params)")
     return config
 

@@ -64,16 +64,18 @@ class GenerationConfig:
         """The text the reference encodes for the conditional half: `prompt + ', ' + a_prompt`."""
         return self.prompt + ", " + self.a_prompt if self.a_prompt else self.prompt
 
-    def control_scales(self) -> tuple[list[float], list[float]]:
-        """(conditional, unconditional) per-residual scales, exactly as the original computes them.
+    def control_scales(self, count: int = NUM_CONTROL_SCALES) -> tuple[list[float], list[float]]:
+        """(unconditional, conditional) scales of the first `count` residuals, as the original computes them.
 
         Guess mode: `strength * 0.825 ** (12 - i)` on the conditional half and no control at all
-        on the unconditional half (zero residuals); otherwise `strength` on both halves.
+        on the unconditional half (zero residuals); otherwise `strength` on both halves. The
+        original zips 13 scales with the model's residuals, so a smaller model takes the first
+        `count` (SD1.5 has exactly 13).
         """
         if self.guess_mode:
-            cond = [self.strength * (GUESS_MODE_DECAY ** float(12 - i)) for i in range(NUM_CONTROL_SCALES)]
-            return cond, [0.0] * NUM_CONTROL_SCALES
-        return [float(self.strength)] * NUM_CONTROL_SCALES, [float(self.strength)] * NUM_CONTROL_SCALES
+            cond = [self.strength * (GUESS_MODE_DECAY ** float(12 - i)) for i in range(count)]
+            return [0.0] * count, cond
+        return [float(self.strength)] * count, [float(self.strength)] * count
 
     def replace(self, **changes: object) -> "GenerationConfig":
         """A copy with some fields changed (validated again)."""

@@ -83,8 +83,9 @@ def load_tokenizer(path: str | Path | None = None, cache_dir: Path | None = None
             write_clip_tokenizer_files(folder)
         path = folder
     path = Path(path)
-    if not (path / "vocab.json").is_file() or not (path / "merges.txt").is_file():
-        raise WeightsError(f"tokenizer folder {path} must hold vocab.json and merges.txt")
+    has_bpe = (path / "vocab.json").is_file() and (path / "merges.txt").is_file()
+    if not has_bpe and not (path / "tokenizer.json").is_file():
+        raise WeightsError(f"tokenizer folder {path} must hold vocab.json and merges.txt (or tokenizer.json)")
     return CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
 
 

@@ -131,8 +131,8 @@ class ControlNetPipeline:
         timings["text"] = time.perf_counter() - clock
 
         # 3. Control scales (2, 13): row 0 unconditional (zeros in guess mode), row 1 conditional
-        uncond_scales, cond_scales = config.control_scales()[1], config.control_scales()[0]
-        scales = torch.tensor([uncond_scales, cond_scales], dtype=torch.float32, device=device)
+        desc = self.descriptors["fused_step"]
+        scales = torch.tensor(config.control_scales(desc.num_scales), dtype=torch.float32, device=device)
 
         # 4. Timesteps and DDIM tables
         schedule = make_ddim_schedule(config.ddim_steps, config.eta)
@@ -141,7 +141,6 @@ class ControlNetPipeline:
         seed = config.seed if config.seed != -1 else random.randint(0, 65535)
         if generator is None:
             generator = torch.Generator().manual_seed(seed)
-        desc = self.descriptors["fused_step"]
         latent_shape = (config.num_samples, desc.latent_channels, height // desc.vae_scale, width // desc.vae_scale)
         latents = torch.randn(latent_shape, generator=generator).to(device)
 

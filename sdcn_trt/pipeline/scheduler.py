@@ -30,7 +30,14 @@ def ddim_timesteps(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_train_timesteps:
         raise InputError(f"ddim_steps must be an integer in 1..{num_train_timesteps}, got {steps!r}")
-    return np.asarray(list(range(0, num_train_timesteps, num_train_timesteps // steps))) + 1
+    timesteps = np.asarray(list(range(0, num_train_timesteps, num_train_timesteps // steps))) + 1
+    if timesteps[-1] >= num_train_timesteps:
+        # e.g. 3 steps: 0, 333, 666, 999 -> 1000, past the table; the original sampler raises IndexError
+        raise InputError(
+            f"ddim_steps={steps} is not usable with ldm's uniform DDIM discretisation: its last timestep would "
+            f"be {timesteps[-1]} (the table ends at {num_train_timesteps - 1}); choose another step count"
+        )
+    return timesteps
 
 
 @dataclass(frozen=True)

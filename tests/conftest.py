@@ -1,0 +1,54 @@
+"""Shared fixtures: one tiny model per session, an isolated cache, small test photos."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Every test run exports and caches into its own folder, never the user's cache."""
+    path = tmp_path_factory.mktemp("sdcn_cache")
+    old = os.environ.get("SDCN_TRT_CACHE")
+    os.environ["SDCN_TRT_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("SDCN_TRT_CACHE", None)
+    else:
+        os.environ["SDCN_TRT_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from sdcn_trt.models import load_preset
+
+    return load_preset("tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny):
+    from sdcn_trt import ControlNetPipeline
+
+    return ControlNetPipeline(tiny, "torch")
+
+
+@pytest.fixture(scope="session")
+def photo():
+    """A real photo (scikit-image's cat), 90x135 RGB: resizes to 64x128 at resolution 64."""
+    import cv2
+    import skimage.data
+
+    return cv2.resize(skimage.data.chelsea(), (135, 90), interpolation=cv2.INTER_AREA)
+
+
+@pytest.fixture
+def fast_config():
+    from sdcn_trt import GenerationConfig
+
+    return GenerationConfig(image_resolution=64, ddim_steps=2)
+
+
+def pixel_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.abs(a.astype(np.int16) - b.astype(np.int16))

@@ -1,0 +1,47 @@
+import pytest
+
+from sdcn_trt import GenerationConfig, InputError
+
+
+def test_defaults_are_the_contest_call():
+    c = GenerationConfig()
+    assert (c.prompt, c.num_samples, c.image_resolution, c.ddim_steps, c.scale, c.seed) == ("a bird", 1, 256, 20, 9.0, 2946901)
+    assert c.positive_prompt == "a bird, best quality, extremely detailed"
+    assert GenerationConfig(a_prompt="").positive_prompt == "a bird"
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("ddim_steps", 0, "ddim_steps must be >= 1"),
+    ("ddim_steps", 2.5, "ddim_steps must be an integer"),
+    ("num_samples", 0, "num_samples must be >= 1"),
+    ("image_resolution", 32, "image_resolution must be >= 64"),
+    ("scale", -1.0, "scale must be >= 0"),
+    ("strength", -0.5, "strength must be >= 0"),
+    ("eta", float("nan"), "eta must be a finite number"),
+    ("low_threshold", -1, "low_threshold must be >= 0"),
+    ("high_threshold", -5, "high_threshold must be >= 0"),
+    ("seed", 2**32, "seed must be -1 (random) or in 0..4294967295"),
+    ("seed", -2, "seed must be -1 (random)"),
+    ("seed", "7", "seed must be an integer"),
+    ("prompt", None, "prompt must be a string"),
+    ("guess_mode", "yes", "guess_mode must be True or False"),
+])
+def test_bad_values_raise_one_clear_error(field, value, message):
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
+        GenerationConfig(**{field: value})
+
+
+def test_thresholds_order():
+    with pytest.raises(InputError, match="must not exceed high_threshold"):
+        GenerationConfig(low_threshold=200, high_threshold=100)
+
+
+def test_control_scales_match_the_original_formula():
+    unc, cond = GenerationConfig(strength=0.7).control_scales()
+    assert unc == cond == [0.7] * 13
+    unc, cond = GenerationConfig(strength=2.0, guess_mode=True).control_scales()
+    assert unc == [0.0] * 13
+    assert cond == [2.0 * (0.825 ** float(12 - i)) for i in range(13)]
+    assert cond[-1] == 2.0 and cond[0] == pytest.approx(2.0 * 0.825**12)
+    # a smaller model has fewer residuals: the original's zip() takes the first ones
+    assert GenerationConfig(guess_mode=True).control_scales(5)[1] == [0.825 ** float(12 - i) for i in range(5)]
