@@ -96,11 +96,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from sdcn_trt.export import ExportSettings, ShapeSpec, export_networks
+
+    settings = ExportSettings(precision=args.precision, opset=args.opset,
+                              sample=ShapeSpec(args.batch, args.height, args.width), dynamic=not args.static,
+                              simplify=not args.no_simplify)
+    pipe = load_pipeline(args)
+    results = export_networks(pipe.components, args.networks, settings, args.cache_dir, args.output)
+    for name, r in results.items():
+        state = "cached" if r.cached else f"exported in {r.seconds:.1f} s"
+        print(f"{name:>13}: {r.path} ({state})")
+        for output, c in r.check.items():
+            print(f"{'':>15}{output}: onnxruntime vs torch fp32 max |diff| {c['max_abs']:.3e}, "
+                  f"max rel {c['max_rel']:.3e}, mean {c['mean_abs']:.3e}"
+                  + (f", {c['nonfinite']} non-finite" if c.get("nonfinite") else ""))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from sdcn_trt.demo import run_demo
 
     run_demo(Path(args.output), backends=args.backends, steps=args.ddim_steps, samples=args.samples)
     return 0
+
+
+def _network_names() -> list[str]:
+    from sdcn_trt.export.descriptors import DESCRIPTORS
+
+    return list(DESCRIPTORS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_backend_args(p)
     add_generation_args(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="export networks to ONNX, checked against torch on onnxruntime")
+    p.add_argument("--networks", nargs="+", default=None, help="default: all of " + ", ".join(_network_names()))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"))
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--batch", type=int, default=1, help="tracing/check shape: images per call")
+    p.add_argument("--height", type=int, default=256, help="tracing/check shape: image height in pixels")
+    p.add_argument("--width", type=int, default=384, help="tracing/check shape: image width in pixels")
+    p.add_argument("--static", action="store_true", help="fixed shapes instead of dynamic batch/height/width")
+    p.add_argument("--no-simplify", action="store_true", help="skip onnxslim clean-up")
+    p.add_argument("-o", "--output", default=None, help="also copy the files here as <network>.onnx")
+    add_model_args(p)
+    p.add_argument("--cache-dir", help="export cache (default: $SDCN_TRT_CACHE)")
+    p.set_defaults(func=cmd_export, backend="torch", device="cpu", dtype="fp32")
 
     p = sub.add_parser("demo", help="offline main job: tiny preset on scikit-image's sample photos")
     p.add_argument("-o", "--output", default="sdcn_demo", help="output folder (default: sdcn_demo)")

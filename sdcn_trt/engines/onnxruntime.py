@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import torch
@@ -10,7 +11,7 @@ from sdcn_trt.engines import BackendConfig
 from sdcn_trt.engines.base import Runner
 from sdcn_trt.errors import BackendUnavailableError
 from sdcn_trt.export.descriptors import NetworkDescriptor, ShapeRange, ShapeSpec
-from sdcn_trt.export.onnx_export import ExportSettings, export_onnx
+from sdcn_trt.export.onnx_export import ExportResult, ExportSettings, export_onnx
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +29,9 @@ class OnnxRuntimeRunner(Runner):
         super().__init__(descriptor)
         self.config = config
         self.shape_range = shape_range
-        self.session = None
-        self.export = None
+        self.session: Any = None  # onnxruntime.InferenceSession once active
+        self.export: ExportResult | None = None
+        self.input_types: dict[str, torch.dtype] = {}
         self._device = torch.device(config.device)
 
     @property
@@ -40,9 +42,9 @@ class OnnxRuntimeRunner(Runner):
         import onnxruntime as ort
 
         settings = ExportSettings(precision=self.config.dtype)
-        self.export = export_onnx(self.descriptor, self.config.cache_path(), settings)
-        logger.info("%s: %s ONNX at %s (%s)", self.name, settings.precision, self.export.path,
-                    "cached" if self.export.cached else f"exported in {self.export.seconds:.1f} s")
+        export = self.export = export_onnx(self.descriptor, self.config.cache_path(), settings)
+        logger.info("%s: %s ONNX at %s (%s)", self.name, settings.precision, export.path,
+                    "cached" if export.cached else f"exported in {export.seconds:.1f} s")
         if self._device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise BackendUnavailableError(
@@ -52,7 +54,7 @@ class OnnxRuntimeRunner(Runner):
             providers = ["CPUExecutionProvider"]
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(self.export.path), options, providers=providers)
+        self.session = ort.InferenceSession(str(export.path), options, providers=providers)
         self.input_types = {i.name: ORT_TYPES[i.type] for i in self.session.get_inputs()}
 
     def deactivate_impl(self) -> None:

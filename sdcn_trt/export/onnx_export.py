@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 MAX_OPSET = 20  # GroupNormalization-21 broke in TensorRT 10.7
 EXTERNAL_DATA_BYTES = 2**31 - 2**24  # protobuf's 2 GB limit, with headroom
-MODEL_FILE, DATA_FILE, META_FILE = "model.onnx", "model.onnx.data", "meta.json"
+META_FILE = "meta.json"
 FP32_ONLY = ("text_encoder",)  # CLIP's causal mask (-inf / finfo.min) overflows in fp16; it runs once per prompt
 
 
@@ -109,15 +109,17 @@ def _valid_cache(folder: Path, key: str) -> dict | None:
 
 
 def _write_model(model, target: Path) -> list[str]:  # model: onnx.ModelProto
-    """Save to `target`, with all weights in one external file when the model exceeds 2 GB."""
+    """Save to `target` (<network>.onnx), with all weights in one external file <network>.onnx.data
+    when the model exceeds protobuf's 2 GB limit."""
     import onnx
 
     if model.ByteSize() > EXTERNAL_DATA_BYTES:
+        data = target.name + ".data"
         onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=DATA_FILE, size_threshold=1024)
-        return [MODEL_FILE, DATA_FILE]
+                        location=data, size_threshold=1024)
+        return [target.name, data]
     onnx.save_model(model, str(target))
-    return [MODEL_FILE]
+    return [target.name]
 
 
 def export_onnx(descriptor: NetworkDescriptor, cache_dir: Path, settings: ExportSettings = ExportSettings(),
@@ -133,9 +135,10 @@ def export_onnx(descriptor: NetworkDescriptor, cache_dir: Path, settings: Export
     settings = settings.for_network(descriptor.name)
     key = export_key(descriptor, settings)
     folder = Path(cache_dir) / "onnx" / f"{descriptor.name}-{settings.precision}-{key[:16]}"
+    model_file = f"{descriptor.name}.onnx"
     meta = _valid_cache(folder, key)
     if meta is not None:
-        return ExportResult(folder / MODEL_FILE, key, True, meta["check"], 0.0)
+        return ExportResult(folder / model_file, key, True, meta["check"], 0.0)
     clock = time.perf_counter()
     module = descriptor.build_module()
     feed = descriptor.sample_inputs(settings.sample)
@@ -160,9 +163,9 @@ def export_onnx(descriptor: NetworkDescriptor, cache_dir: Path, settings: Export
             model = onnxslim.slim(model)
         for stale in work.iterdir():
             stale.unlink()
-        files = _write_model(model, work / MODEL_FILE)
+        files = _write_model(model, work / model_file)
         del model
-        report = compare_outputs(expected, run_onnx(work / MODEL_FILE, feed)) if check else {}
+        report = compare_outputs(expected, run_onnx(work / model_file, feed)) if check else {}
         meta = {"key": key, "network": descriptor.name, "settings": asdict(settings), "check": report,
                 "files": {name: hash_file(work / name) for name in files}, "inputs": descriptor.input_names,
                 "outputs": descriptor.output_names}
@@ -176,4 +179,4 @@ def export_onnx(descriptor: NetworkDescriptor, cache_dir: Path, settings: Export
             shutil.rmtree(work)
     seconds = time.perf_counter() - clock
     logger.info("exported %s (%s) to %s in %.1f s", descriptor.name, settings.precision, folder, seconds)
-    return ExportResult(folder / MODEL_FILE, key, False, report, seconds)
+    return ExportResult(folder / model_file, key, False, report, seconds)

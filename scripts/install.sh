@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs sdcn_trt with its test/dev extras into ./.venv (about 2 minutes on a fresh machine).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first and pinned: any other spelling pulls a multi-GB CUDA build from the index
+.venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+.venv/bin/python -m pip install -q -e ".[test]"
+# type stubs for TensorRT 10.13 (mypy only); --no-deps: their 'tensorrt' dependency cannot install here
+.venv/bin/python -m pip install -q --no-deps tensorrt-stubs==10.13.0.35.1
+echo "installed: $(.venv/bin/python -c 'import sdcn_trt, torch; print("sdcn_trt", sdcn_trt.__version__, "torch", torch.__version__)')"
