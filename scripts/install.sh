@@ -9,4 +9,7 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q -e ".[test]"
 # type stubs for TensorRT 10.13 (mypy only); --no-deps: their 'tensorrt' dependency cannot install here
 .venv/bin/python -m pip install -q --no-deps tensorrt-stubs==10.13.0.35.1
+# they install as a plain 'tensorrt' package of .pyi files without py.typed, which mypy skips in
+# site-packages; a mended copy on MYPYPATH is read as stubs (scripts/check.sh points mypy at it)
+.venv/bin/python scripts/prepare_trt_stubs.py .venv/trt-stubs
 echo "installed: $(.venv/bin/python -c 'import sdcn_trt, torch; print("sdcn_trt", sdcn_trt.__version__, "torch", torch.__version__)')"

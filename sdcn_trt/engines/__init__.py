@@ -20,6 +20,8 @@ class BackendConfig:
     device: str = "cpu"  # "cpu" or "cuda[:N]"
     dtype: str = "fp32"  # "fp32" (the reference) or "fp16"
     cache_dir: str | None = None  # exported ONNX / engines; default $SDCN_TRT_CACHE
+    cuda_graph: str = "off"  # "step": one graph per step; "loop": all steps + decode in one graph (CPU: same static loop, eager)
+    check_finite: bool = False  # raise NonFiniteOutputError naming the network that produced NaN/Inf
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -28,6 +30,10 @@ class BackendConfig:
             raise InputError(f"unknown dtype {self.dtype!r}; choose fp32 or fp16")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise InputError(f"unknown device {self.device!r}; use 'cpu' or 'cuda[:N]'")
+        if self.cuda_graph not in ("off", "step", "loop"):
+            raise InputError(f"unknown cuda_graph mode {self.cuda_graph!r}; choose off, step or loop")
+        if self.cuda_graph == "step" and not self.device.startswith("cuda"):
+            raise InputError("cuda_graph='step' needs device='cuda'")
 
     def cache_path(self) -> Path:
         from sdcn_trt.cache import cache_root
@@ -57,11 +63,14 @@ def create_runner(descriptor: NetworkDescriptor, config: BackendConfig) -> Runne
     if config.backend == "torch":
         from sdcn_trt.engines.torch import TorchRunner
 
-        return TorchRunner(descriptor, device=config.device, dtype=config.dtype)
-    if config.backend == "onnxruntime":
+        runner: Runner = TorchRunner(descriptor, device=config.device, dtype=config.dtype)
+    elif config.backend == "onnxruntime":
         from sdcn_trt.engines.onnxruntime import OnnxRuntimeRunner
 
-        return OnnxRuntimeRunner(descriptor, config)
-    from sdcn_trt.engines.tensorrt import TensorRTRunner
+        runner = OnnxRuntimeRunner(descriptor, config)
+    else:
+        from sdcn_trt.engines.tensorrt import TensorRTRunner
 
-    return TensorRTRunner(descriptor, config)
+        runner = TensorRTRunner(descriptor, config)
+    runner.check_finite = config.check_finite
+    return runner

@@ -6,7 +6,12 @@ from typing import Any
 
 import torch
 
+from sdcn_trt.errors import SdcnError
 from sdcn_trt.export.descriptors import NetworkDescriptor
+
+
+class NonFiniteOutputError(SdcnError, FloatingPointError):
+    """A network produced NaN or Inf (fp16 overflow, typically); the message names it."""
 
 
 class Runner(abc.ABC):
@@ -20,6 +25,7 @@ class Runner(abc.ABC):
         self.descriptor = descriptor
         self.name = descriptor.name
         self.is_active = False
+        self.check_finite = False  # check outputs for NaN/Inf (a host sync per call; off during capture)
 
     def activate(self) -> "Runner":
         if not self.is_active:
@@ -35,7 +41,15 @@ class Runner(abc.ABC):
     def infer(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not self.is_active:
             self.activate()
-        return self.infer_impl(feed)
+        outputs = self.infer_impl(feed)
+        if self.check_finite and not _capturing():
+            for name, tensor in outputs.items():
+                bad = int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
+                if bad:
+                    raise NonFiniteOutputError(
+                        f"network '{self.name}' produced {bad} NaN/Inf values in '{name}' "
+                        f"(of {tensor.numel()}); fp16 overflow is the usual cause: try dtype='fp32' for it")
+        return outputs
 
     def __enter__(self) -> "Runner":
         return self.activate()
@@ -56,3 +70,7 @@ class Runner(abc.ABC):
 
     def deactivate_impl(self) -> None:
         """Release what activate_impl allocated; nothing by default."""
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

@@ -1,6 +1,7 @@
 """ControlNetPipeline: canny image + prompt -> image, the reference's canny2image on any backend."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -18,7 +19,8 @@ from sdcn_trt.engines.base import Runner
 from sdcn_trt.errors import InputError
 from sdcn_trt.export.descriptors import PIPELINE_NETWORKS, get_descriptor
 from sdcn_trt.models import Components
-from sdcn_trt.pipeline.scheduler import classifier_free_guidance, ddim_update, make_ddim_schedule
+from sdcn_trt.pipeline.graphs import GraphedLoop, GraphedStep, LoopKey, StaticLoop
+from sdcn_trt.pipeline.scheduler import DdimSchedule, classifier_free_guidance, ddim_update, make_ddim_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ class ControlNetPipeline:
         self.descriptors = {name: get_descriptor(name, components) for name in PIPELINE_NETWORKS}
         self.runners: dict[str, Runner] = {n: create_runner(d, self.backend) for n, d in self.descriptors.items()}
         self._text_cache: dict[tuple[str, str], torch.Tensor] = {}
+        self._graphs: dict[LoopKey, StaticLoop | GraphedStep] = {}  # keyed by everything they bake in
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -136,6 +139,7 @@ class ControlNetPipeline:
 
         # 4. Timesteps and DDIM tables
         schedule = make_ddim_schedule(config.ddim_steps, config.eta)
+        report = _progress(progress, len(schedule))
 
         # 5. Initial noise: seed -> torch.manual_seed(seed); torch.randn(B, 4, H/8, W/8), on the CPU
         seed = config.seed if config.seed != -1 else random.randint(0, 65535)
@@ -144,27 +148,25 @@ class ControlNetPipeline:
         latent_shape = (config.num_samples, desc.latent_channels, height // desc.vae_scale, width // desc.vae_scale)
         latents = torch.randn(latent_shape, generator=generator).to(device)
 
-        # 6. Denoising loop: fused ControlNet+UNet on the CFG batch, guidance, DDIM update
-        clock = time.perf_counter()
-        report = _progress(progress, len(schedule))
-        feed = {"latents": latents, "timestep": torch.zeros(1, device=device), "text_embeddings": text,
-                "control": control, "control_scales": scales}
-        for i, step in enumerate(schedule.steps):
-            feed["latents"] = latents
-            feed["timestep"] = torch.full((1,), float(step.timestep), device=device)
-            eps = fused.infer(feed)["noise_pred"]  # (2B, 4, h, w)
-            eps_uncond, eps_cond = eps.chunk(2)
-            guided = eps_cond if config.scale == 1.0 else classifier_free_guidance(eps_uncond, eps_cond, config.scale)
-            # the reference draws noise at every step; it only matters (sigma > 0) when eta > 0
-            noise = torch.randn(latent_shape, generator=generator).to(device) if schedule.eta > 0 else None
-            latents = ddim_update(latents, guided, step, noise)
-            report(i + 1, len(schedule))
-        timings["denoise"] = time.perf_counter() - clock
+        # 6. Per-step eta noise, drawn now in the reference's order (one draw per step after the latents)
+        noise = None
+        if schedule.eta > 0:
+            noise = torch.stack([torch.randn(latent_shape, generator=generator) for _ in schedule.steps]).to(device)
 
-        # 7. Decode: VAE -> [0, 255] floats -> uint8 by truncation, as the reference's astype does
+        # 7. Denoising loop and decode: eagerly, or replayed from static buffers / a CUDA graph
         clock = time.perf_counter()
-        decoded = self.runners["vae_decoder"].infer({"latents": latents})["images"]  # (B, 3, H, W)
-        pixels = decoded.permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)  # (B, H, W, 3)
+        if self.backend.cuda_graph == "loop":
+            loop = self._static_loop(latent_shape, control, text, scales, schedule, config.scale)
+            pixels = loop.run(latents, text, control, scales, noise)  # (B, H, W, 3) uint8
+            timings["denoise"] = time.perf_counter() - clock
+            report(len(schedule), len(schedule))
+        else:
+            latents = self._denoise(latents, text, control, scales, schedule, config.scale, noise, report)
+            timings["denoise"] = time.perf_counter() - clock
+            clock = time.perf_counter()
+            # the VAE returns [0, 255] floats; uint8 by truncation, as the reference's astype does
+            decoded = self.runners["vae_decoder"].infer({"latents": latents})["images"]  # (B, 3, H, W)
+            pixels = decoded.permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)  # (B, H, W, 3)
         timings["decode"] = time.perf_counter() - clock
         images: list[Any] = [pixels[i] for i in range(pixels.shape[0])]
         if output_type == "pil":
@@ -172,6 +174,57 @@ class ControlNetPipeline:
 
             images = [Image.fromarray(im) for im in images]
         return PipelineOutput(images=images, control=detected, seed=seed, timings=timings)
+
+    def _denoise(self, latents: torch.Tensor, text: torch.Tensor, control: torch.Tensor, scales: torch.Tensor,
+                 schedule: DdimSchedule, scale: float, noise: torch.Tensor | None, report: ProgressFn) -> torch.Tensor:
+        """The eager loop: fused ControlNet+UNet on the CFG batch, guidance, DDIM update."""
+        fused, device = self.runners["fused_step"], self.runners["fused_step"].device
+        step_graph = self._step_graph(latents, control, text, scales, schedule, scale) if self.backend.cuda_graph == "step" else None
+        if step_graph is not None:
+            step_graph.x.copy_(latents)
+            step_graph.load(text, control, scales)
+        feed = {"latents": latents, "timestep": torch.zeros(1, device=device), "text_embeddings": text,
+                "control": control, "control_scales": scales}
+        for i, step in enumerate(schedule.steps):
+            if step_graph is not None:
+                step_graph.step(step, noise[i] if noise is not None else None)
+            else:
+                feed["latents"] = latents
+                feed["timestep"] = torch.full((1,), float(step.timestep), device=device)
+                eps = fused.infer(feed)["noise_pred"].float()  # (2B, 4, h, w)
+                eps_uncond, eps_cond = eps.chunk(2)
+                guided = eps_cond if scale == 1.0 else classifier_free_guidance(eps_uncond, eps_cond, scale)
+                latents = ddim_update(latents, guided, step, noise[i] if noise is not None else None)
+            report(i + 1, len(schedule))
+        return step_graph.x.clone() if step_graph is not None else latents
+
+    def _loop_key(self, latents_shape: tuple[int, ...], control: torch.Tensor, text: torch.Tensor,
+                  scales: torch.Tensor, schedule: DdimSchedule, scale: float) -> LoopKey:
+        return LoopKey(tuple(latents_shape), tuple(control.shape), tuple(text.shape), tuple(scales.shape),
+                       tuple(schedule.timesteps), float(scale), float(schedule.eta))
+
+    def _static_loop(self, latent_shape: tuple[int, ...], control: torch.Tensor, text: torch.Tensor,
+                     scales: torch.Tensor, schedule: DdimSchedule, scale: float) -> StaticLoop:
+        """The whole-loop graph for this key, captured on first use (eager static loop on the CPU)."""
+        key = self._loop_key(latent_shape, control, text, scales, schedule, scale)
+        if key not in self._graphs:
+            device = self.runners["fused_step"].device
+            cls = GraphedLoop if device.type == "cuda" else StaticLoop
+            self._graphs[key] = cls(key, schedule, self.runners["fused_step"], self.runners["vae_decoder"], device)
+        loop = self._graphs[key]
+        assert isinstance(loop, StaticLoop)
+        return loop
+
+    def _step_graph(self, latents: torch.Tensor, control: torch.Tensor, text: torch.Tensor, scales: torch.Tensor,
+                    schedule: DdimSchedule, scale: float) -> GraphedStep:
+        # one step graph serves every timestep and eta (constants and noise are buffers): key without them
+        key = dataclasses.replace(self._loop_key(tuple(latents.shape), control, text, scales, schedule, scale),
+                                  timesteps=(), eta=0.0)
+        if key not in self._graphs:
+            self._graphs[key] = GraphedStep(key, self.runners["fused_step"], self.runners["fused_step"].device)
+        graph = self._graphs[key]
+        assert isinstance(graph, GraphedStep)
+        return graph
 
     # -- public call styles ---------------------------------------------------------------------
     def __call__(self, prompt: str, image: np.ndarray, num_inference_steps: int = 20, guidance_scale: float = 9.0,

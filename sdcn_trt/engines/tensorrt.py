@@ -1,0 +1,200 @@
+"""The TensorRT backend: in-process engine builds (TensorRT 10 and 11), the engine cache, the runner.
+
+Written against the documented TensorRT 10/11 Python API and type-checked with tensorrt-stubs;
+it has not run on a GPU yet (see README). Everything that needs no GPU lives in trt_plan.py.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from sdcn_trt.cache import atomic_path
+from sdcn_trt.engines import BackendConfig
+from sdcn_trt.engines.base import Runner
+from sdcn_trt.engines.trt_plan import BuildMode, BuildSettings, Platform, build_mode, engine_key, rebuild_reasons
+from sdcn_trt.errors import BackendUnavailableError, SdcnError
+from sdcn_trt.export.descriptors import NetworkDescriptor, Shape
+from sdcn_trt.export.onnx_export import ExportSettings, export_onnx
+
+if TYPE_CHECKING:  # mypy checks this module against tensorrt-stubs; at run time it is imported lazily
+    import tensorrt as trt
+
+logger = logging.getLogger(__name__)
+
+ENGINE_FILE, META_FILE = "engine.plan", "meta.json"
+
+
+class EngineBuildError(SdcnError, RuntimeError):
+    """TensorRT could not parse the ONNX or build the engine; the message holds its errors."""
+
+
+def require_tensorrt() -> None:
+    """BackendUnavailableError saying what is missing (TensorRT, or a GPU) and how to get it."""
+    from sdcn_trt.engines.trt_support import tensorrt_status
+
+    ok, why = tensorrt_status()
+    if not ok:
+        raise BackendUnavailableError(why)
+
+
+def torch_dtype(dtype: trt.DataType) -> torch.dtype:
+    import tensorrt as trt
+
+    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT32: torch.int32,
+             trt.DataType.INT64: torch.int64, trt.DataType.BOOL: torch.bool, trt.DataType.UINT8: torch.uint8}
+    return table[dtype]
+
+
+def current_platform(device: torch.device) -> Platform:
+    import tensorrt as trt
+
+    props = torch.cuda.get_device_properties(device)
+    return Platform(trt_version=str(trt.__version__), gpu_name=props.name, compute_capability=(props.major, props.minor))
+
+
+def build_engine(onnx_path: Path, profile: dict[str, tuple[Shape, Shape, Shape]], settings: BuildSettings,
+                 mode: BuildMode, timing_cache: Path) -> bytes:
+    """Parse the ONNX and build a serialized engine with one optimisation profile, reusing and
+    updating the timing cache file."""
+    import tensorrt as trt
+
+    trt_logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(trt_logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if mode.strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, trt_logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
+        raise EngineBuildError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)
+    config.builder_optimization_level = settings.optimization_level
+    if mode.fp16_flag:
+        config.set_flag(trt.BuilderFlag.FP16)
+    opt_profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profile.items():
+        opt_profile.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
+    config.add_optimization_profile(opt_profile)
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+    config.set_timing_cache(cache, False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineBuildError(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")
+    with atomic_path(timing_cache) as tmp:
+        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+    return bytes(serialized)
+
+
+class TensorRTRunner(Runner):
+    """One engine and one execution context. Device buffers persist per input-shape set, keyed by
+    tensor name; outputs are those buffers (reused by the next call: copy what must outlive it).
+    Work is enqueued with execute_async_v3 on the current torch stream when that is a side stream
+    (CUDA-graph capture), otherwise on the runner's own non-default stream."""
+
+    def __init__(self, descriptor: NetworkDescriptor, config: BackendConfig, settings: BuildSettings | None = None):
+        super().__init__(descriptor)
+        self.config = config
+        self.settings = settings or BuildSettings(precision=config.dtype if config.dtype == "fp16" else "fp32")
+        self._device = torch.device(config.device if config.device.startswith("cuda") else "cuda")
+        self.engine: trt.ICudaEngine | None = None
+        self.context: trt.IExecutionContext | None = None
+        self.stream: torch.cuda.Stream | None = None
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        self._bound: tuple[Shape, ...] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def engine_folder(self, key: str) -> Path:
+        return self.config.cache_path() / "engines" / f"{self.name}-{self.settings.precision}-{key[:16]}"
+
+    def activate_impl(self) -> None:
+        require_tensorrt()
+        import tensorrt as trt
+
+        mode = build_mode(self.settings.precision, hasattr(trt.BuilderFlag, "FP16"))
+        export = export_onnx(self.descriptor, self.config.cache_path(), ExportSettings(precision=mode.onnx_precision))
+        platform = current_platform(self._device)
+        profile = self.descriptor.profile(self.settings.shape_range)
+        key = engine_key(export.key, platform, self.settings, mode, profile)
+        folder = self.engine_folder(key)
+        try:
+            meta = json.loads((folder / META_FILE).read_text())
+        except (OSError, ValueError):
+            meta = None
+        reasons = rebuild_reasons(meta, key, platform)
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        engine = None
+        if not reasons:
+            try:
+                engine = runtime.deserialize_cuda_engine((folder / ENGINE_FILE).read_bytes())
+            except (OSError, RuntimeError):
+                engine = None
+            if engine is None:
+                reasons = ["the cached engine file is corrupt"]
+        if engine is None:
+            logger.info("building %s engine (%s): %s", self.name, self.settings.precision, "; ".join(reasons))
+            clock = time.perf_counter()
+            timing_cache = self.config.cache_path() / "engines" / f"timing-{platform.trt_version}-{platform.gpu_name.replace(' ', '_')}.cache"
+            plan = build_engine(export.path, profile, self.settings, mode, timing_cache)
+            folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(folder / ENGINE_FILE) as tmp:
+                tmp.write_bytes(plan)
+            with atomic_path(folder / META_FILE) as tmp:
+                tmp.write_text(json.dumps({"key": key, "platform": platform.__dict__, "profile": profile,
+                                           "seconds": time.perf_counter() - clock}, default=list))
+            engine = runtime.deserialize_cuda_engine(plan)
+        self.engine = engine
+        self.context = engine.create_execution_context()
+        self.stream = torch.cuda.Stream(self._device)
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.dtypes = {n: torch_dtype(engine.get_tensor_dtype(n)) for n in names}
+
+    def deactivate_impl(self) -> None:
+        self.buffers.clear()
+        self.context = self.engine = self.stream = None
+        self._bound = None
+
+    def _bind(self, feed: dict[str, torch.Tensor]) -> None:
+        """(Re)allocate buffers and set shapes and addresses when the input shapes change."""
+        shapes = tuple(tuple(feed[n].shape) for n in self.descriptor.input_names)
+        if shapes == self._bound:
+            return
+        context = self.context
+        assert context is not None, "activate() first"
+        self.buffers.clear()
+        for name, shape in zip(self.descriptor.input_names, shapes):
+            self.buffers[name] = torch.empty(shape, dtype=self.dtypes[name], device=self._device)
+            context.set_input_shape(name, shape)
+        for name in self.descriptor.output_names:
+            dims = context.get_tensor_shape(name)
+            shape = tuple(dims[i] for i in range(len(dims)))
+            self.buffers[name] = torch.empty(shape, dtype=self.dtypes[name], device=self._device)
+        for name, buffer in self.buffers.items():
+            context.set_tensor_address(name, buffer.data_ptr())
+        self._bound = shapes
+
+    def infer_impl(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.descriptor.check_feed(feed, self.settings.shape_range)
+        self._bind(feed)
+        current = torch.cuda.current_stream(self._device)
+        side = current != torch.cuda.default_stream(self._device)
+        stream = current if side else self.stream
+        assert stream is not None and self.context is not None, "activate() first"
+        if not side:
+            stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            for name in self.descriptor.input_names:
+                self.buffers[name].copy_(feed[name], non_blocking=True)
+            if not self.context.execute_async_v3(stream.cuda_stream):
+                raise RuntimeError(f"TensorRT execute_async_v3 failed for {self.name}")
+        if not side:
+            current.wait_stream(stream)
+        return {n: self.buffers[n] for n in self.descriptor.output_names}
