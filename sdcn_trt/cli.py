@@ -34,6 +34,9 @@ def add_backend_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     g.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"))
     g.add_argument("--cache-dir", help="where exported ONNX and engines go (default: $SDCN_TRT_CACHE)")
+    g.add_argument("--cuda-graph", default="off", choices=("off", "step", "loop"),
+                   help="replay each step (step) or the whole loop + decode (loop) from CUDA graphs")
+    g.add_argument("--check-finite", action="store_true", help="fail naming the network that outputs NaN/Inf")
 
 
 def add_generation_args(parser: argparse.ArgumentParser) -> None:
@@ -52,25 +55,37 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
 
 
 def backend_config(args: argparse.Namespace) -> BackendConfig:
-    return BackendConfig(backend=args.backend, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
+    return BackendConfig(backend=args.backend, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
+                         cuda_graph=args.cuda_graph, check_finite=args.check_finite)
 
 
-def load_pipeline(args: argparse.Namespace):  # -> ControlNetPipeline
-    from sdcn_trt import ControlNetPipeline
+def load_components(args: argparse.Namespace):  # -> Components
+    """The model named by the model flags: a preset, diffusers folders, or one ldm checkpoint."""
     from sdcn_trt.errors import InputError
 
-    backend = backend_config(args)
     chosen = [n for n, v in (("--preset", args.preset), ("--sd-dir", args.sd_dir), ("--checkpoint", args.checkpoint)) if v]
     if len(chosen) > 1:
         raise InputError(f"choose one model source, got {' and '.join(chosen)}")
     if args.checkpoint:
-        return ControlNetPipeline.from_single_file(args.checkpoint, args.original_config, args.tokenizer,
-                                                   args.text_encoder_config, backend=backend)
+        from sdcn_trt.checkpoint import load_single_file
+
+        return load_single_file(args.checkpoint, args.original_config, args.tokenizer, args.text_encoder_config)
     if args.sd_dir:
         if not args.controlnet:
             raise InputError("--sd-dir needs --controlnet (a ControlNet folder or checkpoint file)")
-        return ControlNetPipeline.from_pretrained(args.sd_dir, args.controlnet, args.tokenizer, backend=backend)
-    return ControlNetPipeline.from_preset(args.preset or "tiny", seed=args.preset_seed, backend=backend)
+        from sdcn_trt.models import load_diffusers
+
+        return load_diffusers(args.sd_dir, args.controlnet, args.tokenizer)
+    from sdcn_trt.models import load_preset
+
+    return load_preset(args.preset or "tiny", seed=args.preset_seed)
+
+
+def load_pipeline(args: argparse.Namespace):  # -> ControlNetPipeline
+    from sdcn_trt import ControlNetPipeline
+
+    backend = backend_config(args)  # validated before the weights load
+    return ControlNetPipeline(load_components(args), backend)
 
 
 # -- sub-commands ----------------------------------------------------------------------------------
@@ -102,8 +117,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     settings = ExportSettings(precision=args.precision, opset=args.opset,
                               sample=ShapeSpec(args.batch, args.height, args.width), dynamic=not args.static,
                               simplify=not args.no_simplify)
-    pipe = load_pipeline(args)
-    results = export_networks(pipe.components, args.networks, settings, args.cache_dir, args.output)
+    results = export_networks(load_components(args), args.networks, settings, args.cache_dir, args.output)
     for name, r in results.items():
         state = "cached" if r.cached else f"exported in {r.seconds:.1f} s"
         print(f"{name:>13}: {r.path} ({state})")
@@ -111,6 +125,25 @@ def cmd_export(args: argparse.Namespace) -> int:
             print(f"{'':>15}{output}: onnxruntime vs torch fp32 max |diff| {c['max_abs']:.3e}, "
                   f"max rel {c['max_rel']:.3e}, mean {c['mean_abs']:.3e}"
                   + (f", {c['nonfinite']} non-finite" if c.get("nonfinite") else ""))
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from sdcn_trt.engines.tensorrt import build_engines, require_tensorrt
+    from sdcn_trt.engines.trt_plan import BuildSettings
+    from sdcn_trt.export.descriptors import PIPELINE_NETWORKS, ShapeRange, ShapeSpec
+
+    require_tensorrt()  # before loading any weights
+    opt = ShapeSpec(args.batch, args.height, args.width)
+    shape_range = (ShapeRange.dynamic(opt, args.max_batch, args.min_side, args.max_side) if args.dynamic
+                   else ShapeRange.static(opt))
+    settings = BuildSettings(args.precision, args.optimization_level, args.workspace_gib, shape_range)
+    args.backend = "tensorrt"
+    pipe_args = backend_config(args)
+    components = load_components(args)
+    folders = build_engines(components, args.networks or list(PIPELINE_NETWORKS), pipe_args, settings)
+    for name, folder in folders.items():
+        print(f"{name:>13}: {folder}")
     return 0
 
 
@@ -154,7 +187,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=None, help="also copy the files here as <network>.onnx")
     add_model_args(p)
     p.add_argument("--cache-dir", help="export cache (default: $SDCN_TRT_CACHE)")
-    p.set_defaults(func=cmd_export, backend="torch", device="cpu", dtype="fp32")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("build", help="build TensorRT engines from the exported ONNX (needs TensorRT and a GPU)")
+    p.add_argument("--networks", nargs="+", default=None, help="default: text_encoder fused_step vae_decoder")
+    p.add_argument("--precision", default="fp16", choices=("fp16", "fp32"))
+    p.add_argument("--optimization-level", type=int, default=3, help="builder optimization level 0..5")
+    p.add_argument("--workspace-gib", type=float, default=8.0)
+    p.add_argument("--batch", type=int, default=1, help="optimum (and static) images per call")
+    p.add_argument("--height", type=int, default=256, help="optimum (and static) image height")
+    p.add_argument("--width", type=int, default=384, help="optimum (and static) image width")
+    p.add_argument("--dynamic", action="store_true", help="dynamic profile instead of the static contest shape")
+    p.add_argument("--max-batch", type=int, default=4)
+    p.add_argument("--min-side", type=int, default=256)
+    p.add_argument("--max-side", type=int, default=768)
+    add_model_args(p)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--cache-dir", help="engine cache (default: $SDCN_TRT_CACHE)")
+    p.set_defaults(func=cmd_build, dtype="fp16", cuda_graph="off", check_finite=False)
 
     p = sub.add_parser("demo", help="offline main job: tiny preset on scikit-image's sample photos")
     p.add_argument("-o", "--output", default="sdcn_demo", help="output folder (default: sdcn_demo)")

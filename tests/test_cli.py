@@ -75,3 +75,16 @@ def test_demo_runs_as_a_console_script(tmp_path):
     summary = json.loads((tmp_path / "demo_summary.json").read_text())
     assert summary["backends"]["onnxruntime"]["mean_abs_diff"] <= 1.0
     assert "vs torch fp32: max |diff|" in proc.stdout
+
+
+def test_build_without_tensorrt_says_what_is_missing(capsys):
+    rc = main(["build", "--preset", "tiny"])
+    err = capsys.readouterr().err
+    assert rc == 2 and ("TensorRT is not installed" in err or "only TensorRT's type stubs are installed" in err
+                        or "no CUDA GPU" in err)
+    assert "sdcn_trt[tensorrt]" in err or "no CUDA GPU" in err
+
+
+def test_generate_tensorrt_backend_is_a_clear_error(photo_file, capsys):
+    assert main(["generate", str(photo_file), "--backend", "tensorrt", "--device", "cuda"]) == 2
+    assert "backend 'tensorrt' is unavailable" in capsys.readouterr().err

@@ -107,6 +107,7 @@ class TensorRTRunner(Runner):
         self.buffers: dict[str, torch.Tensor] = {}
         self.dtypes: dict[str, torch.dtype] = {}
         self._bound: tuple[Shape, ...] | None = None
+        self.folder: Path | None = None  # the engine's cache folder, once active
 
     @property
     def device(self) -> torch.device:
@@ -124,7 +125,7 @@ class TensorRTRunner(Runner):
         platform = current_platform(self._device)
         profile = self.descriptor.profile(self.settings.shape_range)
         key = engine_key(export.key, platform, self.settings, mode, profile)
-        folder = self.engine_folder(key)
+        folder = self.folder = self.engine_folder(key)
         try:
             meta = json.loads((folder / META_FILE).read_text())
         except (OSError, ValueError):
@@ -198,3 +199,21 @@ class TensorRTRunner(Runner):
         if not side:
             current.wait_stream(stream)
         return {n: self.buffers[n] for n in self.descriptor.output_names}
+
+
+def build_engines(components: Any, names: list[str], config: BackendConfig,
+                  settings: BuildSettings) -> dict[str, Path]:
+    """ONNX -> TensorRT engine for each named network (cached; rebuilt only when something changed).
+    Returns each engine's cache folder."""
+    from sdcn_trt.export.descriptors import get_descriptor
+
+    require_tensorrt()
+    descriptors = [get_descriptor(n, components) for n in names]  # unknown names fail before any build
+    folders = {}
+    for desc in descriptors:
+        runner = TensorRTRunner(desc, config, settings)
+        runner.activate()
+        assert runner.folder is not None
+        folders[desc.name] = runner.folder
+        runner.deactivate()
+    return folders

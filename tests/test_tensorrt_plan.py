@@ -1,0 +1,76 @@
+"""GPU-free TensorRT logic: build modes for TRT 10/11, cache keys, rebuild decisions, buffer plans."""
+import pytest
+import torch
+
+from sdcn_trt import InputError
+from sdcn_trt.engines.trt_plan import (
+    BuildMode, BuildSettings, Platform, build_mode, engine_key, plan_buffers, rebuild_reasons,
+)
+from sdcn_trt.export.descriptors import ShapeRange, ShapeSpec, get_descriptor
+
+H100 = Platform("10.13.0", "NVIDIA H100 80GB HBM3", (9, 0))
+
+
+def test_build_mode_for_trt10_and_trt11():
+    assert build_mode("fp16", has_fp16_flag=True) == BuildMode("fp32", strongly_typed=False, fp16_flag=True)
+    assert build_mode("fp16", has_fp16_flag=False) == BuildMode("fp16", strongly_typed=True, fp16_flag=False)
+    assert build_mode("fp32", has_fp16_flag=True) == BuildMode("fp32", strongly_typed=False, fp16_flag=False)
+    assert build_mode("fp32", has_fp16_flag=False).strongly_typed
+
+
+def test_settings_validation():
+    with pytest.raises(InputError, match="optimization_level must be in 0..5"):
+        BuildSettings(optimization_level=7)
+    with pytest.raises(InputError, match="precision must be fp16 or fp32"):
+        BuildSettings(precision="int8")
+    with pytest.raises(InputError, match="workspace_gib must be > 0"):
+        BuildSettings(workspace_gib=0)
+    assert BuildSettings(workspace_gib=0.5).workspace_bytes == 2**29
+
+
+def test_engine_key_changes_with_everything_it_depends_on(tiny):
+    desc = get_descriptor("fused_step", tiny)
+    settings = BuildSettings()
+    profile = desc.profile(settings.shape_range)
+    mode = build_mode("fp16", True)
+    base = engine_key("onnx-a", H100, settings, mode, profile)
+    assert engine_key("onnx-a", H100, settings, mode, profile) == base
+    assert engine_key("onnx-b", H100, settings, mode, profile) != base
+    assert engine_key("onnx-a", Platform("10.13.0", "NVIDIA A10", (8, 6)), settings, mode, profile) != base
+    assert engine_key("onnx-a", Platform("11.0.0", H100.gpu_name, (9, 0)), settings, mode, profile) != base
+    assert engine_key("onnx-a", H100, BuildSettings(optimization_level=5), mode, profile) != base
+    dynamic = desc.profile(ShapeRange.dynamic(ShapeSpec()))
+    assert engine_key("onnx-a", H100, settings, mode, dynamic) != base
+
+
+def test_rebuild_reasons():
+    key = "k1"
+    good = {"key": key, "platform": {"trt_version": "10.13.0", "gpu_name": H100.gpu_name, "compute_capability": [9, 0]}}
+    assert rebuild_reasons(good, key, H100) == []
+    assert rebuild_reasons(None, key, H100) == ["no cached engine"]
+    other_trt = {**good, "platform": {**good["platform"], "trt_version": "10.7.0"}}
+    assert rebuild_reasons(other_trt, key, H100) == ["built with TensorRT 10.7.0, running 10.13.0"]
+    other_gpu = {**good, "platform": {**good["platform"], "gpu_name": "NVIDIA A10", "compute_capability": [8, 6]}}
+    assert "built for NVIDIA A10 (sm [8, 6]), running on NVIDIA H100" in rebuild_reasons(other_gpu, key, H100)[0]
+    assert rebuild_reasons({**good, "key": "k0"}, key, H100) == ["ONNX, profile or build settings changed"]
+
+
+def test_static_and_dynamic_profiles(tiny):
+    desc = get_descriptor("fused_step", tiny)
+    static = desc.profile(BuildSettings().shape_range)
+    assert static["latents"] == ((1, 4, 32, 48),) * 3  # the contest's 256 x 384
+    assert static["control_scales"] == ((2, 5),) * 3
+    dynamic = desc.profile(ShapeRange.dynamic(ShapeSpec(1, 256, 384), max_batch=4, min_side=256, max_side=768))
+    assert dynamic["control"] == ((1, 3, 256, 256), (1, 3, 256, 384), (4, 3, 768, 768))
+    assert dynamic["text_embeddings"][2] == (8, 77, 128)
+
+
+def test_buffer_plan_sizes(tiny):
+    desc = get_descriptor("fused_step", tiny)
+    dtypes = {**desc.dtypes(), "latents": torch.float16, "noise_pred": torch.float16}
+    plan = {b.name: b for b in plan_buffers(desc, ShapeSpec(2, 256, 384), dtypes)}
+    assert [b.name for b in plan.values() if b.is_input] == desc.input_names
+    assert plan["latents"].nbytes == 2 * 4 * 32 * 48 * 2
+    assert plan["noise_pred"].shape == (4, 4, 32, 48) and not plan["noise_pred"].is_input
+    assert plan["timestep"].nbytes == 4 and plan["timestep"].aligned_bytes == 256
+    assert all(b.aligned_bytes % 256 == 0 and b.aligned_bytes >= b.nbytes for b in plan.values())
