@@ -32,6 +32,7 @@ class GenerationConfig:
     eta: float = 0.0  # DDIM eta; > 0 adds noise every step
     low_threshold: int = 100  # cv2.Canny thresholds
     high_threshold: int = 200
+    eps_steps: int = 0  # evaluate the network at this many DDIM steps, reuse eps at the rest (0: all; not in the reference)
 
     def __post_init__(self) -> None:
         _check_int(self, "num_samples", 1)
@@ -43,7 +44,7 @@ class GenerationConfig:
                 raise InputError(f"{name} must be a finite number, got {value!r}")
             if value < 0:
                 raise InputError(f"{name} must be >= 0, got {value}")
-        for name in ("low_threshold", "high_threshold"):
+        for name in ("low_threshold", "high_threshold", "eps_steps"):
             _check_int(self, name, 0)
         if self.low_threshold > self.high_threshold:
             raise InputError(

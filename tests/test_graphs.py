@@ -89,3 +89,18 @@ def test_tensorrt_pipeline_close_to_torch(tiny, photo):
     ref = ControlNetPipeline(tiny).run(photo, config).images[0]
     trt = ControlNetPipeline(tiny, BackendConfig(backend="tensorrt", device="cuda", dtype="fp16", cuda_graph="loop"))
     assert np.abs(trt.run(photo, config).images[0].astype(int) - ref).mean() <= 3.0
+
+
+def test_eps_reuse_in_eager_and_static_loops(tiny_pipe, static_pipe, photo):
+    config = GenerationConfig(image_resolution=64, ddim_steps=6, eps_steps=3)
+    calls = []
+    runner = tiny_pipe.runners["fused_step"]
+    real = runner.infer_impl
+    runner.infer_impl = lambda feed: calls.append(float(feed["timestep"])) or real(feed)
+    try:
+        eager = tiny_pipe.run(photo, config).images[0]
+    finally:
+        runner.infer_impl = real
+    assert calls == [997.0, 665.0, 333.0]  # 6 steps run 7 timesteps (997, 831, ..., 1) in ldm; 0, 2, 4 evaluate
+    assert np.array_equal(eager, static_pipe.run(photo, config).images[0])
+    assert not np.array_equal(eager, tiny_pipe.run(photo, config.replace(eps_steps=0)).images[0])

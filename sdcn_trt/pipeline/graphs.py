@@ -35,6 +35,7 @@ class LoopKey:
     timesteps: tuple[int, ...]
     scale: float  # guidance scale (1.0: conditional prediction only)
     eta: float
+    compute: tuple[bool, ...] = ()  # per step: evaluate the network (True) or reuse the last eps
 
 
 class StaticLoop:
@@ -55,13 +56,14 @@ class StaticLoop:
 
     def body(self) -> None:
         """The captured region: no host synchronisation, no new inputs, constants baked in."""
-        x = self.latents
+        x, guided = self.latents, self.latents
         for i, step in enumerate(self.schedule.steps):
-            feed = {"latents": x, "timestep": self.timestep_values[i], "text_embeddings": self.text,
-                    "control": self.control, "control_scales": self.scales}
-            eps = self.fused.infer(feed)["noise_pred"].float()  # (2B, 4, h, w)
-            eps_uncond, eps_cond = eps.chunk(2)
-            guided = eps_cond if self.key.scale == 1.0 else classifier_free_guidance(eps_uncond, eps_cond, self.key.scale)
+            if not self.key.compute or self.key.compute[i]:
+                feed = {"latents": x, "timestep": self.timestep_values[i], "text_embeddings": self.text,
+                        "control": self.control, "control_scales": self.scales}
+                eps = self.fused.infer(feed)["noise_pred"].float()  # (2B, 4, h, w)
+                eps_uncond, eps_cond = eps.chunk(2)
+                guided = eps_cond if self.key.scale == 1.0 else classifier_free_guidance(eps_uncond, eps_cond, self.key.scale)
             x = ddim_update(x, guided, step, self.noise[i] if self.noise is not None else None)
         images = self.decoder.infer({"latents": x})["images"]  # (B, 3, H, W) float in [0, 255]
         self.output = images.permute(0, 2, 3, 1).float().to(torch.uint8)  # truncation, as astype(uint8)

@@ -20,7 +20,9 @@ from sdcn_trt.errors import InputError
 from sdcn_trt.export.descriptors import PIPELINE_NETWORKS, get_descriptor
 from sdcn_trt.models import Components
 from sdcn_trt.pipeline.graphs import GraphedLoop, GraphedStep, LoopKey, StaticLoop
-from sdcn_trt.pipeline.scheduler import DdimSchedule, classifier_free_guidance, ddim_update, make_ddim_schedule
+from sdcn_trt.pipeline.scheduler import (
+    DdimSchedule, classifier_free_guidance, ddim_update, eps_compute_mask, make_ddim_schedule,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +141,7 @@ class ControlNetPipeline:
 
         # 4. Timesteps and DDIM tables
         schedule = make_ddim_schedule(config.ddim_steps, config.eta)
+        compute = eps_compute_mask(len(schedule), config.eps_steps)
         report = _progress(progress, len(schedule))
 
         # 5. Initial noise: seed -> torch.manual_seed(seed); torch.randn(B, 4, H/8, W/8), on the CPU
@@ -156,12 +159,12 @@ class ControlNetPipeline:
         # 7. Denoising loop and decode: eagerly, or replayed from static buffers / a CUDA graph
         clock = time.perf_counter()
         if self.backend.cuda_graph == "loop":
-            loop = self._static_loop(latent_shape, control, text, scales, schedule, config.scale)
+            loop = self._static_loop(latent_shape, control, text, scales, schedule, config.scale, compute)
             pixels = loop.run(latents, text, control, scales, noise)  # (B, H, W, 3) uint8
             timings["denoise"] = time.perf_counter() - clock
             report(len(schedule), len(schedule))
         else:
-            latents = self._denoise(latents, text, control, scales, schedule, config.scale, noise, report)
+            latents = self._denoise(latents, text, control, scales, schedule, config.scale, noise, report, compute)
             timings["denoise"] = time.perf_counter() - clock
             clock = time.perf_counter()
             # the VAE returns [0, 255] floats; uint8 by truncation, as the reference's astype does
@@ -176,25 +179,34 @@ class ControlNetPipeline:
         return PipelineOutput(images=images, control=detected, seed=seed, timings=timings)
 
     def _denoise(self, latents: torch.Tensor, text: torch.Tensor, control: torch.Tensor, scales: torch.Tensor,
-                 schedule: DdimSchedule, scale: float, noise: torch.Tensor | None, report: ProgressFn) -> torch.Tensor:
-        """The eager loop: fused ControlNet+UNet on the CFG batch, guidance, DDIM update."""
+                 schedule: DdimSchedule, scale: float, noise: torch.Tensor | None, report: ProgressFn,
+                 compute: tuple[bool, ...]) -> torch.Tensor:
+        """The eager loop: fused ControlNet+UNet on the CFG batch, guidance, DDIM update; steps
+        whose `compute` is False reuse the last guided prediction."""
         fused, device = self.runners["fused_step"], self.runners["fused_step"].device
-        step_graph = self._step_graph(latents, control, text, scales, schedule, scale) if self.backend.cuda_graph == "step" else None
+        step_graph = None
+        if self.backend.cuda_graph == "step":
+            if not all(compute):
+                raise InputError("eps reuse (eps_steps) runs with cuda_graph 'off' or 'loop', not 'step'")
+            step_graph = self._step_graph(latents, control, text, scales, schedule, scale)
         if step_graph is not None:
             step_graph.x.copy_(latents)
             step_graph.load(text, control, scales)
         feed = {"latents": latents, "timestep": torch.zeros(1, device=device), "text_embeddings": text,
                 "control": control, "control_scales": scales}
+        guided = latents
         for i, step in enumerate(schedule.steps):
             if step_graph is not None:
                 step_graph.step(step, noise[i] if noise is not None else None)
-            else:
+                report(i + 1, len(schedule))
+                continue
+            if compute[i]:
                 feed["latents"] = latents
                 feed["timestep"] = torch.full((1,), float(step.timestep), device=device)
                 eps = fused.infer(feed)["noise_pred"].float()  # (2B, 4, h, w)
                 eps_uncond, eps_cond = eps.chunk(2)
                 guided = eps_cond if scale == 1.0 else classifier_free_guidance(eps_uncond, eps_cond, scale)
-                latents = ddim_update(latents, guided, step, noise[i] if noise is not None else None)
+            latents = ddim_update(latents, guided, step, noise[i] if noise is not None else None)
             report(i + 1, len(schedule))
         return step_graph.x.clone() if step_graph is not None else latents
 
@@ -204,9 +216,10 @@ class ControlNetPipeline:
                        tuple(schedule.timesteps), float(scale), float(schedule.eta))
 
     def _static_loop(self, latent_shape: tuple[int, ...], control: torch.Tensor, text: torch.Tensor,
-                     scales: torch.Tensor, schedule: DdimSchedule, scale: float) -> StaticLoop:
+                     scales: torch.Tensor, schedule: DdimSchedule, scale: float,
+                     compute: tuple[bool, ...]) -> StaticLoop:
         """The whole-loop graph for this key, captured on first use (eager static loop on the CPU)."""
-        key = self._loop_key(latent_shape, control, text, scales, schedule, scale)
+        key = dataclasses.replace(self._loop_key(latent_shape, control, text, scales, schedule, scale), compute=compute)
         if key not in self._graphs:
             device = self.runners["fused_step"].device
             cls = GraphedLoop if device.type == "cuda" else StaticLoop
