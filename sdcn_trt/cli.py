@@ -147,6 +147,21 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from sdcn_trt.scoring.report import summary_table
+    from sdcn_trt.scoring.run import ScoreSettings, run_score
+
+    settings = ScoreSettings(inputs=args.inputs, output=args.output, schedules=tuple(args.schedules),
+                             image_format=args.image_format, reference_dir=args.reference_dir,
+                             fid_weights=args.fid_weights, random_fid=args.random_fid, warmup=args.warmup,
+                             generation=generation_config(args))
+    backend = backend_config(args)
+    summary = run_score(load_components(args), backend, settings)
+    print(summary_table(summary))
+    print(f"report: {Path(args.output) / 'report.html'}")
+    return 1 if any(s["errors"] for s in summary["schedules"].values()) else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from sdcn_trt.demo import run_demo
 
@@ -205,6 +220,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda")
     p.add_argument("--cache-dir", help="engine cache (default: $SDCN_TRT_CACHE)")
     p.set_defaults(func=cmd_build, dtype="fp16", cuda_graph="off", check_finite=False)
+
+    p = sub.add_parser("score", help="latency + PD + contest score of a backend against the torch fp32 reference")
+    p.add_argument("inputs", nargs="?", default=None, help="folder of input images (default: scikit-image photos)")
+    p.add_argument("-o", "--output", default="sdcn_score", help="report folder (default: sdcn_score)")
+    p.add_argument("--schedules", nargs="+", default=["full"],
+                   help="full | steps=N (fewer DDIM steps) | eps=N (network at N steps, eps reused at the rest)")
+    p.add_argument("--image-format", default="jpg", choices=("jpg", "png"))
+    p.add_argument("--reference-dir", help="precomputed reference images, matched by file stem")
+    p.add_argument("--fid-weights", help="pt_inception-2015-12-05-6726825d.pth (default: $SDCN_FID_WEIGHTS, hub cache)")
+    p.add_argument("--random-fid", action="store_true", help="seeded random Inception (tests/demo; PD not the contest's)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
+    add_model_args(p)
+    add_backend_args(p)
+    add_generation_args(p)
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("demo", help="offline main job: tiny preset on scikit-image's sample photos")
     p.add_argument("-o", "--output", default="sdcn_demo", help="output folder (default: sdcn_demo)")

@@ -61,7 +61,7 @@ def export_key(descriptor: NetworkDescriptor, settings: ExportSettings) -> str:
     module = descriptor.build_module()
     return hash_json({"network": descriptor.name, "weights": hash_module(module), "settings": asdict(settings),
                       "io": [descriptor.input_names, descriptor.output_names], "torch": torch.__version__,
-                      "format": 1})
+                      "format": 2})
 
 
 def _torch_outputs(module: torch.nn.Module, feed: dict[str, torch.Tensor], names: list[str]) -> dict[str, np.ndarray]:
@@ -93,11 +93,11 @@ def compare_outputs(expected: dict[str, np.ndarray], actual: dict[str, np.ndarra
     return report
 
 
-def _valid_cache(folder: Path, key: str) -> dict | None:
+def _valid_cache(folder: Path, key: str, model_file: str) -> dict | None:
     """The cache entry's metadata when it is complete and its files match their recorded hashes."""
     try:
         meta = json.loads((folder / META_FILE).read_text())
-        if meta.get("key") != key:
+        if meta.get("key") != key or model_file not in meta["files"]:
             return None
         for name, digest in meta["files"].items():
             if hash_file(folder / name) != digest:
@@ -136,7 +136,7 @@ def export_onnx(descriptor: NetworkDescriptor, cache_dir: Path, settings: Export
     key = export_key(descriptor, settings)
     folder = Path(cache_dir) / "onnx" / f"{descriptor.name}-{settings.precision}-{key[:16]}"
     model_file = f"{descriptor.name}.onnx"
-    meta = _valid_cache(folder, key)
+    meta = _valid_cache(folder, key, model_file)
     if meta is not None:
         return ExportResult(folder / model_file, key, True, meta["check"], 0.0)
     clock = time.perf_counter()

@@ -1,0 +1,190 @@
+"""Score a backend the contest's way: torch fp32 reference images, same seeds, PD from files, latency."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from sdcn_trt.cache import cache_root, hash_file, hash_json, hash_module
+from sdcn_trt.config import GenerationConfig
+from sdcn_trt.engines import BackendConfig
+from sdcn_trt.errors import InputError, SdcnError
+from sdcn_trt.models import Components
+from sdcn_trt.scoring.contest import PD_FAIL, contest_score
+from sdcn_trt.scoring.latency import summarize, timed
+from sdcn_trt.scoring.metrics import image_metrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoreSettings:
+    """What `sdcn-trt score` runs; flag names equal field names."""
+
+    inputs: str | None = None  # folder of input images; None: scikit-image's sample photos
+    output: str = "sdcn_score"  # report folder
+    schedules: tuple[str, ...] = ("full",)  # "full", "steps=N" (fewer DDIM steps), "eps=N" (eps at N steps, reused)
+    image_format: str = "jpg"  # the contest wrote JPEGs: the codec is part of PD
+    reference_dir: str | None = None  # precomputed reference images (by file stem) instead of torch fp32 here
+    fid_weights: str | None = None  # pt_inception-2015-12-05-6726825d.pth; default: $SDCN_FID_WEIGHTS, hub cache
+    random_fid: bool = False  # seeded random Inception weights: plumbing only, PD values not the contest's
+    warmup: int = 1  # untimed runs before timing
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+    def __post_init__(self) -> None:
+        if self.image_format not in ("jpg", "png"):
+            raise InputError(f"image_format must be jpg or png, got {self.image_format!r}")
+        for schedule in self.schedules:
+            parse_schedule(schedule)
+
+
+def parse_schedule(text: str) -> dict[str, int]:
+    """'full' -> {}; 'steps=N' -> {'ddim_steps': N}; 'eps=N' -> {'eps_steps': N}."""
+    if text == "full":
+        return {}
+    name, _, value = text.partition("=")
+    fields = {"steps": "ddim_steps", "eps": "eps_steps"}
+    if name not in fields or not value.isdigit() or int(value) < 1:
+        raise InputError(f"unknown schedule {text!r}; use full, steps=N or eps=N (N >= 1)")
+    return {fields[name]: int(value)}
+
+
+def write_contest_image(path: Path, image: np.ndarray) -> Path:
+    """cv2.imwrite of the array as it is, as the contest's scorer did (an RGB array written as BGR):
+    reference and accelerated images take the same path, so PD compares like with like."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), image):
+        raise InputError(f"cannot write image {path}")
+    return path
+
+
+def collect_inputs(settings: ScoreSettings, folder: Path) -> list[Path]:
+    from sdcn_trt.preprocess import find_images
+
+    if settings.inputs is None:
+        from sdcn_trt.demo import sample_photos
+
+        return [write_contest_image(folder / f"{name}.png", photo[:, :, ::-1].copy())
+                for name, photo in sample_photos().items()]
+    files = find_images(settings.inputs)
+    if not files:
+        raise InputError(f"no images found in {settings.inputs}")
+    return files
+
+
+def reference_image(components: Components, reference_pipe: Any, settings: ScoreSettings, source: Path,
+                    image: np.ndarray, config: GenerationConfig) -> np.ndarray:
+    """The torch fp32 image for `source`, cached by model weights + settings + input bytes."""
+    if settings.reference_dir is not None:
+        matches = sorted(Path(settings.reference_dir).glob(source.stem + ".*"))
+        if not matches:
+            raise InputError(f"missing reference image for {source.name} in {settings.reference_dir}")
+        ref = cv2.imread(str(matches[0]), cv2.IMREAD_COLOR)
+        if ref is None:
+            raise InputError(f"cannot read reference image {matches[0]}")
+        return ref
+    key = hash_json({"model": components.extra.setdefault("weights_hash", _weights_hash(components)),
+                     "config": asdict(config), "input": hash_file(source), "format": 1})
+    cached = cache_root() / "references" / f"{key[:32]}.png"
+    if cached.is_file():
+        image_ = cv2.imread(str(cached), cv2.IMREAD_UNCHANGED)
+        if image_ is not None:
+            return image_
+    out = reference_pipe.process(image, *_process_args(config))[1]
+    write_contest_image(cached, out)
+    return out
+
+
+def _weights_hash(components: Components) -> str:
+    return hash_json({name: hash_module(module) for name, module in components.modules().items()})
+
+
+def _process_args(c: GenerationConfig) -> tuple:
+    return (c.prompt, c.a_prompt, c.n_prompt, c.num_samples, c.image_resolution, c.ddim_steps, c.guess_mode,
+            c.strength, c.scale, c.seed, c.eta, c.low_threshold, c.high_threshold)
+
+
+def run_score(components: Components, backend: BackendConfig, settings: ScoreSettings) -> dict[str, Any]:
+    """Generate, time and score every input under every schedule; write rows, summary and report."""
+    from tqdm.auto import tqdm
+
+    from sdcn_trt import ControlNetPipeline
+    from sdcn_trt.preprocess import load_image
+    from sdcn_trt.scoring.pd import PDScorer
+    from sdcn_trt.scoring.report import write_report
+
+    out = Path(settings.output)
+    out.mkdir(parents=True, exist_ok=True)
+    scorer = PDScorer(settings.fid_weights, random_seed=0 if settings.random_fid else None)  # fails early if absent
+    inputs = collect_inputs(settings, out / "inputs")
+    reference_pipe = ControlNetPipeline(components, BackendConfig(device=backend.device, cache_dir=backend.cache_dir))
+    pipe = ControlNetPipeline(components, backend)
+    rows: list[dict[str, Any]] = []
+    warmed = False
+    for schedule in settings.schedules:
+        base = settings.generation.replace(**parse_schedule(schedule))
+        ref_config = settings.generation.replace(eps_steps=0)
+        for source in tqdm(inputs, desc=f"scoring {schedule}", unit="image"):
+            row: dict[str, Any] = {"image": source.name, "schedule": schedule}
+            try:
+                image = load_image(source)
+                reference = reference_image(components, reference_pipe, settings, source, image, ref_config)
+                ref_path = write_contest_image(out / "reference" / f"{source.stem}.{settings.image_format}", reference)
+                if not warmed:
+                    for _ in range(settings.warmup):
+                        pipe.run(image, base)
+                    warmed = True
+                result, ms = timed(lambda: pipe.run(image, base))  # around the whole call, as the contest timed it
+                path = write_contest_image(out / schedule / f"{source.stem}.{settings.image_format}", result.images[0])
+                written_ref = cv2.imread(str(ref_path), cv2.IMREAD_COLOR)
+                written = cv2.imread(str(path), cv2.IMREAD_COLOR)
+                row.update(latency_ms=ms, pd=scorer.pd(ref_path, path), **image_metrics(written_ref, written),
+                           reference_path=str(ref_path.relative_to(out)), path=str(path.relative_to(out)),
+                           input_path=str(source), canny=255 - result.control)
+                row["passed"] = row["pd"] <= PD_FAIL
+            except SdcnError as exc:
+                row["error"] = str(exc)
+                logger.warning("%s (%s): %s", source.name, schedule, exc)
+            rows.append(row)
+    summary = summarize_rows(rows, settings, backend, scorer.weights)
+    write_report(out, rows, summary)
+    return summary
+
+
+def summarize_rows(rows: list[dict[str, Any]], settings: ScoreSettings, backend: BackendConfig,
+                   fid_weights: str) -> dict[str, Any]:
+    per_schedule = {}
+    for schedule in settings.schedules:
+        ok = [r for r in rows if r["schedule"] == schedule and "error" not in r]
+        failed = [r for r in rows if r["schedule"] == schedule and "error" in r]
+        latency = summarize([r["latency_ms"] for r in ok])
+        mean_pd = float(np.mean([r["pd"] for r in ok])) if ok else float("nan")
+        per_schedule[schedule] = {
+            "images": len(ok), "errors": len(failed), "latency_ms": latency, "mean_pd": mean_pd,
+            "max_pd": float(max((r["pd"] for r in ok), default=float("nan"))),
+            "pd_failures": sum(not r["passed"] for r in ok),
+            "mean_ssim": float(np.mean([r["ssim"] for r in ok])) if ok else float("nan"),
+            "score": contest_score(mean_pd, latency["mean"]) if ok else 0.0,
+        }
+    return {"backend": asdict(backend), "settings": {**asdict(settings), "generation": asdict(settings.generation)},
+            "fid_weights": fid_weights, "schedules": per_schedule}
+
+
+def save_table(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """rows.json, rows.csv and summary.json (the canny arrays stay out of them)."""
+    import csv
+
+    plain = [{k: v for k, v in r.items() if k != "canny"} for r in rows]
+    (out / "rows.json").write_text(json.dumps(plain, indent=1, default=str))
+    columns = ["image", "schedule", "latency_ms", "pd", "passed", "ssim", "psnr", "mean_abs_diff", "max_abs_diff",
+               "path", "error"]
+    with open(out / "rows.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(plain)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
