@@ -162,6 +162,29 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 1 if any(s["errors"] for s in summary["schedules"].values()) else 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    import functools
+
+    from sdcn_trt.batch import BatchSettings, run_batch
+
+    settings = BatchSettings(args.input_dir, args.output_dir, args.prompts, args.save_control, not args.no_recursive,
+                             generation_config(args))
+    backend_config(args)  # validate the backend flags before any work
+    runner = None
+    if args.ray or args.ray_address:
+        from sdcn_trt.distributed import RayRunner
+
+        runner = RayRunner(functools.partial(load_pipeline, args), address=args.ray_address, workers=args.workers,
+                           chunk_size=args.chunk_size)
+        pipe = None
+    else:
+        pipe = load_pipeline(args)
+    summary = run_batch(pipe, settings, runner)
+    print(summary)
+    print(f"manifest: {Path(args.output_dir) / 'manifest.jsonl'}")
+    return 1 if summary.failed else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from sdcn_trt.demo import run_demo
 
@@ -235,6 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_backend_args(p)
     add_generation_args(p)
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("batch", help="every image in a folder, resumable; --ray for many GPUs")
+    p.add_argument("input_dir")
+    p.add_argument("output_dir")
+    p.add_argument("--prompts", help="CSV (file,prompt,n_prompt,seed) or JSONL with those keys, per image")
+    p.add_argument("--save-control", action="store_true", help="also write <name>_canny.png")
+    p.add_argument("--no-recursive", action="store_true", help="only the folder itself, not sub-folders")
+    p.add_argument("--ray", action="store_true", help="run on Ray (a local cluster unless --ray-address)")
+    p.add_argument("--ray-address", help="address of a running Ray cluster (implies --ray)")
+    p.add_argument("--workers", type=int, help="Ray actors (default: one per GPU, else one per CPU)")
+    p.add_argument("--chunk-size", type=int, default=4, help="images per Ray task")
+    add_model_args(p)
+    add_backend_args(p)
+    add_generation_args(p)
+    p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("demo", help="offline main job: tiny preset on scikit-image's sample photos")
     p.add_argument("-o", "--output", default="sdcn_demo", help="output folder (default: sdcn_demo)")

@@ -77,6 +77,7 @@ def run_demo(out_dir: Path, backends: list[str] | None = None, steps: int = 20,
               + (f", vs torch fp32: max |diff| {entry['max_abs_diff']}, mean {entry['mean_abs_diff']:.4f} levels"
                  if "max_abs_diff" in entry else ""))
     ran = [b for b in wanted if b in results]
+    _score(out_dir, results, summary)
     labels = ["input", "canny"] + ran + [f"|{b}-torch| x20" for b in ran if b != "torch"]
     rows = []
     for name, photo in photos.items():
@@ -88,3 +89,29 @@ def run_demo(out_dir: Path, backends: list[str] | None = None, steps: int = 20,
     (out_dir / "demo_summary.json").write_text(json.dumps(summary, indent=1))
     print(f"wrote {len(photos) * len(ran)} images, {sheet} and {out_dir / 'demo_summary.json'}")
     return summary
+
+
+def _score(out_dir: Path, results: dict[str, dict[str, np.ndarray]], summary: dict) -> None:
+    """PD of each backend's images against torch fp32, through JPEG files as the contest did, and the
+    contest score from the measured latency. Real FID weights when they are found, else random ones."""
+    from sdcn_trt.errors import WeightsError
+    from sdcn_trt.scoring import PDScorer, contest_score
+    from sdcn_trt.scoring.run import write_contest_image
+
+    try:
+        scorer = PDScorer()
+    except WeightsError:
+        scorer = PDScorer(random_seed=0)
+        print("PD: no FID Inception weights here (see `sdcn-trt score --help`); random Inception weights, "
+              "so PD below checks the plumbing, not the contest's numbers")
+    files = {b: {n: write_contest_image(out_dir / "jpg" / b / f"{n}.jpg", im) for n, im in imgs.items()}
+             for b, imgs in results.items()}
+    for backend in results:
+        if backend == "torch":
+            continue
+        pds = [scorer.pd(files["torch"][n], files[backend][n]) for n in results[backend]]
+        entry = summary["backends"][backend]
+        entry.update(mean_pd=float(np.mean(pds)), max_pd=float(np.max(pds)),
+                     contest_score=contest_score(float(np.mean(pds)), 1000 * entry["mean_s_per_image"]))
+        print(f"[{backend}] PD vs torch fp32: mean {entry['mean_pd']:.3f}, max {entry['max_pd']:.3f}; "
+              f"contest score {entry['contest_score']:.1f} at {1000 * entry['mean_s_per_image']:.0f} ms/image")

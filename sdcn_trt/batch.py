@@ -1,0 +1,252 @@
+"""Canny-to-image over folders: prompt files, a JSONL manifest, crash-safe resume, one run per folder."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from sdcn_trt.cache import hash_json
+from sdcn_trt.config import SEED_MAX, GenerationConfig
+from sdcn_trt.errors import InputError, SdcnError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.jsonl"
+LOCK = ".sdcn_batch.lock"
+
+
+@dataclass
+class BatchSettings:
+    """A batch job; flag names equal field names."""
+
+    input_dir: str
+    output_dir: str
+    prompts: str | None = None  # CSV (file,prompt[,n_prompt][,seed]) or JSONL with the same keys
+    save_control: bool = False  # also write <name>_canny.png (the inverted edge map)
+    recursive: bool = True
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input image and everything that decides its output."""
+
+    source: str  # path relative to input_dir
+    config: GenerationConfig
+
+    @property
+    def key(self) -> str:
+        """Identifies the result: a finished job with the same key is not redone."""
+        return hash_json({"source": self.source, "config": dataclasses.asdict(self.config)})[:16]
+
+    def output(self, root: Path) -> Path:
+        return root / Path(self.source).with_suffix(".png")
+
+    def control_output(self, root: Path) -> Path:
+        return root / Path(self.source).with_name(Path(self.source).stem + "_canny.png")
+
+
+# -- prompt files ----------------------------------------------------------------------------------
+def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    if path.suffix.lower() == ".jsonl":
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+                if not isinstance(row, dict):
+                    raise InputError(f"{path}:{number}: expected a JSON object")
+                yield number, row
+    elif path.suffix.lower() == ".csv":
+        with open(path, newline="") as f:
+            for number, row in enumerate(csv.DictReader(f), 2):
+                yield number, {k.strip(): v for k, v in row.items() if k is not None and v not in (None, "")}
+    else:
+        raise InputError(f"prompt file must be .csv or .jsonl, got {path.name}")
+
+
+def read_prompts(path: str | Path) -> dict[str, dict[str, Any]]:
+    """file name (relative path) -> {prompt, n_prompt, seed}; every bad row is reported at once."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"prompt file not found: {path}")
+    table, errors = {}, []
+    for number, row in _rows(path):
+        name = row.get("file")
+        if not name:
+            errors.append(f"line {number}: no 'file'")
+            continue
+        entry: dict[str, Any] = {}
+        if "prompt" in row:
+            entry["prompt"] = str(row["prompt"])
+        for key in ("n_prompt", "negative_prompt"):
+            if key in row:
+                entry["n_prompt"] = str(row[key])
+        if "seed" in row:
+            try:
+                entry["seed"] = int(row["seed"])
+            except (TypeError, ValueError):
+                errors.append(f"line {number}: seed {row['seed']!r} is not an integer")
+                continue
+            if not 0 <= entry["seed"] <= SEED_MAX:
+                errors.append(f"line {number}: seed {entry['seed']} is outside 0..{SEED_MAX}")
+                continue
+        if name in table:
+            errors.append(f"line {number}: {name} appears twice")
+        table[str(name)] = entry
+    if errors:
+        raise InputError(f"bad rows in {path}: " + "; ".join(errors[:20]) + (" ..." if len(errors) > 20 else ""))
+    return table
+
+
+def plan_jobs(settings: BatchSettings) -> list[Job]:
+    """One job per image under input_dir, with its prompt-file row applied."""
+    from sdcn_trt.preprocess import find_images
+
+    root = Path(settings.input_dir)
+    files = find_images(root, recursive=settings.recursive)
+    if not files:
+        raise InputError(f"no images found in {root}")
+    relative = [str(p.relative_to(root)) for p in files]
+    overrides = read_prompts(settings.prompts) if settings.prompts else {}
+    missing = sorted(set(overrides) - set(relative) - {Path(r).name for r in relative})
+    if missing:
+        logger.warning("prompt file names %d images that are not in %s: %s", len(missing), root, ", ".join(missing[:10]))
+    jobs = []
+    for rel in relative:
+        row = overrides.get(rel, overrides.get(Path(rel).name, {}))
+        jobs.append(Job(rel, settings.generation.replace(**row)))
+    return jobs
+
+
+# -- manifest and lock -----------------------------------------------------------------------------
+class Manifest:
+    """Append-only JSONL; the last record of a job key wins. Each append is flushed and fsynced."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.records: dict[str, dict[str, Any]] = {}
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                    self.records[record["key"]] = record
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a line cut short by a kill: that job simply is not done
+        self._file = open(path, "a")
+        if path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+            self._file.write("\n")  # close a line a kill cut short, so the next record starts clean
+
+    def done(self, job: Job, output_root: Path) -> bool:
+        record = self.records.get(job.key)
+        return bool(record and record["status"] == "done" and job.output(output_root).is_file())
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.records[record["key"]] = record
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class OutputLock:
+    """An exclusive lock on the output folder: a second run on it is refused, not interleaved."""
+
+    def __init__(self, folder: Path):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._file = open(folder / LOCK, "a+")
+        except OSError as exc:
+            raise InputError(f"output folder {folder} is not writable: {exc.strerror}") from exc
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            owner = self._file.read().strip() or "another process"
+            self._file.close()
+            raise InputError(f"another batch run ({owner}) is writing to {folder}; wait for it or use another folder")
+        self._file.truncate(0)
+        self._file.write(f"pid {os.getpid()}")
+        self._file.flush()
+
+    def release(self) -> None:
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()
+
+
+# -- running ---------------------------------------------------------------------------------------
+def run_job(pipe: Any, job: Job, input_root: Path, output_root: Path, save_control: bool) -> dict[str, Any]:
+    """Generate one job's image(s) and write them atomically; return its manifest record."""
+    from sdcn_trt.images import save_image
+    from sdcn_trt.preprocess import load_image
+
+    clock = time.perf_counter()
+    record: dict[str, Any] = {"key": job.key, "input": job.source, "seed": job.config.seed,
+                              "settings": dataclasses.asdict(job.config)}
+    try:
+        result = pipe.run(load_image(input_root / job.source), job.config)
+        output = save_image(job.output(output_root), result.images[0])
+        for i, extra in enumerate(result.images[1:], 1):
+            save_image(output.with_name(f"{output.stem}_{i}.png"), extra)
+        if save_control:
+            save_image(job.control_output(output_root), 255 - result.control)
+        record.update(status="done", output=str(output.relative_to(output_root)), seed=result.seed)
+    except SdcnError as exc:
+        record.update(status="failed", error=str(exc))
+    record.update(seconds=time.perf_counter() - clock, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    return record
+
+
+@dataclass
+class BatchSummary:
+    total: int
+    done: int  # finished in this run
+    skipped: int  # already done before this run
+    failed: int
+    seconds: float
+
+    def __str__(self) -> str:
+        return (f"{self.total} images: {self.done} done, {self.skipped} already done, {self.failed} failed "
+                f"in {self.seconds:.1f} s")
+
+
+def run_batch(pipe: Any, settings: BatchSettings, runner: Any = None) -> BatchSummary:
+    """Run every pending job (locally, or through `runner`, e.g. a RayRunner), recording each one."""
+    from tqdm.auto import tqdm
+
+    clock = time.perf_counter()
+    jobs = plan_jobs(settings)  # bad prompt files fail here, before anything is written
+    output_root, input_root = Path(settings.output_dir), Path(settings.input_dir)
+    lock = OutputLock(output_root)
+    for stale in output_root.rglob(".*.tmp"):  # atomic writes a killed run left half-done
+        stale.unlink()
+    manifest = Manifest(output_root / MANIFEST)
+    try:
+        pending = [j for j in jobs if not manifest.done(j, output_root)]
+        skipped = len(jobs) - len(pending)
+        done = failed = 0
+        bar = tqdm(total=len(pending), desc="batch", unit="image")
+        results = (runner.map(pending, input_root, output_root, settings.save_control) if runner is not None
+                   else (run_job(pipe, j, input_root, output_root, settings.save_control) for j in pending))
+        for record in results:
+            manifest.append(record)
+            done += record["status"] == "done"
+            failed += record["status"] == "failed"
+            if record["status"] == "failed":
+                bar.write(f"failed: {record['input']}: {record['error']}")
+            bar.update(1)
+        bar.close()
+    finally:
+        manifest.close()
+        lock.release()
+    return BatchSummary(len(jobs), done, skipped, failed, time.perf_counter() - clock)
