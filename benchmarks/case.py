@@ -1,0 +1,112 @@
+"""One benchmark case in its own process: a backend's CLIP, fused step, VAE decode and end-to-end times.
+
+    python -m benchmarks.case --backend torch --dtype fp32 --device cpu --out case.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from sdcn_trt.scoring.latency import synchronize
+
+
+def timings(fn: Callable[[], Any], repeats: int, warmup: int) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
+        fn()
+        synchronize()
+        samples.append(time.perf_counter() - start)
+    return {"min_s": min(samples), "median_s": statistics.median(samples), "repeats": repeats, "warmup": warmup}
+
+
+def fused_step_flops(components: Any, spec: Any) -> float:
+    """FLOPs of one fused ControlNet+UNet evaluation (CFG batch), counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sdcn_trt.export.descriptors import get_descriptor
+
+    desc = get_descriptor("fused_step", components)
+    feed = desc.sample_inputs(spec)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        desc.build_module()(*feed.values())
+    return float(counter.get_total_flops())
+
+
+def run_case(args: argparse.Namespace) -> dict[str, Any]:
+    from sdcn_trt import BackendConfig, ControlNetPipeline, GenerationConfig
+    from sdcn_trt.demo import sample_photos
+    from sdcn_trt.export.descriptors import ShapeSpec
+    from sdcn_trt.models import load_preset
+    from sdcn_trt.pipeline.scheduler import make_ddim_schedule
+
+    clock = time.perf_counter()
+    components = load_preset(args.preset, seed=0)
+    load_s = time.perf_counter() - clock
+    spec = ShapeSpec(1, 256, 384)
+    result: dict[str, Any] = {"backend": args.backend, "dtype": args.dtype, "device": args.device,
+                              "cuda_graph": args.cuda_graph, "preset": args.preset, "load_s": load_s}
+    photo = sample_photos(["chelsea"])["chelsea"]  # 300 x 451 -> 256 x 384, the contest's shape
+    config = GenerationConfig(ddim_steps=args.steps)
+    if args.backend == "diffusers":
+        from benchmarks.baseline_diffusers import diffusers_end_to_end
+
+        result["end_to_end"] = diffusers_end_to_end(components, photo, config, args)
+    else:
+        backend = BackendConfig(backend=args.backend, device=args.device, dtype=args.dtype, cuda_graph=args.cuda_graph)
+        pipe = ControlNetPipeline(components, backend)
+        clock = time.perf_counter()
+        for runner in pipe.runners.values():
+            runner.activate()  # exports / engine builds, timed apart
+        result["setup_s"] = time.perf_counter() - clock
+        exports = {n: r.export for n, r in pipe.runners.items() if getattr(r, "export", None) is not None}
+        if exports:  # ONNX exports made (or reused) for this backend, with their check against torch
+            result["exports"] = {n: {"path": str(e.path), "cached": e.cached, "seconds": e.seconds, "check": e.check}
+                                 for n, e in exports.items()}
+        descs, runners = pipe.descriptors, pipe.runners
+        feeds = {name: {k: v.to(runners[name].device) for k, v in descs[name].sample_inputs(spec).items()}
+                 for name in descs}
+        for name in ("text_encoder", "fused_step", "vae_decoder"):
+            result[name] = timings(lambda n=name: runners[n].infer(feeds[n]), args.repeats, 1)
+        result["end_to_end"] = timings(lambda: pipe.run(photo, config), args.repeats, 1)
+        e2e, step = result["end_to_end"]["median_s"], result["fused_step"]["median_s"]
+        loop_steps = len(make_ddim_schedule(args.steps))
+        result["outside_steps_fraction"] = max(0.0, (e2e - loop_steps * step) / e2e)
+        flops = fused_step_flops(components, spec)
+        result["fused_step_tflop"] = flops / 1e12
+        result["fused_step_tflops_achieved"] = flops / step / 1e12
+    result["steps"] = args.steps
+    if args.device.startswith("cuda"):
+        result["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backend", required=True)
+    parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cuda-graph", default="off")
+    parser.add_argument("--preset", default="sd15-random")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    with open(args.out, "w") as f:
+        json.dump(run_case(args), f, indent=1, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
+
+
+if __name__ == "__main__":
+    main()
