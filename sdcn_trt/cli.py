@@ -50,6 +50,12 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
             g.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f"default: {f.default!r}")
 
 
+def add_shape_args(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--batch", type=int, default=1, help=f"{what}: images per call")
+    parser.add_argument("--height", type=int, default=256, help=f"{what}: image height in pixels")
+    parser.add_argument("--width", type=int, default=384, help=f"{what}: image width in pixels")
+
+
 def generation_config(args: argparse.Namespace) -> GenerationConfig:
     return GenerationConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationConfig)})
 
@@ -217,9 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--networks", nargs="+", default=None, help="default: all of " + ", ".join(_network_names()))
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"))
     p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--batch", type=int, default=1, help="tracing/check shape: images per call")
-    p.add_argument("--height", type=int, default=256, help="tracing/check shape: image height in pixels")
-    p.add_argument("--width", type=int, default=384, help="tracing/check shape: image width in pixels")
+    add_shape_args(p, "tracing/check shape")
     p.add_argument("--static", action="store_true", help="fixed shapes instead of dynamic batch/height/width")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxslim clean-up")
     p.add_argument("-o", "--output", default=None, help="also copy the files here as <network>.onnx")
@@ -232,9 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp16", choices=("fp16", "fp32"))
     p.add_argument("--optimization-level", type=int, default=3, help="builder optimization level 0..5")
     p.add_argument("--workspace-gib", type=float, default=8.0)
-    p.add_argument("--batch", type=int, default=1, help="optimum (and static) images per call")
-    p.add_argument("--height", type=int, default=256, help="optimum (and static) image height")
-    p.add_argument("--width", type=int, default=384, help="optimum (and static) image width")
+    add_shape_args(p, "optimum (and static) shape")
     p.add_argument("--dynamic", action="store_true", help="dynamic profile instead of the static contest shape")
     p.add_argument("--max-batch", type=int, default=4)
     p.add_argument("--min-side", type=int, default=256)

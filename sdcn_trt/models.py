@@ -47,50 +47,40 @@ class Components:
 # ---------------------------------------------------------------------------------------------
 # Presets: architectures with seeded random weights (diffusers-style configs).
 # ---------------------------------------------------------------------------------------------
-def _tiny_configs() -> dict[str, dict[str, Any]]:
-    """Small configs keeping SD1.5's structure: attention on all UNet levels but the last, an
-    8x VAE (the hint block always downsamples 8x), 8 heads, CLIP with 64-wide heads."""
+def sd_configs(channels: tuple[int, ...], layers: int, vae_channels: tuple[int, ...], vae_layers: int,
+               text_width: int, text_ffn: int, text_layers: int) -> dict[str, dict[str, Any]]:
+    """diffusers configs with SD1.5's structure: cross-attention on every UNet level but the last,
+    8 heads, an 8x VAE (the ControlNet hint block always downsamples 8x), CLIP with 64-wide heads."""
+    levels = len(channels)
     unet = dict(
-        sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=128, attention_head_dim=8, norm_num_groups=32,
+        sample_size=64, in_channels=4, out_channels=4, block_out_channels=channels, layers_per_block=layers,
+        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+        cross_attention_dim=text_width, attention_head_dim=8, norm_num_groups=32,
     )
     controlnet = {k: v for k, v in unet.items() if k not in ("sample_size", "out_channels", "up_block_types")}
     controlnet.update(conditioning_embedding_out_channels=(16, 32, 96, 256), conditioning_channels=3)
     vae = dict(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 32, 32), layers_per_block=1,
-        latent_channels=4, norm_num_groups=32, sample_size=256, scaling_factor=SD15_SCALING_FACTOR,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=vae_channels, layers_per_block=vae_layers,
+        latent_channels=4, norm_num_groups=32, sample_size=512, scaling_factor=SD15_SCALING_FACTOR,
     )
     text = dict(
-        vocab_size=49408, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=128, bos_token_id=49406,
-        eos_token_id=49407, pad_token_id=49407,
+        vocab_size=49408, hidden_size=text_width, intermediate_size=text_ffn,
+        num_hidden_layers=text_layers, num_attention_heads=text_width // 64, max_position_embeddings=77,
+        hidden_act="quick_gelu", projection_dim=text_width, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
     )
     return {"unet": unet, "controlnet": controlnet, "vae": vae, "text_encoder": text}
+
+
+def _tiny_configs() -> dict[str, dict[str, Any]]:
+    """Two UNet levels of 32/64 channels, a 32-channel VAE, a 2-layer 128-wide CLIP (8.6 M parameters)."""
+    return sd_configs((32, 64), 1, (32, 32, 32, 32), 1, 128, 256, 2)
 
 
 def _sd15_configs() -> dict[str, dict[str, Any]]:
     """SD1.5's own architecture (UNet 859.5 M, ControlNet 361.3 M parameters, CLIP ViT-L/14 text)."""
-    unet = dict(
-        sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-    )
-    controlnet = {k: v for k, v in unet.items() if k not in ("sample_size", "out_channels", "up_block_types")}
-    controlnet.update(conditioning_embedding_out_channels=(16, 32, 96, 256), conditioning_channels=3)
-    vae = dict(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-        latent_channels=4, norm_num_groups=32, sample_size=512, scaling_factor=SD15_SCALING_FACTOR,
-    )
-    text = dict(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=49406,
-        eos_token_id=49407, pad_token_id=49407,
-    )
-    return {"unet": unet, "controlnet": controlnet, "vae": vae, "text_encoder": text}
+    return sd_configs((320, 640, 1280, 1280), 2, (128, 256, 512, 512), 2, 768, 3072, 12)
 
 
 PRESETS: dict[str, Callable[[], dict[str, dict[str, Any]]]] = {"tiny": _tiny_configs, "sd15-random": _sd15_configs}

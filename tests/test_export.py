@@ -81,7 +81,7 @@ def test_failure_mid_export_leaves_nothing(tiny, tmp_path, monkeypatch):
 
 
 def test_export_networks_copies_and_rejects_unknown_names(tiny, tmp_path):
-    with pytest.raises(InputError, match="unknown network 'clip'; valid networks: text_encoder, controlnet, unet, fused_step"):
+    with pytest.raises(InputError, match="unknown network 'clip'; valid networks: text_encoder, control_hint, controlnet, unet, fused_step"):
         export_networks(tiny, ["vae_decoder", "clip"], cache_dir=tmp_path)
     assert not (tmp_path / "onnx").exists()  # nothing exported before the bad name was found
     out = export_networks(tiny, ["vae_decoder"], ExportSettings(sample=SMALL), tmp_path, tmp_path / "out")
@@ -94,6 +94,8 @@ def test_descriptors_derive_everything_from_config(tiny):
     assert shapes["latents"] == (2, 4, 32, 48)
     assert shapes["text_embeddings"] == (4, 77, 128)
     assert shapes["control_scales"] == (2, 5)
+    assert shapes["hint"] == (2, 32, 32, 48)  # the embedded control image, made once per image
+    assert get_descriptor("control_hint", tiny).shapes(ShapeSpec(2, 256, 384))["control"] == (2, 3, 256, 384)
     control = get_descriptor("controlnet", tiny)
     layout = control.residual_layout()
     assert len(layout) == 5 and layout[-1] == (64, 2)

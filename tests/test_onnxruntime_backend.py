@@ -28,5 +28,5 @@ def test_onnxruntime_matches_torch(tiny_pipe, ort_pipe, photo, settings):
 def test_shape_outside_profile_is_a_clear_error(ort_pipe):
     config = GenerationConfig(image_resolution=64, ddim_steps=1)
     wide = np.zeros((64, 64 * 40, 3), np.uint8)  # resizes to 64 x 2560: past the 2048 limit
-    with pytest.raises(InputError, match=r"input 'latents' has shape \(1, 4, 8, 320\); the profile allows"):
+    with pytest.raises(InputError, match=r"control_hint: input 'control' has shape \(1, 3, 64, 2560\); the profile allows \(1, 3, 64, 64\) .. \(4, 3, 2048, 2048\)"):
         ort_pipe.run(wide, config)

@@ -54,6 +54,27 @@ def test_eta_noise_is_deterministic(tiny_pipe, photo, fast_config):
     assert np.array_equal(tiny_pipe.run(photo, config).images[0], tiny_pipe.run(photo, config).images[0])
 
 
+def test_hint_once_per_image_equals_the_controlnet_per_step(tiny):
+    """ControlHintNet + FusedStepNet compute what ControlNetModel computes on the raw control image."""
+    from sdcn_trt.export.descriptors import ShapeSpec, get_descriptor
+
+    spec = ShapeSpec(1, 64, 64)
+    control = get_descriptor("control_hint", tiny).sample_inputs(spec)["control"]
+    feed = get_descriptor("fused_step", tiny).sample_inputs(spec)
+    with torch.no_grad():
+        feed["hint"] = get_descriptor("control_hint", tiny).build_module()(control)
+        split = get_descriptor("fused_step", tiny).build_module()(*feed.values())
+        x = torch.cat([feed["latents"]] * 2)
+        t = feed["timestep"].expand(2)
+        down, mid = tiny.controlnet(x, t, encoder_hidden_states=feed["text_embeddings"],
+                                    controlnet_cond=torch.cat([control] * 2), return_dict=False)
+        whole = tiny.unet(x, t, encoder_hidden_states=feed["text_embeddings"], down_block_additional_residuals=down,
+                          mid_block_additional_residual=mid).sample
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
+    assert isinstance(tiny.controlnet.controlnet_cond_embedding, torch.nn.Module)
+    assert not isinstance(tiny.controlnet.controlnet_cond_embedding, torch.nn.Identity)  # the shared model is intact
+
+
 def test_guess_mode_unconditional_half_gets_no_control(tiny):
     """Zero scales on the unconditional half equal a UNet call with no residuals at all."""
     from sdcn_trt.export.descriptors import ShapeSpec, get_descriptor

@@ -71,7 +71,8 @@ class NetworkDescriptor:
         self.text_len = int(text.max_position_embeddings)
         self.text_dim = int(text.hidden_size)
         self.num_scales = len(components.controlnet.controlnet_down_blocks) + 1
-        self.hint_channels = int(components.controlnet.config.conditioning_channels)
+        self.hint_channels = int(components.controlnet.config.conditioning_channels)  # the control image's
+        self.hint_embedding_channels = int(components.controlnet.config.block_out_channels[0])
         self.image_channels = int(components.vae.config.out_channels)
 
     # -- subclass interface -------------------------------------------------------------------
@@ -164,13 +165,12 @@ class FusedStepDescriptor(NetworkDescriptor):
     module_class = networks.FusedStepNet
 
     def inputs(self) -> list[TensorSpec]:
-        image_axes = {0: "B", 2: "H", 3: "W"}
         latent_axes = {0: "B", 2: "h", 3: "w"}
         return [
             TensorSpec("latents", torch.float32, latent_axes),
             TensorSpec("timestep", torch.float32, {}),
             TensorSpec("text_embeddings", torch.float32, _batch("2B")),
-            TensorSpec("control", torch.float32, image_axes),
+            TensorSpec("hint", torch.float32, latent_axes),
             TensorSpec("control_scales", torch.float32, {}),
         ]
 
@@ -184,7 +184,7 @@ class FusedStepDescriptor(NetworkDescriptor):
             "latents": (spec.batch, self.latent_channels, h, w),
             "timestep": (1,),
             "text_embeddings": (b2, self.text_len, self.text_dim),
-            "control": (spec.batch, self.hint_channels, spec.height, spec.width),
+            "hint": (spec.batch, self.hint_embedding_channels, h, w),
             "control_scales": (spec.cfg, self.num_scales),
             "noise_pred": (b2, self.latent_channels, h, w),
         }
@@ -192,11 +192,28 @@ class FusedStepDescriptor(NetworkDescriptor):
     def sample_float(self, name: str, shape: Shape, gen: torch.Generator) -> torch.Tensor:
         if name == "timestep":
             return torch.tensor([501.0])
-        if name == "control":
-            return (torch.rand(shape, generator=gen) > 0.9).float()  # an edge map: 0 or 1
         if name == "control_scales":
             return torch.ones(shape)
         return torch.randn(shape, generator=gen)
+
+
+class ControlHintDescriptor(NetworkDescriptor):
+    name = "control_hint"
+    module_class = networks.ControlHintNet
+
+    def inputs(self) -> list[TensorSpec]:
+        return [TensorSpec("control", torch.float32, {0: "B", 2: "H", 3: "W"})]
+
+    def outputs(self) -> list[TensorSpec]:
+        return [TensorSpec("hint", torch.float32, {0: "B", 2: "h", 3: "w"})]
+
+    def shapes(self, spec: ShapeSpec) -> dict[str, Shape]:
+        h, w = self.latent_size(spec)
+        return {"control": (spec.batch, self.hint_channels, spec.height, spec.width),
+                "hint": (spec.batch, self.hint_embedding_channels, h, w)}
+
+    def sample_float(self, name: str, shape: Shape, gen: torch.Generator) -> torch.Tensor:
+        return (torch.rand(shape, generator=gen) > 0.9).float()  # an edge map: 0 or 1
 
 
 class VaeDecoderDescriptor(NetworkDescriptor):
@@ -278,16 +295,16 @@ class UNetDescriptor(ControlNetDescriptor):
 
     def shapes(self, spec: ShapeSpec) -> dict[str, Shape]:
         shapes = ControlNetDescriptor.shapes(self, spec)
-        del shapes["control"], shapes["control_scales"]
+        del shapes["hint"], shapes["control_scales"]
         shapes["noise_pred"] = FusedStepDescriptor.shapes(self, spec)["noise_pred"]
         return shapes
 
 
 DESCRIPTORS: dict[str, type[NetworkDescriptor]] = {
-    d.name: d for d in (TextEncoderDescriptor, ControlNetDescriptor, UNetDescriptor, FusedStepDescriptor,
-                        VaeDecoderDescriptor, VaeEncoderDescriptor)
+    d.name: d for d in (TextEncoderDescriptor, ControlHintDescriptor, ControlNetDescriptor, UNetDescriptor,
+                        FusedStepDescriptor, VaeDecoderDescriptor, VaeEncoderDescriptor)
 }
-PIPELINE_NETWORKS = ("text_encoder", "fused_step", "vae_decoder")  # what ControlNetPipeline runs
+PIPELINE_NETWORKS = ("text_encoder", "control_hint", "fused_step", "vae_decoder")  # what ControlNetPipeline runs
 
 
 def get_descriptor(name: str, components: Components) -> NetworkDescriptor:

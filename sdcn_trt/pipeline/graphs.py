@@ -41,10 +41,11 @@ class LoopKey:
 class StaticLoop:
     """One image's whole denoising loop + decode over persistent device buffers."""
 
-    def __init__(self, key: LoopKey, schedule: DdimSchedule, fused: Runner, decoder: Runner, device: torch.device):
+    def __init__(self, key: LoopKey, schedule: DdimSchedule, runners: dict[str, Runner], device: torch.device):
         if tuple(schedule.timesteps) != key.timesteps:
             raise InputError("schedule and loop key disagree on the timesteps")
-        self.key, self.schedule, self.fused, self.decoder, self.device = key, schedule, fused, decoder, device
+        self.key, self.schedule, self.device = key, schedule, device
+        self.hint_net, self.fused, self.decoder = runners["control_hint"], runners["fused_step"], runners["vae_decoder"]
         steps = len(schedule)
         self.latents = torch.zeros(key.latent_shape, device=device)
         self.control = torch.zeros(key.control_shape, device=device)
@@ -56,11 +57,12 @@ class StaticLoop:
 
     def body(self) -> None:
         """The captured region: no host synchronisation, no new inputs, constants baked in."""
+        hint = self.hint_net.infer({"control": self.control})["hint"]  # once per image, (B, C, h, w)
         x, guided = self.latents, self.latents
         for i, step in enumerate(self.schedule.steps):
             if not self.key.compute or self.key.compute[i]:
                 feed = {"latents": x, "timestep": self.timestep_values[i], "text_embeddings": self.text,
-                        "control": self.control, "control_scales": self.scales}
+                        "hint": hint, "control_scales": self.scales}
                 eps = self.fused.infer(feed)["noise_pred"].float()  # (2B, 4, h, w)
                 eps_uncond, eps_cond = eps.chunk(2)
                 guided = eps_cond if self.key.scale == 1.0 else classifier_free_guidance(eps_uncond, eps_cond, self.key.scale)
@@ -117,11 +119,11 @@ class GraphedStep:
 
     CONSTANTS = ("sqrt_one_minus_alpha", "sqrt_alpha", "sqrt_alpha_prev", "dir_coef", "sigma")
 
-    def __init__(self, key: LoopKey, fused: Runner, device: torch.device):
+    def __init__(self, key: LoopKey, fused: Runner, hint_shape: tuple[int, ...], device: torch.device):
         self.key, self.fused, self.device = key, fused, device
         self.x = torch.zeros(key.latent_shape, device=device)
         self.noise = torch.zeros(key.latent_shape, device=device)
-        self.control = torch.zeros(key.control_shape, device=device)
+        self.hint = torch.zeros(hint_shape, device=device)
         self.text = torch.zeros(key.text_shape, device=device)
         self.scales = torch.zeros(key.scales_shape, device=device)
         self.timestep = torch.zeros(1, device=device)
@@ -136,7 +138,7 @@ class GraphedStep:
             self._step()
 
     def _step(self) -> None:
-        feed = {"latents": self.x, "timestep": self.timestep, "text_embeddings": self.text, "control": self.control,
+        feed = {"latents": self.x, "timestep": self.timestep, "text_embeddings": self.text, "hint": self.hint,
                 "control_scales": self.scales}
         eps_uncond, eps_cond = self.fused.infer(feed)["noise_pred"].float().chunk(2)
         guided = eps_cond if self.key.scale == 1.0 else classifier_free_guidance(eps_uncond, eps_cond, self.key.scale)
@@ -145,9 +147,9 @@ class GraphedStep:
         x_prev = c["sqrt_alpha_prev"] * pred_x0 + c["dir_coef"] * guided + c["sigma"] * self.noise
         self.x.copy_(x_prev)
 
-    def load(self, text: torch.Tensor, control: torch.Tensor, scales: torch.Tensor) -> None:
+    def load(self, text: torch.Tensor, hint: torch.Tensor, scales: torch.Tensor) -> None:
         self.text.copy_(text)
-        self.control.copy_(control)
+        self.hint.copy_(hint)
         self.scales.copy_(scales)
 
     def step(self, step: DdimStep, noise: torch.Tensor | None) -> None:

@@ -159,12 +159,13 @@ class ControlNetPipeline:
         # 7. Denoising loop and decode: eagerly, or replayed from static buffers / a CUDA graph
         clock = time.perf_counter()
         if self.backend.cuda_graph == "loop":
-            loop = self._static_loop(latent_shape, control, text, scales, schedule, config.scale, compute)
+            loop = self._static_loop(latent_shape, control, text, scales, schedule, config.scale, compute)  # hint inside
             pixels = loop.run(latents, text, control, scales, noise)  # (B, H, W, 3) uint8
             timings["denoise"] = time.perf_counter() - clock
             report(len(schedule), len(schedule))
         else:
-            latents = self._denoise(latents, text, control, scales, schedule, config.scale, noise, report, compute)
+            hint = self.runners["control_hint"].infer({"control": control})["hint"]  # once per image
+            latents = self._denoise(latents, text, hint, scales, schedule, config.scale, noise, report, compute)
             timings["denoise"] = time.perf_counter() - clock
             clock = time.perf_counter()
             # the VAE returns [0, 255] floats; uint8 by truncation, as the reference's astype does
@@ -178,7 +179,7 @@ class ControlNetPipeline:
             images = [Image.fromarray(im) for im in images]
         return PipelineOutput(images=images, control=detected, seed=seed, timings=timings)
 
-    def _denoise(self, latents: torch.Tensor, text: torch.Tensor, control: torch.Tensor, scales: torch.Tensor,
+    def _denoise(self, latents: torch.Tensor, text: torch.Tensor, hint: torch.Tensor, scales: torch.Tensor,
                  schedule: DdimSchedule, scale: float, noise: torch.Tensor | None, report: ProgressFn,
                  compute: tuple[bool, ...]) -> torch.Tensor:
         """The eager loop: fused ControlNet+UNet on the CFG batch, guidance, DDIM update; steps
@@ -188,12 +189,12 @@ class ControlNetPipeline:
         if self.backend.cuda_graph == "step":
             if not all(compute):
                 raise InputError("eps reuse (eps_steps) runs with cuda_graph 'off' or 'loop', not 'step'")
-            step_graph = self._step_graph(latents, control, text, scales, schedule, scale)
+            step_graph = self._step_graph(latents, hint, text, scales, schedule, scale)
         if step_graph is not None:
             step_graph.x.copy_(latents)
-            step_graph.load(text, control, scales)
+            step_graph.load(text, hint, scales)
         feed = {"latents": latents, "timestep": torch.zeros(1, device=device), "text_embeddings": text,
-                "control": control, "control_scales": scales}
+                "hint": hint, "control_scales": scales}
         guided = latents
         for i, step in enumerate(schedule.steps):
             if step_graph is not None:
@@ -223,18 +224,19 @@ class ControlNetPipeline:
         if key not in self._graphs:
             device = self.runners["fused_step"].device
             cls = GraphedLoop if device.type == "cuda" else StaticLoop
-            self._graphs[key] = cls(key, schedule, self.runners["fused_step"], self.runners["vae_decoder"], device)
+            self._graphs[key] = cls(key, schedule, self.runners, device)
         loop = self._graphs[key]
         assert isinstance(loop, StaticLoop)
         return loop
 
-    def _step_graph(self, latents: torch.Tensor, control: torch.Tensor, text: torch.Tensor, scales: torch.Tensor,
+    def _step_graph(self, latents: torch.Tensor, hint: torch.Tensor, text: torch.Tensor, scales: torch.Tensor,
                     schedule: DdimSchedule, scale: float) -> GraphedStep:
         # one step graph serves every timestep and eta (constants and noise are buffers): key without them
-        key = dataclasses.replace(self._loop_key(tuple(latents.shape), control, text, scales, schedule, scale),
+        key = dataclasses.replace(self._loop_key(tuple(latents.shape), hint, text, scales, schedule, scale),
                                   timesteps=(), eta=0.0)
         if key not in self._graphs:
-            self._graphs[key] = GraphedStep(key, self.runners["fused_step"], self.runners["fused_step"].device)
+            fused = self.runners["fused_step"]
+            self._graphs[key] = GraphedStep(key, fused, tuple(hint.shape), fused.device)
         graph = self._graphs[key]
         assert isinstance(graph, GraphedStep)
         return graph
