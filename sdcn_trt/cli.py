@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="latency + PD + contest score of a backend against the torch fp32 reference")
     p.add_argument("inputs", nargs="?", default=None, help="folder of input images (default: scikit-image photos)")
     p.add_argument("-o", "--output", default="sdcn_score", help="report folder (default: sdcn_score)")
-    p.add_argument("--schedules", nargs="+", default=["full"],
+    p.add_argument("--schedules", "--schedule", nargs="+", default=["full"],
                    help="full | steps=N (fewer DDIM steps) | eps=N (network at N steps, eps reused at the rest)")
     p.add_argument("--image-format", default="jpg", choices=("jpg", "png"))
     p.add_argument("--reference-dir", help="precomputed reference images, matched by file stem")

@@ -158,3 +158,41 @@ def test_ray_matches_local(tiny_pipe, tmp_path, photo):
     assert local.done == remote.done == 3
     for name in ("a.png", "b.png", "c.png"):
         assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes()
+
+
+def crash_first_run(marker, args):
+    """A pipeline whose first run anywhere kills its process (a worker lost mid-task)."""
+    from sdcn_trt.cli import load_pipeline
+
+    pipe = load_pipeline(args)
+    real_run = pipe.run
+
+    def run(image, config, **kwargs):
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)
+        return real_run(image, config, **kwargs)
+
+    pipe.run = run
+    return pipe
+
+
+def test_ray_retries_a_chunk_whose_worker_died(tmp_path, photo):
+    ray = pytest.importorskip("ray")
+    import functools
+
+    from sdcn_trt.cli import build_parser
+    from sdcn_trt.distributed import RayRunner
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import the tests
+    inputs = tmp_path / "in"
+    write_photos(inputs, photo, ["a.png", "b.png"])
+    args = build_parser().parse_args(["batch", str(inputs), str(tmp_path / "out")])
+    runner = RayRunner(functools.partial(crash_first_run, str(tmp_path / "crashed"), args), workers=1, chunk_size=2)
+    try:
+        summary = run_batch(None, BatchSettings(str(inputs), str(tmp_path / "out"), generation=FAST), runner)
+    finally:
+        runner.shutdown()
+    assert (tmp_path / "crashed").exists()  # the worker did die once
+    assert summary.done == 2 and summary.failed == 0
+    assert sorted(r["input"] for r in manifest(tmp_path / "out")) == ["a.png", "b.png"]

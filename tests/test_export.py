@@ -125,3 +125,29 @@ def test_feed_outside_profile_names_the_range(tiny):
 def test_compare_outputs_reports_nonfinite():
     report = compare_outputs({"x": np.ones(3, np.float32)}, {"x": np.array([1, np.nan, 2], np.float32)})
     assert report["x"]["nonfinite"] == 1
+
+
+def test_large_model_data_is_streamed_into_one_file(tiny, tmp_path):
+    """Models over 2 GB come out of the exporter with one file per tensor; they are merged into
+    <network>.onnx.data without loading the weights (checked here on a small model saved that way)."""
+    import onnx
+
+    from sdcn_trt.export.onnx_export import _consolidate_external_data
+
+    desc = get_descriptor("vae_decoder", tiny)
+    exported = export_onnx(desc, tmp_path / "cache", ExportSettings(sample=SMALL))
+    model = onnx.load(str(exported.path))
+    split = tmp_path / "split"
+    split.mkdir()
+    onnx.save_model(model, str(split / "raw.onnx"), save_as_external_data=True, all_tensors_to_one_file=False,
+                    size_threshold=0)
+    assert len(list(split.iterdir())) > 10
+    proto = onnx.load(str(split / "raw.onnx"), load_external_data=False)
+    files = _consolidate_external_data(proto, split, split / "vae_decoder.onnx")
+    assert files == ["vae_decoder.onnx", "vae_decoder.onnx.data"]
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    for name in files:
+        (merged / name).write_bytes((split / name).read_bytes())  # the pair stands alone
+    feed = desc.sample_inputs(SMALL, seed=4)
+    np.testing.assert_array_equal(run_onnx(merged / "vae_decoder.onnx", feed)["images"], run_onnx(exported.path, feed)["images"])

@@ -71,11 +71,15 @@ def _torch_outputs(module: torch.nn.Module, feed: dict[str, torch.Tensor], names
     return {n: o.float().numpy() for n, o in zip(names, out)}
 
 
-def run_onnx(path: Path, feed: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """Run an exported file on onnxruntime's CPU provider, casting inputs to the file's dtypes."""
+def run_onnx(path: Path, feed: dict[str, torch.Tensor], light: bool = False) -> dict[str, np.ndarray]:
+    """Run an exported file on onnxruntime's CPU provider, casting inputs to the file's dtypes.
+    `light`: basic graph optimisations only (a large model's full optimisation copies its weights)."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if light:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
               "tensor(int64)": np.int64}
     inputs = {i.name: feed[i.name].numpy().astype(dtypes[i.type]) for i in session.get_inputs()}
@@ -108,6 +112,40 @@ def _valid_cache(folder: Path, key: str, model_file: str) -> dict | None:
         return None
 
 
+def _consolidate_external_data(proto, source_dir: Path, target: Path) -> list[str]:  # proto: onnx.ModelProto
+    """Move every external tensor into one <network>.onnx.data file, chunk by chunk, and save the
+    graph beside it; returns the two file names."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    data_name = target.name + ".data"
+    offset = 0
+    with open(source_dir / data_name, "wb") as out:
+        for tensor in proto.graph.initializer:
+            if not uses_external_data(tensor):
+                continue
+            info = {e.key: e.value for e in tensor.external_data}
+            length = int(info["length"]) if "length" in info else (source_dir / info["location"]).stat().st_size
+            del tensor.external_data[:]
+            with open(source_dir / info["location"], "rb") as f:
+                f.seek(int(info.get("offset", 0)))
+                if length < 1024:  # shape constants stay inline: shape inference must read them
+                    tensor.raw_data = f.read(length)
+                    tensor.data_location = onnx.TensorProto.DEFAULT
+                    continue
+                for start in range(0, length, 1 << 24):
+                    out.write(f.read(min(1 << 24, length - start)))
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            pad = -length % 4096  # keep tensors page-aligned, as onnx's own writer does
+            out.write(b"\0" * pad)
+            offset += length + pad
+    onnx.save_model(proto, str(target))
+    return [target.name, data_name]
+
+
 def _write_model(model, target: Path) -> list[str]:  # model: onnx.ModelProto
     """Save to `target` (<network>.onnx), with all weights in one external file <network>.onnx.data
     when the model exceeds protobuf's 2 GB limit."""
@@ -131,6 +169,7 @@ def export_onnx(descriptor: NetworkDescriptor, cache_dir: Path, settings: Export
     file is detected and rebuilt.
     """
     import onnx
+    from onnx.external_data_helper import uses_external_data
 
     settings = settings.for_network(descriptor.name)
     key = export_key(descriptor, settings)
@@ -156,17 +195,26 @@ def export_onnx(descriptor: NetworkDescriptor, cache_dir: Path, settings: Export
                               output_names=descriptor.output_names, opset_version=settings.opset,
                               dynamic_axes=descriptor.dynamic_axes() if settings.dynamic else None,
                               do_constant_folding=True, dynamo=False)
-        model = onnx.load(str(raw), load_external_data=True)
-        if settings.simplify:
-            import onnxslim
+        proto = onnx.load(str(raw), load_external_data=False)
+        large = any(uses_external_data(t) for t in proto.graph.initializer)
+        if large:
+            # over protobuf's 2 GB: stream the exporter's one-file-per-tensor data into one file;
+            # holding the weights in memory again to slim them would not fit a 24 GiB machine
+            files = _consolidate_external_data(proto, work, work / model_file)
+        else:
+            model = onnx.load(str(raw), load_external_data=True)
+            if settings.simplify:
+                import onnxslim
 
-            model = onnxslim.slim(model)
+                model = onnxslim.slim(model)
+            files = _write_model(model, work / model_file)
+            del model
         for stale in work.iterdir():
-            stale.unlink()
-        files = _write_model(model, work / model_file)
-        del model
-        report = compare_outputs(expected, run_onnx(work / model_file, feed)) if check else {}
+            if stale.name not in files:
+                stale.unlink()
+        report = compare_outputs(expected, run_onnx(work / model_file, feed, light=large)) if check else {}
         meta = {"key": key, "network": descriptor.name, "settings": asdict(settings), "check": report,
+                "simplified": settings.simplify and not large,
                 "files": {name: hash_file(work / name) for name in files}, "inputs": descriptor.input_names,
                 "outputs": descriptor.output_names}
         with atomic_path(work / META_FILE) as tmp:
