@@ -80,7 +80,15 @@ def markdown(report: dict) -> str:
                      f"{ms('vae_decoder')} | {e2e:.2f} | {ratio(ref)} | {ratio(base)} | {step} | {outside} | "
                      f"{memory:.1f} |")
     lines += ["", "'outside steps': end-to-end time not spent in the fused ControlNet+UNet evaluations "
-              "(text, canny, DDIM arithmetic, VAE, Python). Speed-ups are ratios of medians from this run."]
+              "(text, canny, hint, DDIM arithmetic, VAE, Python). Speed-ups are ratios of medians from this run."]
+    projected = [c for c in cases if "error" not in c and "fused_step" in c]
+    if projected and report["steps"] != 20:
+        lines += ["", f"Projected to the contest's 20 steps (end to end - {report['steps']} x step + 20 x step):"]
+        for c in projected:
+            step, e2e = c["fused_step"]["median_s"], c["end_to_end"]["median_s"]
+            e2e20 = e2e + (20 - report["steps"]) * step
+            outside = e2e - report["steps"] * step
+            lines.append(f"- {c['backend']} {c['dtype']}: {e2e20:.1f} s per image, {100 * outside / e2e20:.1f}% outside the steps")
     return "\n".join(lines) + "\n"
 
 
