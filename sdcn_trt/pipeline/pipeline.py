@@ -124,8 +124,7 @@ class ControlNetPipeline:
         else:
             _, detected = preprocess.prepare(image, config.image_resolution, config.low_threshold, config.high_threshold)
         height, width = detected.shape[:2]
-        fused = self.runners["fused_step"]
-        device = fused.device
+        device = self.runners["fused_step"].device
         control = preprocess.control_tensor(detected, config.num_samples).to(device)  # (B, 3, H, W)
         timings["preprocess"] = time.perf_counter() - clock
 
@@ -161,7 +160,8 @@ class ControlNetPipeline:
         if self.backend.cuda_graph == "loop":
             loop = self._static_loop(latent_shape, control, text, scales, schedule, config.scale, compute)  # hint inside
             pixels = loop.run(latents, text, control, scales, noise)  # (B, H, W, 3) uint8
-            timings["denoise"] = time.perf_counter() - clock
+            timings["denoise"] = time.perf_counter() - clock  # hint, steps and decode: one replay
+            timings["decode"] = 0.0
             report(len(schedule), len(schedule))
         else:
             hint = self.runners["control_hint"].infer({"control": control})["hint"]  # once per image
@@ -171,7 +171,7 @@ class ControlNetPipeline:
             # the VAE returns [0, 255] floats; uint8 by truncation, as the reference's astype does
             decoded = self.runners["vae_decoder"].infer({"latents": latents})["images"]  # (B, 3, H, W)
             pixels = decoded.permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)  # (B, H, W, 3)
-        timings["decode"] = time.perf_counter() - clock
+            timings["decode"] = time.perf_counter() - clock
         images: list[Any] = [pixels[i] for i in range(pixels.shape[0])]
         if output_type == "pil":
             from PIL import Image
