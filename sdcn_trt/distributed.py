@@ -3,11 +3,13 @@
 The driver keeps the manifest (one writer) and the resume logic of `sdcn_trt.batch`; actors take
 chunks of jobs, write their images atomically into the output folder — which every node must see
 (a shared filesystem; on one machine, the local disk) — and return the manifest records. A chunk
-whose actor dies is retried on another actor; after `max_retries` its jobs are recorded as failed.
+whose actor dies is re-run on the restarted actor (Ray's task retries), then resubmitted by the
+driver; after `max_retries` its jobs are recorded as failed.
 """
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -52,7 +54,9 @@ class RayRunner:
         if gpus_per_worker is None:
             gpus_per_worker = 1.0 if gpus else 0.0
         count = workers or int(gpus // gpus_per_worker if gpus_per_worker else max(1, resources.get("CPU", 1)))
-        actor = ray.remote(num_cpus=1, num_gpus=gpus_per_worker, max_restarts=max_retries)(BatchWorker)
+        # a worker that dies is restarted, and Ray re-runs its interrupted task on the new one
+        actor = ray.remote(num_cpus=1, num_gpus=gpus_per_worker, max_restarts=max_retries,
+                           max_task_retries=max_retries)(BatchWorker)
         if threads is None:
             import torch
 
@@ -80,6 +84,7 @@ class RayRunner:
             except self.ray.exceptions.RayError as exc:
                 if attempt < self.max_retries:
                     logger.warning("chunk of %d images failed on worker %d (%s); retrying", len(chunk), index, exc)
+                    time.sleep(1.0 + attempt)  # let a restarting actor come back
                     queue.append((chunk, attempt + 1))
                     continue
                 records = [{"key": j.key, "input": j.source, "seed": j.config.seed, "status": "failed",
