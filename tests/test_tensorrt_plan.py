@@ -76,3 +76,16 @@ def test_buffer_plan_sizes(tiny):
     assert plan["noise_pred"].shape == (4, 4, 32, 48) and not plan["noise_pred"].is_input
     assert plan["timestep"].nbytes == 4 and plan["timestep"].aligned_bytes == 256
     assert all(b.aligned_bytes % 256 == 0 and b.aligned_bytes >= b.nbytes for b in plan.values())
+
+
+def test_runner_settings_keep_clip_fp32(tiny):
+    """Constructing a TensorRTRunner needs no GPU: its build settings are decided up front."""
+    from sdcn_trt import BackendConfig
+    from sdcn_trt.engines.tensorrt import TensorRTRunner
+
+    config = BackendConfig(backend="tensorrt", device="cuda", dtype="fp16")
+    clip = TensorRTRunner(get_descriptor("text_encoder", tiny), config)
+    fused = TensorRTRunner(get_descriptor("fused_step", tiny), config)
+    assert clip.settings.precision == "fp32" and fused.settings.precision == "fp16"
+    assert fused.engine_folder("abcdef0123456789ff").name == "fused_step-fp16-abcdef0123456789"
+    assert str(fused.device) == "cuda"
