@@ -50,7 +50,7 @@ def _plots(rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[tuple[st
             ax.axhline(12, color="red", linestyle="--", linewidth=1, label="PD limit (12)")
         ax.set_xticks(np.arange(len(images)) + 0.4 - width / 2, images, rotation=20, fontsize=8)
         ax.set_title(label)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, not over them
         plots.append((label, _figure_uri(fig)))
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(5, 3.5))
