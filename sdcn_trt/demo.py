@@ -55,8 +55,8 @@ def run_demo(out_dir: Path, backends: list[str] | None = None, steps: int = 20,
             continue
         clock = time.perf_counter()
         pipe = ControlNetPipeline(components, BackendConfig(backend=backend))
-        for _ in pipe.runners.values():
-            _.activate()  # export / engine build happens here, timed separately
+        for runner in pipe.runners.values():
+            runner.activate()  # export / engine build happens here, timed separately
         setup = time.perf_counter() - clock
         results[backend], seconds = {}, []
         for name, photo in photos.items():
