@@ -54,7 +54,7 @@ def machine(device: str) -> dict[str, str]:
 
 def markdown(report: dict) -> str:
     cases = report["cases"]
-    ref = next((c for c in cases if c.get("backend") == "torch" and c.get("dtype") == "fp32" and "error" not in c), None)
+    ref = next((c for c in cases if c.get("backend") == "torch" and c.get("precision") == "fp32" and "error" not in c), None)
     base = next((c for c in cases if c.get("backend") == "diffusers" and "error" not in c), None)
     lines = [f"# Benchmark {report['date']} ({report['device']})", "",
              f"Workload: preset {report['preset']} ({'SD1.5-sized, ' if report['preset'] == 'sd15-random' else ''}"
@@ -62,12 +62,12 @@ def markdown(report: dict) -> str:
              f"**{report['steps']} DDIM steps** end to end, median of {report['repeats']} after 1 warm-up. "
              f"Measured GEMM peak: {report['gemm_peak_tflops']:.3f} TFLOP/s.", "",
              "Machine: " + ", ".join(f"{k} {v}" for k, v in report["machine"].items()), "",
-             "| backend | dtype | CUDA graph | CLIP ms | fused step ms | VAE decode ms | end to end s | vs torch fp32 | "
+             "| backend | precision | CUDA graph | CLIP ms | fused step ms | VAE decode ms | end to end s | vs torch fp32 | "
              "vs diffusers | step TFLOP/s (% of GEMM peak) | outside steps | peak memory GiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cases:
         if "error" in c:
-            lines.append(f"| {c['backend']} | {c['dtype']} | {c['cuda_graph']} | failed: {c['error'][:80]} |" + " |" * 8)
+            lines.append(f"| {c['backend']} | {c['precision']} | {c['cuda_graph']} | failed: {c['error'][:80]} |" + " |" * 8)
             continue
         e2e = c["end_to_end"]["median_s"]
         ms = lambda k: f"{1000 * c[k]['median_s']:.1f}" if k in c else "-"  # noqa: E731
@@ -76,7 +76,7 @@ def markdown(report: dict) -> str:
         step = f"{achieved:.3f} ({100 * achieved / report['gemm_peak_tflops']:.0f}%)" if achieved else "-"
         outside = f"{100 * c['outside_steps_fraction']:.1f}%" if "outside_steps_fraction" in c else "-"
         memory = c.get("peak_gpu_memory_gib", c.get("peak_rss_gib"))
-        lines.append(f"| {c['backend']} | {c['dtype']} | {c['cuda_graph']} | {ms('text_encoder')} | {ms('fused_step')} | "
+        lines.append(f"| {c['backend']} | {c['precision']} | {c['cuda_graph']} | {ms('text_encoder')} | {ms('fused_step')} | "
                      f"{ms('vae_decoder')} | {e2e:.2f} | {ratio(ref)} | {ratio(base)} | {step} | {outside} | "
                      f"{memory:.1f} |")
     lines += ["", "'outside steps': end-to-end time not spent in the fused ControlNet+UNet evaluations "
@@ -88,7 +88,7 @@ def markdown(report: dict) -> str:
             step, e2e = c["fused_step"]["median_s"], c["end_to_end"]["median_s"]
             e2e20 = e2e + (20 - report["steps"]) * step
             outside = e2e - report["steps"] * step
-            lines.append(f"- {c['backend']} {c['dtype']}: {e2e20:.1f} s per image, {100 * outside / e2e20:.1f}% outside the steps")
+            lines.append(f"- {c['backend']} {c['precision']}: {e2e20:.1f} s per image, {100 * outside / e2e20:.1f}% outside the steps")
     return "\n".join(lines) + "\n"
 
 
@@ -98,7 +98,7 @@ def main() -> int:
     parser.add_argument("--preset", default="sd15-random")
     parser.add_argument("--steps", type=int, default=2, help="DDIM steps end to end (CPU: a few; contest: 20)")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--cases", nargs="+", help="backend:dtype:graph, e.g. torch:fp32:off onnxruntime:fp32:off")
+    parser.add_argument("--cases", nargs="+", help="backend:precision:graph, e.g. torch:fp32:off onnxruntime:fp32:off")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per case")
     args = parser.parse_args()
@@ -107,10 +107,10 @@ def main() -> int:
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": args.device, "preset": args.preset,
               "steps": args.steps, "repeats": args.repeats, "machine": machine(args.device),
               "gemm_peak_tflops": gemm_peak_tflops(args.device), "cases": []}
-    for backend, dtype, graph in cases:
-        print(f"case {backend} {dtype} graph={graph} ...", flush=True)
+    for backend, precision, graph in cases:
+        print(f"case {backend} {precision} graph={graph} ...", flush=True)
         with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
-            cmd = [sys.executable, "-m", "benchmarks.case", "--backend", backend, "--dtype", dtype, "--device",
+            cmd = [sys.executable, "-m", "benchmarks.case", "--backend", backend, "--precision", precision, "--device",
                    args.device, "--cuda-graph", graph, "--preset", args.preset, "--steps", str(args.steps),
                    "--repeats", str(args.repeats), "--out", tmp.name]
             try:
@@ -119,9 +119,9 @@ def main() -> int:
                     report["cases"].append(json.loads(Path(tmp.name).read_text()))
                 else:
                     tail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
-                    report["cases"].append({"backend": backend, "dtype": dtype, "cuda_graph": graph, "error": tail})
+                    report["cases"].append({"backend": backend, "precision": precision, "cuda_graph": graph, "error": tail})
             except subprocess.TimeoutExpired:
-                report["cases"].append({"backend": backend, "dtype": dtype, "cuda_graph": graph,
+                report["cases"].append({"backend": backend, "precision": precision, "cuda_graph": graph,
                                         "error": f"timed out after {args.timeout} s"})
         print(json.dumps(report["cases"][-1])[:400], flush=True)
     out = Path(args.out)

@@ -1,6 +1,6 @@
 """One benchmark case in its own process: a backend's CLIP, fused step, VAE decode and end-to-end times.
 
-    python -m benchmarks.case --backend torch --dtype fp32 --device cpu --out case.json
+    python -m benchmarks.case --backend torch --precision fp32 --device cpu --out case.json
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
     components = load_preset(args.preset, seed=0)
     load_s = time.perf_counter() - clock
     spec = ShapeSpec(1, 256, 384)
-    result: dict[str, Any] = {"backend": args.backend, "dtype": args.dtype, "device": args.device,
+    result: dict[str, Any] = {"backend": args.backend, "precision": args.precision, "device": args.device,
                               "cuda_graph": args.cuda_graph, "preset": args.preset, "load_s": load_s}
     photo = sample_photos(["chelsea"])["chelsea"]  # 300 x 451 -> 256 x 384, the contest's shape
     config = GenerationConfig(ddim_steps=args.steps)
@@ -64,7 +64,7 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
 
         result["end_to_end"] = diffusers_end_to_end(components, photo, config, args)
     else:
-        backend = BackendConfig(backend=args.backend, device=args.device, dtype=args.dtype, cuda_graph=args.cuda_graph)
+        backend = BackendConfig(backend=args.backend, device=args.device, precision=args.precision, cuda_graph=args.cuda_graph)
         pipe = ControlNetPipeline(components, backend)
         clock = time.perf_counter()
         for runner in pipe.runners.values():
@@ -96,7 +96,7 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--backend", required=True)
-    parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--precision", default="fp32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cuda-graph", default="off")
     parser.add_argument("--preset", default="sd15-random")

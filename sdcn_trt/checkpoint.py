@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
+from sdcn_trt.components import SD15_SCALING_FACTOR, Components
 from sdcn_trt.errors import WeightsError
-from sdcn_trt.models import SD15_SCALING_FACTOR, Components
+from sdcn_trt.tokenizer import special_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -143,8 +144,9 @@ def infer_original_config(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     }
 
 
-def infer_clip_config(state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """CLIPTextConfig fields from shapes; heads are hidden / 64 as in every OpenAI CLIP text tower."""
+def infer_clip_config(state: dict[str, torch.Tensor], tokenizer: Any) -> dict[str, Any]:
+    """CLIPTextConfig fields from shapes (heads are hidden / 64 as in every OpenAI CLIP text tower) and
+    the special token ids from the tokenizer."""
     p = CLIP_PREFIX + "text_model."
     if p + "embeddings.token_embedding.weight" not in state:
         raise WeightsError(f"checkpoint has no '{p}embeddings.token_embedding.weight': give text_encoder_config")
@@ -154,8 +156,7 @@ def infer_clip_config(state: dict[str, torch.Tensor]) -> dict[str, Any]:
         intermediate_size=int(state[p + "encoder.layers.0.mlp.fc1.weight"].shape[0]),
         num_hidden_layers=len(_indices(state, re.escape(p) + r"encoder\.layers\.(\d+)\.")),
         max_position_embeddings=int(state[p + "embeddings.position_embedding.weight"].shape[0]),
-        hidden_act="quick_gelu", projection_dim=int(hidden), bos_token_id=49406, eos_token_id=49407,
-        pad_token_id=49407,
+        hidden_act="quick_gelu", projection_dim=int(hidden), **special_token_ids(tokenizer),
     )
 
 
@@ -166,7 +167,9 @@ def _controlnet_config(original_config: dict[str, Any], state: dict[str, torch.T
     """diffusers 0.42.1's create_controlnet_diffusers_config_from_ldm forgets to pass `checkpoint`
     (TypeError); build the UNet config from the control_stage params instead, then keep the
     fields a ControlNetModel takes."""
-    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
+    from diffusers.loaders.single_file_utils import (
+        create_unet_diffusers_config_from_ldm,
+    )
 
     params = copy.deepcopy(original_config["model"]["params"]["control_stage_config"]["params"])
     params.setdefault("out_channels", params["in_channels"])
@@ -230,7 +233,7 @@ def components_from_state_dict(
     vae = AutoencoderKL(**vae_config)
     _load_strict(vae, sfu.convert_ldm_vae_checkpoint(state, vae_config), "VAE", source)
 
-    clip_config = CLIPTextConfig(**(text_encoder_config or infer_clip_config(state)))
+    clip_config = CLIPTextConfig(**(text_encoder_config or infer_clip_config(state, tokenizer)))
     text_encoder = CLIPTextModel(clip_config)
     _load_strict(text_encoder, clip_keys_for(text_encoder, sfu.convert_ldm_clip_checkpoint(state)), "text encoder", source)
     return Components(tokenizer, text_encoder, unet, controlnet, vae, source=f"single-file:{source}").eval_()

@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from sdcn_trt.config import GenerationConfig
-from sdcn_trt.engines import BACKENDS, BackendConfig
+from sdcn_trt.config import (
+    BACKENDS, CONTEST_HEIGHT, CONTEST_WIDTH, GRAPH_MODES, PRECISIONS, BackendConfig, GenerationConfig,
+)
 from sdcn_trt.errors import SdcnError
 
 logger = logging.getLogger("sdcn_trt")
@@ -32,9 +33,9 @@ def add_backend_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("backend")
     g.add_argument("--backend", default="torch", choices=BACKENDS)
     g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    g.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"))
+    g.add_argument("--precision", default="fp32", choices=PRECISIONS, help="fp16: CLIP stays fp32")
     g.add_argument("--cache-dir", help="where exported ONNX and engines go (default: $SDCN_TRT_CACHE)")
-    g.add_argument("--cuda-graph", default="off", choices=("off", "step", "loop"),
+    g.add_argument("--cuda-graph", default="off", choices=GRAPH_MODES,
                    help="replay each step (step) or the whole loop + decode (loop) from CUDA graphs")
     g.add_argument("--check-finite", action="store_true", help="fail naming the network that outputs NaN/Inf")
 
@@ -52,8 +53,8 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
 
 def add_shape_args(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--batch", type=int, default=1, help=f"{what}: images per call")
-    parser.add_argument("--height", type=int, default=256, help=f"{what}: image height in pixels")
-    parser.add_argument("--width", type=int, default=384, help=f"{what}: image width in pixels")
+    parser.add_argument("--height", type=int, default=CONTEST_HEIGHT, help=f"{what}: image height in pixels")
+    parser.add_argument("--width", type=int, default=CONTEST_WIDTH, help=f"{what}: image width in pixels")
 
 
 def generation_config(args: argparse.Namespace) -> GenerationConfig:
@@ -61,7 +62,7 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
 
 
 def backend_config(args: argparse.Namespace) -> BackendConfig:
-    return BackendConfig(backend=args.backend, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
+    return BackendConfig(backend=args.backend, device=args.device, precision=args.precision, cache_dir=args.cache_dir,
                          cuda_graph=args.cuda_graph, check_finite=args.check_finite)
 
 
@@ -221,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export networks to ONNX, checked against torch on onnxruntime")
     p.add_argument("--networks", nargs="+", default=None, help="default: all of " + ", ".join(_network_names()))
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"))
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     p.add_argument("--opset", type=int, default=17)
     add_shape_args(p, "tracing/check shape")
     p.add_argument("--static", action="store_true", help="fixed shapes instead of dynamic batch/height/width")
@@ -233,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build", help="build TensorRT engines from the exported ONNX (needs TensorRT and a GPU)")
     p.add_argument("--networks", nargs="+", default=None, help="default: text_encoder fused_step vae_decoder")
-    p.add_argument("--precision", default="fp16", choices=("fp16", "fp32"))
+    p.add_argument("--precision", default="fp16", choices=PRECISIONS)
     p.add_argument("--optimization-level", type=int, default=3, help="builder optimization level 0..5")
     p.add_argument("--workspace-gib", type=float, default=8.0)
     add_shape_args(p, "optimum (and static) shape")
@@ -244,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--device", default="cuda")
     p.add_argument("--cache-dir", help="engine cache (default: $SDCN_TRT_CACHE)")
-    p.set_defaults(func=cmd_build, dtype="fp16", cuda_graph="off", check_finite=False)
+    p.set_defaults(func=cmd_build, cuda_graph="off", check_finite=False)
 
     p = sub.add_parser("score", help="latency + PD + contest score of a backend against the torch fp32 reference")
     p.add_argument("inputs", nargs="?", default=None, help="folder of input images (default: scikit-image photos)")

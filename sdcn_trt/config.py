@@ -1,9 +1,11 @@
-"""GenerationConfig: the fields of the contest's `process()` call, validated once."""
+"""Settings, validated once: GenerationConfig (the contest's `process()` call) and BackendConfig
+(which backend runs the networks, where, in what precision), and the names they accept."""
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from sdcn_trt.errors import InputError
 
@@ -13,6 +15,17 @@ SEED_MIN = 0
 SEED_MAX = 2**32 - 1
 NUM_CONTROL_SCALES = 13  # ControlNet residuals: 12 down-block outputs + 1 mid-block output
 GUESS_MODE_DECAY = 0.825  # the original code's magic number: 0.825 ** 12 < 0.01
+CONTEST_HEIGHT, CONTEST_WIDTH = 256, 384  # the contest's photos after resize_image at resolution 256
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+PRECISIONS = ("fp32", "fp16")  # fp32 is the reference
+GRAPH_MODES = ("off", "step", "loop")  # CUDA graphs: none, one per step, the whole loop + decode
+
+
+def check_choice(what: str, value: object, choices: tuple[str, ...]) -> None:
+    """InputError naming the setting, the bad value and the valid choices."""
+    if value not in choices:
+        raise InputError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
 
 
 @dataclass
@@ -89,3 +102,29 @@ def _check_int(config: GenerationConfig, name: str, minimum: int) -> None:
         raise InputError(f"{name} must be an integer, got {value!r}")
     if value < minimum:
         raise InputError(f"{name} must be >= {minimum}, got {value}")
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """Which backend runs the networks, where, and in what precision."""
+
+    backend: str = "torch"  # one of BACKENDS
+    device: str = "cpu"  # "cpu" or "cuda[:N]"
+    precision: str = "fp32"  # one of PRECISIONS; networks marked fp32-only (CLIP) stay fp32
+    cache_dir: str | None = None  # exported ONNX / engines; default $SDCN_TRT_CACHE
+    cuda_graph: str = "off"  # one of GRAPH_MODES ("loop" on the CPU runs the same static loop, eagerly)
+    check_finite: bool = False  # raise NonFiniteOutputError naming the network that produced NaN/Inf
+
+    def __post_init__(self) -> None:
+        check_choice("backend", self.backend, BACKENDS)
+        check_choice("precision", self.precision, PRECISIONS)
+        if not isinstance(self.device, str) or not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise InputError(f"unknown device {self.device!r}; use 'cpu' or 'cuda[:N]'")
+        check_choice("cuda_graph mode", self.cuda_graph, GRAPH_MODES)
+        if self.cuda_graph == "step" and not self.device.startswith("cuda"):
+            raise InputError("cuda_graph='step' needs device='cuda'")
+
+    def cache_path(self) -> Path:
+        from sdcn_trt.cache import cache_root
+
+        return Path(self.cache_dir) if self.cache_dir else cache_root()

@@ -10,28 +10,9 @@ import numpy as np
 
 from sdcn_trt.config import GenerationConfig
 from sdcn_trt.engines import BackendConfig, backend_available
-from sdcn_trt.images import contact_sheet, save_image
+from sdcn_trt.images import contact_sheet, sample_photos, save_image, write_contest_image
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_SAMPLES = ("astronaut", "chelsea", "coffee", "rocket")
-
-
-def sample_photos(names: list[str] | tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-    """RGB uint8 photos shipped inside scikit-image."""
-    import skimage.data
-
-    from sdcn_trt.errors import InputError
-
-    photos = {}
-    for name in names or DEFAULT_SAMPLES:
-        loader = getattr(skimage.data, name, None)
-        if loader is None:
-            raise InputError(f"skimage.data has no sample {name!r}")
-        image = loader()
-        photos[name] = image[:, :, :3] if image.ndim == 3 else image
-    return photos
-
 
 def run_demo(out_dir: Path, backends: list[str] | None = None, steps: int = 20,
              samples: list[str] | None = None) -> dict:
@@ -96,7 +77,6 @@ def _score(out_dir: Path, results: dict[str, dict[str, np.ndarray]], summary: di
     contest score from the measured latency. Real FID weights when they are found, else random ones."""
     from sdcn_trt.errors import WeightsError
     from sdcn_trt.scoring import PDScorer, contest_score
-    from sdcn_trt.scoring.run import write_contest_image
 
     try:
         scorer = PDScorer()

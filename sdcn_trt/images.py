@@ -49,3 +49,29 @@ def contact_sheet(rows: Sequence[Sequence[np.ndarray]], labels: Sequence[str], t
     width = max(r.shape[1] for r in out_rows)
     padded = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in out_rows]
     return np.concatenate(padded, axis=0)
+
+
+def write_contest_image(path: Path, image: np.ndarray) -> Path:
+    """cv2.imwrite of the array as it is, as the contest's scorer did (an RGB array written as BGR):
+    reference and accelerated images take the same path, so PD compares like with like."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), image):
+        raise InputError(f"cannot write image {path}")
+    return path
+
+
+DEFAULT_SAMPLES = ("astronaut", "chelsea", "coffee", "rocket")
+
+
+def sample_photos(names: list[str] | tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """RGB uint8 photos shipped inside scikit-image."""
+    import skimage.data
+
+    photos = {}
+    for name in names or DEFAULT_SAMPLES:
+        loader = getattr(skimage.data, name, None)
+        if loader is None:
+            raise InputError(f"skimage.data has no sample {name!r}")
+        image = loader()
+        photos[name] = image[:, :, :3] if image.ndim == 3 else image
+    return photos

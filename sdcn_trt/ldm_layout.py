@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from sdcn_trt.checkpoint import CLIP_PREFIX, CONTROL_PREFIX, UNET_PREFIX, VAE_PREFIX
-from sdcn_trt.models import Components
+from sdcn_trt.components import Components
 
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
            "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}

@@ -2,47 +2,16 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from sdcn_trt.components import SD15_SCALING_FACTOR, Components
 from sdcn_trt.errors import InputError, WeightsError
+from sdcn_trt.tokenizer import special_token_ids
 
 logger = logging.getLogger(__name__)
-
-SD15_SCALING_FACTOR = 0.18215  # ldm's `scale_factor` for SD1.x latents
-
-
-@dataclass
-class Components:
-    """The four networks and the tokenizer of one SD + ControlNet model (torch, fp32, CPU)."""
-
-    tokenizer: Any  # transformers.CLIPTokenizer
-    text_encoder: Any  # transformers.CLIPTextModel
-    unet: Any  # diffusers.UNet2DConditionModel
-    controlnet: Any  # diffusers.ControlNetModel
-    vae: Any  # diffusers.AutoencoderKL
-    source: str = "unknown"  # where the weights came from, for logs and cache keys
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def scaling_factor(self) -> float:
-        return float(self.vae.config.scaling_factor)
-
-    def modules(self) -> dict[str, torch.nn.Module]:
-        return {"text_encoder": self.text_encoder, "unet": self.unet, "controlnet": self.controlnet, "vae": self.vae}
-
-    def eval_(self) -> "Components":
-        for module in self.modules().values():
-            module.eval().requires_grad_(False)
-        return self
-
 
 # ---------------------------------------------------------------------------------------------
 # Presets: architectures with seeded random weights (diffusers-style configs).
@@ -68,7 +37,7 @@ def sd_configs(channels: tuple[int, ...], layers: int, vae_channels: tuple[int, 
     text = dict(
         vocab_size=49408, hidden_size=text_width, intermediate_size=text_ffn,
         num_hidden_layers=text_layers, num_attention_heads=text_width // 64, max_position_embeddings=77,
-        hidden_act="quick_gelu", projection_dim=text_width, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        hidden_act="quick_gelu", projection_dim=text_width,
     )
     return {"unet": unet, "controlnet": controlnet, "vae": vae, "text_encoder": text}
 
@@ -97,7 +66,7 @@ def build_from_configs(configs: dict[str, dict[str, Any]], seed: int, tokenizer:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"], **special_token_ids(tokenizer)))
         unet = UNet2DConditionModel(**configs["unet"])
         controlnet = ControlNetModel(**configs["controlnet"])
         zero_convs = list(controlnet.controlnet_down_blocks) + [

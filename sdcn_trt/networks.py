@@ -6,7 +6,7 @@ import copy
 import torch
 from torch import nn
 
-from sdcn_trt.models import Components
+from sdcn_trt.components import Components
 
 
 class TextEncoderNet(nn.Module):

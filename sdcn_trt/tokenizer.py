@@ -89,6 +89,12 @@ def load_tokenizer(path: str | Path | None = None, cache_dir: Path | None = None
     return CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """bos/eos/pad ids for a CLIPTextConfig, from the tokenizer that feeds it (49406/49407 for SD1.5)."""
+    return {"bos_token_id": int(tokenizer.bos_token_id), "eos_token_id": int(tokenizer.eos_token_id),
+            "pad_token_id": int(tokenizer.pad_token_id)}
+
+
 def tokenize(tokenizer, prompts: list[str]):  # -> torch.LongTensor (len(prompts), 77)
     """Token ids padded to 77 as the reference's FrozenCLIPEmbedder does; longer prompts are cut
     at 77 tokens with a warning saying how many were dropped."""

@@ -20,14 +20,14 @@ def test_case_runs_and_reports_every_stage(tmp_path):
 
 
 def test_markdown_ratios_come_from_the_same_run():
-    case = lambda backend, e2e, **extra: {"backend": backend, "dtype": "fp32", "cuda_graph": "off",  # noqa: E731
+    case = lambda backend, e2e, **extra: {"backend": backend, "precision": "fp32", "cuda_graph": "off",  # noqa: E731
                                           "end_to_end": {"median_s": e2e}, "peak_rss_gib": 1.0, **extra}
     report = {"date": "d", "device": "cpu", "preset": "sd15-random", "steps": 2, "repeats": 2, "machine": {"x": "y"},
               "gemm_peak_tflops": 0.1, "cases": [
                   case("torch", 20.0, fused_step={"median_s": 8.0}, fused_step_tflops_achieved=0.05,
                        outside_steps_fraction=0.2),
                   case("onnxruntime", 10.0), case("diffusers", 40.0),
-                  {"backend": "tensorrt", "dtype": "fp16", "cuda_graph": "loop", "error": "no GPU"}]}
+                  {"backend": "tensorrt", "precision": "fp16", "cuda_graph": "loop", "error": "no GPU"}]}
     table = markdown(report)
     assert "| torch | fp32 | off | - | 8000.0 | - | 20.00 | 1.00x | 2.00x | 0.050 (50%) | 20.0% | 1.0 |" in table
     assert "| onnxruntime | fp32 | off | - | - | - | 10.00 | 2.00x | 4.00x |" in table

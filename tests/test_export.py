@@ -1,5 +1,4 @@
 """ONNX export of every network: parity with torch, the cache, and the failure paths."""
-import json
 
 import numpy as np
 import pytest
@@ -97,7 +96,7 @@ def test_descriptors_derive_everything_from_config(tiny):
     assert shapes["hint"] == (2, 32, 32, 48)  # the embedded control image, made once per image
     assert get_descriptor("control_hint", tiny).shapes(ShapeSpec(2, 256, 384))["control"] == (2, 3, 256, 384)
     control = get_descriptor("controlnet", tiny)
-    layout = control.residual_layout()
+    layout = control.dims.residual_layout
     assert len(layout) == 5 and layout[-1] == (64, 2)
     with torch.no_grad():
         feed = control.sample_inputs(ShapeSpec(1, 64, 64))

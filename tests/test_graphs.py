@@ -77,7 +77,7 @@ def test_cuda_graphs_match_eager_cuda(tiny, photo, mode):
 def test_fp16_cuda_close_to_fp32_cpu(tiny, photo):
     config = GenerationConfig(image_resolution=64, ddim_steps=4)
     ref = ControlNetPipeline(tiny).run(photo, config).images[0]
-    fp16 = ControlNetPipeline(tiny, BackendConfig(device="cuda", dtype="fp16", cuda_graph="loop")).run(photo, config).images[0]
+    fp16 = ControlNetPipeline(tiny, BackendConfig(device="cuda", precision="fp16", cuda_graph="loop")).run(photo, config).images[0]
     assert np.abs(fp16.astype(int) - ref).mean() <= 3.0
 
 
@@ -87,7 +87,7 @@ def test_fp16_cuda_close_to_fp32_cpu(tiny, photo):
 def test_tensorrt_pipeline_close_to_torch(tiny, photo):
     config = GenerationConfig(image_resolution=256, ddim_steps=4)
     ref = ControlNetPipeline(tiny).run(photo, config).images[0]
-    trt = ControlNetPipeline(tiny, BackendConfig(backend="tensorrt", device="cuda", dtype="fp16", cuda_graph="loop"))
+    trt = ControlNetPipeline(tiny, BackendConfig(backend="tensorrt", device="cuda", precision="fp16", cuda_graph="loop"))
     assert np.abs(trt.run(photo, config).images[0].astype(int) - ref).mean() <= 3.0
 
 

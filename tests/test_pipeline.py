@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdcn_trt import BackendConfig, BackendUnavailableError, ControlNetPipeline, GenerationConfig, InputError
+from sdcn_trt import BackendConfig, BackendUnavailableError, ControlNetPipeline, InputError
 from tests.conftest import pixel_diff
 
 
@@ -81,7 +81,7 @@ def test_guess_mode_unconditional_half_gets_no_control(tiny):
 
     desc = get_descriptor("fused_step", tiny)
     feed = desc.sample_inputs(ShapeSpec(1, 64, 64))
-    feed["control_scales"] = torch.tensor([[0.0] * desc.num_scales, [1.0] * desc.num_scales])
+    feed["control_scales"] = torch.tensor([[0.0] * desc.dims.num_scales, [1.0] * desc.dims.num_scales])
     with torch.no_grad():
         eps = desc.build_module()(*feed.values())
         plain = tiny.unet(feed["latents"], feed["timestep"], encoder_hidden_states=feed["text_embeddings"][:1]).sample
@@ -115,7 +115,7 @@ def test_control_image_is_used_as_is(tiny_pipe, fast_config):
 def test_fp16_agrees_with_fp32(tiny, photo, fast_config):
     """fp16 weights and activations on the same seed: within 3 uint8 levels on average (CPU fp16)."""
     fp32 = ControlNetPipeline(tiny).run(photo, fast_config).images[0]
-    fp16 = ControlNetPipeline(tiny, dtype="fp16").run(photo, fast_config).images[0]
+    fp16 = ControlNetPipeline(tiny, precision="fp16").run(photo, fast_config).images[0]
     diff = pixel_diff(fp32, fp16)
     assert diff.mean() <= 3.0, diff.mean()
     assert next(tiny.unet.parameters()).dtype == torch.float32  # shared components stay fp32
@@ -159,8 +159,8 @@ def test_backend_choices(tiny):
         ControlNetPipeline(tiny, "tensorrt")
     with pytest.raises(InputError, match="unknown backend options"):
         ControlNetPipeline(tiny, "torch", devcie="cpu")
-    with pytest.raises(InputError, match="unknown dtype 'bf16'"):
-        ControlNetPipeline(tiny, BackendConfig(dtype="bf16"))
+    with pytest.raises(InputError, match="unknown precision 'bf16'"):
+        ControlNetPipeline(tiny, BackendConfig(precision="bf16"))
     if not torch.cuda.is_available():
         with pytest.raises(BackendUnavailableError, match="no CUDA GPU"):
             ControlNetPipeline(tiny, "torch", device="cuda")

@@ -1,10 +1,9 @@
-"""GPU-free TensorRT logic: build modes for TRT 10/11, cache keys, rebuild decisions, buffer plans."""
+"""GPU-free TensorRT logic: build modes for TRT 10/11, cache keys, rebuild decisions."""
 import pytest
-import torch
 
 from sdcn_trt import InputError
 from sdcn_trt.engines.trt_plan import (
-    BuildMode, BuildSettings, Platform, build_mode, engine_key, plan_buffers, rebuild_reasons,
+    BuildMode, BuildSettings, Platform, build_mode, engine_key, rebuild_reasons,
 )
 from sdcn_trt.export.descriptors import ShapeRange, ShapeSpec, get_descriptor
 
@@ -21,7 +20,7 @@ def test_build_mode_for_trt10_and_trt11():
 def test_settings_validation():
     with pytest.raises(InputError, match="optimization_level must be in 0..5"):
         BuildSettings(optimization_level=7)
-    with pytest.raises(InputError, match="precision must be fp16 or fp32"):
+    with pytest.raises(InputError, match="unknown precision .int8.; choose one of fp32, fp16"):
         BuildSettings(precision="int8")
     with pytest.raises(InputError, match="workspace_gib must be > 0"):
         BuildSettings(workspace_gib=0)
@@ -67,23 +66,12 @@ def test_static_and_dynamic_profiles(tiny):
     assert dynamic["text_embeddings"][2] == (8, 77, 128)
 
 
-def test_buffer_plan_sizes(tiny):
-    desc = get_descriptor("fused_step", tiny)
-    dtypes = {**desc.dtypes(), "latents": torch.float16, "noise_pred": torch.float16}
-    plan = {b.name: b for b in plan_buffers(desc, ShapeSpec(2, 256, 384), dtypes)}
-    assert [b.name for b in plan.values() if b.is_input] == desc.input_names
-    assert plan["latents"].nbytes == 2 * 4 * 32 * 48 * 2
-    assert plan["noise_pred"].shape == (4, 4, 32, 48) and not plan["noise_pred"].is_input
-    assert plan["timestep"].nbytes == 4 and plan["timestep"].aligned_bytes == 256
-    assert all(b.aligned_bytes % 256 == 0 and b.aligned_bytes >= b.nbytes for b in plan.values())
-
-
 def test_runner_settings_keep_clip_fp32(tiny):
     """Constructing a TensorRTRunner needs no GPU: its build settings are decided up front."""
     from sdcn_trt import BackendConfig
     from sdcn_trt.engines.tensorrt import TensorRTRunner
 
-    config = BackendConfig(backend="tensorrt", device="cuda", dtype="fp16")
+    config = BackendConfig(backend="tensorrt", device="cuda", precision="fp16")
     clip = TensorRTRunner(get_descriptor("text_encoder", tiny), config)
     fused = TensorRTRunner(get_descriptor("fused_step", tiny), config)
     assert clip.settings.precision == "fp32" and fused.settings.precision == "fp16"

@@ -48,7 +48,7 @@ class Runner(abc.ABC):
                 if bad:
                     raise NonFiniteOutputError(
                         f"network '{self.name}' produced {bad} NaN/Inf values in '{name}' "
-                        f"(of {tensor.numel()}); fp16 overflow is the usual cause: try dtype='fp32' for it")
+                        f"(of {tensor.numel()}); fp16 overflow is the usual cause: try precision='fp32'")
         return outputs
 
     def __enter__(self) -> "Runner":

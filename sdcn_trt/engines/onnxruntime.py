@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int32)": torch.int32,
              "tensor(int64)": torch.int64}
 # What the dynamic exports accept: any batch up to 4, sides from 64 to 2048 pixels.
-DEFAULT_RANGE = ShapeRange(ShapeSpec(1, 64, 64), ShapeSpec(1, 256, 384), ShapeSpec(4, 2048, 2048))
+DEFAULT_RANGE = ShapeRange(ShapeSpec(1, 64, 64), ShapeSpec(), ShapeSpec(4, 2048, 2048))
 
 
 class OnnxRuntimeRunner(Runner):
@@ -41,7 +41,7 @@ class OnnxRuntimeRunner(Runner):
     def activate_impl(self) -> None:
         import onnxruntime as ort
 
-        settings = ExportSettings(precision=self.config.dtype)
+        settings = ExportSettings(precision=self.config.precision)
         export = self.export = export_onnx(self.descriptor, self.config.cache_path(), settings)
         logger.info("%s: %s ONNX at %s (%s)", self.name, settings.precision, export.path,
                     "cached" if export.cached else f"exported in {export.seconds:.1f} s")

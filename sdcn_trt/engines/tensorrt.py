@@ -20,7 +20,7 @@ from sdcn_trt.engines.base import Runner
 from sdcn_trt.engines.trt_plan import BuildMode, BuildSettings, Platform, build_mode, engine_key, rebuild_reasons
 from sdcn_trt.errors import BackendUnavailableError, SdcnError
 from sdcn_trt.export.descriptors import NetworkDescriptor, Shape
-from sdcn_trt.export.onnx_export import FP32_ONLY, ExportSettings, export_onnx
+from sdcn_trt.export.onnx_export import ExportSettings, export_onnx
 
 if TYPE_CHECKING:  # mypy checks this module against tensorrt-stubs; at run time it is imported lazily
     import tensorrt as trt
@@ -100,10 +100,8 @@ class TensorRTRunner(Runner):
     def __init__(self, descriptor: NetworkDescriptor, config: BackendConfig, settings: BuildSettings | None = None):
         super().__init__(descriptor)
         self.config = config
-        settings = settings or BuildSettings(precision=config.dtype)
-        if descriptor.name in FP32_ONLY:  # CLIP's causal mask overflows fp16: the contest's NaN pitfall
-            settings = dataclasses.replace(settings, precision="fp32")
-        self.settings = settings
+        settings = settings or BuildSettings(precision=config.precision)
+        self.settings = dataclasses.replace(settings, precision=descriptor.precision_for(settings.precision))
         self._device = torch.device(config.device if config.device.startswith("cuda") else "cuda")
         self.engine: trt.ICudaEngine | None = None
         self.context: trt.IExecutionContext | None = None

@@ -6,11 +6,11 @@ import copy
 import torch
 
 from sdcn_trt.engines.base import Runner
-from sdcn_trt.errors import BackendUnavailableError, InputError
+from sdcn_trt.config import PRECISIONS, check_choice
+from sdcn_trt.errors import BackendUnavailableError
 from sdcn_trt.export.descriptors import NetworkDescriptor
-from sdcn_trt.export.onnx_export import FP32_ONLY
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}  # keyed by config.PRECISIONS
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -21,19 +21,18 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def resolve_dtype(dtype: str) -> torch.dtype:
-    if dtype not in DTYPES:
-        raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+def resolve_dtype(precision: str) -> torch.dtype:
+    check_choice("precision", precision, PRECISIONS)
+    return DTYPES[precision]
 
 
 class TorchRunner(Runner):
     """Eager torch. Float inputs are cast to the runner's dtype; float outputs come back float32."""
 
-    def __init__(self, descriptor: NetworkDescriptor, device: str | torch.device = "cpu", dtype: str = "fp32"):
+    def __init__(self, descriptor: NetworkDescriptor, device: str | torch.device = "cpu", precision: str = "fp32"):
         super().__init__(descriptor)
         self._device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype)
+        self.dtype = resolve_dtype(descriptor.precision_for(precision))
         self.module: torch.nn.Module | None = None
 
     @property
@@ -42,11 +41,9 @@ class TorchRunner(Runner):
 
     def activate_impl(self) -> None:
         module = self.descriptor.build_module()
-        # CLIP's causal mask overflows in fp16 (the contest's NaN pitfall); it runs once per prompt
-        dtype = torch.float32 if self.descriptor.name in FP32_ONLY else self.dtype
-        if dtype != torch.float32 or self._device.type != "cpu":
+        if self.dtype != torch.float32 or self._device.type != "cpu":
             module = copy.deepcopy(module)  # .to() is in place: leave the shared fp32 CPU components alone
-        self.module = module.to(self._device, dtype)
+        self.module = module.to(self._device, self.dtype)
 
     def deactivate_impl(self) -> None:
         self.module = None

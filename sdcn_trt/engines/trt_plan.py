@@ -1,17 +1,13 @@
-"""GPU-free planning for TensorRT: build settings, cache keys, engine metadata checks, buffer plans."""
+"""GPU-free planning for TensorRT: build settings, cache keys, engine metadata checks."""
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
-import torch
 
 from sdcn_trt.cache import hash_json
+from sdcn_trt.config import PRECISIONS, check_choice
 from sdcn_trt.errors import InputError
-from sdcn_trt.export.descriptors import NetworkDescriptor, Shape, ShapeRange, ShapeSpec
-
-ALIGNMENT = 256  # set_tensor_address wants 256-byte aligned pointers
-
+from sdcn_trt.export.descriptors import Shape, ShapeRange, ShapeSpec
 
 @dataclass(frozen=True)
 class BuildSettings:
@@ -20,11 +16,10 @@ class BuildSettings:
     precision: str = "fp16"  # "fp16" (TRT 10: FP16 flag on an fp32 ONNX; TRT 11: strongly typed fp16 ONNX) or "fp32"
     optimization_level: int = 3  # builder_optimization_level, 0..5 (the contest's winners used 5)
     workspace_gib: float = 8.0  # MemoryPoolType.WORKSPACE limit
-    shape_range: ShapeRange = ShapeRange.static(ShapeSpec(1, 256, 384))  # the contest shape by default
+    shape_range: ShapeRange = ShapeRange.static(ShapeSpec())  # the contest shape by default
 
     def __post_init__(self) -> None:
-        if self.precision not in ("fp16", "fp32"):
-            raise InputError(f"precision must be fp16 or fp32, got {self.precision!r}")
+        check_choice("precision", self.precision, PRECISIONS)
         if not 0 <= self.optimization_level <= 5:
             raise InputError(f"optimization_level must be in 0..5, got {self.optimization_level}")
         if self.workspace_gib <= 0:
@@ -84,28 +79,3 @@ def rebuild_reasons(meta: dict | None, key: str, platform: Platform) -> list[str
     if meta.get("key") != key and not reasons:
         reasons.append("ONNX, profile or build settings changed")
     return reasons
-
-
-@dataclass(frozen=True)
-class BufferSpec:
-    name: str
-    shape: Shape
-    dtype: torch.dtype
-    is_input: bool
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
-
-    @property
-    def aligned_bytes(self) -> int:
-        return -(-self.nbytes // ALIGNMENT) * ALIGNMENT
-
-
-def plan_buffers(descriptor: NetworkDescriptor, spec: ShapeSpec, dtypes: dict[str, torch.dtype]) -> list[BufferSpec]:
-    """One persistent buffer per I/O tensor for `spec`, in the engine's dtypes (inputs first).
-    At the profile's max spec this is the device memory the runner's buffers can reach."""
-    shapes = descriptor.shapes(spec)
-    inputs = [BufferSpec(n, shapes[n], dtypes[n], True) for n in descriptor.input_names]
-    outputs = [BufferSpec(n, shapes[n], dtypes[n], False) for n in descriptor.output_names]
-    return inputs + outputs

@@ -7,7 +7,7 @@ from typing import Sequence
 
 from sdcn_trt.export.descriptors import DESCRIPTORS, ShapeRange, ShapeSpec, get_descriptor
 from sdcn_trt.export.onnx_export import ExportResult, ExportSettings, export_onnx
-from sdcn_trt.models import Components
+from sdcn_trt.components import Components
 
 __all__ = ["DESCRIPTORS", "ExportResult", "ExportSettings", "ShapeRange", "ShapeSpec", "export_networks",
            "get_descriptor"]

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from sdcn_trt import networks
+from sdcn_trt.components import Components
+from sdcn_trt.config import CONTEST_HEIGHT, CONTEST_WIDTH
 from sdcn_trt.errors import InputError
-from sdcn_trt.models import Components
 
 Shape = tuple[int, ...]
 
@@ -23,8 +24,8 @@ class ShapeSpec:
     """One workload shape: images per call, image size in pixels, CFG multiplier."""
 
     batch: int = 1
-    height: int = 256
-    width: int = 384
+    height: int = CONTEST_HEIGHT
+    width: int = CONTEST_WIDTH
     cfg: int = 2  # [uncond, cond] evaluated as one batch
 
     def __post_init__(self) -> None:
@@ -57,23 +58,62 @@ class TensorSpec:
     dynamic_axes: dict[int, str]  # axis -> symbolic name, for export
 
 
+@dataclass(frozen=True)
+class ModelDims:
+    """The sizes every descriptor needs, read off the model's own configs (never typed in)."""
+
+    latent_channels: int  # UNet input channels (4)
+    vae_scale: int  # pixels per latent (8)
+    text_len: int  # CLIP positions (77)
+    text_dim: int  # CLIP width (768 for SD1.5)
+    vocab_size: int  # sample token ids stay below it
+    num_scales: int  # ControlNet residuals: down blocks + mid block (13 for SD1.5)
+    hint_channels: int  # channels of the control image (3)
+    hint_embedding_channels: int  # channels of the embedded hint (ControlNet's first block width)
+    image_channels: int  # VAE output channels (3)
+    residual_layout: tuple[tuple[int, int], ...]  # (channels, downsampling factor) of each residual
+
+    @classmethod
+    def of(cls, components: Components) -> "ModelDims":
+        unet, text, control = components.unet.config, components.text_encoder.config, components.controlnet.config
+        convs = list(components.controlnet.controlnet_down_blocks) + [components.controlnet.controlnet_mid_block]
+        return cls(
+            latent_channels=int(unet.in_channels), vae_scale=components.vae_scale_factor,
+            text_len=int(text.max_position_embeddings), text_dim=int(text.hidden_size),
+            vocab_size=int(text.vocab_size), num_scales=len(convs), hint_channels=int(control.conditioning_channels),
+            hint_embedding_channels=int(control.block_out_channels[0]),
+            image_channels=int(components.vae.config.out_channels),
+            residual_layout=tuple((int(c.out_channels), f) for c, f in zip(convs, _residual_factors(control))),
+        )
+
+    def latent_size(self, spec: ShapeSpec) -> tuple[int, int]:
+        if spec.height % self.vae_scale or spec.width % self.vae_scale:
+            raise InputError(f"{spec.height}x{spec.width} is not a multiple of the VAE's {self.vae_scale}")
+        return spec.height // self.vae_scale, spec.width // self.vae_scale
+
+
+def _residual_factors(config) -> list[int]:
+    """Spatial downsampling of each ControlNet residual: per level `layers_per_block` outputs and a
+    downsampler (but after the last level), then the mid block."""
+    levels, per_level = len(config.block_out_channels), config.layers_per_block
+    factors = [1]  # conv_in
+    for level in range(levels):
+        factors += [2**level] * per_level
+        if level < levels - 1:
+            factors.append(2 ** (level + 1))
+    return factors + [2 ** (levels - 1)]
+
+
 class NetworkDescriptor:
-    """Base class: subclasses list their tensors and map a ShapeSpec to each tensor's shape."""
+    """Base class: a subclass names its tensors and maps a ShapeSpec to each tensor's shape."""
 
     name: str = ""
     module_class: Callable[[Components], nn.Module]
+    fp32_only: bool = False  # runs in fp32 whatever precision is asked (CLIP: its causal mask overflows fp16)
 
     def __init__(self, components: Components):
         self.components = components
-        unet, text = components.unet.config, components.text_encoder.config
-        self.latent_channels = int(unet.in_channels)
-        self.vae_scale = components.vae_scale_factor
-        self.text_len = int(text.max_position_embeddings)
-        self.text_dim = int(text.hidden_size)
-        self.num_scales = len(components.controlnet.controlnet_down_blocks) + 1
-        self.hint_channels = int(components.controlnet.config.conditioning_channels)  # the control image's
-        self.hint_embedding_channels = int(components.controlnet.config.block_out_channels[0])
-        self.image_channels = int(components.vae.config.out_channels)
+        self.dims = ModelDims.of(components)
 
     # -- subclass interface -------------------------------------------------------------------
     def inputs(self) -> list[TensorSpec]:
@@ -95,16 +135,15 @@ class NetworkDescriptor:
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs()]
 
+    def precision_for(self, precision: str) -> str:
+        """The precision this network runs in when `precision` is asked for."""
+        return "fp32" if self.fp32_only else precision
+
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         return {t.name: t.dynamic_axes for t in self.inputs() + self.outputs() if t.dynamic_axes}
 
     def dtypes(self) -> dict[str, torch.dtype]:
         return {t.name: t.dtype for t in self.inputs() + self.outputs()}
-
-    def latent_size(self, spec: ShapeSpec) -> tuple[int, int]:
-        if spec.height % self.vae_scale or spec.width % self.vae_scale:
-            raise InputError(f"{spec.height}x{spec.width} is not a multiple of the VAE's {self.vae_scale}")
-        return spec.height // self.vae_scale, spec.width // self.vae_scale
 
     def profile(self, shape_range: ShapeRange) -> dict[str, tuple[Shape, Shape, Shape]]:
         """(min, opt, max) shape of every input: an optimisation profile."""
@@ -120,7 +159,7 @@ class NetworkDescriptor:
             )
         for name, (lo, _, hi) in self.profile(shape_range).items():
             shape = tuple(feed[name].shape)
-            if len(shape) != len(lo) or any(not a <= s <= b for s, a, b in zip(shape, lo, hi)):
+            if len(shape) != len(lo) or any(not a <= s <= b for s, a, b in zip(shape, lo, hi, strict=True)):
                 raise InputError(f"{self.name}: input '{name}' has shape {shape}; the profile allows {lo} .. {hi}")
 
     def sample_inputs(self, spec: ShapeSpec, device: str | torch.device = "cpu", seed: int = 0) -> dict[str, torch.Tensor]:
@@ -129,7 +168,7 @@ class NetworkDescriptor:
         shapes, feeds = self.shapes(spec), {}
         for t in self.inputs():
             if t.dtype in (torch.int32, torch.int64):
-                feeds[t.name] = torch.randint(0, 49406, shapes[t.name], generator=gen).to(t.dtype)
+                feeds[t.name] = torch.randint(0, self.dims.vocab_size, shapes[t.name], generator=gen).to(t.dtype)
             else:
                 feeds[t.name] = self.sample_float(t.name, shapes[t.name], gen)
         return {k: v.to(device) for k, v in feeds.items()}
@@ -148,6 +187,7 @@ def _batch(n: str) -> dict[int, str]:
 class TextEncoderDescriptor(NetworkDescriptor):
     name = "text_encoder"
     module_class = networks.TextEncoderNet
+    fp32_only = True  # CLIP's causal mask (finfo.min) overflows in fp16; it runs once per prompt
 
     def inputs(self) -> list[TensorSpec]:
         return [TensorSpec("input_ids", torch.int32, _batch("N"))]
@@ -156,38 +196,75 @@ class TextEncoderDescriptor(NetworkDescriptor):
         return [TensorSpec("text_embeddings", torch.float32, _batch("N"))]
 
     def shapes(self, spec: ShapeSpec) -> dict[str, Shape]:
-        n = spec.cfg  # one row per distinct prompt (cached, then repeated per sample)
-        return {"input_ids": (n, self.text_len), "text_embeddings": (n, self.text_len, self.text_dim)}
+        n, d = spec.cfg, self.dims  # one row per distinct prompt (cached, then repeated per sample)
+        return {"input_ids": (n, d.text_len), "text_embeddings": (n, d.text_len, d.text_dim)}
 
 
-class FusedStepDescriptor(NetworkDescriptor):
-    name = "fused_step"
-    module_class = networks.FusedStepNet
+class StepTensors:
+    """Every tensor a denoising-step network reads or writes — its dtype, dynamic axes and shape for
+    a ShapeSpec — in one table; the step descriptors are lists of names from it."""
 
-    def inputs(self) -> list[TensorSpec]:
+    def __init__(self, dims: ModelDims):
+        self.dims = dims
         latent_axes = {0: "B", 2: "h", 3: "w"}
-        return [
-            TensorSpec("latents", torch.float32, latent_axes),
-            TensorSpec("timestep", torch.float32, {}),
-            TensorSpec("text_embeddings", torch.float32, _batch("2B")),
-            TensorSpec("hint", torch.float32, latent_axes),
-            TensorSpec("control_scales", torch.float32, {}),
+        specs = [
+            TensorSpec("latents", torch.float32, latent_axes),  # (B, 4, h, w)
+            TensorSpec("timestep", torch.float32, {}),  # (1,)
+            TensorSpec("text_embeddings", torch.float32, _batch("2B")),  # (2B, 77, D): [uncond x B, cond x B]
+            TensorSpec("hint", torch.float32, latent_axes),  # (B, C, h, w): the embedded control image
+            TensorSpec("control_scales", torch.float32, {}),  # (2, 13): rows scale the uncond / cond residuals
+            TensorSpec("noise_pred", torch.float32, {0: "2B", 2: "h", 3: "w"}),  # (2B, 4, h, w)
         ]
+        specs += [TensorSpec(name, torch.float32, {0: "2B", 2: f"h{i}", 3: f"w{i}"})
+                  for i, name in enumerate(self.residual_names)]
+        self.specs = {t.name: t for t in specs}
 
-    def outputs(self) -> list[TensorSpec]:
-        return [TensorSpec("noise_pred", torch.float32, {0: "2B", 2: "h", 3: "w"})]
+    @property
+    def residual_names(self) -> list[str]:
+        return [f"residual_{i}" for i in range(self.dims.num_scales)]
 
     def shapes(self, spec: ShapeSpec) -> dict[str, Shape]:
-        h, w = self.latent_size(spec)
+        d = self.dims
+        h, w = d.latent_size(spec)
         b2 = spec.batch * spec.cfg
-        return {
-            "latents": (spec.batch, self.latent_channels, h, w),
+        shapes: dict[str, Shape] = {
+            "latents": (spec.batch, d.latent_channels, h, w),
             "timestep": (1,),
-            "text_embeddings": (b2, self.text_len, self.text_dim),
-            "hint": (spec.batch, self.hint_embedding_channels, h, w),
-            "control_scales": (spec.cfg, self.num_scales),
-            "noise_pred": (b2, self.latent_channels, h, w),
+            "text_embeddings": (b2, d.text_len, d.text_dim),
+            "hint": (spec.batch, d.hint_embedding_channels, h, w),
+            "control_scales": (spec.cfg, d.num_scales),
+            "noise_pred": (b2, d.latent_channels, h, w),
         }
+        for name, (channels, factor) in zip(self.residual_names, d.residual_layout, strict=True):
+            shapes[name] = (b2, channels, h // factor, w // factor)
+        return shapes
+
+
+class StepDescriptor(NetworkDescriptor):
+    """A network of the denoising step: its inputs and outputs are names from StepTensors."""
+
+    input_tensors: tuple[str, ...] = ()  # "*residuals" stands for residual_0 .. residual_12
+    output_tensors: tuple[str, ...] = ()
+
+    def __init__(self, components: Components):
+        super().__init__(components)
+        self.tensors = StepTensors(self.dims)
+
+    def _expand(self, names: tuple[str, ...]) -> list[str]:
+        out: list[str] = []
+        for name in names:
+            out += self.tensors.residual_names if name == "*residuals" else [name]
+        return out
+
+    def inputs(self) -> list[TensorSpec]:
+        return [self.tensors.specs[n] for n in self._expand(self.input_tensors)]
+
+    def outputs(self) -> list[TensorSpec]:
+        return [self.tensors.specs[n] for n in self._expand(self.output_tensors)]
+
+    def shapes(self, spec: ShapeSpec) -> dict[str, Shape]:
+        all_shapes = self.tensors.shapes(spec)
+        return {n: all_shapes[n] for n in self.input_names + self.output_names}
 
     def sample_float(self, name: str, shape: Shape, gen: torch.Generator) -> torch.Tensor:
         if name == "timestep":
@@ -195,6 +272,33 @@ class FusedStepDescriptor(NetworkDescriptor):
         if name == "control_scales":
             return torch.ones(shape)
         return torch.randn(shape, generator=gen)
+
+
+class FusedStepDescriptor(StepDescriptor):
+    """ControlNet + UNet in one network: what a full step evaluates."""
+
+    name = "fused_step"
+    module_class = networks.FusedStepNet
+    input_tensors = ("latents", "timestep", "text_embeddings", "hint", "control_scales")
+    output_tensors = ("noise_pred",)
+
+
+class ControlNetDescriptor(StepDescriptor):
+    """The fused step's first half: the ControlNet's scaled residuals, for split engines."""
+
+    name = "controlnet"
+    module_class = networks.ControlNetNet
+    input_tensors = FusedStepDescriptor.input_tensors
+    output_tensors = ("*residuals",)
+
+
+class UNetDescriptor(StepDescriptor):
+    """The fused step's second half: the UNet with the residuals as inputs."""
+
+    name = "unet"
+    module_class = networks.UNetNet
+    input_tensors = ("latents", "timestep", "text_embeddings", "*residuals")
+    output_tensors = ("noise_pred",)
 
 
 class ControlHintDescriptor(NetworkDescriptor):
@@ -208,9 +312,10 @@ class ControlHintDescriptor(NetworkDescriptor):
         return [TensorSpec("hint", torch.float32, {0: "B", 2: "h", 3: "w"})]
 
     def shapes(self, spec: ShapeSpec) -> dict[str, Shape]:
-        h, w = self.latent_size(spec)
-        return {"control": (spec.batch, self.hint_channels, spec.height, spec.width),
-                "hint": (spec.batch, self.hint_embedding_channels, h, w)}
+        d = self.dims
+        h, w = d.latent_size(spec)
+        return {"control": (spec.batch, d.hint_channels, spec.height, spec.width),
+                "hint": (spec.batch, d.hint_embedding_channels, h, w)}
 
     def sample_float(self, name: str, shape: Shape, gen: torch.Generator) -> torch.Tensor:
         return (torch.rand(shape, generator=gen) > 0.9).float()  # an edge map: 0 or 1
@@ -227,9 +332,10 @@ class VaeDecoderDescriptor(NetworkDescriptor):
         return [TensorSpec("images", torch.float32, {0: "B", 2: "H", 3: "W"})]
 
     def shapes(self, spec: ShapeSpec) -> dict[str, Shape]:
-        h, w = self.latent_size(spec)
-        return {"latents": (spec.batch, self.latent_channels, h, w),
-                "images": (spec.batch, self.image_channels, spec.height, spec.width)}
+        d = self.dims
+        h, w = d.latent_size(spec)
+        return {"latents": (spec.batch, d.latent_channels, h, w),
+                "images": (spec.batch, d.image_channels, spec.height, spec.width)}
 
 
 class VaeEncoderDescriptor(NetworkDescriptor):
@@ -243,61 +349,13 @@ class VaeEncoderDescriptor(NetworkDescriptor):
         return [TensorSpec("latents", torch.float32, {0: "B", 2: "h", 3: "w"})]
 
     def shapes(self, spec: ShapeSpec) -> dict[str, Shape]:
-        h, w = self.latent_size(spec)
-        return {"images": (spec.batch, self.image_channels, spec.height, spec.width),
-                "latents": (spec.batch, self.latent_channels, h, w)}
+        d = self.dims
+        h, w = d.latent_size(spec)
+        return {"images": (spec.batch, d.image_channels, spec.height, spec.width),
+                "latents": (spec.batch, d.latent_channels, h, w)}
 
     def sample_float(self, name: str, shape: Shape, gen: torch.Generator) -> torch.Tensor:
         return torch.rand(shape, generator=gen) * 2 - 1
-
-
-class ControlNetDescriptor(FusedStepDescriptor):
-    name = "controlnet"
-    module_class = networks.ControlNetNet
-
-    def residual_layout(self) -> list[tuple[int, int]]:
-        """(channels, spatial downsampling factor) of each residual, from the ControlNet's config."""
-        cfg = self.components.controlnet.config
-        levels, per_level = len(cfg.block_out_channels), cfg.layers_per_block
-        factors = [1]
-        for level in range(levels):
-            factors += [2**level] * per_level
-            if level < levels - 1:
-                factors.append(2 ** (level + 1))
-        factors.append(2 ** (levels - 1))  # mid block
-        convs = list(self.components.controlnet.controlnet_down_blocks) + [self.components.controlnet.controlnet_mid_block]
-        return [(int(c.out_channels), f) for c, f in zip(convs, factors)]
-
-    def outputs(self) -> list[TensorSpec]:
-        return [TensorSpec(f"residual_{i}", torch.float32, {0: "2B", 2: f"h{i}", 3: f"w{i}"})
-                for i in range(self.num_scales)]
-
-    def shapes(self, spec: ShapeSpec) -> dict[str, Shape]:
-        shapes = super().shapes(spec)
-        del shapes["noise_pred"]
-        h, w = self.latent_size(spec)
-        b2 = spec.batch * spec.cfg
-        for i, (channels, factor) in enumerate(self.residual_layout()):
-            shapes[f"residual_{i}"] = (b2, channels, h // factor, w // factor)
-        return shapes
-
-
-class UNetDescriptor(ControlNetDescriptor):
-    name = "unet"
-    module_class = networks.UNetNet
-
-    def inputs(self) -> list[TensorSpec]:
-        fused = {t.name: t for t in FusedStepDescriptor.inputs(self)}
-        return [fused["latents"], fused["timestep"], fused["text_embeddings"]] + ControlNetDescriptor.outputs(self)
-
-    def outputs(self) -> list[TensorSpec]:
-        return FusedStepDescriptor.outputs(self)
-
-    def shapes(self, spec: ShapeSpec) -> dict[str, Shape]:
-        shapes = ControlNetDescriptor.shapes(self, spec)
-        del shapes["hint"], shapes["control_scales"]
-        shapes["noise_pred"] = FusedStepDescriptor.shapes(self, spec)["noise_pred"]
-        return shapes
 
 
 DESCRIPTORS: dict[str, type[NetworkDescriptor]] = {

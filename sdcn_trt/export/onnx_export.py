@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import shutil
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from sdcn_trt.cache import atomic_path, hash_file, hash_json, hash_module
+from sdcn_trt.config import PRECISIONS, check_choice
 from sdcn_trt.errors import InputError
 from sdcn_trt.export.descriptors import NetworkDescriptor, ShapeSpec
 
@@ -22,7 +24,6 @@ logger = logging.getLogger(__name__)
 MAX_OPSET = 20  # GroupNormalization-21 broke in TensorRT 10.7
 EXTERNAL_DATA_BYTES = 2**31 - 2**24  # protobuf's 2 GB limit, with headroom
 META_FILE = "meta.json"
-FP32_ONLY = ("text_encoder",)  # CLIP's causal mask (-inf / finfo.min) overflows in fp16; it runs once per prompt
 
 
 @dataclass(frozen=True)
@@ -31,20 +32,18 @@ class ExportSettings:
 
     precision: str = "fp32"  # "fp32", or "fp16" (fp16 weights and I/O: TensorRT 11's strongly typed networks)
     opset: int = 17
-    sample: ShapeSpec = field(default_factory=lambda: ShapeSpec(1, 256, 384))  # tracing shape
+    sample: ShapeSpec = field(default_factory=ShapeSpec)  # tracing shape: the contest's
     dynamic: bool = True  # symbolic batch / height / width axes
     simplify: bool = True  # onnxslim: constant folding, shape inference, dead-node removal
 
     def __post_init__(self) -> None:
-        if self.precision not in ("fp32", "fp16"):
-            raise InputError(f"precision must be fp32 or fp16, got {self.precision!r}")
+        check_choice("precision", self.precision, PRECISIONS)
         if not 13 <= self.opset <= MAX_OPSET:
             raise InputError(f"opset must be in 13..{MAX_OPSET}, got {self.opset}")
 
-    def for_network(self, name: str) -> "ExportSettings":
-        if self.precision == "fp16" and name in FP32_ONLY:
-            return ExportSettings("fp32", self.opset, self.sample, self.dynamic, self.simplify)
-        return self
+    def for_network(self, descriptor: NetworkDescriptor) -> "ExportSettings":
+        """These settings with the precision the network runs in (fp32-only networks stay fp32)."""
+        return dataclasses.replace(self, precision=descriptor.precision_for(self.precision))
 
 
 @dataclass
@@ -171,7 +170,7 @@ def export_onnx(descriptor: NetworkDescriptor, cache_dir: Path, settings: Export
     import onnx
     from onnx.external_data_helper import uses_external_data
 
-    settings = settings.for_network(descriptor.name)
+    settings = settings.for_network(descriptor)
     key = export_key(descriptor, settings)
     folder = Path(cache_dir) / "onnx" / f"{descriptor.name}-{settings.precision}-{key[:16]}"
     model_file = f"{descriptor.name}.onnx"

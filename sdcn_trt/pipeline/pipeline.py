@@ -18,7 +18,7 @@ from sdcn_trt.engines import BackendConfig, create_runner
 from sdcn_trt.engines.base import Runner
 from sdcn_trt.errors import InputError
 from sdcn_trt.export.descriptors import PIPELINE_NETWORKS, get_descriptor
-from sdcn_trt.models import Components
+from sdcn_trt.components import Components
 from sdcn_trt.pipeline.graphs import GraphedLoop, GraphedStep, LoopKey, StaticLoop
 from sdcn_trt.pipeline.scheduler import (
     DdimSchedule, classifier_free_guidance, ddim_update, eps_compute_mask, make_ddim_schedule,
@@ -44,9 +44,9 @@ def _backend_config(backend: BackendConfig | str, options: dict[str, Any]) -> Ba
         if options:
             raise InputError(f"pass either a BackendConfig or options, not both: {sorted(options)}")
         return backend
-    unknown = set(options) - {"device", "dtype", "cache_dir"}
+    unknown = set(options) - {"device", "precision", "cache_dir"}
     if unknown:
-        raise InputError(f"unknown backend options {sorted(unknown)}; valid: cache_dir, device, dtype")
+        raise InputError(f"unknown backend options {sorted(unknown)}; valid: cache_dir, device, precision")
     return BackendConfig(backend=backend, **options)
 
 
@@ -136,7 +136,7 @@ class ControlNetPipeline:
 
         # 3. Control scales (2, 13): row 0 unconditional (zeros in guess mode), row 1 conditional
         desc = self.descriptors["fused_step"]
-        scales = torch.tensor(config.control_scales(desc.num_scales), dtype=torch.float32, device=device)
+        scales = torch.tensor(config.control_scales(desc.dims.num_scales), dtype=torch.float32, device=device)
 
         # 4. Timesteps and DDIM tables
         schedule = make_ddim_schedule(config.ddim_steps, config.eta)
@@ -147,7 +147,7 @@ class ControlNetPipeline:
         seed = config.seed if config.seed != -1 else random.randint(0, 65535)
         if generator is None:
             generator = torch.Generator().manual_seed(seed)
-        latent_shape = (config.num_samples, desc.latent_channels, height // desc.vae_scale, width // desc.vae_scale)
+        latent_shape = (config.num_samples, desc.dims.latent_channels, height // desc.dims.vae_scale, width // desc.dims.vae_scale)
         latents = torch.randn(latent_shape, generator=generator).to(device)
 
         # 6. Per-step eta noise, drawn now in the reference's order (one draw per step after the latents)

@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import io
+import json
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
-from sdcn_trt.scoring.run import save_table
 
 THUMB = 160
 
@@ -81,7 +82,7 @@ def render_html(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) 
              "td.l{text-align:left} img{display:block} .warn{background:#fff3cd;padding:8px;border:1px solid #e0c36a}",
              ".fail{color:#b00020}</style></head><body>", "<h1>sdcn_trt score report</h1>"]
     backend = summary["backend"]
-    parts.append(f"<p>backend <b>{e(backend['backend'])}</b> ({e(backend['dtype'])}, {e(backend['device'])}, "
+    parts.append(f"<p>backend <b>{e(backend['backend'])}</b> ({e(backend['precision'])}, {e(backend['device'])}, "
                  f"CUDA graph {e(backend['cuda_graph'])}) against the torch fp32 reference; FID weights: "
                  f"{e(summary['fid_weights'])}</p>")
     if summary["fid_weights"].startswith("random"):
@@ -121,6 +122,19 @@ def render_html(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) 
             + f"<td class='l'{cls}>{numbers}</td></tr>")
     parts.append("</table></body></html>")
     return "\n".join(parts)
+
+
+def save_table(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """rows.json, rows.csv and summary.json (the canny arrays stay out of them)."""
+    plain = [{k: v for k, v in r.items() if k != "canny"} for r in rows]
+    (out / "rows.json").write_text(json.dumps(plain, indent=1, default=str))
+    columns = ["image", "schedule", "latency_ms", "pd", "passed", "ssim", "psnr", "mean_abs_diff", "max_abs_diff",
+               "path", "error"]
+    with open(out / "rows.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(plain)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
 
 
 def write_report(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> Path:

@@ -1,7 +1,6 @@
 """Score a backend the contest's way: torch fp32 reference images, same seeds, PD from files, latency."""
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,7 +13,8 @@ from sdcn_trt.cache import cache_root, hash_file, hash_json, hash_module
 from sdcn_trt.config import GenerationConfig
 from sdcn_trt.engines import BackendConfig
 from sdcn_trt.errors import InputError, SdcnError
-from sdcn_trt.models import Components
+from sdcn_trt.images import sample_photos, write_contest_image
+from sdcn_trt.components import Components
 from sdcn_trt.scoring.contest import PD_FAIL, contest_score
 from sdcn_trt.scoring.latency import summarize, timed
 from sdcn_trt.scoring.metrics import image_metrics
@@ -54,21 +54,10 @@ def parse_schedule(text: str) -> dict[str, int]:
     return {fields[name]: int(value)}
 
 
-def write_contest_image(path: Path, image: np.ndarray) -> Path:
-    """cv2.imwrite of the array as it is, as the contest's scorer did (an RGB array written as BGR):
-    reference and accelerated images take the same path, so PD compares like with like."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), image):
-        raise InputError(f"cannot write image {path}")
-    return path
-
-
 def collect_inputs(settings: ScoreSettings, folder: Path) -> list[Path]:
     from sdcn_trt.preprocess import find_images
 
     if settings.inputs is None:
-        from sdcn_trt.demo import sample_photos
-
         return [write_contest_image(folder / f"{name}.png", photo[:, :, ::-1].copy())
                 for name, photo in sample_photos().items()]
     files = find_images(settings.inputs)
@@ -173,18 +162,3 @@ def summarize_rows(rows: list[dict[str, Any]], settings: ScoreSettings, backend:
         }
     return {"backend": asdict(backend), "settings": {**asdict(settings), "generation": asdict(settings.generation)},
             "fid_weights": fid_weights, "schedules": per_schedule}
-
-
-def save_table(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
-    """rows.json, rows.csv and summary.json (the canny arrays stay out of them)."""
-    import csv
-
-    plain = [{k: v for k, v in r.items() if k != "canny"} for r in rows]
-    (out / "rows.json").write_text(json.dumps(plain, indent=1, default=str))
-    columns = ["image", "schedule", "latency_ms", "pd", "passed", "ssim", "psnr", "mean_abs_diff", "max_abs_diff",
-               "path", "error"]
-    with open(out / "rows.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(plain)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
