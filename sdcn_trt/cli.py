@@ -12,6 +12,7 @@ from sdcn_trt.config import (
     BACKENDS, CONTEST_HEIGHT, CONTEST_WIDTH, GRAPH_MODES, PRECISIONS, BackendConfig, GenerationConfig,
 )
 from sdcn_trt.errors import SdcnError
+from sdcn_trt.schedule import SPELLINGS, load_schedule_file
 
 logger = logging.getLogger("sdcn_trt")
 
@@ -40,15 +41,19 @@ def add_backend_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--check-finite", action="store_true", help="fail naming the network that outputs NaN/Inf")
 
 
-def add_generation_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("generation (the contest's process() arguments)")
+def add_generation_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    g = parser.add_argument_group("generation (the contest's process() arguments, a schedule, a size guard)")
     for f in dataclasses.fields(GenerationConfig):
+        if f.name in exclude or f.name == "eps_steps":  # eps_steps: the API's old spelling of --schedule eps=N
+            continue
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
             g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
         else:
             kind = {"int": int, "float": float, "str": str}[str(f.type)]
             g.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f"default: {f.default!r}")
+    if "schedule" not in exclude:
+        g.add_argument("--schedule-file", help="JSON schedule (as `sdcn-trt tune` writes it); overrides --schedule")
 
 
 def add_shape_args(parser: argparse.ArgumentParser, what: str) -> None:
@@ -58,7 +63,10 @@ def add_shape_args(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def generation_config(args: argparse.Namespace) -> GenerationConfig:
-    return GenerationConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationConfig)})
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationConfig) if hasattr(args, f.name)}
+    if getattr(args, "schedule_file", None):
+        fields["schedule"] = load_schedule_file(args.schedule_file)
+    return GenerationConfig(**fields)
 
 
 def backend_config(args: argparse.Namespace) -> BackendConfig:
@@ -158,7 +166,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     from sdcn_trt.scoring.report import summary_table
     from sdcn_trt.scoring.run import ScoreSettings, run_score
 
-    settings = ScoreSettings(inputs=args.inputs, output=args.output, schedules=tuple(args.schedules),
+    schedules = tuple(args.schedules) + tuple(load_schedule_file(f) for f in args.schedule_file)
+    settings = ScoreSettings(inputs=args.inputs, output=args.output, schedules=schedules,
                              image_format=args.image_format, reference_dir=args.reference_dir,
                              fid_weights=args.fid_weights, random_fid=args.random_fid, warmup=args.warmup,
                              generation=generation_config(args))
@@ -250,8 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="latency + PD + contest score of a backend against the torch fp32 reference")
     p.add_argument("inputs", nargs="?", default=None, help="folder of input images (default: scikit-image photos)")
     p.add_argument("-o", "--output", default="sdcn_score", help="report folder (default: sdcn_score)")
-    p.add_argument("--schedules", "--schedule", nargs="+", default=["full"],
-                   help="full | steps=N (fewer DDIM steps) | eps=N (network at N steps, eps reused at the rest)")
+    p.add_argument("--schedules", nargs="+", default=["full"],
+                   help=f"schedules to score against the full fp32 reference: {SPELLINGS}")
+    p.add_argument("--schedule-file", action="append", default=[], help="also score this JSON schedule (repeatable)")
     p.add_argument("--image-format", default="jpg", choices=("jpg", "png"))
     p.add_argument("--reference-dir", help="precomputed reference images, matched by file stem")
     p.add_argument("--fid-weights", help="pt_inception-2015-12-05-6726825d.pth (default: $SDCN_FID_WEIGHTS, hub cache)")
@@ -259,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
     add_model_args(p)
     add_backend_args(p)
-    add_generation_args(p)
+    add_generation_args(p, exclude=("schedule",))
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("batch", help="every image in a folder, resumable; --ray for many GPUs")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdcn_trt.errors import InputError
+from sdcn_trt.schedule import parse_schedule
 
 # The reference seeds through pytorch_lightning's seed_everything, which only takes seeds numpy
 # accepts (0 .. 2**32 - 1); -1 means "pick one at random" as the original gradio app does.
@@ -45,7 +46,9 @@ class GenerationConfig:
     eta: float = 0.0  # DDIM eta; > 0 adds noise every step
     low_threshold: int = 100  # cv2.Canny thresholds
     high_threshold: int = 200
-    eps_steps: int = 0  # evaluate the network at this many DDIM steps, reuse eps at the rest (0: all; not in the reference)
+    schedule: str = "full"  # which networks each step runs (sdcn_trt.schedule); "full" is the reference
+    max_side: int = 2048  # refuse inputs whose resized long side would exceed this (before any compute)
+    eps_steps: int = 0  # old spelling of schedule="eps=N"; folded into `schedule` (and reset to 0) when made
 
     def __post_init__(self) -> None:
         _check_int(self, "num_samples", 1)
@@ -59,6 +62,7 @@ class GenerationConfig:
                 raise InputError(f"{name} must be >= 0, got {value}")
         for name in ("low_threshold", "high_threshold", "eps_steps"):
             _check_int(self, name, 0)
+        _check_int(self, "max_side", 64)
         if self.low_threshold > self.high_threshold:
             raise InputError(
                 f"low_threshold ({self.low_threshold}) must not exceed high_threshold ({self.high_threshold})"
@@ -72,6 +76,18 @@ class GenerationConfig:
                 raise InputError(f"{name} must be a string, got {getattr(self, name)!r}")
         if not isinstance(self.guess_mode, bool):
             raise InputError(f"guess_mode must be True or False, got {self.guess_mode!r}")
+        if self.eps_steps:
+            if self.schedule != "full":
+                raise InputError(f"give either eps_steps={self.eps_steps} or schedule={self.schedule!r}, not both")
+            self.schedule, self.eps_steps = f"eps={self.eps_steps}", 0
+        parsed = parse_schedule(self.schedule)
+        parsed.resolve(self.ddim_steps)  # range errors now, not mid-run
+        self.schedule = parsed.spec
+
+    def step_kinds(self) -> tuple[int, tuple[str, ...]]:
+        """(DDIM steps to run, the kind of every step in run order) under this config's schedule."""
+        parsed = parse_schedule(self.schedule)
+        return parsed.steps_for(self.ddim_steps), parsed.resolve(self.ddim_steps)
 
     @property
     def positive_prompt(self) -> str:

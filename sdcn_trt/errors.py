@@ -15,3 +15,7 @@ class WeightsError(SdcnError, RuntimeError):
 
 class BackendUnavailableError(SdcnError, RuntimeError):
     """A backend whose packages or hardware are missing; the message says how to get them."""
+
+
+class DeviceMemoryError(SdcnError, RuntimeError):
+    """The GPU ran out of memory building or capturing something; the message says what and at which shape."""

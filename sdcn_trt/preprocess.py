@@ -69,6 +69,15 @@ def resize_shape(height: int, width: int, resolution: int) -> tuple[int, int, bo
     return new_h, new_w, k > 1
 
 
+def check_side(height: int, width: int, max_side: int, original: tuple[int, ...] | None = None) -> None:
+    """InputError before any compute when an image's (resized) long side exceeds `max_side`: a 64x2000
+    photo resizes to 256x8000 at resolution 256, which would run for many minutes."""
+    if max(height, width) > max_side:
+        source = f"image {original[0]}x{original[1]} resizes to {height}x{width}" if original else f"image {height}x{width}"
+        raise InputError(f"{source}: its long side exceeds max_side={max_side}; crop it, lower image_resolution, "
+                         f"or raise max_side")
+
+
 def resize_image(image: np.ndarray, resolution: int) -> np.ndarray:
     """The reference's resize_image: LANCZOS4 when enlarging, AREA when shrinking."""
     height, width = image.shape[:2]

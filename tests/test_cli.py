@@ -52,7 +52,10 @@ def test_flags_equal_config_fields():
 
     args = build_parser().parse_args(["generate", "x.png"])
     for f in fields(GenerationConfig):
-        assert getattr(args, f.name) == f.default
+        if f.name != "eps_steps":  # the API's old spelling of --schedule eps=N has no flag
+            assert getattr(args, f.name) == f.default
+    args = build_parser().parse_args(["generate", "x.png", "--schedule", "eps=10", "--max-side", "1024"])
+    assert (args.schedule, args.max_side) == ("eps=10", 1024)
 
 
 def test_export_command(tmp_path, capsys):

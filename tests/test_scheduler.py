@@ -64,12 +64,3 @@ def test_cfg_and_bad_eta():
     assert s.classifier_free_guidance(u, c, 9.0).item() == 19.0
     with pytest.raises(InputError, match="eta must be"):
         s.make_ddim_schedule(10, -0.1)
-
-
-def test_eps_compute_mask():
-    assert s.eps_compute_mask(20, 10) == tuple(i % 2 == 0 for i in range(20))
-    assert s.eps_compute_mask(20, 0) == (True,) * 20 == s.eps_compute_mask(20, 20)
-    assert s.eps_compute_mask(5, 2) == (True, False, True, False, False)
-    assert sum(s.eps_compute_mask(20, 7)) == 7
-    with pytest.raises(InputError, match="eps_steps must be in 0..20"):
-        s.eps_compute_mask(20, 21)

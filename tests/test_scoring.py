@@ -9,7 +9,7 @@ from sdcn_trt import BackendConfig, GenerationConfig, InputError, WeightsError
 from sdcn_trt.scoring import contest_score, image_metrics, pd_factor, t_factor
 from sdcn_trt.scoring.latency import measure, summarize
 from sdcn_trt.scoring.pd import FID_WEIGHTS_FILE, PDScorer, find_fid_weights
-from sdcn_trt.scoring.run import ScoreSettings, parse_schedule, run_score
+from sdcn_trt.scoring.run import ScoreSettings, run_score
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +92,11 @@ def test_latency_stats():
     assert measure(lambda: calls.append(1), repeats=3, warmup=2)["n"] == 3 and len(calls) == 5
 
 
-def test_schedules():
-    assert parse_schedule("full") == {} and parse_schedule("steps=10") == {"ddim_steps": 10}
-    assert parse_schedule("eps=10") == {"eps_steps": 10}
-    for bad in ("eps", "eps=0", "fast=2", "steps=x"):
-        with pytest.raises(InputError, match="unknown schedule"):
-            parse_schedule(bad)
+def test_score_settings():
+    assert ScoreSettings(schedules=("full", "steps = 10", "eps=10")).schedules == ("full", "steps=10", "eps=10")
+    for bad, message in (("eps", "unknown schedule term 'eps'"), ("eps=0", "integer >= 1"), ("fast=2", "unknown")):
+        with pytest.raises(InputError, match=message):
+            ScoreSettings(schedules=(bad,))
     with pytest.raises(InputError, match="image_format must be jpg or png"):
         ScoreSettings(image_format="bmp")
 

@@ -1,13 +1,12 @@
 """ControlNetPipeline: canny image + prompt -> image, the reference's canny2image on any backend."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,15 +18,10 @@ from sdcn_trt.engines.base import Runner
 from sdcn_trt.errors import InputError
 from sdcn_trt.export.descriptors import PIPELINE_NETWORKS, get_descriptor
 from sdcn_trt.components import Components
-from sdcn_trt.pipeline.graphs import GraphedLoop, GraphedStep, LoopKey, StaticLoop
-from sdcn_trt.pipeline.scheduler import (
-    DdimSchedule, classifier_free_guidance, ddim_update, eps_compute_mask, make_ddim_schedule,
-)
+from sdcn_trt.pipeline.loop import EagerLoop, LoopInputs, LoopKey, ProgressFn, make_loop, networks_for
+from sdcn_trt.pipeline.scheduler import DdimSchedule, make_ddim_schedule
 
 logger = logging.getLogger(__name__)
-
-ProgressFn = Callable[[int, int], None]
-
 
 @dataclass
 class PipelineOutput:
@@ -59,7 +53,7 @@ class ControlNetPipeline:
         self.descriptors = {name: get_descriptor(name, components) for name in PIPELINE_NETWORKS}
         self.runners: dict[str, Runner] = {n: create_runner(d, self.backend) for n, d in self.descriptors.items()}
         self._text_cache: dict[tuple[str, str], torch.Tensor] = {}
-        self._graphs: dict[LoopKey, StaticLoop | GraphedStep] = {}  # keyed by everything they bake in
+        self._loops: dict[LoopKey, EagerLoop] = {}  # keyed by everything they bake in
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -104,6 +98,13 @@ class ControlNetPipeline:
             self._text_cache[key] = out.detach().clone()
         return self._text_cache[key]
 
+    def runner(self, name: str) -> Runner:
+        """The runner of network `name`, created on first use (schedules may need more than the four)."""
+        if name not in self.runners:
+            self.descriptors[name] = get_descriptor(name, self.components)
+            self.runners[name] = create_runner(self.descriptors[name], self.backend)
+        return self.runners[name]
+
     def run(self, image: np.ndarray, config: GenerationConfig, progress: bool | ProgressFn = False,
             output_type: str = "np", generator: torch.Generator | None = None,
             control_image: bool = False) -> PipelineOutput:
@@ -111,17 +112,21 @@ class ControlNetPipeline:
 
         `image` is a uint8 photo (HW, HWC; gray, RGB/BGR or RGBA) that is resized and edge-detected
         as the reference does, or, with `control_image=True`, a ready 0/255 control map.
+        `progress`: True for a bar over the steps, or a callable(done, total) called after each step.
         """
         if output_type not in ("np", "pil"):
             raise InputError(f"output_type must be 'np' or 'pil', got {output_type!r}")
         timings: dict[str, float] = {}
         clock = time.perf_counter()
 
-        # 1. Check inputs, preprocess: HWC3 -> resize -> Canny -> control in [0, 1]
+        # 1. Check inputs (size guard before any compute), preprocess: HWC3 -> resize -> Canny -> control in [0, 1]
         preprocess.check_image(image)
         if control_image:
+            preprocess.check_side(image.shape[0], image.shape[1], config.max_side)
             detected = preprocess.hwc3(image)
         else:
+            height, width, _ = preprocess.resize_shape(image.shape[0], image.shape[1], config.image_resolution)
+            preprocess.check_side(height, width, config.max_side, original=image.shape[:2])
             _, detected = preprocess.prepare(image, config.image_resolution, config.low_threshold, config.high_threshold)
         height, width = detected.shape[:2]
         device = self.runners["fused_step"].device
@@ -135,19 +140,18 @@ class ControlNetPipeline:
         timings["text"] = time.perf_counter() - clock
 
         # 3. Control scales (2, 13): row 0 unconditional (zeros in guess mode), row 1 conditional
-        desc = self.descriptors["fused_step"]
-        scales = torch.tensor(config.control_scales(desc.dims.num_scales), dtype=torch.float32, device=device)
+        dims = self.descriptors["fused_step"].dims
+        scales = torch.tensor(config.control_scales(dims.num_scales), dtype=torch.float32, device=device)
 
-        # 4. Timesteps and DDIM tables
-        schedule = make_ddim_schedule(config.ddim_steps, config.eta)
-        compute = eps_compute_mask(len(schedule), config.eps_steps)
-        report = _progress(progress, len(schedule))
+        # 4. The schedule: DDIM steps, the kind of every step, DDIM tables
+        ddim_steps, kinds = config.step_kinds()
+        schedule = make_ddim_schedule(ddim_steps, config.eta)
 
         # 5. Initial noise: seed -> torch.manual_seed(seed); torch.randn(B, 4, H/8, W/8), on the CPU
         seed = config.seed if config.seed != -1 else random.randint(0, 65535)
         if generator is None:
             generator = torch.Generator().manual_seed(seed)
-        latent_shape = (config.num_samples, desc.dims.latent_channels, height // desc.dims.vae_scale, width // desc.dims.vae_scale)
+        latent_shape = (config.num_samples, dims.latent_channels, height // dims.vae_scale, width // dims.vae_scale)
         latents = torch.randn(latent_shape, generator=generator).to(device)
 
         # 6. Per-step eta noise, drawn now in the reference's order (one draw per step after the latents)
@@ -155,91 +159,28 @@ class ControlNetPipeline:
         if schedule.eta > 0:
             noise = torch.stack([torch.randn(latent_shape, generator=generator) for _ in schedule.steps]).to(device)
 
-        # 7. Denoising loop and decode: eagerly, or replayed from static buffers / a CUDA graph
-        clock = time.perf_counter()
-        if self.backend.cuda_graph == "loop":
-            loop = self._static_loop(latent_shape, control, text, scales, schedule, config.scale, compute)  # hint inside
-            pixels = loop.run(latents, text, control, scales, noise)  # (B, H, W, 3) uint8
-            timings["denoise"] = time.perf_counter() - clock  # hint, steps and decode: one replay
-            timings["decode"] = 0.0
-            report(len(schedule), len(schedule))
-        else:
-            hint = self.runners["control_hint"].infer({"control": control})["hint"]  # once per image
-            latents = self._denoise(latents, text, hint, scales, schedule, config.scale, noise, report, compute)
-            timings["denoise"] = time.perf_counter() - clock
-            clock = time.perf_counter()
-            # the VAE returns [0, 255] floats; uint8 by truncation, as the reference's astype does
-            decoded = self.runners["vae_decoder"].infer({"latents": latents})["images"]  # (B, 3, H, W)
-            pixels = decoded.permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)  # (B, H, W, 3)
-            timings["decode"] = time.perf_counter() - clock
-        images: list[Any] = [pixels[i] for i in range(pixels.shape[0])]
+        # 7. Denoise and decode: eagerly, or replayed from static buffers / CUDA graphs (BackendConfig.cuda_graph)
+        key = LoopKey(latent_shape, tuple(control.shape), tuple(text.shape), tuple(scales.shape),
+                      tuple(schedule.timesteps), float(config.scale), float(schedule.eta), kinds)
+        loop = self._loop(key, schedule)
+        pixels, stage_times = loop.run(LoopInputs(latents, text, control, scales, noise), _progress(progress))
+        timings.update(stage_times)
+
+        # 8. uint8 HxWx3 arrays (or PIL images)
+        array = pixels.cpu().numpy()  # (B, H, W, 3)
+        images: list[Any] = [array[i] for i in range(array.shape[0])]
         if output_type == "pil":
             from PIL import Image
 
             images = [Image.fromarray(im) for im in images]
         return PipelineOutput(images=images, control=detected, seed=seed, timings=timings)
 
-    def _denoise(self, latents: torch.Tensor, text: torch.Tensor, hint: torch.Tensor, scales: torch.Tensor,
-                 schedule: DdimSchedule, scale: float, noise: torch.Tensor | None, report: ProgressFn,
-                 compute: tuple[bool, ...]) -> torch.Tensor:
-        """The eager loop: fused ControlNet+UNet on the CFG batch, guidance, DDIM update; steps
-        whose `compute` is False reuse the last guided prediction."""
-        fused, device = self.runners["fused_step"], self.runners["fused_step"].device
-        step_graph = None
-        if self.backend.cuda_graph == "step":
-            if not all(compute):
-                raise InputError("eps reuse (eps_steps) runs with cuda_graph 'off' or 'loop', not 'step'")
-            step_graph = self._step_graph(latents, hint, text, scales, schedule, scale)
-        if step_graph is not None:
-            step_graph.x.copy_(latents)
-            step_graph.load(text, hint, scales)
-        feed = {"latents": latents, "timestep": torch.zeros(1, device=device), "text_embeddings": text,
-                "hint": hint, "control_scales": scales}
-        guided = latents
-        for i, step in enumerate(schedule.steps):
-            if step_graph is not None:
-                step_graph.step(step, noise[i] if noise is not None else None)
-                report(i + 1, len(schedule))
-                continue
-            if compute[i]:
-                feed["latents"] = latents
-                feed["timestep"] = torch.full((1,), float(step.timestep), device=device)
-                eps = fused.infer(feed)["noise_pred"].float()  # (2B, 4, h, w)
-                eps_uncond, eps_cond = eps.chunk(2)
-                guided = eps_cond if scale == 1.0 else classifier_free_guidance(eps_uncond, eps_cond, scale)
-            latents = ddim_update(latents, guided, step, noise[i] if noise is not None else None)
-            report(i + 1, len(schedule))
-        return step_graph.x.clone() if step_graph is not None else latents
-
-    def _loop_key(self, latents_shape: tuple[int, ...], control: torch.Tensor, text: torch.Tensor,
-                  scales: torch.Tensor, schedule: DdimSchedule, scale: float) -> LoopKey:
-        return LoopKey(tuple(latents_shape), tuple(control.shape), tuple(text.shape), tuple(scales.shape),
-                       tuple(schedule.timesteps), float(scale), float(schedule.eta))
-
-    def _static_loop(self, latent_shape: tuple[int, ...], control: torch.Tensor, text: torch.Tensor,
-                     scales: torch.Tensor, schedule: DdimSchedule, scale: float,
-                     compute: tuple[bool, ...]) -> StaticLoop:
-        """The whole-loop graph for this key, captured on first use (eager static loop on the CPU)."""
-        key = dataclasses.replace(self._loop_key(latent_shape, control, text, scales, schedule, scale), compute=compute)
-        if key not in self._graphs:
-            device = self.runners["fused_step"].device
-            cls = GraphedLoop if device.type == "cuda" else StaticLoop
-            self._graphs[key] = cls(key, schedule, self.runners, device)
-        loop = self._graphs[key]
-        assert isinstance(loop, StaticLoop)
-        return loop
-
-    def _step_graph(self, latents: torch.Tensor, hint: torch.Tensor, text: torch.Tensor, scales: torch.Tensor,
-                    schedule: DdimSchedule, scale: float) -> GraphedStep:
-        # one step graph serves every timestep and eta (constants and noise are buffers): key without them
-        key = dataclasses.replace(self._loop_key(tuple(latents.shape), hint, text, scales, schedule, scale),
-                                  timesteps=(), eta=0.0)
-        if key not in self._graphs:
-            fused = self.runners["fused_step"]
-            self._graphs[key] = GraphedStep(key, fused, tuple(hint.shape), fused.device)
-        graph = self._graphs[key]
-        assert isinstance(graph, GraphedStep)
-        return graph
+    def _loop(self, key: LoopKey, schedule: DdimSchedule) -> EagerLoop:
+        """The loop for `key` in the backend's graph mode, built (and captured) on first use."""
+        if key not in self._loops:
+            runners = {name: self.runner(name) for name in networks_for(key.kinds)}
+            self._loops[key] = make_loop(self.backend.cuda_graph, key, schedule, runners, runners["vae_decoder"].device)
+        return self._loops[key]
 
     # -- public call styles ---------------------------------------------------------------------
     def __call__(self, prompt: str, image: np.ndarray, num_inference_steps: int = 20, guidance_scale: float = 9.0,
@@ -263,23 +204,29 @@ class ControlNetPipeline:
     def process(self, input_image: np.ndarray, prompt: str, a_prompt: str, n_prompt: str, num_samples: int,
                 image_resolution: int, ddim_steps: int, guess_mode: bool, strength: float, scale: float, seed: int,
                 eta: float, low_threshold: int, high_threshold: int) -> list[np.ndarray]:
-        """The original canny2image `process()`: same arguments, returns [255 - edges, image, ...]."""
+        """The original Gradio app's canny2image `process()`: same arguments, same return shape —
+        [255 - edges, image, ...]. (The contest's `hackathon.process()` returns the images only;
+        see `sdcn_trt.contest`.)"""
         config = GenerationConfig(prompt, a_prompt, n_prompt, num_samples, image_resolution, ddim_steps, guess_mode,
                                   strength, scale, seed, eta, low_threshold, high_threshold)
         out = self.run(input_image, config)
         return [255 - out.control] + out.images
 
 
-def _progress(progress: bool | ProgressFn, total: int) -> ProgressFn:
+def _progress(progress: bool | ProgressFn) -> ProgressFn:
+    """A callable(done, total): the caller's own, a tqdm bar over the steps (True), or nothing."""
     if callable(progress):
         return progress
     if not progress:
         return lambda done, total: None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc="denoising", unit="step", leave=False)
+    bar: Any = None
 
     def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="denoising", unit="step", leave=False)
         bar.update(done - bar.n)
         if done == total:
             bar.close()

@@ -126,17 +126,3 @@ def ddim_update(x: torch.Tensor, eps: torch.Tensor, step: DdimStep, noise: torch
 def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
     """model_uncond + scale * (model_t - model_uncond), as p_sample_ddim combines them."""
     return eps_uncond + scale * (eps_cond - eps_uncond)
-
-
-def eps_compute_mask(total: int, computed: int = 0) -> tuple[bool, ...]:
-    """Which of `total` steps evaluate the network when only `computed` of them may (0: all).
-
-    The others reuse the last guided noise prediction (the contest winner's trick: 10 of 20).
-    Evaluations are spread evenly and the first step always evaluates: 10 of 20 -> steps 0, 2, ..., 18.
-    """
-    if computed < 0 or computed > total:
-        raise InputError(f"eps_steps must be in 0..{total} (0 = every step), got {computed}")
-    if computed in (0, total):
-        return (True,) * total
-    chosen = {int(j * total / computed) for j in range(computed)}
-    return tuple(i in chosen for i in range(total))

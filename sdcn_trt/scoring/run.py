@@ -17,6 +17,7 @@ from sdcn_trt.images import sample_photos, write_contest_image
 from sdcn_trt.components import Components
 from sdcn_trt.scoring.contest import PD_FAIL, contest_score
 from sdcn_trt.scoring.latency import summarize, timed
+from sdcn_trt.schedule import parse_schedule
 from sdcn_trt.scoring.metrics import image_metrics
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ class ScoreSettings:
 
     inputs: str | None = None  # folder of input images; None: scikit-image's sample photos
     output: str = "sdcn_score"  # report folder
-    schedules: tuple[str, ...] = ("full",)  # "full", "steps=N" (fewer DDIM steps), "eps=N" (eps at N steps, reused)
+    schedules: tuple[str, ...] = ("full",)  # schedule spellings (sdcn_trt.schedule): full, steps=N, eps=N, control=N, ...
     image_format: str = "jpg"  # the contest wrote JPEGs: the codec is part of PD
     reference_dir: str | None = None  # precomputed reference images (by file stem) instead of torch fp32 here
     fid_weights: str | None = None  # pt_inception-2015-12-05-6726825d.pth; default: $SDCN_FID_WEIGHTS, hub cache
@@ -39,19 +40,7 @@ class ScoreSettings:
     def __post_init__(self) -> None:
         if self.image_format not in ("jpg", "png"):
             raise InputError(f"image_format must be jpg or png, got {self.image_format!r}")
-        for schedule in self.schedules:
-            parse_schedule(schedule)
-
-
-def parse_schedule(text: str) -> dict[str, int]:
-    """'full' -> {}; 'steps=N' -> {'ddim_steps': N}; 'eps=N' -> {'eps_steps': N}."""
-    if text == "full":
-        return {}
-    name, _, value = text.partition("=")
-    fields = {"steps": "ddim_steps", "eps": "eps_steps"}
-    if name not in fields or not value.isdigit() or int(value) < 1:
-        raise InputError(f"unknown schedule {text!r}; use full, steps=N or eps=N (N >= 1)")
-    return {fields[name]: int(value)}
+        self.schedules = tuple(parse_schedule(schedule).spec for schedule in self.schedules)
 
 
 def collect_inputs(settings: ScoreSettings, folder: Path) -> list[Path]:
@@ -116,8 +105,8 @@ def run_score(components: Components, backend: BackendConfig, settings: ScoreSet
     rows: list[dict[str, Any]] = []
     warmed = False
     for schedule in settings.schedules:
-        base = settings.generation.replace(**parse_schedule(schedule))
-        ref_config = settings.generation.replace(eps_steps=0)
+        base = settings.generation.replace(schedule=schedule)
+        ref_config = settings.generation.replace(schedule="full")
         for source in tqdm(inputs, desc=f"scoring {schedule}", unit="image"):
             row: dict[str, Any] = {"image": source.name, "schedule": schedule}
             try:

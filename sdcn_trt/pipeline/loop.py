@@ -1,0 +1,331 @@
+"""The denoising loop, written once: one step function, one decode, and the ways of running them.
+
+`Denoiser.step` is the denoising step: it evaluates what the step's kind calls for (the fused
+ControlNet+UNet, the UNet alone on cached ControlNet residuals, or nothing), applies classifier-free
+guidance and the DDIM update. `decode_uint8` is the VAE decode and the uint8 conversion. The loop
+variants only differ in where their tensors live and how the same calls are replayed:
+- `EagerLoop`: fresh tensors per image;
+- `StaticLoop`: the whole image (hint, every step, decode) over buffers allocated once — what a
+  CUDA graph captures; on the CPU it runs eagerly, which is how tests check it against `EagerLoop`;
+- `GraphedLoop`: `StaticLoop` captured in one CUDA graph and replayed per image;
+- `GraphedSteps`: one CUDA graph per step kind, replayed at every step with that step's DDIM
+  constants written into device scalars first (one capture serves all timesteps).
+`make_loop` picks one from the backend's `cuda_graph` mode; loops are keyed by everything they bake
+in (`LoopKey`), so a new key builds a new loop and a stale graph is never replayed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from sdcn_trt.engines.base import Runner
+from sdcn_trt.errors import DeviceMemoryError, InputError
+from sdcn_trt.export.descriptors import ShapeSpec
+from sdcn_trt.pipeline.scheduler import DdimSchedule, DdimStep, classifier_free_guidance, ddim_update
+from sdcn_trt.schedule import FULL, REUSE_CONTROL, REUSE_EPS, SHALLOW
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class LoopKey:
+    """Everything a loop bakes in: a different key needs a different loop (and graph)."""
+
+    latent_shape: tuple[int, ...]  # (B, 4, h, w)
+    control_shape: tuple[int, ...]  # (B, 3, H, W)
+    text_shape: tuple[int, ...]  # (2B, 77, D)
+    scales_shape: tuple[int, ...]  # (2, 13)
+    timesteps: tuple[int, ...]  # run order
+    scale: float  # guidance scale (1.0: the conditional prediction only)
+    eta: float
+    kinds: tuple[str, ...]  # per step: full | reuse_eps | reuse_control (sdcn_trt.schedule)
+
+    def __post_init__(self) -> None:
+        if len(self.kinds) != len(self.timesteps):
+            raise InputError(f"{len(self.kinds)} step kinds for {len(self.timesteps)} timesteps")
+        unsupported = sorted(set(self.kinds) - set(STEP_NETWORKS))
+        if unsupported:
+            raise InputError(f"step kinds {unsupported} cannot run yet; supported: {', '.join(STEP_NETWORKS)}")
+
+    @property
+    def spec(self) -> ShapeSpec:
+        """The image shape the loop runs: batch, pixels, CFG multiplier."""
+        batch, _, height, width = self.control_shape
+        return ShapeSpec(batch, height, width, self.text_shape[0] // batch)
+
+
+# The networks each step kind evaluates, when the schedule holds it.
+STEP_NETWORKS: dict[str, tuple[str, ...]] = {
+    FULL: ("fused_step",),
+    REUSE_EPS: (),
+    REUSE_CONTROL: ("unet",),
+}
+
+
+def networks_for(kinds: Sequence[str]) -> tuple[str, ...]:
+    """The networks a schedule needs: with ControlNet-residual reuse, full steps run the ControlNet
+    and the UNet apart so the residuals can be kept; otherwise the fused network."""
+    if REUSE_CONTROL in kinds:
+        return ("control_hint", "controlnet", "unet", "vae_decoder")
+    if SHALLOW in kinds:
+        raise InputError("shallow (DeepCache) steps cannot run yet")
+    return ("control_hint", "fused_step", "vae_decoder")
+
+
+@dataclass
+class StepState:
+    """What the loop carries from one step to the next."""
+
+    x: torch.Tensor  # (B, 4, h, w) latents
+    guided: torch.Tensor | None = None  # (B, 4, h, w) the last guided noise prediction
+    residuals: tuple[torch.Tensor, ...] = ()  # the last full step's scaled ControlNet residuals
+
+
+class Denoiser:
+    """The denoising step for one image: its text, hint and control scales are fixed per image."""
+
+    def __init__(self, runners: Mapping[str, Runner], kinds: Sequence[str], scale: float, text: torch.Tensor,
+                 hint: torch.Tensor, scales: torch.Tensor):
+        self.runners, self.scale = runners, scale
+        self.split = REUSE_CONTROL in kinds  # full steps keep the ControlNet's residuals
+        self.text, self.hint, self.scales = text, hint, scales
+
+    def guide(self, noise_pred: torch.Tensor) -> torch.Tensor:
+        """(2B, 4, h, w) [uncond, cond] -> the guided (B, 4, h, w) prediction, as p_sample_ddim combines them."""
+        eps_uncond, eps_cond = noise_pred.float().chunk(2)
+        return eps_cond if self.scale == 1.0 else classifier_free_guidance(eps_uncond, eps_cond, self.scale)
+
+    def evaluate(self, state: StepState, kind: str, timestep: torch.Tensor) -> StepState:
+        """Run the networks `kind` calls for at `timestep` (a (1,) tensor): a new guided prediction."""
+        if kind == REUSE_EPS:
+            assert state.guided is not None, "a reuse step needs an earlier full step"
+            return state
+        residuals = state.residuals
+        base = {"latents": state.x, "timestep": timestep, "text_embeddings": self.text}
+        if kind == FULL and not self.split:
+            noise_pred = self.runners["fused_step"].infer({**base, "hint": self.hint, "control_scales": self.scales})
+            return dataclasses.replace(state, guided=self.guide(noise_pred["noise_pred"]))
+        if kind == FULL:
+            out = self.runners["controlnet"].infer({**base, "hint": self.hint, "control_scales": self.scales})
+            residuals = tuple(out[n] for n in self.runners["controlnet"].descriptor.output_names)
+            # the runner may reuse its output buffers at the next call: keep copies only when graphed
+        if not residuals:
+            raise InputError(f"a {kind} step needs an earlier full step")
+        names = self.runners["unet"].descriptor.input_names[3:]  # residual_0 .. residual_12
+        noise_pred = self.runners["unet"].infer({**base, **dict(zip(names, residuals, strict=True))})["noise_pred"]
+        return StepState(state.x, self.guide(noise_pred), residuals)
+
+    def step(self, state: StepState, kind: str, ddim: DdimStep, timestep: torch.Tensor,
+             noise: torch.Tensor | None) -> StepState:
+        """One DDIM step: evaluate (or reuse), guide, update x_t -> x_{t-1}."""
+        state = self.evaluate(state, kind, timestep)
+        assert state.guided is not None
+        return dataclasses.replace(state, x=ddim_update(state.x, state.guided, ddim, noise))
+
+
+def decode_uint8(decoder: Runner, latents: torch.Tensor) -> torch.Tensor:
+    """VAE decode to [0, 255] floats, then uint8 by truncation as the reference's astype does: (B, H, W, 3)."""
+    images = decoder.infer({"latents": latents})["images"]  # (B, 3, H, W)
+    return images.permute(0, 2, 3, 1).float().to(torch.uint8)
+
+
+@dataclass
+class LoopInputs:
+    """One image's inputs to the loop, on the loop's device."""
+
+    latents: torch.Tensor  # (B, 4, h, w) initial noise
+    text: torch.Tensor  # (2B, 77, D) [negative x B, positive x B]
+    control: torch.Tensor  # (B, 3, H, W) canny map in [0, 1]
+    scales: torch.Tensor  # (2, 13) control scales, row 0 unconditional
+    noise: torch.Tensor | None  # (S, B, 4, h, w) per-step eta noise, or None when eta == 0
+
+
+def _no_progress(done: int, total: int) -> None:
+    pass
+
+
+class EagerLoop:
+    """Hint, every step and decode, eagerly, on the image's own tensors."""
+
+    def __init__(self, key: LoopKey, schedule: DdimSchedule, runners: Mapping[str, Runner], device: torch.device):
+        if tuple(schedule.timesteps) != key.timesteps:
+            raise InputError("schedule and loop key disagree on the timesteps")
+        self.key, self.schedule, self.runners, self.device = key, schedule, runners, device
+
+    def denoise(self, inputs: LoopInputs, timesteps: Sequence[torch.Tensor], report: ProgressFn) -> torch.Tensor:
+        """The hint once, then every step: the final latents (B, 4, h, w)."""
+        hint = self.runners["control_hint"].infer({"control": inputs.control})["hint"]  # (B, C, h, w)
+        denoiser = Denoiser(self.runners, self.key.kinds, self.key.scale, inputs.text, hint, inputs.scales)
+        state = StepState(inputs.latents)
+        steps = self.schedule.steps
+        for i, (ddim, kind) in enumerate(zip(steps, self.key.kinds, strict=True)):
+            noise = inputs.noise[i] if inputs.noise is not None else None
+            state = denoiser.step(state, kind, ddim, timesteps[i], noise)
+            report(i + 1, len(steps))
+        return state.x
+
+    def run(self, inputs: LoopInputs, report: ProgressFn = _no_progress) -> tuple[torch.Tensor, dict[str, float]]:
+        """(uint8 images (B, H, W, 3) on the device, host seconds per stage)."""
+        clock = time.perf_counter()
+        timesteps = [torch.full((1,), float(t), device=self.device) for t in self.key.timesteps]
+        latents = self.denoise(inputs, timesteps, report)
+        middle = time.perf_counter()
+        pixels = decode_uint8(self.runners["vae_decoder"], latents)
+        return pixels, {"denoise": middle - clock, "decode": time.perf_counter() - middle}
+
+
+class StaticLoop(EagerLoop):
+    """The same loop over buffers allocated once; `body()` reads and writes only those buffers."""
+
+    def __init__(self, key: LoopKey, schedule: DdimSchedule, runners: Mapping[str, Runner], device: torch.device):
+        super().__init__(key, schedule, runners, device)
+        steps = len(schedule)
+        self.buffers = LoopInputs(
+            latents=torch.zeros(key.latent_shape, device=device), text=torch.zeros(key.text_shape, device=device),
+            control=torch.zeros(key.control_shape, device=device), scales=torch.zeros(key.scales_shape, device=device),
+            noise=torch.zeros((steps, *key.latent_shape), device=device) if key.eta > 0 else None,
+        )
+        self.timesteps = torch.tensor([[float(t)] for t in key.timesteps], device=device)  # (S, 1)
+        self.output: torch.Tensor | None = None  # (B, H, W, 3) uint8, written by body()
+
+    def body(self) -> None:
+        """The captured region: no host synchronisation, no new inputs, constants baked in."""
+        latents = self.denoise(self.buffers, list(self.timesteps), _no_progress)
+        self.output = decode_uint8(self.runners["vae_decoder"], latents)
+
+    def load(self, inputs: LoopInputs) -> None:
+        """Copy one image's inputs into the buffers."""
+        b = self.buffers
+        for buffer, value in ((b.latents, inputs.latents), (b.text, inputs.text), (b.control, inputs.control),
+                              (b.scales, inputs.scales)):
+            buffer.copy_(value)
+        if b.noise is not None:
+            assert inputs.noise is not None, "eta > 0 needs the per-step noise"
+            b.noise.copy_(inputs.noise)
+
+    def replay(self) -> None:
+        self.body()
+
+    def run(self, inputs: LoopInputs, report: ProgressFn = _no_progress) -> tuple[torch.Tensor, dict[str, float]]:
+        clock = time.perf_counter()
+        self.load(inputs)
+        self.replay()
+        report(len(self.key.timesteps), len(self.key.timesteps))
+        assert self.output is not None
+        return self.output, {"denoise": time.perf_counter() - clock, "decode": 0.0}  # decode is in the replay
+
+
+def capture(body: Callable[[], None], device: torch.device, what: str) -> torch.cuda.CUDAGraph:
+    """Run `body` once on a side stream (engines bind buffers, kernels are picked, the allocator
+    settles), then capture it into a CUDA graph."""
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    try:
+        with torch.cuda.stream(stream):
+            body()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        with torch.cuda.graph(graph, stream=stream):
+            body()
+    except torch.OutOfMemoryError as exc:
+        raise DeviceMemoryError(f"out of GPU memory while capturing {what}: {exc}") from exc
+    return graph
+
+
+class GraphedLoop(StaticLoop):
+    """StaticLoop captured once into a CUDA graph and replayed per image."""
+
+    def __init__(self, key: LoopKey, schedule: DdimSchedule, runners: Mapping[str, Runner], device: torch.device):
+        super().__init__(key, schedule, runners, device)
+        self.graph = capture(self.body, device, f"the denoising loop for {key.latent_shape}")
+        logger.info("captured the denoising loop (%d steps + decode) in one CUDA graph", len(schedule))
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class DeviceStep:
+    """DdimStep's constants as device scalars, so one captured step serves every timestep."""
+
+    FIELDS = ("sqrt_one_minus_alpha", "sqrt_alpha", "sqrt_alpha_prev", "dir_coef", "sigma")
+
+    def __init__(self, device: torch.device):
+        for name in self.FIELDS:
+            setattr(self, name, torch.zeros((), device=device))
+
+    def load(self, step: DdimStep) -> None:
+        for name in self.FIELDS:
+            getattr(self, name).fill_(getattr(step, name))
+
+
+class GraphedSteps(EagerLoop):
+    """One CUDA graph per step kind; per step: write the constants, replay. Hint and decode run eagerly."""
+
+    def __init__(self, key: LoopKey, schedule: DdimSchedule, runners: Mapping[str, Runner], device: torch.device):
+        super().__init__(key, schedule, runners, device)
+        if device.type != "cuda":
+            raise InputError("cuda_graph='step' needs device='cuda'")
+        self.x = torch.zeros(key.latent_shape, device=device)
+        self.guided = torch.zeros(key.latent_shape, device=device)
+        self.noise = torch.zeros(key.latent_shape, device=device) if key.eta > 0 else None
+        self.text = torch.zeros(key.text_shape, device=device)
+        self.scales = torch.zeros(key.scales_shape, device=device)
+        self.timestep = torch.zeros(1, device=device)
+        self.constants = DeviceStep(device)
+        self.hint = torch.zeros(runners["control_hint"].descriptor.shapes(key.spec)["hint"], device=device)
+        self.residuals: tuple[torch.Tensor, ...] = ()
+        if REUSE_CONTROL in key.kinds:
+            shapes = runners["controlnet"].descriptor.shapes(key.spec)
+            self.residuals = tuple(torch.zeros(shapes[n], device=device)
+                                   for n in runners["controlnet"].descriptor.output_names)
+        self.graphs = {kind: capture(lambda k=kind: self._step(k), device, f"a {kind} step for {key.latent_shape}")
+                       for kind in dict.fromkeys(key.kinds)}
+
+    def _step(self, kind: str) -> None:
+        denoiser = Denoiser(self.runners, self.key.kinds, self.key.scale, self.text, self.hint, self.scales)
+        state = denoiser.step(StepState(self.x, self.guided, self.residuals), kind, self.constants,  # type: ignore[arg-type]
+                              self.timestep, self.noise)
+        self.x.copy_(state.x)
+        assert state.guided is not None
+        self.guided.copy_(state.guided)
+        for buffer, value in zip(self.residuals, state.residuals, strict=True):
+            if buffer is not value:
+                buffer.copy_(value)
+
+    def run(self, inputs: LoopInputs, report: ProgressFn = _no_progress) -> tuple[torch.Tensor, dict[str, float]]:
+        clock = time.perf_counter()
+        self.hint.copy_(self.runners["control_hint"].infer({"control": inputs.control})["hint"])
+        self.x.copy_(inputs.latents)
+        self.text.copy_(inputs.text)
+        self.scales.copy_(inputs.scales)
+        for i, (ddim, kind) in enumerate(zip(self.schedule.steps, self.key.kinds, strict=True)):
+            self.timestep.fill_(float(ddim.timestep))
+            self.constants.load(ddim)
+            if self.noise is not None:
+                assert inputs.noise is not None, "eta > 0 needs the per-step noise"
+                self.noise.copy_(inputs.noise[i])
+            self.graphs[kind].replay()
+            report(i + 1, len(self.schedule))
+        middle = time.perf_counter()
+        pixels = decode_uint8(self.runners["vae_decoder"], self.x)
+        return pixels, {"denoise": middle - clock, "decode": time.perf_counter() - middle}
+
+
+def make_loop(mode: str, key: LoopKey, schedule: DdimSchedule, runners: Mapping[str, Runner],
+              device: torch.device) -> EagerLoop:
+    """The loop for a `cuda_graph` mode: off -> eager; loop -> one graph (static buffers on the CPU);
+    step -> one graph per step kind (CUDA only)."""
+    if mode == "off":
+        return EagerLoop(key, schedule, runners, device)
+    if mode == "loop":
+        return (GraphedLoop if device.type == "cuda" else StaticLoop)(key, schedule, runners, device)
+    if mode == "step":
+        return GraphedSteps(key, schedule, runners, device)
+    raise InputError(f"unknown cuda_graph mode {mode!r}")
