@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
 
 from sdcn_trt.components import Components
+from sdcn_trt.errors import InputError
 
 
 class TextEncoderNet(nn.Module):
@@ -136,3 +138,100 @@ class VaeEncoderNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.vae.encode(images, return_dict=False)[0].mean * self.scaling
+
+
+# -- DeepCache (Ma et al. 2023): a full UNet pass that keeps its deep feature, and a shallow pass
+#    that runs only the outermost blocks on it. Written out block by block, in diffusers'
+#    UNet2DConditionModel.forward order, for SD-style UNets (no class/addition embeddings).
+def check_sd_unet(unet: nn.Module) -> None:
+    """InputError unless the UNet has SD1.x's plain structure, which the block-by-block passes assume."""
+    cfg = unet.config
+    extras = {name: getattr(cfg, name, None) for name in ("class_embed_type", "addition_embed_type",
+                                                          "encoder_hid_dim_type", "time_embedding_act_fn")}
+    extras = {k: v for k, v in extras.items() if v is not None}
+    if extras or getattr(cfg, "center_input_sample", False) or len(unet.up_blocks) < 2:
+        raise InputError(f"deep-feature caching needs an SD1.x-style UNet with at least two levels; this one has "
+                         f"{extras or {'levels': len(unet.up_blocks)}}")
+
+
+def _time_embedding(unet: nn.Module, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    return unet.time_embedding(unet.get_time_embed(sample=x, timestep=timestep), None)  # (2B, 4C)
+
+
+def _down(block: nn.Module, h: torch.Tensor, emb: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    if getattr(block, "has_cross_attention", False):
+        return block(hidden_states=h, temb=emb, encoder_hidden_states=text, attention_mask=None,
+                     cross_attention_kwargs=None, encoder_attention_mask=None)
+    return block(hidden_states=h, temb=emb)
+
+
+def _up(block: nn.Module, h: torch.Tensor, emb: torch.Tensor, skips: tuple, text: torch.Tensor,
+        upsample_size: Any) -> torch.Tensor:
+    if getattr(block, "has_cross_attention", False):
+        return block(hidden_states=h, temb=emb, res_hidden_states_tuple=skips, encoder_hidden_states=text,
+                     cross_attention_kwargs=None, upsample_size=upsample_size, attention_mask=None,
+                     encoder_attention_mask=None)
+    return block(hidden_states=h, temb=emb, res_hidden_states_tuple=skips, upsample_size=upsample_size)
+
+
+def _out(unet: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    if unet.conv_norm_out is not None:
+        h = unet.conv_act(unet.conv_norm_out(h))
+    return unet.conv_out(h)
+
+
+class UNetDeepNet(nn.Module):
+    """UNetNet that also returns the deep feature: the input of the UNet's last up block, (2B, C1, h, w)."""
+
+    def __init__(self, components: Components):
+        super().__init__()
+        check_sd_unet(components.unet)
+        self.unet = components.unet
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text_embeddings: torch.Tensor,
+                *residuals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        unet = self.unet
+        x = torch.cat([latents, latents], dim=0)  # (2B, 4, h, w)
+        emb = _time_embedding(unet, x, timestep)
+        h = unet.conv_in(x)
+        skips: tuple = (h,)
+        for block in unet.down_blocks:
+            h, more = _down(block, h, emb, text_embeddings)
+            skips += more
+        skips = tuple(s + r for s, r in zip(skips, residuals[:-1], strict=True))
+        h = unet.mid_block(h, emb, encoder_hidden_states=text_embeddings, attention_mask=None,
+                           cross_attention_kwargs=None, encoder_attention_mask=None) + residuals[-1]
+        factor = 2 ** unet.num_upsamplers
+        forward_size = any(d % factor for d in x.shape[-2:])
+        deep = h
+        for i, block in enumerate(unet.up_blocks):
+            n = len(block.resnets)
+            taken, skips = skips[-n:], skips[:-n]
+            last = i == len(unet.up_blocks) - 1
+            if last:
+                deep = h
+            h = _up(block, h, emb, taken, text_embeddings, skips[-1].shape[2:] if forward_size and not last else None)
+        return _out(unet, h), deep
+
+
+class UNetShallowNet(nn.Module):
+    """DeepCache's shallow step: conv_in, the first down block, and the last up block on the cached deep
+    feature, with the first residuals of the last ControlNet evaluation. Inputs: latents, timestep,
+    text_embeddings, residual_0 .. residual_{k-1} (k = the last up block's skips), deep_feature."""
+
+    def __init__(self, components: Components):
+        super().__init__()
+        check_sd_unet(components.unet)
+        self.unet = components.unet
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text_embeddings: torch.Tensor,
+                *residuals_and_deep: torch.Tensor) -> torch.Tensor:
+        unet = self.unet
+        *residuals, deep = residuals_and_deep
+        x = torch.cat([latents, latents], dim=0)  # (2B, 4, h, w)
+        emb = _time_embedding(unet, x, timestep)
+        h = unet.conv_in(x)
+        skips: tuple = (h,)
+        _, more = _down(unet.down_blocks[0], h, emb, text_embeddings)
+        skips = tuple(s + r for s, r in zip((skips + more)[: len(residuals)], residuals, strict=True))
+        return _out(unet, _up(unet.up_blocks[-1], deep, emb, skips, text_embeddings, None))

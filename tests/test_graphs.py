@@ -165,6 +165,38 @@ def test_control_reuse_runs_the_unet_alone_on_the_kept_residuals(tiny, photo):
     assert 0 < np.abs(full.astype(int) - image).mean() < 40  # reused residuals: close, not equal
 
 
+def test_deepcache_runs_the_shallow_unet_between_full_steps(tiny, photo):
+    config = GenerationConfig(image_resolution=64, ddim_steps=4, schedule="deepcache=2")
+    pipe = ControlNetPipeline(tiny)
+    calls = _count_calls(pipe, ["fused_step", "controlnet", "unet", "unet_deep", "unet_shallow"])
+    image = pipe.run(photo, config).images[0]
+    assert calls == [("controlnet", 751.0), ("unet_deep", 751.0), ("unet_shallow", 501.0), ("controlnet", 251.0),
+                     ("unet_deep", 251.0), ("unet_shallow", 1.0)]
+    static = ControlNetPipeline(tiny, BackendConfig(cuda_graph="loop")).run(photo, config).images[0]
+    assert np.array_equal(image, static)
+    full = pipe.run(photo, config.replace(schedule="full")).images[0]
+    assert 0 < np.abs(full.astype(int) - image).mean() < 40
+    mixed = pipe.run(photo, config.replace(schedule="kinds=fcsf")).images[0]  # control reuse and shallow together
+    assert mixed.shape == image.shape
+
+
+def test_deep_and_shallow_unets_reproduce_the_unet(tiny):
+    """The block-by-block UNet equals diffusers' forward exactly, and a shallow pass on the deep feature
+    of the same inputs gives the same prediction: a shallow step differs only by what it reuses."""
+    from sdcn_trt.export.descriptors import ShapeSpec, get_descriptor
+
+    unet, deep, shallow = (get_descriptor(n, tiny) for n in ("unet", "unet_deep", "unet_shallow"))
+    feed = unet.sample_inputs(ShapeSpec(1, 64, 128))
+    with torch.no_grad():
+        plain = unet.build_module()(*feed.values())
+        noise_pred, feature = deep.build_module()(*feed.values())
+        skips = [feed[n] for n in shallow.input_names[3:-1]]
+        again = shallow.build_module()(feed["latents"], feed["timestep"], feed["text_embeddings"], *skips, feature)
+    assert torch.equal(plain, noise_pred) and torch.equal(plain, again)
+    assert tuple(feature.shape) == deep.shapes(ShapeSpec(1, 64, 128))["deep_feature"] == (2, 64, 8, 16)
+    assert shallow.input_names[3:-1] == ["residual_0", "residual_1"]  # the last up block's two skips
+
+
 def test_split_networks_equal_the_fused_step(tiny):
     """A full step of a control-reuse schedule runs ControlNet then UNet: the fused network's result."""
     from sdcn_trt.export.descriptors import ShapeSpec, get_descriptor
@@ -184,8 +216,8 @@ def test_loop_key_and_modes_are_checked():
 
     with pytest.raises(InputError, match="2 step kinds for 3 timesteps"):
         LoopKey((1, 4, 8, 8), (1, 3, 64, 64), (2, 77, 8), (2, 5), (3, 2, 1), 9.0, 0.0, ("full", "full"))
-    with pytest.raises(InputError, match=r"step kinds \['shallow'\] cannot run yet"):
-        LoopKey((1, 4, 8, 8), (1, 3, 64, 64), (2, 77, 8), (2, 5), (3, 2), 9.0, 0.0, ("full", "shallow"))
+    with pytest.raises(InputError, match=r"unknown step kinds \['half'\]; valid: full, reuse_eps"):
+        LoopKey((1, 4, 8, 8), (1, 3, 64, 64), (2, 77, 8), (2, 5), (3, 2), 9.0, 0.0, ("full", "half"))
     key = LoopKey((1, 4, 8, 8), (1, 3, 64, 64), (2, 77, 8), (2, 5), (1,), 9.0, 0.0, ("full",))
     with pytest.raises(InputError, match="unknown cuda_graph mode 'all'"):
         make_loop("all", key, None, {}, torch.device("cpu"))

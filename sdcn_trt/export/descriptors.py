@@ -72,6 +72,8 @@ class ModelDims:
     hint_embedding_channels: int  # channels of the embedded hint (ControlNet's first block width)
     image_channels: int  # VAE output channels (3)
     residual_layout: tuple[tuple[int, int], ...]  # (channels, downsampling factor) of each residual
+    deep_channels: int  # channels of DeepCache's deep feature: the input of the UNet's last up block
+    shallow_skips: int  # skip connections the last up block reads (residuals a shallow step needs)
 
     @classmethod
     def of(cls, components: Components) -> "ModelDims":
@@ -84,6 +86,8 @@ class ModelDims:
             hint_embedding_channels=int(control.block_out_channels[0]),
             image_channels=int(components.vae.config.out_channels),
             residual_layout=tuple((int(c.out_channels), f) for c, f in zip(convs, _residual_factors(control))),
+            deep_channels=int(unet.block_out_channels[1]) if len(unet.block_out_channels) > 1 else 0,
+            shallow_skips=len(components.unet.up_blocks[-1].resnets),
         )
 
     def latent_size(self, spec: ShapeSpec) -> tuple[int, int]:
@@ -214,6 +218,7 @@ class StepTensors:
             TensorSpec("hint", torch.float32, latent_axes),  # (B, C, h, w): the embedded control image
             TensorSpec("control_scales", torch.float32, {}),  # (2, 13): rows scale the uncond / cond residuals
             TensorSpec("noise_pred", torch.float32, {0: "2B", 2: "h", 3: "w"}),  # (2B, 4, h, w)
+            TensorSpec("deep_feature", torch.float32, {0: "2B", 2: "h", 3: "w"}),  # (2B, C1, h, w)
         ]
         specs += [TensorSpec(name, torch.float32, {0: "2B", 2: f"h{i}", 3: f"w{i}"})
                   for i, name in enumerate(self.residual_names)]
@@ -234,6 +239,7 @@ class StepTensors:
             "hint": (spec.batch, d.hint_embedding_channels, h, w),
             "control_scales": (spec.cfg, d.num_scales),
             "noise_pred": (b2, d.latent_channels, h, w),
+            "deep_feature": (b2, d.deep_channels, h, w),
         }
         for name, (channels, factor) in zip(self.residual_names, d.residual_layout, strict=True):
             shapes[name] = (b2, channels, h // factor, w // factor)
@@ -243,7 +249,7 @@ class StepTensors:
 class StepDescriptor(NetworkDescriptor):
     """A network of the denoising step: its inputs and outputs are names from StepTensors."""
 
-    input_tensors: tuple[str, ...] = ()  # "*residuals" stands for residual_0 .. residual_12
+    input_tensors: tuple[str, ...] = ()  # "*residuals": residual_0 .. residual_12; "*skips": the shallow step's
     output_tensors: tuple[str, ...] = ()
 
     def __init__(self, components: Components):
@@ -252,8 +258,10 @@ class StepDescriptor(NetworkDescriptor):
 
     def _expand(self, names: tuple[str, ...]) -> list[str]:
         out: list[str] = []
+        expansions = {"*residuals": self.tensors.residual_names,
+                      "*skips": self.tensors.residual_names[: self.dims.shallow_skips]}
         for name in names:
-            out += self.tensors.residual_names if name == "*residuals" else [name]
+            out += expansions.get(name, [name])
         return out
 
     def inputs(self) -> list[TensorSpec]:
@@ -298,6 +306,24 @@ class UNetDescriptor(StepDescriptor):
     name = "unet"
     module_class = networks.UNetNet
     input_tensors = ("latents", "timestep", "text_embeddings", "*residuals")
+    output_tensors = ("noise_pred",)
+
+
+class UNetDeepDescriptor(StepDescriptor):
+    """UNetDescriptor's network that also returns the deep feature a DeepCache shallow step reuses."""
+
+    name = "unet_deep"
+    module_class = networks.UNetDeepNet
+    input_tensors = UNetDescriptor.input_tensors
+    output_tensors = ("noise_pred", "deep_feature")
+
+
+class UNetShallowDescriptor(StepDescriptor):
+    """DeepCache's shallow step: the outer UNet blocks on the cached deep feature."""
+
+    name = "unet_shallow"
+    module_class = networks.UNetShallowNet
+    input_tensors = ("latents", "timestep", "text_embeddings", "*skips", "deep_feature")
     output_tensors = ("noise_pred",)
 
 
@@ -360,7 +386,8 @@ class VaeEncoderDescriptor(NetworkDescriptor):
 
 DESCRIPTORS: dict[str, type[NetworkDescriptor]] = {
     d.name: d for d in (TextEncoderDescriptor, ControlHintDescriptor, ControlNetDescriptor, UNetDescriptor,
-                        FusedStepDescriptor, VaeDecoderDescriptor, VaeEncoderDescriptor)
+                        FusedStepDescriptor, UNetDeepDescriptor, UNetShallowDescriptor, VaeDecoderDescriptor,
+                        VaeEncoderDescriptor)
 }
 PIPELINE_NETWORKS = ("text_encoder", "control_hint", "fused_step", "vae_decoder")  # what ControlNetPipeline runs
 

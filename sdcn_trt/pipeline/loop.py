@@ -1,8 +1,8 @@
 """The denoising loop, written once: one step function, one decode, and the ways of running them.
 
 `Denoiser.step` is the denoising step: it evaluates what the step's kind calls for (the fused
-ControlNet+UNet, the UNet alone on cached ControlNet residuals, or nothing), applies classifier-free
-guidance and the DDIM update. `decode_uint8` is the VAE decode and the uint8 conversion. The loop
+ControlNet+UNet, the UNet alone on cached ControlNet residuals, the UNet's outer blocks on cached deep
+features, or nothing), applies classifier-free guidance and the DDIM update. `decode_uint8` is the VAE decode and the uint8 conversion. The loop
 variants only differ in where their tensors live and how the same calls are replayed:
 - `EagerLoop`: fresh tensors per image;
 - `StaticLoop`: the whole image (hint, every step, decode) over buffers allocated once — what a
@@ -27,7 +27,7 @@ from sdcn_trt.engines.base import Runner
 from sdcn_trt.errors import DeviceMemoryError, InputError
 from sdcn_trt.export.descriptors import ShapeSpec
 from sdcn_trt.pipeline.scheduler import DdimSchedule, DdimStep, classifier_free_guidance, ddim_update
-from sdcn_trt.schedule import FULL, REUSE_CONTROL, REUSE_EPS, SHALLOW
+from sdcn_trt.schedule import FULL, KINDS, REUSE_CONTROL, REUSE_EPS, SHALLOW
 
 logger = logging.getLogger(__name__)
 
@@ -45,14 +45,14 @@ class LoopKey:
     timesteps: tuple[int, ...]  # run order
     scale: float  # guidance scale (1.0: the conditional prediction only)
     eta: float
-    kinds: tuple[str, ...]  # per step: full | reuse_eps | reuse_control (sdcn_trt.schedule)
+    kinds: tuple[str, ...]  # per step: full | reuse_eps | reuse_control | shallow (sdcn_trt.schedule)
 
     def __post_init__(self) -> None:
         if len(self.kinds) != len(self.timesteps):
             raise InputError(f"{len(self.kinds)} step kinds for {len(self.timesteps)} timesteps")
-        unsupported = sorted(set(self.kinds) - set(STEP_NETWORKS))
-        if unsupported:
-            raise InputError(f"step kinds {unsupported} cannot run yet; supported: {', '.join(STEP_NETWORKS)}")
+        unknown = sorted(set(self.kinds) - set(KINDS))
+        if unknown:
+            raise InputError(f"unknown step kinds {unknown}; valid: {', '.join(KINDS)}")
 
     @property
     def spec(self) -> ShapeSpec:
@@ -61,21 +61,14 @@ class LoopKey:
         return ShapeSpec(batch, height, width, self.text_shape[0] // batch)
 
 
-# The networks each step kind evaluates, when the schedule holds it.
-STEP_NETWORKS: dict[str, tuple[str, ...]] = {
-    FULL: ("fused_step",),
-    REUSE_EPS: (),
-    REUSE_CONTROL: ("unet",),
-}
-
-
 def networks_for(kinds: Sequence[str]) -> tuple[str, ...]:
-    """The networks a schedule needs: with ControlNet-residual reuse, full steps run the ControlNet
-    and the UNet apart so the residuals can be kept; otherwise the fused network."""
+    """The networks a schedule needs. All-full (or eps-reuse) schedules run the fused ControlNet+UNet;
+    with ControlNet-residual reuse, full steps run the ControlNet and the UNet apart so the residuals
+    can be kept; with shallow steps the UNet also returns its deep feature."""
+    if SHALLOW in kinds:
+        return ("control_hint", "controlnet", "unet_deep", "unet_shallow", "vae_decoder")
     if REUSE_CONTROL in kinds:
         return ("control_hint", "controlnet", "unet", "vae_decoder")
-    if SHALLOW in kinds:
-        raise InputError("shallow (DeepCache) steps cannot run yet")
     return ("control_hint", "fused_step", "vae_decoder")
 
 
@@ -86,6 +79,7 @@ class StepState:
     x: torch.Tensor  # (B, 4, h, w) latents
     guided: torch.Tensor | None = None  # (B, 4, h, w) the last guided noise prediction
     residuals: tuple[torch.Tensor, ...] = ()  # the last full step's scaled ControlNet residuals
+    deep: torch.Tensor | None = None  # (2B, C1, h, w) the UNet's deep feature at the last UNet pass
 
 
 class Denoiser:
@@ -94,8 +88,10 @@ class Denoiser:
     def __init__(self, runners: Mapping[str, Runner], kinds: Sequence[str], scale: float, text: torch.Tensor,
                  hint: torch.Tensor, scales: torch.Tensor):
         self.runners, self.scale = runners, scale
-        self.split = REUSE_CONTROL in kinds  # full steps keep the ControlNet's residuals
         self.text, self.hint, self.scales = text, hint, scales
+        # which UNet network full and reuse_control steps run: the fused step, the UNet on given
+        # residuals, or that UNet also returning its deep feature (networks_for picks the same)
+        self.unet = "unet_deep" if SHALLOW in kinds else "unet" if REUSE_CONTROL in kinds else None
 
     def guide(self, noise_pred: torch.Tensor) -> torch.Tensor:
         """(2B, 4, h, w) [uncond, cond] -> the guided (B, 4, h, w) prediction, as p_sample_ddim combines them."""
@@ -103,24 +99,34 @@ class Denoiser:
         return eps_cond if self.scale == 1.0 else classifier_free_guidance(eps_uncond, eps_cond, self.scale)
 
     def evaluate(self, state: StepState, kind: str, timestep: torch.Tensor) -> StepState:
-        """Run the networks `kind` calls for at `timestep` (a (1,) tensor): a new guided prediction."""
+        """Run the networks `kind` calls for at `timestep` (a (1,) tensor): a new guided prediction and
+        whatever later steps may reuse. Runner outputs may be buffers the next call of the same runner
+        overwrites; kept residuals are only read before the ControlNet runs again."""
         if kind == REUSE_EPS:
             assert state.guided is not None, "a reuse step needs an earlier full step"
             return state
-        residuals = state.residuals
         base = {"latents": state.x, "timestep": timestep, "text_embeddings": self.text}
-        if kind == FULL and not self.split:
-            noise_pred = self.runners["fused_step"].infer({**base, "hint": self.hint, "control_scales": self.scales})
-            return dataclasses.replace(state, guided=self.guide(noise_pred["noise_pred"]))
+        control = {"hint": self.hint, "control_scales": self.scales}
+        if kind == FULL and self.unet is None:
+            noise_pred = self.runners["fused_step"].infer({**base, **control})["noise_pred"]
+            return dataclasses.replace(state, guided=self.guide(noise_pred))
+        residuals = state.residuals
         if kind == FULL:
-            out = self.runners["controlnet"].infer({**base, "hint": self.hint, "control_scales": self.scales})
-            residuals = tuple(out[n] for n in self.runners["controlnet"].descriptor.output_names)
-            # the runner may reuse its output buffers at the next call: keep copies only when graphed
-        if not residuals:
-            raise InputError(f"a {kind} step needs an earlier full step")
-        names = self.runners["unet"].descriptor.input_names[3:]  # residual_0 .. residual_12
-        noise_pred = self.runners["unet"].infer({**base, **dict(zip(names, residuals, strict=True))})["noise_pred"]
-        return StepState(state.x, self.guide(noise_pred), residuals)
+            controlnet = self.runners["controlnet"]
+            out = controlnet.infer({**base, **control})
+            residuals = tuple(out[n] for n in controlnet.descriptor.output_names)  # (2B, C_i, h_i, w_i) each
+        assert residuals, f"a {kind} step needs an earlier full step"
+        if kind == SHALLOW:
+            shallow = self.runners["unet_shallow"]
+            names = shallow.descriptor.input_names[3:-1]  # residual_0 .. residual_{k-1}
+            feed = {**base, **dict(zip(names, residuals, strict=False)), "deep_feature": state.deep}
+            noise_pred = shallow.infer(feed)["noise_pred"]
+            return dataclasses.replace(state, guided=self.guide(noise_pred))
+        assert self.unet is not None
+        unet = self.runners[self.unet]
+        names = unet.descriptor.input_names[3:]  # residual_0 .. residual_12
+        out = unet.infer({**base, **dict(zip(names, residuals, strict=True))})
+        return StepState(state.x, self.guide(out["noise_pred"]), residuals, out.get("deep_feature"))
 
     def step(self, state: StepState, kind: str, ddim: DdimStep, timestep: torch.Tensor,
              noise: torch.Tensor | None) -> StepState:
@@ -281,22 +287,23 @@ class GraphedSteps(EagerLoop):
         self.constants = DeviceStep(device)
         self.hint = torch.zeros(runners["control_hint"].descriptor.shapes(key.spec)["hint"], device=device)
         self.residuals: tuple[torch.Tensor, ...] = ()
-        if REUSE_CONTROL in key.kinds:
+        self.deep: torch.Tensor | None = None
+        if "controlnet" in runners:
             shapes = runners["controlnet"].descriptor.shapes(key.spec)
             self.residuals = tuple(torch.zeros(shapes[n], device=device)
                                    for n in runners["controlnet"].descriptor.output_names)
+        if "unet_deep" in runners:
+            self.deep = torch.zeros(runners["unet_deep"].descriptor.shapes(key.spec)["deep_feature"], device=device)
         self.graphs = {kind: capture(lambda k=kind: self._step(k), device, f"a {kind} step for {key.latent_shape}")
                        for kind in dict.fromkeys(key.kinds)}
 
     def _step(self, kind: str) -> None:
         denoiser = Denoiser(self.runners, self.key.kinds, self.key.scale, self.text, self.hint, self.scales)
-        state = denoiser.step(StepState(self.x, self.guided, self.residuals), kind, self.constants,  # type: ignore[arg-type]
-                              self.timestep, self.noise)
-        self.x.copy_(state.x)
-        assert state.guided is not None
-        self.guided.copy_(state.guided)
-        for buffer, value in zip(self.residuals, state.residuals, strict=True):
-            if buffer is not value:
+        before = StepState(self.x, self.guided, self.residuals, self.deep)
+        state = denoiser.step(before, kind, self.constants, self.timestep, self.noise)  # type: ignore[arg-type]
+        for buffer, value in zip((self.x, self.guided, self.deep, *self.residuals),
+                                 (state.x, state.guided, state.deep, *state.residuals), strict=True):
+            if buffer is not None and value is not None and buffer is not value:
                 buffer.copy_(value)
 
     def run(self, inputs: LoopInputs, report: ProgressFn = _no_progress) -> tuple[torch.Tensor, dict[str, float]]:
