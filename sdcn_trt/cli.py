@@ -178,6 +178,23 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 1 if any(s["errors"] for s in summary["schedules"].values()) else 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from sdcn_trt.tuning import TuneSettings, frontier_table, tune
+
+    candidates = tuple(args.candidates or ()) + tuple(load_schedule_file(f) for f in args.schedule_file)
+    settings = TuneSettings(inputs=args.inputs, output=args.output, candidates=candidates, greedy=not args.no_greedy,
+                            greedy_kinds=tuple(args.greedy_kinds), greedy_budget=args.greedy_budget,
+                            max_pd=args.max_pd, min_ssim=args.min_ssim, fid_weights=args.fid_weights,
+                            random_fid=args.random_fid, warmup=args.warmup, generation=generation_config(args))
+    summary = tune(load_components(args), backend_config(args), settings, progress=not args.quiet)
+    print(frontier_table(summary))
+    best = summary["best"]
+    print(f"best: {best['schedule']} ({best['latency_ms']['mean']:.1f} ms/image, {summary['quality']} "
+          f"{best[summary['quality']]:.3f}) -> {Path(args.output) / 'best_schedule.json'}")
+    print(f"report: {Path(args.output) / 'report.html'}")
+    return 0
+
+
 def cmd_batch(args: argparse.Namespace) -> int:
     import functools
 
@@ -271,6 +288,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_backend_args(p)
     add_generation_args(p, exclude=("schedule",))
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("tune", help="measure schedules on your weights and photos; write the best as a schedule file")
+    p.add_argument("inputs", nargs="?", default=None, help="folder of photos (default: scikit-image photos)")
+    p.add_argument("-o", "--output", default="sdcn_tune", help="results folder, also the resumable cache")
+    p.add_argument("--candidates", nargs="+", help="schedules to measure (default: full, steps=N/2, eps/control/"
+                                                   "deepcache families)")
+    p.add_argument("--schedule-file", action="append", default=[], help="also measure this JSON schedule")
+    p.add_argument("--no-greedy", action="store_true", help="skip the greedy search after the candidates")
+    p.add_argument("--greedy-kinds", nargs="+", default=["reuse_eps", "reuse_control"],
+                   help="what a dropped full step may become: reuse_eps reuse_control shallow")
+    p.add_argument("--greedy-budget", type=int, default=40, help="at most this many greedy candidates")
+    p.add_argument("--max-pd", type=float, default=4.0, help="quality bound with FID weights (mean PD)")
+    p.add_argument("--min-ssim", type=float, default=0.9, help="quality bound without them (mean SSIM)")
+    p.add_argument("--fid-weights", help="pt_inception-2015-12-05-6726825d.pth (default: $SDCN_FID_WEIGHTS, hub cache)")
+    p.add_argument("--random-fid", action="store_true", help="seeded random Inception (plumbing; PD not the contest's)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per candidate")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_model_args(p)
+    add_backend_args(p)
+    add_generation_args(p, exclude=("schedule",))
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("batch", help="every image in a folder, resumable; --ray for many GPUs")
     p.add_argument("input_dir")

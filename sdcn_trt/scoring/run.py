@@ -55,7 +55,7 @@ def collect_inputs(settings: ScoreSettings, folder: Path) -> list[Path]:
     return files
 
 
-def reference_image(weights_hash: str, reference_pipe: Any, settings: ScoreSettings, source: Path,
+def reference_image(model_hash: str, reference_pipe: Any, settings: ScoreSettings, source: Path,
                     image: np.ndarray, config: GenerationConfig) -> np.ndarray:
     """The torch fp32 image for `source`, cached by model weights + settings + input bytes."""
     if settings.reference_dir is not None:
@@ -66,7 +66,7 @@ def reference_image(weights_hash: str, reference_pipe: Any, settings: ScoreSetti
         if ref is None:
             raise InputError(f"cannot read reference image {matches[0]}")
         return ref
-    key = hash_json({"model": weights_hash, "config": asdict(config), "input": hash_file(source), "format": 1})
+    key = hash_json({"model": model_hash, "config": asdict(config), "input": hash_file(source), "format": 1})
     cached = cache_root() / "references" / f"{key[:32]}.png"
     if cached.is_file():
         image_ = cv2.imread(str(cached), cv2.IMREAD_UNCHANGED)
@@ -77,7 +77,8 @@ def reference_image(weights_hash: str, reference_pipe: Any, settings: ScoreSetti
     return out
 
 
-def _weights_hash(components: Components) -> str:
+def weights_hash(components: Components) -> str:
+    """A content hash of every network's weights (keys reference images)."""
     return hash_json({name: hash_module(module) for name, module in components.modules().items()})
 
 
@@ -101,7 +102,7 @@ def run_score(components: Components, backend: BackendConfig, settings: ScoreSet
     inputs = collect_inputs(settings, out / "inputs")
     reference_pipe = ControlNetPipeline(components, BackendConfig(device=backend.device, cache_dir=backend.cache_dir))
     pipe = ControlNetPipeline(components, backend)
-    weights_hash = _weights_hash(components) if settings.reference_dir is None else ""  # once: GBs for SD1.5
+    model_hash = weights_hash(components) if settings.reference_dir is None else ""  # once: GBs for SD1.5
     rows: list[dict[str, Any]] = []
     warmed = False
     for schedule in settings.schedules:
@@ -111,7 +112,7 @@ def run_score(components: Components, backend: BackendConfig, settings: ScoreSet
             row: dict[str, Any] = {"image": source.name, "schedule": schedule}
             try:
                 image = load_image(source)
-                reference = reference_image(weights_hash, reference_pipe, settings, source, image, ref_config)
+                reference = reference_image(model_hash, reference_pipe, settings, source, image, ref_config)
                 ref_path = write_contest_image(out / "reference" / f"{source.stem}.{settings.image_format}", reference)
                 if not warmed:
                     for _ in range(settings.warmup):
