@@ -81,7 +81,7 @@ def test_guess_mode_unconditional_half_gets_no_control(tiny):
 
     desc = get_descriptor("fused_step", tiny)
     feed = desc.sample_inputs(ShapeSpec(1, 64, 64))
-    feed["control_scales"] = torch.tensor([[0.0] * desc.dims.num_scales, [1.0] * desc.dims.num_scales])
+    feed["control_scales"] = torch.tensor([[[0.0] * desc.dims.num_scales, [1.0] * desc.dims.num_scales]])
     with torch.no_grad():
         eps = desc.build_module()(*feed.values())
         plain = tiny.unet(feed["latents"], feed["timestep"], encoder_hidden_states=feed["text_embeddings"][:1]).sample

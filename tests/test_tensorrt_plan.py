@@ -58,7 +58,7 @@ def test_static_and_dynamic_profiles(tiny):
     desc = get_descriptor("fused_step", tiny)
     static = desc.profile(BuildSettings().shape_range)
     assert static["latents"] == ((1, 4, 32, 48),) * 3  # the contest's 256 x 384
-    assert static["control_scales"] == ((2, 5),) * 3
+    assert static["control_scales"] == ((1, 2, 5),) * 3  # (ControlNets, CFG halves, residuals)
     dynamic = desc.profile(ShapeRange.dynamic(ShapeSpec(1, 256, 384), max_batch=4, min_side=256, max_side=768))
     assert dynamic["hint"] == ((1, 32, 32, 32), (1, 32, 32, 48), (4, 32, 96, 96))
     hint = get_descriptor("control_hint", tiny).profile(ShapeRange.dynamic(ShapeSpec(1, 256, 384)))
