@@ -122,7 +122,7 @@ def test_score_onnxruntime_against_torch(tiny, tmp_path, photo):
     assert all(r["mean_abs_diff"] > 1.0 for r in eps)  # half the evaluations: a different image
     assert [r["error"] for r in rows if "error" in r][0].startswith("cannot decode image file")
     page = (tmp_path / "out" / "report.html").read_text()
-    assert page.count("<img src='data:image/png;base64,") >= 4 * 5 + 3 and "Not scored" in page
+    assert page.count('<img src="data:image/png;base64,') >= 4 * 5 + 3 and "Not scored" in page
     assert "Random Inception weights" in page
     csv_lines = (tmp_path / "out" / "rows.csv").read_text().splitlines()
     assert csv_lines[0].startswith("image,schedule,latency_ms,pd") and len(csv_lines) == 1 + 6
@@ -154,3 +154,30 @@ def test_score_cli(tmp_path, photo, capsys):
                "--image-resolution", "64", "--warmup", "0"])
     out = capsys.readouterr().out
     assert rc == 0 and "mean PD" in out and "report:" in out
+
+
+def test_report_page_shows_every_part_and_escapes_text(tmp_path, photo):
+    from dataclasses import asdict
+
+    from sdcn_trt.scoring.report import render_html
+
+    for name in ("in.png", "ref.png", "acc.png"):
+        cv2.imwrite(str(tmp_path / name), photo)
+    canny = np.zeros(photo.shape, np.uint8)
+    rows = [{"image": "<b>cat</b>.png", "schedule": "full", "latency_ms": 123.456, "pd": 12.5, "passed": False,
+             "ssim": 0.98765, "max_abs_diff": 7, "input_path": str(tmp_path / "in.png"), "reference_path": "ref.png",
+             "path": "acc.png", "canny": canny},
+            {"image": "bad.png", "schedule": "full", "error": "cannot decode <x>"}]
+    summary = {"backend": asdict(BackendConfig()), "fid_weights": "random (seed 0)", "schedules": {"full": {
+        "images": 1, "errors": 1, "latency_ms": {"n": 1, "mean": 123.456, "p50": 123.456, "p90": 123.456,
+                                                 "min": 123.456, "max": 123.456},
+        "mean_pd": 12.5, "max_pd": float("inf"), "pd_failures": 1, "mean_ssim": 0.98765, "score": 0.0}}}
+    page = render_html(tmp_path, rows, summary)
+    assert "&lt;b&gt;cat&lt;/b&gt;.png" in page and "<b>cat</b>" not in page
+    assert "cannot decode &lt;x&gt;" in page and "Not scored" in page and "Random Inception weights" in page
+    assert "<td>full</td><td>1</td><td>1</td>" + "<td>123.456</td>" * 4 + "<td>12.500</td><td>inf</td><td>1</td>" in page
+    assert "backend <b>torch</b> (fp32, cpu, CUDA graph off)" in page
+    assert page.count('<img src="data:image/png;base64,') == 5 + 3  # five thumbnails, three plots
+    assert '<td class="l fail">full<br>123.5 ms<br>PD 12.500<br>SSIM 0.9877<br>max |diff| 7</td>' in page
+    summary["fid_weights"] = "/weights/pt_inception.pth"
+    assert "Random Inception weights" not in render_html(tmp_path, rows[1:], summary)
