@@ -17,7 +17,7 @@ def test_static_loop_equals_the_eager_loop(tiny_pipe, static_pipe, photo, settin
     config = GenerationConfig(image_resolution=64, ddim_steps=4, **settings)
     eager = tiny_pipe.run(photo, config).images
     static = static_pipe.run(photo, config).images
-    assert all(np.array_equal(a, b) for a, b in zip(eager, static))
+    assert all(np.array_equal(a, b) for a, b in zip(eager, static, strict=True))
 
 
 def test_loops_are_keyed_by_what_they_bake_in(tiny, photo):

@@ -17,25 +17,36 @@ def scorer():
     return PDScorer(random_seed=0)
 
 
+# Expected values worked out by hand from the published formula (DESIGN.md, "The score"), not from
+# the implementation: t_factor = 20000 - 28.8462 t (t < 520), 5000 - 2.40385 (t - 520) (t < 2600), else 0.
 @pytest.mark.parametrize("t,expected", [
-    (0, 20000.0), (100, 20000 - 2884.62), (519.999, 20000 - 28.8462 * 519.999),
-    (520, 5000.0), (1000, 5000 - 2.40385 * 480), (2599.999, 5000 - 2.40385 * 2079.999), (2600, 0.0), (9000, 0.0),
+    (0, 20000.0), (100, 17115.38), (260, 12499.988), (519.999, 5000.0048462), (520, 5000.0), (1000, 3846.152),
+    (1560, 2499.996), (2600, 0.0), (9000, 0.0),
 ])
 def test_t_factor_pieces(t, expected):
-    assert t_factor(t) == pytest.approx(expected)
+    assert t_factor(t) == pytest.approx(expected, abs=1e-6)
 
 
+def test_t_factor_pieces_meet():
+    """The published pieces join at 520 ms (5000) and reach 0 at 2600 ms, to their rounded slopes."""
+    assert t_factor(520 - 1e-9) == pytest.approx(t_factor(520), abs=0.05)
+    assert t_factor(2600 - 1e-9) == pytest.approx(0.0, abs=0.05)
+
+
+# pd_factor = 1 - 0.1 p (p < 4), 0.6 - 0.0125 (p - 4) (p < 8), 0.55 - 0.1375 (p - 8) (p <= 12), else 0
 @pytest.mark.parametrize("p,expected", [
-    (0, 1.0), (3.999, 1 - 0.3999), (4, 0.6), (6, 0.575), (7.999, 0.6 - 0.0125 * 3.999), (8, 0.55),
-    (10, 0.275), (12, 0.0), (12.001, 0.0), (float("nan"), 0.0),
+    (0, 1.0), (2, 0.8), (3.999, 0.6001), (4, 0.6), (6, 0.575), (7.999, 0.5500125), (8, 0.55), (10, 0.275),
+    (12, 0.0), (12.001, 0.0), (float("nan"), 0.0),
 ])
 def test_pd_factor_pieces(p, expected):
     assert pd_factor(p) == pytest.approx(expected, abs=1e-12)
 
 
 def test_contest_score_examples():
-    assert contest_score(3.24, 340) == pytest.approx((1 - 0.324) * (20000 - 28.8462 * 340))
-    assert contest_score(8.0, 186) == pytest.approx(0.55 * (20000 - 28.8462 * 186))
+    assert contest_score(3.24, 340) == pytest.approx(6889.989392)  # 0.676 x 10192.292 (the 340 ms team)
+    assert contest_score(8.0, 186) == pytest.approx(8049.03374)  # 0.55 x 14634.6068 (the 186 ms winner)
+    assert contest_score(4.0, 520) == pytest.approx(3000.0)  # 0.6 x 5000
+    assert contest_score(0.0, 0.0) == pytest.approx(20000.0)
     assert contest_score(13, 100) == 0.0
 
 
