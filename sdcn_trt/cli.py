@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -105,24 +107,20 @@ def load_pipeline(args: argparse.Namespace):  # -> ControlNetPipeline
 
 # -- sub-commands ----------------------------------------------------------------------------------
 def cmd_generate(args: argparse.Namespace) -> int:
-    from sdcn_trt.images import save_image
-    from sdcn_trt.preprocess import find_images, load_image
+    """Named and written as `batch` names and writes them (one writer): <input>.png, <input>_1.png ...
+    and <input>_canny.png, folders' images under their relative paths."""
+    from sdcn_trt.batch import jobs_for_paths, write_outputs
+    from sdcn_trt.preprocess import load_image
 
-    config = generation_config(args)
-    inputs: list[Path] = []
-    for item in args.inputs:
-        path = Path(item)
-        inputs += find_images(path) if path.is_dir() else [path]
-    images = [(p, load_image(p)) for p in inputs]  # read everything first: a bad file fails before any work
+    jobs = jobs_for_paths(args.inputs, generation_config(args))  # clashing output names fail here
+    images = [(root, job, load_image(root / job.source)) for root, job in jobs]  # a bad file fails before any work
     pipe = load_pipeline(args)
     out_dir = Path(args.output)
-    for path, image in images:
-        result = pipe.run(image, config, progress=not args.quiet)
-        for i, generated in enumerate(result.images):
-            target = save_image(out_dir / f"{path.stem}_{i}.png", generated)
-            print(f"{path} -> {target} (seed {result.seed}, {sum(result.timings.values()):.2f} s)")
-        if args.save_control:
-            save_image(out_dir / f"{path.stem}_canny.png", 255 - result.control)
+    for root, job, image in images:
+        result = pipe.run(image, job.config, progress=not args.quiet)
+        written = write_outputs(result, job, out_dir, args.save_control)
+        print(f"{root / job.source} -> {', '.join(map(str, written))} "
+              f"(seed {result.seed}, {sum(result.timings.values()):.2f} s)")
     return 0
 
 
@@ -143,20 +141,28 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_settings(args: argparse.Namespace):  # -> tuple[BuildSettings, BackendConfig]
+    """The engine build settings and the TensorRT backend named by `sdcn-trt build`'s flags."""
+    from sdcn_trt.engines.trt_plan import BuildSettings
+    from sdcn_trt.export.descriptors import ShapeRange, ShapeSpec
+
+    opt = ShapeSpec(batch=args.batch, height=args.height, width=args.width)
+    shape_range = (ShapeRange.dynamic(opt, max_batch=args.max_batch, min_side=args.min_side, max_side=args.max_side)
+                   if args.dynamic else ShapeRange.static(opt))
+    settings = BuildSettings(precision=args.precision, optimization_level=args.optimization_level,
+                             workspace_gib=args.workspace_gib, shape_range=shape_range)
+    backend = BackendConfig(backend="tensorrt", device=args.device, precision=args.precision,
+                            cache_dir=args.cache_dir)
+    return settings, backend
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from sdcn_trt.engines.tensorrt import build_engines, require_tensorrt
-    from sdcn_trt.engines.trt_plan import BuildSettings
-    from sdcn_trt.export.descriptors import PIPELINE_NETWORKS, ShapeRange, ShapeSpec
+    from sdcn_trt.export.descriptors import PIPELINE_NETWORKS
 
+    settings, backend = build_settings(args)  # bad flags fail first
     require_tensorrt()  # before loading any weights
-    opt = ShapeSpec(args.batch, args.height, args.width)
-    shape_range = (ShapeRange.dynamic(opt, args.max_batch, args.min_side, args.max_side) if args.dynamic
-                   else ShapeRange.static(opt))
-    settings = BuildSettings(args.precision, args.optimization_level, args.workspace_gib, shape_range)
-    args.backend = "tensorrt"
-    pipe_args = backend_config(args)
-    components = load_components(args)
-    folders = build_engines(components, args.networks or list(PIPELINE_NETWORKS), pipe_args, settings)
+    folders = build_engines(load_components(args), args.networks or list(PIPELINE_NETWORKS), backend, settings)
     for name, folder in folders.items():
         print(f"{name:>13}: {folder}")
     return 0
@@ -271,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--device", default="cuda")
     p.add_argument("--cache-dir", help="engine cache (default: $SDCN_TRT_CACHE)")
-    p.set_defaults(func=cmd_build, cuda_graph="off", check_finite=False)
+    p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("score", help="latency + PD + contest score of a backend against the torch fp32 reference")
     p.add_argument("inputs", nargs="?", default=None, help="folder of input images (default: scikit-image photos)")
@@ -334,10 +340,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# third-party loggers kept to these levels unless -v
+QUIET_LOGGERS = {"transformers": logging.ERROR, "diffusers": logging.ERROR, "Polygraphy": logging.WARNING}
+
+
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:  # warnings.showwarning
+    logging.getLogger("py.warnings").debug("%s:%s: %s: %s", filename, lineno, category.__name__, message)
+
+
+def setup_logging(verbose: bool) -> None:
+    """Our log lines on stderr (INFO; DEBUG with -v). Python warnings — torch.onnx's TracerWarnings,
+    diffusers' and transformers' FutureWarnings and deprecations — are logged at DEBUG, so only -v
+    shows them; transformers' and diffusers' own loggers keep to errors unless -v."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    warnings.showwarning = _log_warning
+    if verbose:
+        return
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+    for variable in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):  # read when they set up their loggers
+        os.environ.setdefault(variable, "error")  # (after this, on first import; Ray workers inherit it)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except SdcnError as exc:
