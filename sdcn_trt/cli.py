@@ -25,7 +25,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", default=None, help="built-in seeded random weights: tiny | sd15-random (default: tiny)")
     g.add_argument("--preset-seed", type=int, default=0, help="seed of the preset's weights")
     g.add_argument("--sd-dir", help="diffusers SD1.5 folder (tokenizer/, text_encoder/, unet/, vae/)")
-    g.add_argument("--controlnet", help="diffusers ControlNet folder, or a ControlNet checkpoint file")
+    g.add_argument("--controlnet", action="append", default=[],
+                   help="diffusers ControlNet folder or ControlNet checkpoint file; repeat for several ControlNets "
+                        "(with --sd-dir the first is the canny one; with --checkpoint/--preset each adds one)")
     g.add_argument("--checkpoint", help="single ldm-layout file with SD + ControlNet (control_sd15_canny.pth)")
     g.add_argument("--original-config", help="ldm YAML for --checkpoint (default: read off the tensor shapes)")
     g.add_argument("--text-encoder-config", help="CLIPTextConfig json for --checkpoint (default: from shapes)")
@@ -49,7 +51,10 @@ def add_generation_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...
         if f.name in exclude or f.name == "eps_steps":  # eps_steps: the API's old spelling of --schedule eps=N
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
+        if f.name == "controlnet_strengths":
+            g.add_argument(flag, dest=f.name, type=float, nargs="+", default=(),
+                           help="one strength per ControlNet, 0..2 (default: --strength for all)")
+        elif f.type in ("bool", bool):
             g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
         else:
             kind = {"int": int, "float": float, "str": str}[str(f.type)]
@@ -83,19 +88,18 @@ def load_components(args: argparse.Namespace):  # -> Components
     chosen = [n for n, v in (("--preset", args.preset), ("--sd-dir", args.sd_dir), ("--checkpoint", args.checkpoint)) if v]
     if len(chosen) > 1:
         raise InputError(f"choose one model source, got {' and '.join(chosen)}")
+    from sdcn_trt.models import load_diffusers, load_preset, with_controlnets
+
     if args.checkpoint:
         from sdcn_trt.checkpoint import load_single_file
 
-        return load_single_file(args.checkpoint, args.original_config, args.tokenizer, args.text_encoder_config)
+        components = load_single_file(args.checkpoint, args.original_config, args.tokenizer, args.text_encoder_config)
+        return with_controlnets(components, args.controlnet)
     if args.sd_dir:
         if not args.controlnet:
             raise InputError("--sd-dir needs --controlnet (a ControlNet folder or checkpoint file)")
-        from sdcn_trt.models import load_diffusers
-
         return load_diffusers(args.sd_dir, args.controlnet, args.tokenizer)
-    from sdcn_trt.models import load_preset
-
-    return load_preset(args.preset or "tiny", seed=args.preset_seed)
+    return with_controlnets(load_preset(args.preset or "tiny", seed=args.preset_seed), args.controlnet)
 
 
 def load_pipeline(args: argparse.Namespace):  # -> ControlNetPipeline
@@ -111,16 +115,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     and <input>_canny.png, folders' images under their relative paths."""
     from sdcn_trt.batch import jobs_for_paths, write_outputs
     from sdcn_trt.preprocess import load_image
+    from sdcn_trt.progress import RunProgress
 
     jobs = jobs_for_paths(args.inputs, generation_config(args))  # clashing output names fail here
     images = [(root, job, load_image(root / job.source)) for root, job in jobs]  # a bad file fails before any work
+    # further ControlNets' control maps, the same for every input (the first ControlNet gets each photo's edges)
+    controls = [None] + [load_image(p) for p in args.control_image] if args.control_image else None
     pipe = load_pipeline(args)
     out_dir = Path(args.output)
-    for root, job, image in images:
-        result = pipe.run(image, job.config, progress=not args.quiet)
-        written = write_outputs(result, job, out_dir, args.save_control)
-        print(f"{root / job.source} -> {', '.join(map(str, written))} "
-              f"(seed {result.seed}, {sum(result.timings.values()):.2f} s)")
+    with RunProgress(len(images), "generate", enabled=not args.quiet) as bar:
+        for root, job, image in images:
+            result = pipe.run(image, job.config, progress=bar.steps, control_images=controls)
+            written = write_outputs(result, job, out_dir, args.save_control)
+            bar.write(f"{root / job.source} -> {', '.join(map(str, written))} "
+                      f"(seed {result.seed}, {sum(result.timings.values()):.2f} s)")
+            bar.advance()
     return 0
 
 
@@ -247,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="sdcn_out", help="output folder (default: sdcn_out)")
     p.add_argument("--save-control", action="store_true", help="also write the inverted canny map")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--control-image", action="append", default=[],
+                   help="control map for the 2nd, 3rd ... ControlNet (repeat in --controlnet order)")
     add_model_args(p)
     add_backend_args(p)
     add_generation_args(p)
