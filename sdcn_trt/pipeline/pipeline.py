@@ -20,18 +20,12 @@ from sdcn_trt.engines.base import Runner
 from sdcn_trt.errors import InputError
 from sdcn_trt.export.descriptors import PIPELINE_NETWORKS, get_descriptor
 from sdcn_trt.models import load_diffusers, load_preset, with_controlnets
-from sdcn_trt.pipeline.loop import (
-    EagerLoop,
-    LoopInputs,
-    LoopKey,
-    ProgressFn,
-    make_loop,
-    networks_for,
-)
+from sdcn_trt.pipeline.loop import EagerLoop, LoopInputs, LoopKey, ProgressFn, make_loop, networks_for
 from sdcn_trt.pipeline.scheduler import DdimSchedule, make_ddim_schedule
 from sdcn_trt.tokenizer import tokenize
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass
 class PipelineOutput:
