@@ -56,3 +56,16 @@ def test_suite_runs_cases_compares_them_with_torch_fp32_and_keeps_its_time_limit
     (report_file,) = (tmp_path / "c").glob("bench-cpu-tiny-*.json")
     assert json.loads(report_file.read_text())["cases"] == [
         {"backend": "torch", "precision": "fp32", "cuda_graph": "off", "error": "skipped: the run's 1 s were spent"}]
+
+
+def test_fast_path_variants_are_timed_and_compared(tmp_path):
+    from benchmarks.fast_path import main
+
+    assert main(["--device", "cpu", "--precision", "fp32", "--preset", "tiny", "--repeats", "1",
+                 "--height", "64", "--width", "64", "--out", str(tmp_path)]) == 0
+    (report_file,) = tmp_path.glob("fastpath-cpu-tiny-*.json")
+    variants = json.loads(report_file.read_text())["variants"]
+    assert list(variants) == ["plain", "sdpa", "sdpa+fuse_qkv", "sdpa+fuse_qkv+channels_last"]
+    assert variants["sdpa"]["max_abs_vs_plain"] == 0.0  # diffusers' default processor already calls SDPA
+    assert all(v["ms"]["n"] == 1 and v["ms"]["p50"] > 0 and v["max_abs_vs_plain"] < 1e-3 for v in variants.values())
+    assert "| sdpa+fuse_qkv | " in report_file.with_suffix(".md").read_text()
