@@ -38,7 +38,7 @@ def run(components: Any, device: str, precision: str, repeats: int, spec: ShapeS
         runner.activate()
         out = runner.infer(feed)["noise_pred"].clone()
         plain = out if plain is None else plain
-        results[name] = {"ms": measure(lambda: runner.infer(feed), repeats, warmup=2),
+        results[name] = {"ms": measure(lambda r=runner: r.infer(feed), repeats, warmup=2),
                          "max_abs_vs_plain": float((out - plain).abs().max())}
         runner.deactivate()
         del runner
