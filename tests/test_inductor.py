@@ -233,6 +233,40 @@ def test_changed_weights_or_a_corrupt_package_rebuild(hint_build, tiny):
     assert sorted(p.name.split("-")[0] for p in (cache / "inductor").iterdir()) == ["control_hint"] * 2
 
 
+def test_a_package_that_does_not_load_is_rebuilt_and_out_of_memory_is_named(hint_build, tiny, monkeypatch):
+    from sdcn_trt.engines import inductor
+
+    cache, _ = hint_build
+    desc = get_descriptor("control_hint", tiny)
+    config = BackendConfig(backend="inductor", cache_dir=str(cache))
+    real_load = inductor.load_compiled
+
+    def out_of_memory(path, device):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(inductor, "load_compiled", out_of_memory)
+    with pytest.raises(DeviceMemoryError, match=r"out of GPU memory while loading the 'control_hint' package "
+                                                r"\(control \(1, 3, 64, 64\)\): CUDA error: out of memory"):
+        InductorRunner(desc, config, SMALL).activate()
+
+    loaded = []
+
+    def unreadable_once(path, device):  # the cached package does not load; the rebuilt one does
+        loaded.append(path)
+        if len(loaded) == 1:
+            raise RuntimeError("PytorchStreamReader failed reading zip archive")
+        return real_load(path, device)
+
+    monkeypatch.setattr(inductor, "load_compiled", unreadable_once)
+    runner = InductorRunner(desc, config, SMALL)
+    runner.activate()
+    assert len(loaded) == 2 and runner.package.path == loaded[0]  # the build check's load serves the runner
+    assert not runner.package.cached and runner.package.reasons == [
+        "the cached package does not load: PytorchStreamReader failed reading zip archive"]
+    feed = desc.sample_inputs(ShapeSpec(1, 64, 64))
+    assert (runner.infer(feed)["hint"] - TorchRunner(desc).infer(feed)["hint"]).abs().max() < 1e-5
+
+
 @pytest.mark.slow
 def test_changed_shapes_rebuild_and_dynamic_ranges_run(hint_build, tiny):
     cache, _ = hint_build

@@ -126,8 +126,7 @@ def _compile(descriptor: NetworkDescriptor, device: torch.device, dtype: torch.d
         expected = _as_tuple(module(*args))
         program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes(descriptor, settings.shape_range),
                                       strict=False)
-        aoti_compile_and_package(program, package_path=str(target),
-                                                 inductor_configs=settings.inductor_configs())
+        aoti_compile_and_package(program, package_path=str(target), inductor_configs=settings.inductor_configs())
         del program, module
         compiled = load_compiled(target, device)
         actual = _as_tuple(compiled(*args))
@@ -211,15 +210,22 @@ class InductorRunner(Runner):
                                                 self.settings, self.config.cache_path(), reason)
         package = build()
         try:
-            model = package.loaded if package.loaded is not None else load_compiled(package.path, self._device)
+            model = self._load(package)
         except RuntimeError as exc:
+            if "out of memory" in str(exc).lower():
+                raise DeviceMemoryError(f"out of GPU memory while loading the '{self.name}' package "
+                                        f"({self.settings.describe(self.descriptor)}): {exc}") from exc
             if not package.cached:
                 raise PackageBuildError(f"the package just compiled for '{self.name}' does not load: {exc}") from exc
             logger.warning("cached package %s does not load (%s); recompiling", package.path, exc)
             package = build(f"the cached package does not load: {exc}")
-            model = load_compiled(package.path, self._device)
-        package.loaded = None  # the runner holds it
+            model = self._load(package)
         self.package, self.model = package, model
+
+    def _load(self, package: PackageResult) -> Callable[..., Any]:
+        """The package's callable: the one its build check ran, or loaded from the cache."""
+        model, package.loaded = package.loaded, None  # the runner holds it from here
+        return model if model is not None else load_compiled(package.path, self._device)
 
     def deactivate_impl(self) -> None:
         self.model = None
