@@ -113,7 +113,7 @@ def choose_backend(device: str | None = None) -> tuple[Candidate, str]:
         if candidate.device == "cuda" and not gpu:
             ok, why = False, "no CUDA GPU"
         else:
-            ok, why = backend_available(candidate.backend)
+            ok, why = backend_available(candidate.backend, candidate.device)
         if ok:
             return candidate, "the fastest available" + (f" (skipped {'; '.join(skipped)})" if skipped else "")
         skipped.append(f"{candidate.label}: {why}")
@@ -207,7 +207,7 @@ class hackathon:  # noqa: N801 - the contest's name, imported as `from canny2ima
         settings = self.settings or ContestSettings.from_env()
         self.settings = settings
         logger.info("backend: %s", settings.reason)
-        ok, why = backend_available(settings.backend.backend)  # before minutes of weight loading
+        ok, why = backend_available(settings.backend.backend, settings.backend.device)  # before loading weights
         if not ok:
             raise BackendUnavailableError(f"backend {settings.backend.backend!r} is unavailable: {why}")
         if settings.schedule != "full":

@@ -23,7 +23,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def _availability(monkeypatch, cuda, available, backends=None):
     monkeypatch.setattr(contest, "cuda_available", lambda: cuda)
     monkeypatch.setattr(contest, "backend_available",
-                        lambda b: (True, "") if b in available else (False, f"{b} is missing"))
+                        lambda b, device=None: (True, "") if b in available else (False, f"{b} is missing"))
     if backends is not None:
         monkeypatch.setattr(contest, "BACKENDS", backends)
 
@@ -54,7 +54,8 @@ def test_compiled_engine_joins_the_order_once_it_is_a_backend(monkeypatch):
 def test_no_backend_on_the_requested_device(monkeypatch):
     _availability(monkeypatch, True, set())
     with pytest.raises(BackendUnavailableError, match="SDCN_DEVICE='cuda' but no backend can run there: "
-                                                      "tensorrt on cuda: tensorrt is missing; torch on cuda"):
+                                                      "tensorrt on cuda: tensorrt is missing; inductor on cuda: "
+                                                      "inductor is missing; torch on cuda"):
         choose_backend("cuda")
 
 

@@ -160,7 +160,7 @@ def test_fused_step_matches_eager_torch(tiny, fused_runner):
     assert not fused_runner.package.cached and fused_runner.package.reasons == ["no cached package"]
     desc = fused_runner.descriptor
     feed = desc.sample_inputs(ShapeSpec(), seed=3)
-    feed["control_scales"] = torch.tensor([[0.5] * desc.dims.num_scales, [1.0] * desc.dims.num_scales])
+    feed["control_scales"] = torch.tensor([[[0.5] * desc.dims.num_scales, [1.0] * desc.dims.num_scales]])
     expected = _outputs(TorchRunner(desc), feed)["noise_pred"]
     actual = _outputs(fused_runner, feed)["noise_pred"]
     assert actual.shape == expected.shape == (2, 4, 32, 48) and actual.dtype == torch.float32
