@@ -16,27 +16,19 @@ from pathlib import Path
 
 import torch
 
+from sdcn_trt.scoring.latency import measure
+
 CPU_CASES = [("torch", "fp32", "off"), ("onnxruntime", "fp32", "off"), ("diffusers", "fp32", "off")]
 GPU_CASES = [("torch", "fp32", "off"), ("torch", "fp16", "off"), ("torch", "fp16", "loop"),
              ("onnxruntime", "fp16", "off"), ("tensorrt", "fp16", "loop"), ("diffusers", "fp16", "off")]
 
 
 def gemm_peak_tflops(device: str) -> float:
-    """Measured matrix-multiply peak: fp32 2048^3 on the CPU, fp16 8192^3 on a GPU."""
+    """Measured matrix-multiply peak: fp32 2048^3 on the CPU, fp16 8192^3 on a GPU (best of 5)."""
     n, dtype = (2048, torch.float32) if device == "cpu" else (8192, torch.float16)
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    for _ in range(2):
-        a @ b
-    best = float("inf")
-    for _ in range(5):
-        if device != "cpu":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        a @ b
-        if device != "cpu":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e12
+    best_ms = measure(lambda: a @ b, repeats=5, warmup=2)["min"]
+    return 2 * n**3 / (best_ms / 1000.0) / 1e12
 
 
 def machine(device: str) -> dict[str, str]:

@@ -8,13 +8,14 @@ import torch
 
 
 def diffusers_end_to_end(components: Any, photo: np.ndarray, config: Any, args: Any) -> dict[str, float]:
-    """Median/min end-to-end seconds of diffusers' own pipeline on the canny map of `photo`, with the
-    DDIM configuration that matches ldm (fp32 on CPU, fp16 on GPU)."""
+    """End-to-end latency statistics (ms, `sdcn_trt.scoring.latency.measure` after one warm-up) of
+    diffusers' own pipeline on the canny map of `photo`, with the DDIM configuration that matches
+    ldm (fp32 on CPU, fp16 on GPU)."""
     from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline
     from PIL import Image
 
-    from benchmarks.case import timings
     from sdcn_trt.preprocess import prepare
+    from sdcn_trt.scoring.latency import measure
 
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
@@ -33,4 +34,4 @@ def diffusers_end_to_end(components: Any, photo: np.ndarray, config: Any, args: 
              negative_prompt=config.n_prompt, generator=torch.Generator().manual_seed(config.seed),
              height=detected.shape[0], width=detected.shape[1], output_type="np")
 
-    return timings(call, args.repeats, 1)
+    return measure(call, args.repeats, warmup=1)

@@ -7,27 +7,26 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import time
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from sdcn_trt.scoring.latency import synchronize
+from benchmarks.baseline_diffusers import diffusers_end_to_end
+from sdcn_trt.scoring.latency import measure
 
 
-def timings(fn: Callable[[], Any], repeats: int, warmup: int) -> dict[str, float]:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        synchronize()
-        start = time.perf_counter()
-        fn()
-        synchronize()
-        samples.append(time.perf_counter() - start)
-    return {"min_s": min(samples), "median_s": statistics.median(samples), "repeats": repeats, "warmup": warmup}
+def timings(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """The scoring harness's measurement of `fn` (warm-up, synchronised wall time per call), in the
+    benchmark's units: median and minimum in seconds."""
+    return in_seconds(measure(fn, repeats, warmup), warmup)
+
+
+def in_seconds(stats: dict[str, float], warmup: int) -> dict[str, float]:
+    """`sdcn_trt.scoring.latency.summarize` statistics (ms) -> median_s / min_s / repeats / warmup."""
+    return {"median_s": stats["p50"] / 1000.0, "min_s": stats["min"] / 1000.0, "repeats": int(stats["n"]),
+            "warmup": warmup}
 
 
 def fused_step_flops(components: Any, spec: Any) -> float:
@@ -46,7 +45,7 @@ def fused_step_flops(components: Any, spec: Any) -> float:
 
 def run_case(args: argparse.Namespace) -> dict[str, Any]:
     from sdcn_trt import BackendConfig, ControlNetPipeline, GenerationConfig
-    from sdcn_trt.demo import sample_photos
+    from sdcn_trt.images import sample_photos
     from sdcn_trt.export.descriptors import ShapeSpec
     from sdcn_trt.models import load_preset
     from sdcn_trt.pipeline.scheduler import make_ddim_schedule
@@ -60,9 +59,7 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
     photo = sample_photos(["chelsea"])["chelsea"]  # 300 x 451 -> 256 x 384, the contest's shape
     config = GenerationConfig(ddim_steps=args.steps)
     if args.backend == "diffusers":
-        from benchmarks.baseline_diffusers import diffusers_end_to_end
-
-        result["end_to_end"] = diffusers_end_to_end(components, photo, config, args)
+        result["end_to_end"] = in_seconds(diffusers_end_to_end(components, photo, config, args), 1)
     else:
         backend = BackendConfig(backend=args.backend, device=args.device, precision=args.precision, cuda_graph=args.cuda_graph)
         pipe = ControlNetPipeline(components, backend)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import fcntl
 import json
 import logging
 import os
@@ -12,14 +11,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import filelock
+
 from sdcn_trt.cache import hash_json
 from sdcn_trt.config import SEED_MAX, GenerationConfig
 from sdcn_trt.errors import InputError, SdcnError
+from sdcn_trt.images import save_image
+from sdcn_trt.preprocess import find_images, load_image
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.jsonl"
 LOCK = ".sdcn_batch.lock"
+LOCK_OWNER = ".sdcn_batch.owner"  # "pid N" of the run holding LOCK, for the refusal message
 
 
 @dataclass
@@ -109,8 +113,6 @@ def read_prompts(path: str | Path) -> dict[str, dict[str, Any]]:
 
 def plan_jobs(settings: BatchSettings) -> list[Job]:
     """One job per image under input_dir, with its prompt-file row applied."""
-    from sdcn_trt.preprocess import find_images
-
     root = Path(settings.input_dir)
     files = find_images(root, recursive=settings.recursive)
     if not files:
@@ -160,46 +162,75 @@ class Manifest:
 
 
 class OutputLock:
-    """An exclusive lock on the output folder: a second run on it is refused, not interleaved."""
+    """An exclusive lock on the output folder: a second run on it is refused, not interleaved.
+
+    The lock is filelock's (flock, or a soft lock where the filesystem has none); it goes when the
+    process dies. The holder writes its pid beside it so the refusal can name it."""
 
     def __init__(self, folder: Path):
+        self._owner = folder / LOCK_OWNER
+        self._lock = filelock.FileLock(folder / LOCK, timeout=0)
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            self._file = open(folder / LOCK, "a+")
+            self._lock.acquire()
+        except filelock.Timeout:
+            try:
+                owner = self._owner.read_text().strip()
+            except OSError:
+                owner = ""
+            raise InputError(f"another batch run ({owner or 'another process'}) is writing to {folder}; "
+                             "wait for it or use another folder") from None
         except OSError as exc:
             raise InputError(f"output folder {folder} is not writable: {exc.strerror}") from exc
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._file.seek(0)
-            owner = self._file.read().strip() or "another process"
-            self._file.close()
-            raise InputError(f"another batch run ({owner}) is writing to {folder}; wait for it or use another folder")
-        self._file.truncate(0)
-        self._file.write(f"pid {os.getpid()}")
-        self._file.flush()
+        self._owner.write_text(f"pid {os.getpid()}")
 
     def release(self) -> None:
-        fcntl.flock(self._file, fcntl.LOCK_UN)
-        self._file.close()
+        self._owner.unlink(missing_ok=True)
+        self._lock.release()
 
 
 # -- running ---------------------------------------------------------------------------------------
+def write_outputs(result: Any, job: Job, output_root: Path, save_control: bool) -> list[Path]:
+    """Write a job's images atomically: <source>.png, then <source>_1.png ... for further samples,
+    and <source>_canny.png (the inverted edge map) with save_control. Returns the paths written."""
+    output = save_image(job.output(output_root), result.images[0])
+    written = [output]
+    for i, extra in enumerate(result.images[1:], 1):
+        written.append(save_image(output.with_name(f"{output.stem}_{i}.png"), extra))
+    if save_control:
+        written.append(save_image(job.control_output(output_root), 255 - result.control))
+    return written
+
+
+def jobs_for_paths(paths: list[str] | list[Path], config: GenerationConfig) -> list[tuple[Path, Job]]:
+    """(input root, job) for image files and folders given on a command line: a file is its own job,
+    a folder's images are named relative to it (as in a batch). Two inputs that would write the same
+    output are refused before any work."""
+    planned: list[tuple[Path, Job]] = []
+    for item in paths:
+        path = Path(item)
+        if path.is_dir():
+            planned += [(path, Job(str(p.relative_to(path)), config)) for p in find_images(path)]
+        else:
+            planned.append((path.parent, Job(path.name, config)))
+    sources: dict[Path, list[str]] = {}
+    for root, job in planned:
+        sources.setdefault(job.output(Path()), []).append(str(root / job.source))
+    clashes = {out: names for out, names in sources.items() if len(names) > 1}
+    if clashes:
+        raise InputError("inputs would overwrite each other's outputs: " + "; ".join(
+            f"{', '.join(names)} -> {out}" for out, names in clashes.items()) + "; rename them or run them apart")
+    return planned
+
+
 def run_job(pipe: Any, job: Job, input_root: Path, output_root: Path, save_control: bool) -> dict[str, Any]:
     """Generate one job's image(s) and write them atomically; return its manifest record."""
-    from sdcn_trt.images import save_image
-    from sdcn_trt.preprocess import load_image
-
     clock = time.perf_counter()
     record: dict[str, Any] = {"key": job.key, "input": job.source, "seed": job.config.seed,
                               "settings": dataclasses.asdict(job.config)}
     try:
         result = pipe.run(load_image(input_root / job.source), job.config)
-        output = save_image(job.output(output_root), result.images[0])
-        for i, extra in enumerate(result.images[1:], 1):
-            save_image(output.with_name(f"{output.stem}_{i}.png"), extra)
-        if save_control:
-            save_image(job.control_output(output_root), 255 - result.control)
+        output = write_outputs(result, job, output_root, save_control)[0]
         record.update(status="done", output=str(output.relative_to(output_root)), seed=result.seed)
     except SdcnError as exc:
         record.update(status="failed", error=str(exc))

@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -23,7 +25,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", default=None, help="built-in seeded random weights: tiny | sd15-random (default: tiny)")
     g.add_argument("--preset-seed", type=int, default=0, help="seed of the preset's weights")
     g.add_argument("--sd-dir", help="diffusers SD1.5 folder (tokenizer/, text_encoder/, unet/, vae/)")
-    g.add_argument("--controlnet", help="diffusers ControlNet folder, or a ControlNet checkpoint file")
+    g.add_argument("--controlnet", action="append", default=[],
+                   help="diffusers ControlNet folder or ControlNet checkpoint file; repeat for several ControlNets "
+                        "(with --sd-dir the first is the canny one; with --checkpoint/--preset each adds one)")
     g.add_argument("--checkpoint", help="single ldm-layout file with SD + ControlNet (control_sd15_canny.pth)")
     g.add_argument("--original-config", help="ldm YAML for --checkpoint (default: read off the tensor shapes)")
     g.add_argument("--text-encoder-config", help="CLIPTextConfig json for --checkpoint (default: from shapes)")
@@ -47,7 +51,10 @@ def add_generation_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...
         if f.name in exclude or f.name == "eps_steps":  # eps_steps: the API's old spelling of --schedule eps=N
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
+        if f.name == "controlnet_strengths":
+            g.add_argument(flag, dest=f.name, type=float, nargs="+", default=(),
+                           help="one strength per ControlNet, 0..2 (default: --strength for all)")
+        elif f.type in ("bool", bool):
             g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
         else:
             kind = {"int": int, "float": float, "str": str}[str(f.type)]
@@ -81,19 +88,18 @@ def load_components(args: argparse.Namespace):  # -> Components
     chosen = [n for n, v in (("--preset", args.preset), ("--sd-dir", args.sd_dir), ("--checkpoint", args.checkpoint)) if v]
     if len(chosen) > 1:
         raise InputError(f"choose one model source, got {' and '.join(chosen)}")
+    from sdcn_trt.models import load_diffusers, load_preset, with_controlnets
+
     if args.checkpoint:
         from sdcn_trt.checkpoint import load_single_file
 
-        return load_single_file(args.checkpoint, args.original_config, args.tokenizer, args.text_encoder_config)
+        components = load_single_file(args.checkpoint, args.original_config, args.tokenizer, args.text_encoder_config)
+        return with_controlnets(components, args.controlnet)
     if args.sd_dir:
         if not args.controlnet:
             raise InputError("--sd-dir needs --controlnet (a ControlNet folder or checkpoint file)")
-        from sdcn_trt.models import load_diffusers
-
         return load_diffusers(args.sd_dir, args.controlnet, args.tokenizer)
-    from sdcn_trt.models import load_preset
-
-    return load_preset(args.preset or "tiny", seed=args.preset_seed)
+    return with_controlnets(load_preset(args.preset or "tiny", seed=args.preset_seed), args.controlnet)
 
 
 def load_pipeline(args: argparse.Namespace):  # -> ControlNetPipeline
@@ -105,24 +111,25 @@ def load_pipeline(args: argparse.Namespace):  # -> ControlNetPipeline
 
 # -- sub-commands ----------------------------------------------------------------------------------
 def cmd_generate(args: argparse.Namespace) -> int:
-    from sdcn_trt.images import save_image
-    from sdcn_trt.preprocess import find_images, load_image
+    """Named and written as `batch` names and writes them (one writer): <input>.png, <input>_1.png ...
+    and <input>_canny.png, folders' images under their relative paths."""
+    from sdcn_trt.batch import jobs_for_paths, write_outputs
+    from sdcn_trt.preprocess import load_image
+    from sdcn_trt.progress import RunProgress
 
-    config = generation_config(args)
-    inputs: list[Path] = []
-    for item in args.inputs:
-        path = Path(item)
-        inputs += find_images(path) if path.is_dir() else [path]
-    images = [(p, load_image(p)) for p in inputs]  # read everything first: a bad file fails before any work
+    jobs = jobs_for_paths(args.inputs, generation_config(args))  # clashing output names fail here
+    images = [(root, job, load_image(root / job.source)) for root, job in jobs]  # a bad file fails before any work
+    # further ControlNets' control maps, the same for every input (the first ControlNet gets each photo's edges)
+    controls = [None] + [load_image(p) for p in args.control_image] if args.control_image else None
     pipe = load_pipeline(args)
     out_dir = Path(args.output)
-    for path, image in images:
-        result = pipe.run(image, config, progress=not args.quiet)
-        for i, generated in enumerate(result.images):
-            target = save_image(out_dir / f"{path.stem}_{i}.png", generated)
-            print(f"{path} -> {target} (seed {result.seed}, {sum(result.timings.values()):.2f} s)")
-        if args.save_control:
-            save_image(out_dir / f"{path.stem}_canny.png", 255 - result.control)
+    with RunProgress(len(images), "generate", enabled=not args.quiet) as bar:
+        for root, job, image in images:
+            result = pipe.run(image, job.config, progress=bar.steps, control_images=controls)
+            written = write_outputs(result, job, out_dir, args.save_control)
+            bar.write(f"{root / job.source} -> {', '.join(map(str, written))} "
+                      f"(seed {result.seed}, {sum(result.timings.values()):.2f} s)")
+            bar.advance()
     return 0
 
 
@@ -143,20 +150,28 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_settings(args: argparse.Namespace):  # -> tuple[BuildSettings, BackendConfig]
+    """The engine build settings and the TensorRT backend named by `sdcn-trt build`'s flags."""
+    from sdcn_trt.engines.trt_plan import BuildSettings
+    from sdcn_trt.export.descriptors import ShapeRange, ShapeSpec
+
+    opt = ShapeSpec(batch=args.batch, height=args.height, width=args.width)
+    shape_range = (ShapeRange.dynamic(opt, max_batch=args.max_batch, min_side=args.min_side, max_side=args.max_side)
+                   if args.dynamic else ShapeRange.static(opt))
+    settings = BuildSettings(precision=args.precision, optimization_level=args.optimization_level,
+                             workspace_gib=args.workspace_gib, shape_range=shape_range)
+    backend = BackendConfig(backend="tensorrt", device=args.device, precision=args.precision,
+                            cache_dir=args.cache_dir)
+    return settings, backend
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from sdcn_trt.engines.tensorrt import build_engines, require_tensorrt
-    from sdcn_trt.engines.trt_plan import BuildSettings
-    from sdcn_trt.export.descriptors import PIPELINE_NETWORKS, ShapeRange, ShapeSpec
+    from sdcn_trt.export.descriptors import PIPELINE_NETWORKS
 
+    settings, backend = build_settings(args)  # bad flags fail first
     require_tensorrt()  # before loading any weights
-    opt = ShapeSpec(args.batch, args.height, args.width)
-    shape_range = (ShapeRange.dynamic(opt, args.max_batch, args.min_side, args.max_side) if args.dynamic
-                   else ShapeRange.static(opt))
-    settings = BuildSettings(args.precision, args.optimization_level, args.workspace_gib, shape_range)
-    args.backend = "tensorrt"
-    pipe_args = backend_config(args)
-    components = load_components(args)
-    folders = build_engines(components, args.networks or list(PIPELINE_NETWORKS), pipe_args, settings)
+    folders = build_engines(load_components(args), args.networks or list(PIPELINE_NETWORKS), backend, settings)
     for name, folder in folders.items():
         print(f"{name:>13}: {folder}")
     return 0
@@ -241,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="sdcn_out", help="output folder (default: sdcn_out)")
     p.add_argument("--save-control", action="store_true", help="also write the inverted canny map")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--control-image", action="append", default=[],
+                   help="control map for the 2nd, 3rd ... ControlNet (repeat in --controlnet order)")
     add_model_args(p)
     add_backend_args(p)
     add_generation_args(p)
@@ -271,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--device", default="cuda")
     p.add_argument("--cache-dir", help="engine cache (default: $SDCN_TRT_CACHE)")
-    p.set_defaults(func=cmd_build, cuda_graph="off", check_finite=False)
+    p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("score", help="latency + PD + contest score of a backend against the torch fp32 reference")
     p.add_argument("inputs", nargs="?", default=None, help="folder of input images (default: scikit-image photos)")
@@ -334,10 +351,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# third-party loggers kept to these levels unless -v
+QUIET_LOGGERS = {"transformers": logging.ERROR, "diffusers": logging.ERROR, "Polygraphy": logging.WARNING}
+
+
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:  # warnings.showwarning
+    logging.getLogger("py.warnings").debug("%s:%s: %s: %s", filename, lineno, category.__name__, message)
+
+
+def setup_logging(verbose: bool) -> None:
+    """Our log lines on stderr (INFO; DEBUG with -v). Python warnings — torch.onnx's TracerWarnings,
+    diffusers' and transformers' FutureWarnings and deprecations — are logged at DEBUG, so only -v
+    shows them; transformers' and diffusers' own loggers keep to errors unless -v."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    warnings.showwarning = _log_warning
+    if verbose:
+        return
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+    for variable in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):  # read when they set up their loggers
+        os.environ.setdefault(variable, "error")  # (after this, on first import; Ray workers inherit it)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except SdcnError as exc:

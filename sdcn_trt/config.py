@@ -16,6 +16,7 @@ SEED_MIN = 0
 SEED_MAX = 2**32 - 1
 NUM_CONTROL_SCALES = 13  # ControlNet residuals: 12 down-block outputs + 1 mid-block output
 GUESS_MODE_DECAY = 0.825  # the original code's magic number: 0.825 ** 12 < 0.01
+STRENGTH_MAX = 2.0  # ControlNet strengths beyond this only break images (the web UIs' slider ends here too)
 CONTEST_HEIGHT, CONTEST_WIDTH = 256, 384  # the contest's photos after resize_image at resolution 256
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
@@ -40,7 +41,7 @@ class GenerationConfig:
     image_resolution: int = 256  # short side after resize, rounded to a multiple of 64
     ddim_steps: int = 20
     guess_mode: bool = False  # control on the conditional half only, decaying scales
-    strength: float = 1.0  # ControlNet conditioning scale
+    strength: float = 1.0  # ControlNet conditioning scale, 0..2
     scale: float = 9.0  # classifier-free guidance scale
     seed: int = 2946901  # -1 draws a random seed in 0..65535 like the original app
     eta: float = 0.0  # DDIM eta; > 0 adds noise every step
@@ -49,17 +50,21 @@ class GenerationConfig:
     schedule: str = "full"  # which networks each step runs (sdcn_trt.schedule); "full" is the reference
     max_side: int = 2048  # refuse inputs whose resized long side would exceed this (before any compute)
     eps_steps: int = 0  # old spelling of schedule="eps=N"; folded into `schedule` (and reset to 0) when made
+    controlnet_strengths: tuple[float, ...] = ()  # one per ControlNet (Multi-ControlNet); () = `strength` for all
 
     def __post_init__(self) -> None:
         _check_int(self, "num_samples", 1)
         _check_int(self, "image_resolution", 64)
         _check_int(self, "ddim_steps", 1)
         for name in ("strength", "scale", "eta"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise InputError(f"{name} must be a finite number, got {value!r}")
-            if value < 0:
-                raise InputError(f"{name} must be >= 0, got {value}")
+            _check_number(name, getattr(self, name))
+        if self.strength > STRENGTH_MAX:
+            raise InputError(f"strength must be in 0..{STRENGTH_MAX}, got {self.strength}")
+        self.controlnet_strengths = tuple(self.controlnet_strengths)
+        for k, value in enumerate(self.controlnet_strengths):
+            _check_number(f"controlnet_strengths[{k}]", value)
+            if value > STRENGTH_MAX:
+                raise InputError(f"controlnet_strengths[{k}] must be in 0..{STRENGTH_MAX}, got {value}")
         for name in ("low_threshold", "high_threshold", "eps_steps"):
             _check_int(self, name, 0)
         _check_int(self, "max_side", 64)
@@ -94,7 +99,8 @@ class GenerationConfig:
         """The text the reference encodes for the conditional half: `prompt + ', ' + a_prompt`."""
         return self.prompt + ", " + self.a_prompt if self.a_prompt else self.prompt
 
-    def control_scales(self, count: int = NUM_CONTROL_SCALES) -> tuple[list[float], list[float]]:
+    def control_scales(self, count: int = NUM_CONTROL_SCALES,
+                       strength: float | None = None) -> tuple[list[float], list[float]]:
         """(unconditional, conditional) scales of the first `count` residuals, as the original computes them.
 
         Guess mode: `strength * 0.825 ** (12 - i)` on the conditional half and no control at all
@@ -102,14 +108,29 @@ class GenerationConfig:
         original zips 13 scales with the model's residuals, so a smaller model takes the first
         `count` (SD1.5 has exactly 13).
         """
+        strength = self.strength if strength is None else strength
         if self.guess_mode:
-            cond = [self.strength * (GUESS_MODE_DECAY ** float(12 - i)) for i in range(count)]
+            cond = [strength * (GUESS_MODE_DECAY ** float(12 - i)) for i in range(count)]
             return [0.0] * count, cond
-        return [float(self.strength)] * count, [float(self.strength)] * count
+        return [float(strength)] * count, [float(strength)] * count
+
+    def controlnet_scales(self, nets: int, count: int = NUM_CONTROL_SCALES) -> list[tuple[list[float], list[float]]]:
+        """control_scales() for each of `nets` ControlNets, with its own strength: (N, 2, count)."""
+        strengths = self.controlnet_strengths or (self.strength,) * nets
+        if len(strengths) != nets:
+            raise InputError(f"{len(strengths)} ControlNet strengths for {nets} ControlNets; give one per ControlNet")
+        return [self.control_scales(count, s) for s in strengths]
 
     def replace(self, **changes: object) -> "GenerationConfig":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _check_number(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, got {value!r}")
+    if value < 0:
+        raise InputError(f"{name} must be >= 0, got {value}")
 
 
 def _check_int(config: GenerationConfig, name: str, minimum: int) -> None:

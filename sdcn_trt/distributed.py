@@ -2,14 +2,14 @@
 
 The driver keeps the manifest (one writer) and the resume logic of `sdcn_trt.batch`; actors take
 chunks of jobs, write their images atomically into the output folder — which every node must see
-(a shared filesystem; on one machine, the local disk) — and return the manifest records. A chunk
-whose actor dies is re-run on the restarted actor (Ray's task retries), then resubmitted by the
-driver; after `max_retries` its jobs are recorded as failed.
+(a shared filesystem; on one machine, the local disk) — and return the manifest records. Ray does
+the bookkeeping: `ray.util.ActorPool` hands chunks to idle actors, and an actor that dies is
+restarted with its interrupted chunk re-run (`max_restarts` / `max_task_retries`); a chunk that
+still fails after `max_retries` has its jobs recorded as failed.
 """
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -66,30 +66,30 @@ class RayRunner:
         logger.info("Ray: %d workers (%s GPU each) on %s", count, gpus_per_worker, address or "a local cluster")
 
     def map(self, jobs: list[Job], input_root: Path, output_root: Path, save_control: bool) -> Iterator[dict[str, Any]]:
-        chunks = [jobs[i : i + self.chunk_size] for i in range(0, len(jobs), self.chunk_size)]
-        idle = list(range(len(self.actors)))
-        running: dict[Any, tuple[int, list[Job], int]] = {}  # ref -> (actor, chunk, attempt)
-        queue = [(chunk, 0) for chunk in chunks]
-        while queue or running:
-            while queue and idle:
-                chunk, attempt = queue.pop(0)
-                index = idle.pop(0)
-                ref = self.actors[index].run.remote(chunk, str(input_root), str(output_root), save_control)
-                running[ref] = (index, chunk, attempt)
-            ready, _ = self.ray.wait(list(running), num_returns=1)
-            index, chunk, attempt = running.pop(ready[0])
-            idle.append(index)
+        """Records of `jobs` as chunks finish (in no fixed order); jobs of chunks that failed on
+        every try come last, as failed records."""
+        from ray.util import ActorPool
+
+        pool = ActorPool(self.actors)
+        for i in range(0, len(jobs), self.chunk_size):
+            pool.submit(lambda actor, chunk: actor.run.remote(chunk, str(input_root), str(output_root), save_control),
+                        jobs[i : i + self.chunk_size])
+        unfinished = {job.key: job for job in jobs}
+        errors: list[str] = []
+        while pool.has_next():  # false too once every actor is dead: their chunks stay unfinished
             try:
-                records = self.ray.get(ready[0])
+                records = pool.get_next_unordered()
             except self.ray.exceptions.RayError as exc:
-                if attempt < self.max_retries:
-                    logger.warning("chunk of %d images failed on worker %d (%s); retrying", len(chunk), index, exc)
-                    time.sleep(1.0 + attempt)  # let a restarting actor come back
-                    queue.append((chunk, attempt + 1))
-                    continue
-                records = [{"key": j.key, "input": j.source, "seed": j.config.seed, "status": "failed",
-                            "error": f"worker failed {attempt + 1} times: {type(exc).__name__}"} for j in chunk]
+                logger.warning("a chunk failed after %d retries: %s", self.max_retries, type(exc).__name__)
+                errors.append(type(exc).__name__)
+                continue
+            for record in records:
+                unfinished.pop(record["key"], None)
             yield from records
+        why = (f"no result from Ray: its chunk failed {self.max_retries + 1} times, or no live worker was left to run it "
+               f"(errors: {', '.join(sorted(set(errors))) or 'none'})")
+        for job in unfinished.values():
+            yield {"key": job.key, "input": job.source, "seed": job.config.seed, "status": "failed", "error": why}
 
     def shutdown(self) -> None:
         for actor in self.actors:

@@ -1,9 +1,10 @@
 """Loading SD1.5 + ControlNet: diffusers folders, the built-in presets (seeded random weights)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -109,28 +110,51 @@ def _load_diffusers_model(cls: Any, folder: Path, what: str) -> Any:
         raise WeightsError(f"cannot load {what} from {folder}: {exc}") from exc
 
 
-def load_diffusers(sd_dir: str | Path, controlnet: str | Path, tokenizer: str | Path | None = None) -> Components:
+def load_controlnet(path: str | Path) -> Any:
+    """One ControlNet: a diffusers folder (config.json + weights) or a checkpoint file in ldm layout."""
+    from diffusers import ControlNetModel
+
+    from sdcn_trt.checkpoint import load_controlnet_file
+
+    path = _require(Path(path), "ControlNet")
+    if path.is_dir():
+        return _load_diffusers_model(ControlNetModel, path, "ControlNet").eval().requires_grad_(False)
+    return load_controlnet_file(path)
+
+
+def with_controlnets(components: Components, paths: Sequence[str | Path]) -> Components:
+    """`components` with further ControlNets (Multi-ControlNet) loaded from `paths`; each is checked
+    against the UNet (widths, text width) before any work."""
+    if not paths:
+        return components
+    more = components.more_controlnets + tuple(load_controlnet(p) for p in paths)
+    source = components.source + "+" + "+".join(str(p) for p in paths)
+    return dataclasses.replace(components, more_controlnets=more, source=source)
+
+
+def load_diffusers(sd_dir: str | Path, controlnet: str | Path | Sequence[str | Path],
+                   tokenizer: str | Path | None = None) -> Components:
     """An SD1.5 pipeline folder (tokenizer/, text_encoder/, unet/, vae/) plus a ControlNet folder
-    (config.json + weights) or a single ControlNet checkpoint file in ldm layout."""
-    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    (config.json + weights) or a single ControlNet checkpoint file in ldm layout — or a list of
+    them (Multi-ControlNet; the first is fed the photo's edge map)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     from sdcn_trt.tokenizer import load_tokenizer
 
     sd_dir = _require(Path(sd_dir), "Stable Diffusion folder")
-    controlnet_path = _require(Path(controlnet), "ControlNet")
+    paths = [controlnet] if isinstance(controlnet, (str, Path)) else list(controlnet)
+    if not paths:
+        raise InputError("give at least one ControlNet")
+    controlnet_path = _require(Path(paths[0]), "ControlNet")
     tok_dir = Path(tokenizer) if tokenizer is not None else sd_dir / "tokenizer"
     tok = load_tokenizer(tok_dir if tok_dir.exists() else None)
     text_encoder = _load_diffusers_model(CLIPTextModel, sd_dir / "text_encoder", "text encoder")
     unet = _load_diffusers_model(UNet2DConditionModel, sd_dir / "unet", "UNet")
     vae = _load_diffusers_model(AutoencoderKL, sd_dir / "vae", "VAE")
-    if controlnet_path.is_dir():
-        control = _load_diffusers_model(ControlNetModel, controlnet_path, "ControlNet")
-    else:
-        from sdcn_trt.checkpoint import load_controlnet_file
-
-        control = load_controlnet_file(controlnet_path)
-    return Components(tok, text_encoder, unet, control, vae, source=f"diffusers:{sd_dir}+{controlnet_path}").eval_()
+    components = Components(tok, text_encoder, unet, load_controlnet(controlnet_path), vae,
+                            source=f"diffusers:{sd_dir}+{controlnet_path}").eval_()
+    return with_controlnets(components, paths[1:])
 
 
 def save_diffusers(components: Components, sd_dir: str | Path, controlnet_dir: str | Path) -> None:

@@ -23,18 +23,20 @@ class TextEncoderNet(nn.Module):
 
 
 class ControlHintNet(nn.Module):
-    """control (B, 3, H, W) in [0, 1] -> hint (B, C, h, w): ControlNet's hint-embedding convolutions.
+    """control (B, 3, H, W) in [0, 1] per ControlNet -> hint (B, C, h, w) per ControlNet: each ControlNet's
+    hint-embedding convolutions.
 
-    Its input is the same at every step, so the pipeline runs it once per image instead of once per
+    Its inputs are the same at every step, so the pipeline runs it once per image instead of once per
     step (the contest's "hint block run once per image").
     """
 
     def __init__(self, components: Components):
         super().__init__()
-        self.embedding = components.controlnet.controlnet_cond_embedding
+        self.embeddings = nn.ModuleList(net.controlnet_cond_embedding for net in components.controlnets)
 
-    def forward(self, control: torch.Tensor) -> torch.Tensor:
-        return self.embedding(control)
+    def forward(self, *controls: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        hints = tuple(embed(c) for embed, c in zip(self.embeddings, controls, strict=True))
+        return hints[0] if len(hints) == 1 else hints
 
 
 def _controlnet_taking_hint(controlnet: nn.Module) -> nn.Module:
@@ -45,39 +47,46 @@ def _controlnet_taking_hint(controlnet: nn.Module) -> nn.Module:
     return clone
 
 
-def controlnet_residuals(controlnet: nn.Module, latents: torch.Tensor, timestep: torch.Tensor,
-                         text_embeddings: torch.Tensor, hint: torch.Tensor,
+def controlnet_residuals(controlnets: nn.ModuleList, latents: torch.Tensor, timestep: torch.Tensor,
+                         text_embeddings: torch.Tensor, hints: tuple[torch.Tensor, ...],
                          control_scales: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(x, residuals) for the CFG batch [uncond x B, cond x B]: x (2B, 4, h, w) and the ControlNet's
-    13 residuals, each scaled by its row of `control_scales` (2, 13) — a zero row is guess mode's
-    "no control on the unconditional half"."""
+    """(x, residuals) for the CFG batch [uncond x B, cond x B]: x (2B, 4, h, w) and the 13 residuals,
+    the sum over ControlNets of each one's residuals scaled by its rows of `control_scales` (N, 2, 13)
+    — a zero row is guess mode's "no control on the unconditional half" — as diffusers'
+    MultiControlNetModel adds them (in ControlNet order)."""
     batch = latents.shape[0]
     x = torch.cat([latents, latents], dim=0)  # (2B, 4, h, w)
-    scales = control_scales.to(x.dtype).repeat_interleave(batch, dim=0)  # (2B, 13)
-    down, mid = controlnet(
-        x, timestep.expand(x.shape[0]), encoder_hidden_states=text_embeddings,
-        controlnet_cond=torch.cat([hint, hint], dim=0), conditioning_scale=1.0, return_dict=False,
-    )
-    return x, [r * scales[:, i, None, None, None] for i, r in enumerate([*down, mid])]
+    total: list[torch.Tensor] = []
+    for k, (net, hint) in enumerate(zip(controlnets, hints, strict=True)):
+        scales = control_scales[k].to(x.dtype).repeat_interleave(batch, dim=0)  # (2B, 13)
+        down, mid = net(
+            x, timestep.expand(x.shape[0]), encoder_hidden_states=text_embeddings,
+            controlnet_cond=torch.cat([hint, hint], dim=0), conditioning_scale=1.0, return_dict=False,
+        )
+        scaled = [r * scales[:, i, None, None, None] for i, r in enumerate([*down, mid])]
+        total = scaled if k == 0 else [t + r for t, r in zip(total, scaled, strict=True)]
+    return x, total
 
 
 class FusedStepNet(nn.Module):
-    """One denoising evaluation: ControlNet and UNet on the CFG batch [uncond x B, cond x B].
+    """One denoising evaluation: the ControlNets and the UNet on the CFG batch [uncond x B, cond x B].
 
-    Inputs: latents (B, 4, h, w); timestep (1,) float32; text_embeddings (2B, 77, D);
-    hint (B, C, h, w) from ControlHintNet; control_scales (2, 13): row 0 scales the unconditional
-    half's residuals, row 1 the conditional half's (guess mode = a zero row 0). Output:
-    noise_pred (2B, 4, h, w), unconditional half first.
+    Inputs: latents (B, 4, h, w); timestep (1,) float32; text_embeddings (2B, 77, D); one hint
+    (B, C, h, w) per ControlNet from ControlHintNet ("hint", "hint_1", ...); control_scales (N, 2, 13):
+    per ControlNet, row 0 scales the unconditional half's residuals, row 1 the conditional half's
+    (guess mode = a zero row 0). Output: noise_pred (2B, 4, h, w), unconditional half first.
     """
 
     def __init__(self, components: Components):
         super().__init__()
-        self.controlnet = _controlnet_taking_hint(components.controlnet)
+        self.controlnets = nn.ModuleList(_controlnet_taking_hint(net) for net in components.controlnets)
         self.unet = components.unet
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text_embeddings: torch.Tensor,
-                hint: torch.Tensor, control_scales: torch.Tensor) -> torch.Tensor:
-        x, residuals = controlnet_residuals(self.controlnet, latents, timestep, text_embeddings, hint, control_scales)
+                *hints_and_scales: torch.Tensor) -> torch.Tensor:
+        *hints, control_scales = hints_and_scales
+        x, residuals = controlnet_residuals(self.controlnets, latents, timestep, text_embeddings, tuple(hints),
+                                            control_scales)
         return self.unet(
             x, timestep.expand(x.shape[0]), encoder_hidden_states=text_embeddings,
             down_block_additional_residuals=residuals[:-1], mid_block_additional_residual=residuals[-1],
@@ -86,15 +95,17 @@ class FusedStepNet(nn.Module):
 
 
 class ControlNetNet(nn.Module):
-    """FusedStepNet's first half: the 13 scaled residuals (2B, C_i, h_i, w_i), for split engines."""
+    """FusedStepNet's first half: the 13 summed, scaled residuals (2B, C_i, h_i, w_i), for split engines."""
 
     def __init__(self, components: Components):
         super().__init__()
-        self.controlnet = _controlnet_taking_hint(components.controlnet)
+        self.controlnets = nn.ModuleList(_controlnet_taking_hint(net) for net in components.controlnets)
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text_embeddings: torch.Tensor,
-                hint: torch.Tensor, control_scales: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(controlnet_residuals(self.controlnet, latents, timestep, text_embeddings, hint, control_scales)[1])
+                *hints_and_scales: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        *hints, control_scales = hints_and_scales
+        return tuple(controlnet_residuals(self.controlnets, latents, timestep, text_embeddings, tuple(hints),
+                                          control_scales)[1])
 
 
 class UNetNet(nn.Module):

@@ -86,6 +86,12 @@ def resize_image(image: np.ndarray, resolution: int) -> np.ndarray:
     return cv2.resize(image, (new_w, new_h), interpolation=interpolation)
 
 
+def resize_to(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize to an exact size with resize_image's rule: LANCZOS4 when enlarging, AREA when shrinking."""
+    enlarging = height * width > image.shape[0] * image.shape[1]
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_LANCZOS4 if enlarging else cv2.INTER_AREA)
+
+
 def canny_map(image: np.ndarray, low_threshold: int, high_threshold: int) -> np.ndarray:
     """HWC3(cv2.Canny(image, low, high)): the 3-channel edge map the ControlNet sees (0 or 255)."""
     if low_threshold < 0 or high_threshold < 0:

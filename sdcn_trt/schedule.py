@@ -37,8 +37,18 @@ SPELLINGS = "full, steps=N, eps=N, control=N, deepcache=N, full@i,j,..., kinds=f
 
 
 def num_ddim_steps(ddim_steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> int:
-    """How many steps ldm's uniform DDIM runs for `ddim_steps`: len(range(0, T, T // steps)) (7 -> 8)."""
-    return len(range(0, num_train_timesteps, max(1, num_train_timesteps // ddim_steps)))
+    """How many steps ldm's uniform DDIM runs for `ddim_steps`: len(range(0, T, T // steps)) (7 -> 8).
+    Step counts whose last timestep would fall past the table (3 -> 1000) are refused, as the
+    original sampler crashes on them."""
+    if isinstance(ddim_steps, bool) or not isinstance(ddim_steps, int) or not 1 <= ddim_steps <= num_train_timesteps:
+        raise InputError(f"ddim_steps must be an integer in 1..{num_train_timesteps}, got {ddim_steps!r}")
+    stride = num_train_timesteps // ddim_steps
+    count = len(range(0, num_train_timesteps, stride))
+    if (count - 1) * stride + 1 >= num_train_timesteps:
+        raise InputError(
+            f"ddim_steps={ddim_steps} is not usable with ldm's uniform DDIM discretisation: its last timestep would "
+            f"be {(count - 1) * stride + 1} (the table ends at {num_train_timesteps - 1}); choose another step count")
+    return count
 
 
 def spread(total: int, count: int) -> set[int]:

@@ -100,7 +100,9 @@ def tokenize(tokenizer, prompts: list[str]):  # -> torch.LongTensor (len(prompts
     at 77 tokens with a warning saying how many were dropped."""
     max_length = tokenizer.model_max_length
     for prompt in prompts:
-        n = len(tokenizer(prompt, truncation=False).input_ids)
+        # verbose=False: counting the full length is on purpose; transformers would otherwise log
+        # that the sequence "will result in indexing errors", which the truncation below prevents
+        n = len(tokenizer(prompt, truncation=False, verbose=False).input_ids)
         if n > max_length:
             logger.warning(
                 "prompt has %d tokens; CLIP reads %d, so the last %d are dropped: %.60r...",

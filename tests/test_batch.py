@@ -103,7 +103,7 @@ def test_output_folder_problems(tiny_pipe, tmp_path, photo):
         run_batch(tiny_pipe, BatchSettings(str(inputs), str(tmp_path / "file" / "out"), generation=FAST))
     lock = OutputLock(tmp_path / "out")
     try:
-        with pytest.raises(InputError, match=r"another batch run \(pid \d+\) is writing to"):
+        with pytest.raises(InputError, match=rf"another batch run \(pid {os.getpid()}\) is writing to"):
             run_batch(tiny_pipe, BatchSettings(str(inputs), str(tmp_path / "out"), generation=FAST))
     finally:
         lock.release()
@@ -196,3 +196,39 @@ def test_ray_retries_a_chunk_whose_worker_died(tmp_path, photo):
     assert (tmp_path / "crashed").exists()  # the worker did die once
     assert summary.done == 2 and summary.failed == 0
     assert sorted(r["input"] for r in manifest(tmp_path / "out")) == ["a.png", "b.png"]
+
+
+def crash_every_run(args):
+    """A pipeline whose every run kills its process."""
+    from sdcn_trt.cli import load_pipeline
+
+    pipe = load_pipeline(args)
+    pipe.run = lambda image, config, **kwargs: os._exit(1)
+    return pipe
+
+
+def test_ray_records_the_jobs_of_a_chunk_that_fails_every_try(tiny_pipe, tmp_path, photo):
+    ray = pytest.importorskip("ray")
+    import functools
+
+    from sdcn_trt.cli import build_parser
+    from sdcn_trt.distributed import RayRunner
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    write_photos(inputs, photo, ["a.png", "b.png"])
+    args = build_parser().parse_args(["batch", str(inputs), str(out)])
+    runner = RayRunner(functools.partial(crash_every_run, args), workers=1, chunk_size=1, max_retries=1)
+    try:
+        summary = run_batch(None, BatchSettings(str(inputs), str(out), generation=FAST), runner)
+    finally:
+        runner.shutdown()
+    assert (summary.done, summary.failed) == (0, 2)
+    records = manifest(out)
+    assert sorted(r["input"] for r in records) == ["a.png", "b.png"] and not list(out.glob("*.png"))
+    for r in records:
+        assert r["status"] == "failed"
+        assert r["error"] == ("no result from Ray: its chunk failed 2 times, or no live worker was left to run it "
+                              "(errors: ActorDiedError)")
+    again = run_batch(tiny_pipe, BatchSettings(str(inputs), str(out), generation=FAST))
+    assert (again.done, again.skipped) == (2, 0)  # failed jobs are redone on the next run

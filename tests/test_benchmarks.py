@@ -3,7 +3,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from benchmarks.__main__ import markdown
+from benchmarks.case import in_seconds
+from sdcn_trt.scoring.latency import summarize
 
 
 def test_case_runs_and_reports_every_stage(tmp_path):
@@ -17,6 +21,21 @@ def test_case_runs_and_reports_every_stage(tmp_path):
         assert case[stage]["median_s"] > 0 and case[stage]["repeats"] == 1
     assert 0 < case["fused_step_tflop"] < 1  # the tiny model: far below SD1.5's ~0.74 TFLOP per step
     assert 0 <= case["outside_steps_fraction"] < 1
+
+
+def test_diffusers_baseline_case_runs(tmp_path):
+    out = tmp_path / "case.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.case", "--backend", "diffusers", "--preset", "tiny",
+                           "--steps", "1", "--repeats", "2", "--out", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    case = json.loads(out.read_text())
+    assert case["end_to_end"]["repeats"] == 2 and 0 < case["end_to_end"]["min_s"] <= case["end_to_end"]["median_s"]
+
+
+def test_case_times_are_the_scoring_harness_stats_in_seconds():
+    assert in_seconds(summarize([30.0, 10.0, 20.0]), warmup=1) == pytest.approx(
+        {"median_s": 0.02, "min_s": 0.01, "repeats": 3, "warmup": 1})
 
 
 def test_markdown_ratios_come_from_the_same_run():

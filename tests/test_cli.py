@@ -6,6 +6,7 @@ import sys
 import cv2
 import pytest
 
+from sdcn_trt import backend_available
 from sdcn_trt.cli import build_parser, main
 
 
@@ -22,9 +23,38 @@ def test_generate_writes_images_and_canny(tmp_path, photo_file, capsys):
     rc = main(["generate", str(photo_file.parent), "-o", str(out), "--image-resolution", "64", "--ddim-steps", "2",
                "--num-samples", "2", "--save-control", "--quiet", "--seed", "5"])
     assert rc == 0
-    assert sorted(p.name for p in out.iterdir()) == ["cat_0.png", "cat_1.png", "cat_canny.png"]
-    assert cv2.imread(str(out / "cat_0.png")).shape == (64, 128, 3)
-    assert "seed 5" in capsys.readouterr().out
+    # named as `batch` names them: <input>.png, <input>_1.png for the second sample, <input>_canny.png
+    assert sorted(p.name for p in out.iterdir()) == ["cat.png", "cat_1.png", "cat_canny.png"]
+    assert cv2.imread(str(out / "cat.png")).shape == (64, 128, 3)
+    assert f"{photo_file} -> {out / 'cat.png'}, {out / 'cat_1.png'}, {out / 'cat_canny.png'} (seed 5, " in (
+        capsys.readouterr().out)
+
+
+def test_generate_and_batch_write_the_same_files(tiny_pipe, tmp_path, photo_file, capsys):
+    from sdcn_trt import GenerationConfig
+    from sdcn_trt.batch import BatchSettings, run_batch
+
+    (photo_file.parent / "sub").mkdir()
+    cv2.imwrite(str(photo_file.parent / "sub" / "dog.png"), cv2.imread(str(photo_file))[:, ::-1])
+    flags = ["--image-resolution", "64", "--ddim-steps", "1", "--save-control", "--quiet"]
+    assert main(["generate", str(photo_file.parent), "-o", str(tmp_path / "gen"), *flags]) == 0
+    config = GenerationConfig(image_resolution=64, ddim_steps=1)
+    run_batch(tiny_pipe, BatchSettings(str(photo_file.parent), str(tmp_path / "batch"), save_control=True,
+                                       generation=config))
+    generated = sorted(str(p.relative_to(tmp_path / "gen")) for p in (tmp_path / "gen").rglob("*.png"))
+    assert generated == ["cat.png", "cat_canny.png", "sub/dog.png", "sub/dog_canny.png"]
+    for name in generated:
+        assert (tmp_path / "gen" / name).read_bytes() == (tmp_path / "batch" / name).read_bytes()
+
+
+def test_generate_refuses_inputs_that_would_overwrite_each_other(tmp_path, photo_file, capsys):
+    other = tmp_path / "other" / "cat.png"
+    other.parent.mkdir()
+    cv2.imwrite(str(other), cv2.imread(str(photo_file)))
+    assert main(["generate", str(photo_file), str(other), "-o", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == (f"error: inputs would overwrite each other's outputs: {photo_file}, {other} "
+                                       "-> cat.png; rename them or run them apart\n")
+    assert not (tmp_path / "o").exists()
 
 
 def test_generate_bad_file_is_one_clear_error(tmp_path, photo_file, capsys):
@@ -79,6 +109,11 @@ def test_demo_runs_as_a_console_script(tmp_path):
     assert "vs torch fp32: max |diff|" in proc.stdout
 
 
+TENSORRT_USABLE = backend_available("tensorrt")[0]
+needs_no_tensorrt = pytest.mark.skipif(TENSORRT_USABLE, reason="TensorRT and a GPU are here: nothing is missing")
+
+
+@needs_no_tensorrt
 def test_build_without_tensorrt_says_what_is_missing(capsys):
     rc = main(["build", "--preset", "tiny"])
     err = capsys.readouterr().err
@@ -87,6 +122,46 @@ def test_build_without_tensorrt_says_what_is_missing(capsys):
     assert "sdcn_trt[tensorrt]" in err or "no CUDA GPU" in err
 
 
+def test_build_settings_come_from_the_flags_by_name():
+    from sdcn_trt import BackendConfig
+    from sdcn_trt.cli import build_settings
+    from sdcn_trt.engines.trt_plan import BuildSettings
+    from sdcn_trt.export.descriptors import ShapeRange, ShapeSpec
+
+    args = build_parser().parse_args(["build", "--precision", "fp32", "--optimization-level", "5", "--workspace-gib",
+                                      "2", "--batch", "2", "--height", "320", "--width", "448", "--dynamic",
+                                      "--max-batch", "3", "--min-side", "128", "--max-side", "512",
+                                      "--device", "cuda:1", "--cache-dir", "/engines"])
+    before = vars(args).copy()
+    settings, backend = build_settings(args)
+    assert vars(args) == before  # nothing written into the parsed flags
+    assert settings == BuildSettings(precision="fp32", optimization_level=5, workspace_gib=2.0, shape_range=ShapeRange(
+        min=ShapeSpec(1, 128, 128), opt=ShapeSpec(2, 320, 448), max=ShapeSpec(3, 512, 512)))
+    assert backend == BackendConfig(backend="tensorrt", device="cuda:1", precision="fp32", cache_dir="/engines")
+    static, _ = build_settings(build_parser().parse_args(["build"]))
+    assert static == BuildSettings(precision="fp16")  # the contest shape, static
+
+
+def test_bad_build_flags_fail_before_tensorrt_is_asked_for(capsys):
+    assert main(["build", "--optimization-level", "9"]) == 2
+    assert capsys.readouterr().err == "error: optimization_level must be in 0..5, got 9\n"
+
+
+@needs_no_tensorrt
 def test_generate_tensorrt_backend_is_a_clear_error(photo_file, capsys):
     assert main(["generate", str(photo_file), "--backend", "tensorrt", "--device", "cuda"]) == 2
     assert "backend 'tensorrt' is unavailable" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_third_party_warnings_stay_out_of_the_terminal_unless_verbose(tmp_path, verbose):
+    """A first export traces diffusers' VAE and transformers' CLIP: torch.onnx warns about both."""
+    cmd = [sys.executable, "-m", "sdcn_trt.cli", *(["-v"] if verbose else []), "export", "--networks", "vae_decoder",
+           "text_encoder", "--height", "64", "--width", "64", "--cache-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stderr.splitlines()
+    if verbose:
+        assert any(line.startswith("DEBUG py.warnings: ") and "TracerWarning" in line for line in lines)
+    else:
+        assert [line.split(":")[0] for line in lines] == ["INFO sdcn_trt.export.onnx_export"] * 2, proc.stderr

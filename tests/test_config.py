@@ -41,7 +41,12 @@ def test_control_scales_match_the_original_formula():
     assert unc == cond == [0.7] * 13
     unc, cond = GenerationConfig(strength=2.0, guess_mode=True).control_scales()
     assert unc == [0.0] * 13
-    assert cond == [2.0 * (0.825 ** float(12 - i)) for i in range(13)]
-    assert cond[-1] == 2.0 and cond[0] == pytest.approx(2.0 * 0.825**12)
+    # strength * 0.825 ** (12 - i): 0.825 ** k written out exactly (decimal arithmetic, k = 12 .. 0)
+    powers = [0.099413962063371238768100738525390625, 0.120501772198025743961334228515625,
+              0.146062754179425144195556640625, 0.177045762641727447509765625, 0.214600924414215087890625,
+              0.260122332623291015625, 0.315299797119140625, 0.382181572265625, 0.463250390625, 0.561515625,
+              0.680625, 0.825, 1.0]
+    assert cond == pytest.approx([2.0 * p for p in powers], rel=1e-12)
+    assert cond[-1] == 2.0 and cond[0] == pytest.approx(0.19882792412674247753620147705078125, rel=1e-12)
     # a smaller model has fewer residuals: the original's zip() takes the first ones
-    assert GenerationConfig(guess_mode=True).control_scales(5)[1] == [0.825 ** float(12 - i) for i in range(5)]
+    assert GenerationConfig(guess_mode=True).control_scales(5)[1] == pytest.approx(powers[:5], rel=1e-12)

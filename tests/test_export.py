@@ -92,7 +92,7 @@ def test_descriptors_derive_everything_from_config(tiny):
     shapes = fused.shapes(ShapeSpec(2, 256, 384))
     assert shapes["latents"] == (2, 4, 32, 48)
     assert shapes["text_embeddings"] == (4, 77, 128)
-    assert shapes["control_scales"] == (2, 5)
+    assert shapes["control_scales"] == (1, 2, 5)  # (ControlNets, CFG halves, residuals)
     assert shapes["hint"] == (2, 32, 32, 48)  # the embedded control image, made once per image
     assert get_descriptor("control_hint", tiny).shapes(ShapeSpec(2, 256, 384))["control"] == (2, 3, 256, 384)
     control = get_descriptor("controlnet", tiny)

@@ -203,7 +203,7 @@ def test_split_networks_equal_the_fused_step(tiny):
 
     fused, control, unet = (get_descriptor(n, tiny) for n in ("fused_step", "controlnet", "unet"))
     feed = fused.sample_inputs(ShapeSpec(1, 64, 64))
-    feed["control_scales"] = torch.tensor([[0.5] * fused.dims.num_scales, [1.0] * fused.dims.num_scales])
+    feed["control_scales"] = torch.tensor([[[0.5] * fused.dims.num_scales, [1.0] * fused.dims.num_scales]])
     with torch.no_grad():
         residuals = control.build_module()(*feed.values())
         split = unet.build_module()(feed["latents"], feed["timestep"], feed["text_embeddings"], *residuals)
@@ -215,10 +215,10 @@ def test_loop_key_and_modes_are_checked():
     from sdcn_trt.pipeline.loop import LoopKey, make_loop
 
     with pytest.raises(InputError, match="2 step kinds for 3 timesteps"):
-        LoopKey((1, 4, 8, 8), (1, 3, 64, 64), (2, 77, 8), (2, 5), (3, 2, 1), 9.0, 0.0, ("full", "full"))
+        LoopKey((1, 4, 8, 8), (1, 3, 64, 64), (2, 77, 8), (1, 2, 5), (3, 2, 1), 9.0, 0.0, ("full", "full"))
     with pytest.raises(InputError, match=r"unknown step kinds \['half'\]; valid: full, reuse_eps"):
-        LoopKey((1, 4, 8, 8), (1, 3, 64, 64), (2, 77, 8), (2, 5), (3, 2), 9.0, 0.0, ("full", "half"))
-    key = LoopKey((1, 4, 8, 8), (1, 3, 64, 64), (2, 77, 8), (2, 5), (1,), 9.0, 0.0, ("full",))
+        LoopKey((1, 4, 8, 8), (1, 3, 64, 64), (2, 77, 8), (1, 2, 5), (3, 2), 9.0, 0.0, ("full", "half"))
+    key = LoopKey((1, 4, 8, 8), (1, 3, 64, 64), (2, 77, 8), (1, 2, 5), (1,), 9.0, 0.0, ("full",))
     with pytest.raises(InputError, match="unknown cuda_graph mode 'all'"):
         make_loop("all", key, None, {}, torch.device("cpu"))
     if not torch.cuda.is_available():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdcn_trt import BackendConfig, BackendUnavailableError, ControlNetPipeline, InputError
+from sdcn_trt import BackendConfig, BackendUnavailableError, ControlNetPipeline, InputError, backend_available
 from tests.conftest import pixel_diff
 
 
@@ -81,7 +81,7 @@ def test_guess_mode_unconditional_half_gets_no_control(tiny):
 
     desc = get_descriptor("fused_step", tiny)
     feed = desc.sample_inputs(ShapeSpec(1, 64, 64))
-    feed["control_scales"] = torch.tensor([[0.0] * desc.dims.num_scales, [1.0] * desc.dims.num_scales])
+    feed["control_scales"] = torch.tensor([[[0.0] * desc.dims.num_scales, [1.0] * desc.dims.num_scales]])
     with torch.no_grad():
         eps = desc.build_module()(*feed.values())
         plain = tiny.unet(feed["latents"], feed["timestep"], encoder_hidden_states=feed["text_embeddings"][:1]).sample
@@ -152,11 +152,15 @@ def test_bad_images(tiny_pipe, fast_config):
         tiny_pipe.run(np.zeros((10, 10, 3), np.uint16), fast_config)
 
 
+@pytest.mark.skipif(backend_available("tensorrt")[0], reason="TensorRT and a GPU are here: nothing is missing")
+def test_tensorrt_backend_unavailable_says_why(tiny):
+    with pytest.raises(BackendUnavailableError, match="backend 'tensorrt' is unavailable: .*(TensorRT|GPU)"):
+        ControlNetPipeline(tiny, "tensorrt")
+
+
 def test_backend_choices(tiny):
     with pytest.raises(InputError, match="unknown backend 'jax'; choose one of torch, onnxruntime, tensorrt"):
         ControlNetPipeline(tiny, "jax")
-    with pytest.raises(BackendUnavailableError, match="backend 'tensorrt' is unavailable: .*(TensorRT|GPU)"):
-        ControlNetPipeline(tiny, "tensorrt")
     with pytest.raises(InputError, match="unknown backend options"):
         ControlNetPipeline(tiny, "torch", devcie="cpu")
     with pytest.raises(InputError, match="unknown precision 'bf16'"):

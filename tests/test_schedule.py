@@ -93,3 +93,10 @@ def test_schedule_files(tmp_path):
         load_schedule_file(bad)
     with pytest.raises(InputError, match="cannot read schedule file"):
         load_schedule_file(tmp_path / "missing.json")
+
+
+def test_step_counts_past_the_table_are_refused_when_the_config_is_made():
+    with pytest.raises(InputError, match="ddim_steps=3 is not usable .* its last timestep would be 1000"):
+        GenerationConfig(ddim_steps=3)
+    with pytest.raises(InputError, match="ddim_steps=3 is not usable"):
+        GenerationConfig(schedule="steps=3")

@@ -17,25 +17,36 @@ def scorer():
     return PDScorer(random_seed=0)
 
 
+# Expected values worked out by hand from the published formula (DESIGN.md, "The score"), not from
+# the implementation: t_factor = 20000 - 28.8462 t (t < 520), 5000 - 2.40385 (t - 520) (t < 2600), else 0.
 @pytest.mark.parametrize("t,expected", [
-    (0, 20000.0), (100, 20000 - 2884.62), (519.999, 20000 - 28.8462 * 519.999),
-    (520, 5000.0), (1000, 5000 - 2.40385 * 480), (2599.999, 5000 - 2.40385 * 2079.999), (2600, 0.0), (9000, 0.0),
+    (0, 20000.0), (100, 17115.38), (260, 12499.988), (519.999, 5000.0048462), (520, 5000.0), (1000, 3846.152),
+    (1560, 2499.996), (2600, 0.0), (9000, 0.0),
 ])
 def test_t_factor_pieces(t, expected):
-    assert t_factor(t) == pytest.approx(expected)
+    assert t_factor(t) == pytest.approx(expected, abs=1e-6)
 
 
+def test_t_factor_pieces_meet():
+    """The published pieces join at 520 ms (5000) and reach 0 at 2600 ms, to their rounded slopes."""
+    assert t_factor(520 - 1e-9) == pytest.approx(t_factor(520), abs=0.05)
+    assert t_factor(2600 - 1e-9) == pytest.approx(0.0, abs=0.05)
+
+
+# pd_factor = 1 - 0.1 p (p < 4), 0.6 - 0.0125 (p - 4) (p < 8), 0.55 - 0.1375 (p - 8) (p <= 12), else 0
 @pytest.mark.parametrize("p,expected", [
-    (0, 1.0), (3.999, 1 - 0.3999), (4, 0.6), (6, 0.575), (7.999, 0.6 - 0.0125 * 3.999), (8, 0.55),
-    (10, 0.275), (12, 0.0), (12.001, 0.0), (float("nan"), 0.0),
+    (0, 1.0), (2, 0.8), (3.999, 0.6001), (4, 0.6), (6, 0.575), (7.999, 0.5500125), (8, 0.55), (10, 0.275),
+    (12, 0.0), (12.001, 0.0), (float("nan"), 0.0),
 ])
 def test_pd_factor_pieces(p, expected):
     assert pd_factor(p) == pytest.approx(expected, abs=1e-12)
 
 
 def test_contest_score_examples():
-    assert contest_score(3.24, 340) == pytest.approx((1 - 0.324) * (20000 - 28.8462 * 340))
-    assert contest_score(8.0, 186) == pytest.approx(0.55 * (20000 - 28.8462 * 186))
+    assert contest_score(3.24, 340) == pytest.approx(6889.989392)  # 0.676 x 10192.292 (the 340 ms team)
+    assert contest_score(8.0, 186) == pytest.approx(8049.03374)  # 0.55 x 14634.6068 (the 186 ms winner)
+    assert contest_score(4.0, 520) == pytest.approx(3000.0)  # 0.6 x 5000
+    assert contest_score(0.0, 0.0) == pytest.approx(20000.0)
     assert contest_score(13, 100) == 0.0
 
 
@@ -121,7 +132,7 @@ def test_score_onnxruntime_against_torch(tiny, tmp_path, photo):
     assert all(r["mean_abs_diff"] > 1.0 for r in eps)  # half the evaluations: a different image
     assert [r["error"] for r in rows if "error" in r][0].startswith("cannot decode image file")
     page = (tmp_path / "out" / "report.html").read_text()
-    assert page.count("<img src='data:image/png;base64,") >= 4 * 5 + 3 and "Not scored" in page
+    assert page.count('<img src="data:image/png;base64,') >= 4 * 5 + 3 and "Not scored" in page
     assert "Random Inception weights" in page
     csv_lines = (tmp_path / "out" / "rows.csv").read_text().splitlines()
     assert csv_lines[0].startswith("image,schedule,latency_ms,pd") and len(csv_lines) == 1 + 6
@@ -153,3 +164,30 @@ def test_score_cli(tmp_path, photo, capsys):
                "--image-resolution", "64", "--warmup", "0"])
     out = capsys.readouterr().out
     assert rc == 0 and "mean PD" in out and "report:" in out
+
+
+def test_report_page_shows_every_part_and_escapes_text(tmp_path, photo):
+    from dataclasses import asdict
+
+    from sdcn_trt.scoring.report import render_html
+
+    for name in ("in.png", "ref.png", "acc.png"):
+        cv2.imwrite(str(tmp_path / name), photo)
+    canny = np.zeros(photo.shape, np.uint8)
+    rows = [{"image": "<b>cat</b>.png", "schedule": "full", "latency_ms": 123.456, "pd": 12.5, "passed": False,
+             "ssim": 0.98765, "max_abs_diff": 7, "input_path": str(tmp_path / "in.png"), "reference_path": "ref.png",
+             "path": "acc.png", "canny": canny},
+            {"image": "bad.png", "schedule": "full", "error": "cannot decode <x>"}]
+    summary = {"backend": asdict(BackendConfig()), "fid_weights": "random (seed 0)", "schedules": {"full": {
+        "images": 1, "errors": 1, "latency_ms": {"n": 1, "mean": 123.456, "p50": 123.456, "p90": 123.456,
+                                                 "min": 123.456, "max": 123.456},
+        "mean_pd": 12.5, "max_pd": float("inf"), "pd_failures": 1, "mean_ssim": 0.98765, "score": 0.0}}}
+    page = render_html(tmp_path, rows, summary)
+    assert "&lt;b&gt;cat&lt;/b&gt;.png" in page and "<b>cat</b>" not in page
+    assert "cannot decode &lt;x&gt;" in page and "Not scored" in page and "Random Inception weights" in page
+    assert "<td>full</td><td>1</td><td>1</td>" + "<td>123.456</td>" * 4 + "<td>12.500</td><td>inf</td><td>1</td>" in page
+    assert "backend <b>torch</b> (fp32, cpu, CUDA graph off)" in page
+    assert page.count('<img src="data:image/png;base64,') == 5 + 3  # five thumbnails, three plots
+    assert '<td class="l fail">full<br>123.5 ms<br>PD 12.500<br>SSIM 0.9877<br>max |diff| 7</td>' in page
+    summary["fid_weights"] = "/weights/pt_inception.pth"
+    assert "Random Inception weights" not in render_html(tmp_path, rows[1:], summary)

@@ -38,12 +38,25 @@ def test_tokenizes_like_openai_clip():
         assert ids[len(expected):] == [49407] * (77 - len(expected))  # SD1.5 pads with the end token
 
 
-def test_long_prompt_is_truncated_with_a_warning(caplog):
+def test_long_prompt_is_truncated_with_one_warning_of_ours(caplog):
     tok = load_tokenizer()
-    with caplog.at_level(logging.WARNING, logger="sdcn_trt.tokenizer"):
-        ids = tokenize(tok, ["bird " * 100])
-    assert ids.shape == (1, 77) and ids[0, -1].item() == 49407
-    assert "prompt has 102 tokens; CLIP reads 77, so the last 25 are dropped" in caplog.text
+    transformers_logger = logging.getLogger("transformers")  # its own handler, propagate=False
+    theirs: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = theirs.append
+    old_level = transformers_logger.level
+    transformers_logger.addHandler(handler)
+    transformers_logger.setLevel(logging.WARNING)
+    try:
+        with caplog.at_level(logging.WARNING, logger="sdcn_trt.tokenizer"):
+            ids = tokenize(tok, ["bird " * 100, "a short prompt"])
+    finally:
+        transformers_logger.removeHandler(handler)
+        transformers_logger.setLevel(old_level)
+    assert ids.shape == (2, 77) and ids[0, -1].item() == 49407
+    ours = [r.getMessage() for r in caplog.records if r.name == "sdcn_trt.tokenizer"]
+    assert len(ours) == 1 and ours[0].startswith("prompt has 102 tokens; CLIP reads 77, so the last 25 are dropped")
+    assert [r.getMessage() for r in theirs] == []  # no "will result in indexing errors"
 
 
 def test_missing_tokenizer_files(tmp_path):

@@ -1,7 +1,8 @@
-"""The TensorRT backend: in-process engine builds (TensorRT 10 and 11), the engine cache, the runner.
+"""The TensorRT backend: in-process engine builds through Polygraphy (TensorRT 10 and 11), the engine cache, the runner.
 
-Written against the documented TensorRT 10/11 Python API and type-checked with tensorrt-stubs;
-it has not run on a GPU yet (see README). Everything that needs no GPU lives in trt_plan.py.
+Written against the documented TensorRT 10/11 and Polygraphy Python APIs; the runner, which calls
+TensorRT directly, is type-checked with tensorrt-stubs. It has not run on a GPU yet (see README).
+Planning that needs no GPU lives in trt_plan.py; the Polygraphy loaders are made without one.
 """
 from __future__ import annotations
 
@@ -61,39 +62,59 @@ def current_platform(device: torch.device) -> Platform:
     return Platform(trt_version=str(trt.__version__), gpu_name=props.name, compute_capability=(props.major, props.minor))
 
 
+def route_polygraphy_logs() -> None:
+    """Polygraphy prints to stdout; send its messages (and TensorRT's, which it relays) to Python
+    logging under "Polygraphy" instead, without colours (and so without its hint to install them)."""
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.colors = False
+    G_LOGGER.letter = False
+    G_LOGGER.use_python_logging_system = True
+
+
+def polygraphy_loaders(onnx_path: Path, profile: dict[str, tuple[Shape, Shape, Shape]], settings: BuildSettings,
+                       mode: BuildMode, timing_cache: Path, memory_pool_limits: dict[Any, int] | None = None,
+                       ) -> tuple[Any, Any]:
+    """Polygraphy's loaders for one engine build, as NVIDIA's diffusion demo builds them: the ONNX
+    parsed as a strongly typed network where TensorRT 11 needs it, and a builder config with one
+    optimisation profile, the FP16 flag where TensorRT 10 needs it, the optimisation level and the
+    timing cache. Loaders run only when called, so making them needs neither TensorRT nor a GPU.
+    `memory_pool_limits` is keyed by trt.MemoryPoolType (the caller holds TensorRT)."""
+    from polygraphy.backend.trt import CreateConfig, NetworkFromOnnxPath, Profile
+
+    route_polygraphy_logs()
+    shapes = Profile()
+    for name, (lo, opt, hi) in profile.items():
+        shapes.add(name, min=lo, opt=opt, max=hi)
+    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=mode.strongly_typed)
+    config = CreateConfig(
+        fp16=mode.fp16_flag,
+        tf32=False,  # fp32 layers stay fp32 (TensorRT would otherwise use TF32), as torch's fp32 matmuls do
+        profiles=[shapes],
+        builder_optimization_level=settings.optimization_level,
+        memory_pool_limits=memory_pool_limits,
+        load_timing_cache=str(timing_cache) if timing_cache.is_file() else None,  # none yet: start empty
+        refittable=settings.refit,  # BuilderFlag.REFIT: new weights by trt_refit.refit_to_weights, no rebuild
+    )
+    return network, config
+
+
 def build_engine(onnx_path: Path, profile: dict[str, tuple[Shape, Shape, Shape]], settings: BuildSettings,
                  mode: BuildMode, timing_cache: Path) -> bytes:
-    """Parse the ONNX and build a serialized engine with one optimisation profile, reusing and
-    updating the timing cache file."""
+    """Parse the ONNX and build a serialized engine with one optimisation profile through Polygraphy,
+    reusing the timing cache file and merging this build's timings into it (under Polygraphy's lock)."""
     import tensorrt as trt
+    from polygraphy.backend.trt import engine_bytes_from_network
+    from polygraphy.exception import PolygraphyException
 
-    trt_logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(trt_logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if mode.strongly_typed else 0
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, trt_logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
-        raise EngineBuildError(f"TensorRT could not parse {onnx_path}: {errors}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)
-    config.builder_optimization_level = settings.optimization_level
-    if mode.fp16_flag:
-        config.set_flag(trt.BuilderFlag.FP16)
-    if settings.refit:
-        config.set_flag(trt.BuilderFlag.REFIT)
-    opt_profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in profile.items():
-        opt_profile.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
-    config.add_optimization_profile(opt_profile)
-    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-    config.set_timing_cache(cache, False)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise EngineBuildError(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")
-    with atomic_path(timing_cache) as tmp:
-        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-    return bytes(serialized)
+    network, config = polygraphy_loaders(onnx_path, profile, settings, mode, timing_cache,
+                                         {trt.MemoryPoolType.WORKSPACE: settings.workspace_bytes})
+    timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        plan = engine_bytes_from_network(network, config=config, save_timing_cache=str(timing_cache))
+    except PolygraphyException as exc:  # parser errors, bad profile names, a failed build
+        raise EngineBuildError(f"TensorRT could not build an engine from {onnx_path}: {exc}") from exc
+    return bytes(plan)
 
 
 class TensorRTRunner(Runner):
@@ -126,6 +147,7 @@ class TensorRTRunner(Runner):
     def activate_impl(self) -> None:
         require_tensorrt()
         import tensorrt as trt
+        from polygraphy.backend.trt.util import get_trt_logger
 
         mode = build_mode(self.settings.precision, hasattr(trt.BuilderFlag, "FP16"))
         export_settings = ExportSettings(precision=mode.onnx_precision)
@@ -141,7 +163,8 @@ class TensorRTRunner(Runner):
         except (OSError, ValueError):
             meta = None
         reasons = rebuild_reasons(meta, key, platform)
-        trt_logger = trt.Logger(trt.Logger.WARNING)
+        route_polygraphy_logs()
+        trt_logger = get_trt_logger()  # TensorRT's messages reach Python logging, as the builder's do
         runtime = trt.Runtime(trt_logger)
         engine = None
         if not reasons:

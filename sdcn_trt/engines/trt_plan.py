@@ -63,7 +63,7 @@ def engine_key(onnx_key: str, platform: Platform, settings: BuildSettings, mode:
                profile: dict[str, tuple[Shape, Shape, Shape]]) -> str:
     """ONNX hash + TensorRT version + GPU + profile + flags: anything else changing reuses the engine."""
     return hash_json({"onnx": onnx_key, "platform": asdict(platform), "settings": asdict(settings),
-                      "mode": asdict(mode), "profile": profile, "format": 1})
+                      "mode": asdict(mode), "profile": profile, "format": 2})  # 2: Polygraphy build, TF32 off
 
 
 def rebuild_reasons(meta: dict | None, key: str, platform: Platform) -> list[str]:

@@ -68,6 +68,7 @@ class ModelDims:
     text_dim: int  # CLIP width (768 for SD1.5)
     vocab_size: int  # sample token ids stay below it
     num_scales: int  # ControlNet residuals: down blocks + mid block (13 for SD1.5)
+    num_controlnets: int  # ControlNets whose residuals are summed (Multi-ControlNet), each with its own control image
     hint_channels: int  # channels of the control image (3)
     hint_embedding_channels: int  # channels of the embedded hint (ControlNet's first block width)
     image_channels: int  # VAE output channels (3)
@@ -82,7 +83,8 @@ class ModelDims:
         return cls(
             latent_channels=int(unet.in_channels), vae_scale=components.vae_scale_factor,
             text_len=int(text.max_position_embeddings), text_dim=int(text.hidden_size),
-            vocab_size=int(text.vocab_size), num_scales=len(convs), hint_channels=int(control.conditioning_channels),
+            vocab_size=int(text.vocab_size), num_scales=len(convs), num_controlnets=len(components.controlnets),
+            hint_channels=int(control.conditioning_channels),
             hint_embedding_channels=int(control.block_out_channels[0]),
             image_channels=int(components.vae.config.out_channels),
             residual_layout=tuple((int(c.out_channels), f) for c, f in zip(convs, _residual_factors(control))),
@@ -94,6 +96,11 @@ class ModelDims:
         if spec.height % self.vae_scale or spec.width % self.vae_scale:
             raise InputError(f"{spec.height}x{spec.width} is not a multiple of the VAE's {self.vae_scale}")
         return spec.height // self.vae_scale, spec.width // self.vae_scale
+
+
+def per_controlnet(name: str, count: int) -> list[str]:
+    """Tensor names of one input per ControlNet: name, name_1, name_2, ... (the first keeps the plain name)."""
+    return [name] + [f"{name}_{k}" for k in range(1, count)]
 
 
 def _residual_factors(config) -> list[int]:
@@ -215,14 +222,19 @@ class StepTensors:
             TensorSpec("latents", torch.float32, latent_axes),  # (B, 4, h, w)
             TensorSpec("timestep", torch.float32, {}),  # (1,)
             TensorSpec("text_embeddings", torch.float32, _batch("2B")),  # (2B, 77, D): [uncond x B, cond x B]
-            TensorSpec("hint", torch.float32, latent_axes),  # (B, C, h, w): the embedded control image
-            TensorSpec("control_scales", torch.float32, {}),  # (2, 13): rows scale the uncond / cond residuals
+            TensorSpec("control_scales", torch.float32, {}),  # (N, 2, 13): per ControlNet, rows scale uncond / cond
             TensorSpec("noise_pred", torch.float32, {0: "2B", 2: "h", 3: "w"}),  # (2B, 4, h, w)
             TensorSpec("deep_feature", torch.float32, {0: "2B", 2: "h", 3: "w"}),  # (2B, C1, h, w)
         ]
+        specs += [TensorSpec(name, torch.float32, latent_axes)  # (B, C, h, w): an embedded control image
+                  for name in self.hint_names]
         specs += [TensorSpec(name, torch.float32, {0: "2B", 2: f"h{i}", 3: f"w{i}"})
                   for i, name in enumerate(self.residual_names)]
         self.specs = {t.name: t for t in specs}
+
+    @property
+    def hint_names(self) -> list[str]:
+        return per_controlnet("hint", self.dims.num_controlnets)
 
     @property
     def residual_names(self) -> list[str]:
@@ -236,11 +248,12 @@ class StepTensors:
             "latents": (spec.batch, d.latent_channels, h, w),
             "timestep": (1,),
             "text_embeddings": (b2, d.text_len, d.text_dim),
-            "hint": (spec.batch, d.hint_embedding_channels, h, w),
-            "control_scales": (spec.cfg, d.num_scales),
+            "control_scales": (d.num_controlnets, spec.cfg, d.num_scales),
             "noise_pred": (b2, d.latent_channels, h, w),
             "deep_feature": (b2, d.deep_channels, h, w),
         }
+        for name in self.hint_names:
+            shapes[name] = (spec.batch, d.hint_embedding_channels, h, w)
         for name, (channels, factor) in zip(self.residual_names, d.residual_layout, strict=True):
             shapes[name] = (b2, channels, h // factor, w // factor)
         return shapes
@@ -249,7 +262,8 @@ class StepTensors:
 class StepDescriptor(NetworkDescriptor):
     """A network of the denoising step: its inputs and outputs are names from StepTensors."""
 
-    input_tensors: tuple[str, ...] = ()  # "*residuals": residual_0 .. residual_12; "*skips": the shallow step's
+    input_tensors: tuple[str, ...] = ()  # "*hints": one per ControlNet; "*residuals": residual_0 .. residual_12;
+    # "*skips": the residuals a shallow step reads
     output_tensors: tuple[str, ...] = ()
 
     def __init__(self, components: Components):
@@ -258,7 +272,7 @@ class StepDescriptor(NetworkDescriptor):
 
     def _expand(self, names: tuple[str, ...]) -> list[str]:
         out: list[str] = []
-        expansions = {"*residuals": self.tensors.residual_names,
+        expansions = {"*residuals": self.tensors.residual_names, "*hints": self.tensors.hint_names,
                       "*skips": self.tensors.residual_names[: self.dims.shallow_skips]}
         for name in names:
             out += expansions.get(name, [name])
@@ -287,7 +301,7 @@ class FusedStepDescriptor(StepDescriptor):
 
     name = "fused_step"
     module_class = networks.FusedStepNet
-    input_tensors = ("latents", "timestep", "text_embeddings", "hint", "control_scales")
+    input_tensors = ("latents", "timestep", "text_embeddings", "*hints", "control_scales")
     output_tensors = ("noise_pred",)
 
 
@@ -332,16 +346,18 @@ class ControlHintDescriptor(NetworkDescriptor):
     module_class = networks.ControlHintNet
 
     def inputs(self) -> list[TensorSpec]:
-        return [TensorSpec("control", torch.float32, {0: "B", 2: "H", 3: "W"})]
+        return [TensorSpec(n, torch.float32, {0: "B", 2: "H", 3: "W"})
+                for n in per_controlnet("control", self.dims.num_controlnets)]
 
     def outputs(self) -> list[TensorSpec]:
-        return [TensorSpec("hint", torch.float32, {0: "B", 2: "h", 3: "w"})]
+        return [TensorSpec(n, torch.float32, {0: "B", 2: "h", 3: "w"})
+                for n in per_controlnet("hint", self.dims.num_controlnets)]
 
     def shapes(self, spec: ShapeSpec) -> dict[str, Shape]:
         d = self.dims
         h, w = d.latent_size(spec)
-        return {"control": (spec.batch, d.hint_channels, spec.height, spec.width),
-                "hint": (spec.batch, d.hint_embedding_channels, h, w)}
+        shapes = {n: (spec.batch, d.hint_channels, spec.height, spec.width) for n in self.input_names}
+        return shapes | {n: (spec.batch, d.hint_embedding_channels, h, w) for n in self.output_names}
 
     def sample_float(self, name: str, shape: Shape, gen: torch.Generator) -> torch.Tensor:
         return (torch.rand(shape, generator=gen) > 0.9).float()  # an edge map: 0 or 1

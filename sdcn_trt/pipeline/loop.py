@@ -39,9 +39,9 @@ class LoopKey:
     """Everything a loop bakes in: a different key needs a different loop (and graph)."""
 
     latent_shape: tuple[int, ...]  # (B, 4, h, w)
-    control_shape: tuple[int, ...]  # (B, 3, H, W)
+    control_shape: tuple[int, ...]  # (B, 3, H, W), each ControlNet's
     text_shape: tuple[int, ...]  # (2B, 77, D)
-    scales_shape: tuple[int, ...]  # (2, 13)
+    scales_shape: tuple[int, ...]  # (N, 2, 13): N ControlNets
     timesteps: tuple[int, ...]  # run order
     scale: float  # guidance scale (1.0: the conditional prediction only)
     eta: float
@@ -86,9 +86,9 @@ class Denoiser:
     """The denoising step for one image: its text, hint and control scales are fixed per image."""
 
     def __init__(self, runners: Mapping[str, Runner], kinds: Sequence[str], scale: float, text: torch.Tensor,
-                 hint: torch.Tensor, scales: torch.Tensor):
+                 hints: Mapping[str, torch.Tensor], scales: torch.Tensor):
         self.runners, self.scale = runners, scale
-        self.text, self.hint, self.scales = text, hint, scales
+        self.text, self.hints, self.scales = text, hints, scales  # hints: "hint", "hint_1", ... per ControlNet
         # which UNet network full and reuse_control steps run: the fused step, the UNet on given
         # residuals, or that UNet also returning its deep feature (networks_for picks the same)
         self.unet = "unet_deep" if SHALLOW in kinds else "unet" if REUSE_CONTROL in kinds else None
@@ -106,7 +106,7 @@ class Denoiser:
             assert state.guided is not None, "a reuse step needs an earlier full step"
             return state
         base = {"latents": state.x, "timestep": timestep, "text_embeddings": self.text}
-        control = {"hint": self.hint, "control_scales": self.scales}
+        control = {**self.hints, "control_scales": self.scales}
         if kind == FULL and self.unet is None:
             noise_pred = self.runners["fused_step"].infer({**base, **control})["noise_pred"]
             return dataclasses.replace(state, guided=self.guide(noise_pred))
@@ -136,6 +136,14 @@ class Denoiser:
         return dataclasses.replace(state, x=ddim_update(state.x, state.guided, ddim, noise))
 
 
+def embed_controls(hint_net: Runner, controls: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each ControlNet's hint embedding of its control map, once per image: {"hint": .., "hint_1": ..}."""
+    names = hint_net.descriptor.input_names
+    if len(names) != len(controls):
+        raise InputError(f"{len(controls)} control images for {len(names)} ControlNets; give one per ControlNet")
+    return hint_net.infer(dict(zip(names, controls, strict=True)))
+
+
 def decode_uint8(decoder: Runner, latents: torch.Tensor) -> torch.Tensor:
     """VAE decode to [0, 255] floats, then uint8 by truncation as the reference's astype does: (B, H, W, 3)."""
     images = decoder.infer({"latents": latents})["images"]  # (B, 3, H, W)
@@ -148,8 +156,8 @@ class LoopInputs:
 
     latents: torch.Tensor  # (B, 4, h, w) initial noise
     text: torch.Tensor  # (2B, 77, D) [negative x B, positive x B]
-    control: torch.Tensor  # (B, 3, H, W) canny map in [0, 1]
-    scales: torch.Tensor  # (2, 13) control scales, row 0 unconditional
+    controls: tuple[torch.Tensor, ...]  # (B, 3, H, W) per ControlNet: control maps in [0, 1] (canny first)
+    scales: torch.Tensor  # (N, 2, 13) control scales per ControlNet, row 0 unconditional
     noise: torch.Tensor | None  # (S, B, 4, h, w) per-step eta noise, or None when eta == 0
 
 
@@ -167,8 +175,8 @@ class EagerLoop:
 
     def denoise(self, inputs: LoopInputs, timesteps: Sequence[torch.Tensor], report: ProgressFn) -> torch.Tensor:
         """The hint once, then every step: the final latents (B, 4, h, w)."""
-        hint = self.runners["control_hint"].infer({"control": inputs.control})["hint"]  # (B, C, h, w)
-        denoiser = Denoiser(self.runners, self.key.kinds, self.key.scale, inputs.text, hint, inputs.scales)
+        hints = embed_controls(self.runners["control_hint"], inputs.controls)  # (B, C, h, w) each
+        denoiser = Denoiser(self.runners, self.key.kinds, self.key.scale, inputs.text, hints, inputs.scales)
         state = StepState(inputs.latents)
         steps = self.schedule.steps
         for i, (ddim, kind) in enumerate(zip(steps, self.key.kinds, strict=True)):
@@ -195,7 +203,8 @@ class StaticLoop(EagerLoop):
         steps = len(schedule)
         self.buffers = LoopInputs(
             latents=torch.zeros(key.latent_shape, device=device), text=torch.zeros(key.text_shape, device=device),
-            control=torch.zeros(key.control_shape, device=device), scales=torch.zeros(key.scales_shape, device=device),
+            controls=tuple(torch.zeros(key.control_shape, device=device) for _ in range(key.scales_shape[0])),
+            scales=torch.zeros(key.scales_shape, device=device),
             noise=torch.zeros((steps, *key.latent_shape), device=device) if key.eta > 0 else None,
         )
         self.timesteps = torch.tensor([[float(t)] for t in key.timesteps], device=device)  # (S, 1)
@@ -209,8 +218,8 @@ class StaticLoop(EagerLoop):
     def load(self, inputs: LoopInputs) -> None:
         """Copy one image's inputs into the buffers."""
         b = self.buffers
-        for buffer, value in ((b.latents, inputs.latents), (b.text, inputs.text), (b.control, inputs.control),
-                              (b.scales, inputs.scales)):
+        for buffer, value in zip((b.latents, b.text, b.scales, *b.controls),
+                                 (inputs.latents, inputs.text, inputs.scales, *inputs.controls), strict=True):
             buffer.copy_(value)
         if b.noise is not None:
             assert inputs.noise is not None, "eta > 0 needs the per-step noise"
@@ -285,7 +294,8 @@ class GraphedSteps(EagerLoop):
         self.scales = torch.zeros(key.scales_shape, device=device)
         self.timestep = torch.zeros(1, device=device)
         self.constants = DeviceStep(device)
-        self.hint = torch.zeros(runners["control_hint"].descriptor.shapes(key.spec)["hint"], device=device)
+        hint_shapes = runners["control_hint"].descriptor.shapes(key.spec)
+        self.hints = {n: torch.zeros(hint_shapes[n], device=device) for n in runners["control_hint"].descriptor.output_names}
         self.residuals: tuple[torch.Tensor, ...] = ()
         self.deep: torch.Tensor | None = None
         if "controlnet" in runners:
@@ -298,7 +308,7 @@ class GraphedSteps(EagerLoop):
                        for kind in dict.fromkeys(key.kinds)}
 
     def _step(self, kind: str) -> None:
-        denoiser = Denoiser(self.runners, self.key.kinds, self.key.scale, self.text, self.hint, self.scales)
+        denoiser = Denoiser(self.runners, self.key.kinds, self.key.scale, self.text, self.hints, self.scales)
         before = StepState(self.x, self.guided, self.residuals, self.deep)
         state = denoiser.step(before, kind, self.constants, self.timestep, self.noise)  # type: ignore[arg-type]
         for buffer, value in zip((self.x, self.guided, self.deep, *self.residuals),
@@ -308,7 +318,8 @@ class GraphedSteps(EagerLoop):
 
     def run(self, inputs: LoopInputs, report: ProgressFn = _no_progress) -> tuple[torch.Tensor, dict[str, float]]:
         clock = time.perf_counter()
-        self.hint.copy_(self.runners["control_hint"].infer({"control": inputs.control})["hint"])
+        for name, hint in embed_controls(self.runners["control_hint"], inputs.controls).items():
+            self.hints[name].copy_(hint)
         self.x.copy_(inputs.latents)
         self.text.copy_(inputs.text)
         self.scales.copy_(inputs.scales)

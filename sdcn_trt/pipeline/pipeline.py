@@ -6,7 +6,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -57,9 +57,11 @@ class ControlNetPipeline:
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, sd_dir: str | Path, controlnet: str | Path, tokenizer: str | Path | None = None,
-                        backend: BackendConfig | str = "torch", **backend_options: Any) -> "ControlNetPipeline":
-        """diffusers folders: an SD1.5 pipeline folder and a ControlNet folder (or one ldm file)."""
+    def from_pretrained(cls, sd_dir: str | Path, controlnet: str | Path | Sequence[str | Path],
+                        tokenizer: str | Path | None = None, backend: BackendConfig | str = "torch",
+                        **backend_options: Any) -> "ControlNetPipeline":
+        """diffusers folders: an SD1.5 pipeline folder and a ControlNet folder (or one ldm file), or a
+        list of ControlNets (Multi-ControlNet: the first gets the photo's edge map)."""
         from sdcn_trt.models import load_diffusers
 
         return cls(load_diffusers(sd_dir, controlnet, tokenizer), backend, **backend_options)
@@ -67,12 +69,15 @@ class ControlNetPipeline:
     @classmethod
     def from_single_file(cls, checkpoint: str | Path, original_config: str | Path | None = None,
                          tokenizer: str | Path | None = None, text_encoder_config: str | Path | None = None,
-                         backend: BackendConfig | str = "torch", **backend_options: Any) -> "ControlNetPipeline":
-        """control_sd15_canny.pth-style file (ldm layout); architecture from the YAML or the shapes."""
+                         backend: BackendConfig | str = "torch", more_controlnets: Sequence[str | Path] = (),
+                         **backend_options: Any) -> "ControlNetPipeline":
+        """control_sd15_canny.pth-style file (ldm layout); architecture from the YAML or the shapes.
+        `more_controlnets`: further ControlNet folders or files whose residuals add to the file's."""
         from sdcn_trt.checkpoint import load_single_file
+        from sdcn_trt.models import with_controlnets
 
         components = load_single_file(checkpoint, original_config, tokenizer, text_encoder_config)
-        return cls(components, backend, **backend_options)
+        return cls(with_controlnets(components, more_controlnets), backend, **backend_options)
 
     @classmethod
     def from_preset(cls, name: str = "tiny", seed: int = 0, backend: BackendConfig | str = "torch",
@@ -107,11 +112,13 @@ class ControlNetPipeline:
 
     def run(self, image: np.ndarray, config: GenerationConfig, progress: bool | ProgressFn = False,
             output_type: str = "np", generator: torch.Generator | None = None,
-            control_image: bool = False) -> PipelineOutput:
+            control_image: bool = False, control_images: Sequence[np.ndarray | None] | None = None) -> PipelineOutput:
         """Generate `config.num_samples` images for one input image.
 
         `image` is a uint8 photo (HW, HWC; gray, RGB/BGR or RGBA) that is resized and edge-detected
         as the reference does, or, with `control_image=True`, a ready 0/255 control map.
+        `control_images`: with several ControlNets, one entry per ControlNet: a ready control map
+        (uint8, resized to the generation size if it differs), or None for the edge map of `image`.
         `progress`: True for a bar over the steps, or a callable(done, total) called after each step.
         """
         if output_type not in ("np", "pil"):
@@ -130,7 +137,8 @@ class ControlNetPipeline:
             _, detected = preprocess.prepare(image, config.image_resolution, config.low_threshold, config.high_threshold)
         height, width = detected.shape[:2]
         device = self.runners["fused_step"].device
-        control = preprocess.control_tensor(detected, config.num_samples).to(device)  # (B, 3, H, W)
+        maps = self._control_maps(detected, control_images)
+        controls = tuple(preprocess.control_tensor(m, config.num_samples).to(device) for m in maps)  # (B, 3, H, W)
         timings["preprocess"] = time.perf_counter() - clock
 
         # 2. Encode prompts: [negative, positive] -> repeated per sample, (2B, 77, D)
@@ -139,9 +147,10 @@ class ControlNetPipeline:
         text = text.repeat_interleave(config.num_samples, dim=0).to(device)
         timings["text"] = time.perf_counter() - clock
 
-        # 3. Control scales (2, 13): row 0 unconditional (zeros in guess mode), row 1 conditional
+        # 3. Control scales (N, 2, 13), per ControlNet: row 0 unconditional (zeros in guess mode), row 1 conditional
         dims = self.descriptors["fused_step"].dims
-        scales = torch.tensor(config.control_scales(dims.num_scales), dtype=torch.float32, device=device)
+        scales = torch.tensor(config.controlnet_scales(dims.num_controlnets, dims.num_scales), dtype=torch.float32,
+                              device=device)
 
         # 4. The schedule: DDIM steps, the kind of every step, DDIM tables
         ddim_steps, kinds = config.step_kinds()
@@ -160,10 +169,10 @@ class ControlNetPipeline:
             noise = torch.stack([torch.randn(latent_shape, generator=generator) for _ in schedule.steps]).to(device)
 
         # 7. Denoise and decode: eagerly, or replayed from static buffers / CUDA graphs (BackendConfig.cuda_graph)
-        key = LoopKey(latent_shape, tuple(control.shape), tuple(text.shape), tuple(scales.shape),
+        key = LoopKey(latent_shape, tuple(controls[0].shape), tuple(text.shape), tuple(scales.shape),
                       tuple(schedule.timesteps), float(config.scale), float(schedule.eta), kinds)
         loop = self._loop(key, schedule)
-        pixels, stage_times = loop.run(LoopInputs(latents, text, control, scales, noise), _progress(progress))
+        pixels, stage_times = loop.run(LoopInputs(latents, text, controls, scales, noise), _progress(progress))
         timings.update(stage_times)
 
         # 8. uint8 HxWx3 arrays (or PIL images)
@@ -175,6 +184,30 @@ class ControlNetPipeline:
             images = [Image.fromarray(im) for im in images]
         return PipelineOutput(images=images, control=detected, seed=seed, timings=timings)
 
+    def _control_maps(self, detected: np.ndarray,
+                      control_images: Sequence[np.ndarray | None] | None) -> list[np.ndarray]:
+        """One uint8 HxWx3 control map per ControlNet: the edge map where the entry is None."""
+        count = len(self.components.controlnets)
+        if control_images is None:
+            if count > 1:
+                raise InputError(f"this pipeline has {count} ControlNets: give control_images with {count} entries "
+                                 f"(None for the edge map of the photo)")
+            return [detected]
+        if len(control_images) != count:
+            raise InputError(f"{len(control_images)} control images for {count} ControlNets; give one per ControlNet "
+                             f"(None for the edge map of the photo)")
+        height, width = detected.shape[:2]
+        maps = []
+        for k, given in enumerate(control_images):
+            if given is None:
+                maps.append(detected)
+                continue
+            ready = preprocess.hwc3(preprocess.check_image(given, name=f"control image {k}"))
+            if ready.shape[:2] != (height, width):
+                ready = preprocess.resize_to(ready, height, width)
+            maps.append(ready)
+        return maps
+
     def _loop(self, key: LoopKey, schedule: DdimSchedule) -> EagerLoop:
         """The loop for `key` in the backend's graph mode, built (and captured) on first use."""
         if key not in self._loops:
@@ -184,22 +217,28 @@ class ControlNetPipeline:
 
     # -- public call styles ---------------------------------------------------------------------
     def __call__(self, prompt: str, image: np.ndarray, num_inference_steps: int = 20, guidance_scale: float = 9.0,
-                 controlnet_conditioning_scale: float = 1.0, guess_mode: bool = False,
+                 controlnet_conditioning_scale: float | Sequence[float] = 1.0, guess_mode: bool = False,
                  negative_prompt: str = GenerationConfig.n_prompt, eta: float = 0.0, seed: int | None = None,
                  generator: torch.Generator | None = None, output_type: str = "np", num_images_per_prompt: int = 1,
                  a_prompt: str = "", image_resolution: int = GenerationConfig.image_resolution,
                  low_threshold: int = 100, high_threshold: int = 200, control_image: bool = False,
+                 control_images: Sequence[np.ndarray | None] | None = None, schedule: str = "full",
                  progress: bool | ProgressFn = False) -> PipelineOutput:
         """diffusers-style call. `image` is the photo to edge-detect (or, with control_image=True,
-        the edge map itself); `seed` None with no generator draws one like the reference (-1)."""
+        the edge map itself); `seed` None with no generator draws one like the reference (-1).
+        With several ControlNets: `control_images` (one per ControlNet, None = the photo's edge map)
+        and one `controlnet_conditioning_scale` per ControlNet, or one for all."""
+        several = not isinstance(controlnet_conditioning_scale, (int, float))
         config = GenerationConfig(
             prompt=prompt, a_prompt=a_prompt, n_prompt=negative_prompt, num_samples=num_images_per_prompt,
             image_resolution=image_resolution, ddim_steps=num_inference_steps, guess_mode=guess_mode,
-            strength=controlnet_conditioning_scale, scale=guidance_scale, seed=-1 if seed is None else seed, eta=eta,
-            low_threshold=low_threshold, high_threshold=high_threshold,
+            strength=1.0 if several else controlnet_conditioning_scale,  # type: ignore[arg-type]
+            controlnet_strengths=tuple(controlnet_conditioning_scale) if several else (),  # type: ignore[arg-type]
+            scale=guidance_scale, seed=-1 if seed is None else seed, eta=eta, low_threshold=low_threshold,
+            high_threshold=high_threshold, schedule=schedule,
         )
         return self.run(image, config, progress=progress, output_type=output_type, generator=generator,
-                        control_image=control_image)
+                        control_image=control_image, control_images=control_images)
 
     def process(self, input_image: np.ndarray, prompt: str, a_prompt: str, n_prompt: str, num_samples: int,
                 image_resolution: int, ddim_steps: int, guess_mode: bool, strength: float, scale: float, seed: int,

@@ -1,15 +1,15 @@
-"""The score report: rows (JSON, CSV), summary, and one self-contained HTML page with pictures."""
+"""The score report: rows (JSON, CSV), summary, and one self-contained HTML page (a jinja2 template) with pictures."""
 from __future__ import annotations
 
 import base64
 import csv
-import html
 import io
 import json
 from pathlib import Path
 from typing import Any
 
 import cv2
+import jinja2
 import numpy as np
 
 
@@ -69,44 +69,22 @@ def _plots(rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[tuple[st
 
 
 def _cell(value: Any) -> str:
+    """A summary number as the table shows it: floats to 3 decimals, infinity as inf."""
     if isinstance(value, float):
         return "inf" if np.isinf(value) else f"{value:.3f}"
-    return html.escape(str(value))
+    return str(value)
+
+
+_TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("sdcn_trt.scoring", "templates"),
+                                autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
+                                lstrip_blocks=True)
+_TEMPLATES.filters["cell"] = _cell
 
 
 def render_html(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
-    e = html.escape
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>sdcn_trt score</title><style>",
-             "body{font-family:sans-serif;margin:24px;color:#222} table{border-collapse:collapse;margin:8px 0}",
-             "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:right} th{background:#f2f2f2}",
-             "td.l{text-align:left} img{display:block} .warn{background:#fff3cd;padding:8px;border:1px solid #e0c36a}",
-             ".fail{color:#b00020}</style></head><body>", "<h1>sdcn_trt score report</h1>"]
-    backend = summary["backend"]
-    parts.append(f"<p>backend <b>{e(backend['backend'])}</b> ({e(backend['precision'])}, {e(backend['device'])}, "
-                 f"CUDA graph {e(backend['cuda_graph'])}) against the torch fp32 reference; FID weights: "
-                 f"{e(summary['fid_weights'])}</p>")
-    if summary["fid_weights"].startswith("random"):
-        parts.append("<p class='warn'>Random Inception weights: PD values test the plumbing and are not "
-                     "comparable to the contest's (pass --fid-weights for real ones).</p>")
-    parts.append("<h2>Summary</h2><table><tr><th>schedule</th><th>images</th><th>errors</th><th>mean ms</th>"
-                 "<th>p50 ms</th><th>p90 ms</th><th>max ms</th><th>mean PD</th><th>max PD</th><th>PD &gt; 12</th>"
-                 "<th>mean SSIM</th><th>contest score</th></tr>")
-    for schedule, s in summary["schedules"].items():
-        lat = s["latency_ms"]
-        parts.append("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in (
-            schedule, s["images"], s["errors"], lat.get("mean", "-"), lat.get("p50", "-"), lat.get("p90", "-"),
-            lat.get("max", "-"), s["mean_pd"], s["max_pd"], s["pd_failures"], s["mean_ssim"], s["score"])) + "</tr>")
-    parts.append("</table>")
-    for label, uri in _plots(rows, summary):
-        parts.append(f"<h3>{e(label)}</h3><img src='{uri}' alt='{e(label)}'>")
-    failures = [r for r in rows if "error" in r]
-    if failures:
-        parts.append("<h2 class='fail'>Not scored</h2><table><tr><th>image</th><th>schedule</th><th>error</th></tr>")
-        parts += [f"<tr><td class='l'>{e(r['image'])}</td><td class='l'>{e(r['schedule'])}</td>"
-                  f"<td class='l'>{e(r['error'])}</td></tr>" for r in failures]
-        parts.append("</table>")
-    parts.append("<h2>Images</h2><table><tr><th>image</th><th>input</th><th>canny</th><th>reference</th>"
-                 "<th>accelerated</th><th>|diff| x10</th><th>numbers</th></tr>")
+    """One self-contained page (templates/report.html.j2): summary table, plots, failures, and per
+    image thumbnails of the input, canny map, reference, accelerated image and their |diff| x10."""
+    images = []
     for r in rows:
         if "error" in r:
             continue
@@ -114,14 +92,11 @@ def render_html(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) 
         ref = cv2.imread(str(out / r["reference_path"]), cv2.IMREAD_COLOR)
         acc = cv2.imread(str(out / r["path"]), cv2.IMREAD_COLOR)
         diff = np.clip(np.abs(ref.astype(np.int16) - acc) * 10, 0, 255).astype(np.uint8)
-        numbers = (f"{e(r['schedule'])}<br>{r['latency_ms']:.1f} ms<br>PD {r['pd']:.3f}"
-                   f"<br>SSIM {r['ssim']:.4f}<br>max |diff| {r['max_abs_diff']}")
-        cls = "" if r["passed"] else " class='fail'"
-        parts.append(f"<tr><td class='l'>{e(r['image'])}</td>" + "".join(
-            f"<td><img src='{_png_uri(im)}'></td>" for im in (source, r["canny"], ref, acc, diff))
-            + f"<td class='l'{cls}>{numbers}</td></tr>")
-    parts.append("</table></body></html>")
-    return "\n".join(parts)
+        images.append({**r, "thumbnails": [_png_uri(im) for im in (source, r["canny"], ref, acc, diff)]})
+    return _TEMPLATES.get_template("report.html.j2").render(
+        backend=summary["backend"], fid_weights=summary["fid_weights"],
+        random_fid=summary["fid_weights"].startswith("random"), schedules=summary["schedules"],
+        plots=_plots(rows, summary), failures=[r for r in rows if "error" in r], images=images)
 
 
 def save_table(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:

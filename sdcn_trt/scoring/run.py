@@ -14,6 +14,7 @@ from sdcn_trt.config import GenerationConfig
 from sdcn_trt.engines import BackendConfig
 from sdcn_trt.errors import InputError, SdcnError
 from sdcn_trt.images import sample_photos, write_contest_image
+from sdcn_trt.progress import RunProgress
 from sdcn_trt.components import Components
 from sdcn_trt.scoring.contest import PD_FAIL, contest_score
 from sdcn_trt.scoring.latency import summarize, timed
@@ -87,10 +88,9 @@ def _process_args(c: GenerationConfig) -> tuple:
             c.strength, c.scale, c.seed, c.eta, c.low_threshold, c.high_threshold)
 
 
-def run_score(components: Components, backend: BackendConfig, settings: ScoreSettings) -> dict[str, Any]:
+def run_score(components: Components, backend: BackendConfig, settings: ScoreSettings,
+              progress: bool = True) -> dict[str, Any]:
     """Generate, time and score every input under every schedule; write rows, summary and report."""
-    from tqdm.auto import tqdm
-
     from sdcn_trt import ControlNetPipeline
     from sdcn_trt.preprocess import load_image
     from sdcn_trt.scoring.pd import PDScorer
@@ -105,10 +105,12 @@ def run_score(components: Components, backend: BackendConfig, settings: ScoreSet
     model_hash = weights_hash(components) if settings.reference_dir is None else ""  # once: GBs for SD1.5
     rows: list[dict[str, Any]] = []
     warmed = False
+    bar = RunProgress(len(settings.schedules) * len(inputs), "score", enabled=progress)
     for schedule in settings.schedules:
         base = settings.generation.replace(schedule=schedule)
         ref_config = settings.generation.replace(schedule="full")
-        for source in tqdm(inputs, desc=f"scoring {schedule}", unit="image"):
+        for source in inputs:
+            bar.note(f"{schedule}: {source.name}")
             row: dict[str, Any] = {"image": source.name, "schedule": schedule}
             try:
                 image = load_image(source)
@@ -130,6 +132,8 @@ def run_score(components: Components, backend: BackendConfig, settings: ScoreSet
                 row["error"] = str(exc)
                 logger.warning("%s (%s): %s", source.name, schedule, exc)
             rows.append(row)
+            bar.advance()
+    bar.close()
     summary = summarize_rows(rows, settings, backend, scorer.weights)
     write_report(out, rows, summary)
     return summary
