@@ -98,13 +98,15 @@ def check_strength(strength: object) -> float:
 def parse_lora_arg(text: str) -> tuple[str, float]:
     """'PATH' or 'PATH:STRENGTH' (the CLI's --lora) -> (path, strength); strength 1.0 by default."""
     path, sep, tail = text.rpartition(":")
-    if sep and path:
-        try:
-            return path, check_strength(float(tail))
-        except ValueError:
-            if re.fullmatch(r"[-+.\deE]+", tail):
-                raise InputError(f"--lora {text!r}: {tail!r} is not a number; expected PATH[:STRENGTH]") from None
-    return text, 1.0
+    if not (sep and path):
+        return text, 1.0
+    try:
+        strength = float(tail)
+    except ValueError:
+        if re.fullmatch(r"[-+.\deE]+", tail):
+            raise InputError(f"--lora {text!r}: {tail!r} is not a number; expected PATH[:STRENGTH]") from None
+        return text, 1.0  # a colon inside the file name
+    return path, check_strength(strength)
 
 
 def _split_key(key: str) -> tuple[str, str] | None:

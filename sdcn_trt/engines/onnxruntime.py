@@ -33,6 +33,7 @@ class OnnxRuntimeRunner(Runner):
         self.session: Any = None  # onnxruntime.InferenceSession once active
         self.export: ExportResult | None = None
         self.input_types: dict[str, torch.dtype] = {}
+        self.swapped: list[str] = []  # initializers replaced by the current weights (export/weights.py)
         self.initializers: dict[str, Any] = {}  # OrtValues of swapped weights, alive as long as the session
         self._device = torch.device(config.device)
 
@@ -58,6 +59,7 @@ class OnnxRuntimeRunner(Runner):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         model, self.initializers = ort_model(export.path, prepared.initializers, options)
+        self.swapped = sorted(prepared.initializers)
         self.session = ort.InferenceSession(model, options, providers=providers)
         self.input_types = {i.name: ORT_TYPES[i.type] for i in self.session.get_inputs()}
 

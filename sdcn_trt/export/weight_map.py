@@ -122,7 +122,12 @@ def build_weight_map(onnx_path: Path, exported: torch.nn.Module, source: torch.n
             candidates.setdefault((_digest(np.ascontiguousarray(array.T)), array.dtype.name), []).append(
                 (name, "transpose"))
     shapes = {k: tuple(v.shape) for k, v in exported.state_dict().items()}
-    weight_map = WeightMap(params={k: tensor_digest(v) for k, v in source.state_dict().items()})
+    if exported is source:  # fp32: the digests of the exported tensors are the source's
+        found_digests = {params[0][0]: digest for (digest, _), params in candidates.items() if params[0][1] == "direct"}
+        digests = {k: found_digests.get(k) or tensor_digest(v) for k, v in source.state_dict().items()}
+    else:
+        digests = {k: tensor_digest(v) for k, v in source.state_dict().items()}
+    weight_map = WeightMap(params=digests)
     for name, array in iter_initializers(onnx_path):
         if not np.issubdtype(array.dtype, np.floating) or _constant_valued(array):
             continue  # a constant of the graph, or a tensor whose content names no parameter
