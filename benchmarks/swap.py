@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import shutil
@@ -111,7 +112,9 @@ def markdown(report: dict) -> str:
              f"Network: {NETWORK} (ControlNet + UNet) of preset **{report['preset']}** (seeded random weights), fp32, "
              f"onnxruntime CPU; ONNX {phases['base'].get('onnx_gb', 0):.2f} GB. Each phase in its own process; "
              "times are `OnnxRuntimeRunner.activate()` (what the pipeline pays when weights change), one run each.", "",
-             "Machine: " + ", ".join(f"{k} {v}" for k, v in report["machine"].items()), "",
+             "Machine: " + ", ".join(f"{k} {v}" for k, v in report["machine"].items())
+             + (f"; load average at the end {report['load_average_at_end'][0]:.1f} (a shared machine: seconds are "
+                "noisy, the ratio is the point)" if "load_average_at_end" in report else ""), "",
              "| phase | what | activate s | of which export s | initializers swapped | max abs vs torch | peak RSS GiB |",
              "|---|---|---|---|---|---|---|"]
     for name, p in phases.items():
@@ -119,7 +122,7 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name} | {PHASES[name][2]} | failed: {p['error'][:80]} | | | | |")
             continue
         lines.append(f"| {name} | {PHASES[name][2]} | {p['seconds']:.1f} | {p.get('export_seconds', 0):.1f} | "
-                     f"{p.get('swapped_initializers', '')} | {p.get('max_abs_vs_torch', float('nan')):.2e} | "
+                     f"{p.get('swapped_initializers', '')} | {format(p['max_abs_vs_torch'], '.2e') if 'max_abs_vs_torch' in p else ''} | "
                      f"{p['peak_rss_gib']:.1f} |")
     saved = report.get("speedup")
     if saved:
@@ -165,6 +168,7 @@ def main() -> int:
         if base_files:
             phases["base"]["onnx_gb"] = sum(f.stat().st_size for f in base_files[0].iterdir()) / 1e9
         report = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": "cpu", "preset": args.preset, "phases": phases,
+                  "load_average_at_end": list(os.getloadavg()),
                   "machine": {"platform": platform.platform(), "python": platform.python_version(),
                               "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
                               "cpu_threads": str(torch.get_num_threads())}}

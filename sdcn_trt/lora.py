@@ -8,13 +8,15 @@ Layouts read (safetensors, or a torch pickle of tensors):
   LoCon convolutions (down (r, in, kh, kw), up (out, r, 1, 1)).
 - diffusers / PEFT: `unet.<module>.lora_A.weight` / `lora_B.weight` (or `.lora.down` / `.lora.up`,
   and the older `attn1.processor.to_q_lora.down` / `text_encoder.<module>.lora_linear_layer.down`),
-  `text_encoder.text_model.<module>...`, optional `<module>.alpha`.
-The merged weight is W + strength * (alpha / rank) * up @ down (alpha absent: alpha = rank), as
-diffusers' `fuse_lora(lora_scale=strength)` computes it.
+  `text_encoder.text_model.<module>...`, optional `<module>.alpha`, and the `lora_adapter_metadata`
+  diffusers writes into the safetensors header (`unet.lora_alpha`, `alpha_pattern`, `use_rslora`).
+The merged weight is W + strength * (alpha / rank) * up @ down (alpha absent: alpha = rank; rsLoRA:
+alpha / sqrt(rank)), as diffusers' `fuse_lora(lora_scale=strength)` computes it.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import re
@@ -41,6 +43,7 @@ _ROLES = ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_A.we
           ("_lora.down.weight", "down"), ("_lora.up.weight", "up"), (".lora_linear_layer.down.weight", "down"),
           (".lora_linear_layer.up.weight", "up"), (".alpha", "alpha"))
 SHOWN = 5  # how many offending keys an error lists
+_OLD_CLIP_NAMES = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
 
 @dataclass(frozen=True)
@@ -49,16 +52,12 @@ class LoraModule:
 
     down: torch.Tensor  # (r, in) or (r, in, kh, kw)
     up: torch.Tensor  # (out, r) or (out, r, 1, 1)
-    alpha: float | None  # scale = alpha / r; None means alpha = r (scale 1)
+    scale: float  # alpha / r (rsLoRA: alpha / sqrt(r)); 1 when the file gives no alpha
     key: str  # the file's name for it, for messages
 
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
     def delta(self, shape: torch.Size, strength: float) -> torch.Tensor:
-        """strength * alpha / r * up @ down, float32, reshaped to the weight's `shape`."""
-        scale = (self.rank if self.alpha is None else self.alpha) / self.rank * strength
+        """strength * scale * up @ down, float32, reshaped to the weight's `shape`."""
+        scale = self.scale * strength
         update = self.up.float().flatten(1) @ self.down.float().flatten(1)  # (out, in * kh * kw)
         return (update * scale).reshape(shape)
 
@@ -114,9 +113,10 @@ def _split_key(key: str) -> tuple[str, str] | None:
     for suffix, role in _ROLES:
         if key.endswith(suffix):
             base = key[: -len(suffix)]
-            if suffix.startswith("_lora."):  # attn1.processor.to_q_lora -> attn1.to_q
-                base = base.replace(".processor.", ".")
-                base = base[: -len("to_out")] + "to_out.0" if base.endswith("to_out") else base
+            if suffix.startswith("_lora."):  # diffusers' old spelling: attn1.processor.to_q_lora -> attn1.to_q
+                head, _, last = base.replace(".processor.", ".").rpartition(".")
+                names = _OLD_CLIP_NAMES if head.endswith(".self_attn") else {"to_out": "to_out.0"}
+                base = f"{head}.{names.get(last, last)}"
             return base, role
     return None
 
@@ -146,6 +146,41 @@ def _resolve(base: str, tables: dict[str, dict[str, str]]) -> tuple[str, str] | 
             name = tables[target].get(base[len(prefix):])
             return (target, name) if name is not None else None
     return None
+
+
+def adapter_configs(path: Path) -> dict[str, dict]:
+    """Per target network, the PEFT LoraConfig fields diffusers stored in a safetensors header
+    (`lora_adapter_metadata`: {"unet.lora_alpha": 8, "unet.alpha_pattern": {...}, ...}); {} if none."""
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            raw = (f.metadata() or {}).get("lora_adapter_metadata")
+        data = json.loads(raw) if raw else {}
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"LoRA {path}: unreadable adapter metadata: {exc}") from exc
+    configs: dict[str, dict] = {}
+    for key, value in data.items():
+        target, _, name = key.partition(".")
+        configs.setdefault(target, {})[name] = value
+    return configs
+
+
+def _scale(rank: int, alpha: torch.Tensor | None, module: str, config: dict) -> float:
+    """alpha / rank from the file's alpha tensor, else its adapter config (alpha_pattern as PEFT
+    matches it, then lora_alpha; rsLoRA divides by sqrt(rank)), else 1."""
+    if alpha is not None:
+        return float(alpha.item()) / rank
+    value: float = rank
+    patterns = config.get("alpha_pattern") or {}
+    pattern = next((k for k in patterns if re.match(rf"(.*\.)?({k})$", module)), None)
+    if pattern is not None:
+        value = float(patterns[pattern])
+    elif config.get("lora_alpha") is not None:
+        value = float(config["lora_alpha"])
+    return value / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 
 def _check_shapes(key: str, weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> str | None:
@@ -185,6 +220,11 @@ def load_lora(path: str | Path, components: Components) -> Lora:
         else:
             groups.setdefault(split[0], {})[split[1]] = tensor
     tables = _module_tables(components)
+    configs = adapter_configs(path)
+    dora = [t for t, c in configs.items() if c.get("use_dora")]
+    if dora:
+        raise WeightsError(f"LoRA {path}: DoRA adapters ({', '.join(dora)}) are not supported; "
+                           f"plain LoRA (kohya or diffusers/PEFT) files are")
     modules: dict[tuple[str, str], LoraModule] = {}
     unmatched, unpaired, misfit = list(unknown), [], []
     for base, parts in groups.items():
@@ -200,8 +240,8 @@ def load_lora(path: str | Path, components: Components) -> Lora:
         if why:
             misfit.append(why)
             continue
-        alpha = float(parts["alpha"].item()) if "alpha" in parts else None
-        modules[where] = LoraModule(parts["down"], parts["up"], alpha, base)
+        scale = _scale(int(parts["down"].shape[0]), parts.get("alpha"), where[1], configs.get(where[0], {}))
+        modules[where] = LoraModule(parts["down"], parts["up"], scale, base)
     model = f"the UNet and text encoder of {components.source}"
     if unmatched or not modules and not (unpaired or misfit):
         total = len(groups) + len(unknown)

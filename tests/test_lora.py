@@ -80,6 +80,66 @@ def test_kohya_ldm_names_merge_like_diffusers_names(factors, tmp_path):
     assert all(torch.equal(v, merged_b[n][k]) for n, s in _states(a).items() for k, v in s.items())
 
 
+def test_adapter_metadata_alphas_like_diffusers(factors, tmp_path):
+    """diffusers-saved files keep lora_alpha / alpha_pattern / use_rslora in the safetensors header."""
+    import json
+
+    from safetensors.torch import save_file
+
+    unet, text = factors
+    meta = {"unet.r": 4, "unet.lora_alpha": 8, "unet.alpha_pattern": {"to_k": 2.0}, "unet.target_modules": list(unet),
+            "text_encoder.r": 4, "text_encoder.lora_alpha": 4, "text_encoder.use_rslora": True,
+            "text_encoder.target_modules": list(text)}
+    path = tmp_path / "meta.safetensors"
+    save_file({k: v.contiguous() for k, v in peft_state(unet, text).items()}, str(path),
+              metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta)})
+    c = load_preset("tiny")
+    before = _states(c)
+    apply_loras(c, [(path, 0.6)])
+    merged, expected = _states(c), _diffusers_fused(path, 0.6)
+    assert all(torch.equal(v, expected[n][k]) for n, s in merged.items() for k, v in s.items())
+    for name, scale in (("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", 8 / 4),
+                        ("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k", 2 / 4)):
+        down, up = unet[name]
+        torch.testing.assert_close(merged["unet"][name + ".weight"],
+                                   before["unet"][name + ".weight"] + (up @ down) * (scale * 0.6), rtol=0, atol=1e-6)
+    down, up = text[TEXT_MODULES[0]]  # rsLoRA: alpha / sqrt(rank)
+    torch.testing.assert_close(merged["text_encoder"][TEXT_MODULES[0] + ".weight"],
+                               before["text_encoder"][TEXT_MODULES[0] + ".weight"] + (up @ down) * (4 / 2 * 0.6),
+                               rtol=0, atol=1e-6)
+    dora = tmp_path / "dora.safetensors"
+    save_file({k: v.contiguous() for k, v in peft_state(unet, {}).items()}, str(dora),
+              metadata={"lora_adapter_metadata": json.dumps({"unet.use_dora": True})})
+    with pytest.raises(WeightsError, match="DoRA adapters \\(unet\\) are not supported"):
+        load_lora(dora, c)
+
+
+def test_old_diffusers_attention_processor_names(factors, tmp_path):
+    """`attn1.processor.to_q_lora.down.weight`, CLIP's `self_attn.to_q_lora` and `mlp.fc1.lora_linear_layer`:
+    the same modules as the PEFT names."""
+    unet, text = factors
+    old = {}
+    for name, (down, up) in unet.items():
+        head, _, last = name.rpartition(".")
+        if "attn" in head.split(".")[-1] and last in ("to_q", "to_k"):
+            base = f"unet.{head}.processor.{last}_lora"
+        elif name.endswith("attn1.to_out.0"):
+            base = f"unet.{name[:-len('attn1.to_out.0')]}attn1.processor.to_out_lora"
+        else:
+            base = f"unet.{name}.lora"
+        old[base + ".down.weight"], old[base + ".up.weight"] = down, up
+    for name, (down, up) in text.items():
+        head, _, last = name.rpartition(".")
+        base = {"q_proj": f"{head}.to_q_lora", "out_proj": f"{head}.to_out_lora"}.get(last, f"{name}.lora_linear_layer")
+        old[f"text_encoder.text_model.{base}.down.weight"] = down
+        old[f"text_encoder.text_model.{base}.up.weight"] = up
+    a, b = load_preset("tiny"), load_preset("tiny")
+    apply_loras(a, [(write(old, tmp_path / "old.safetensors"), 0.9)])
+    apply_loras(b, [(write(peft_state(unet, text), tmp_path / "new.safetensors"), 0.9)])
+    merged_b = _states(b)
+    assert all(torch.equal(v, merged_b[n][k]) for n, s in _states(a).items() for k, v in s.items())
+
+
 def test_several_loras_one_undo_and_source(factors, tmp_path):
     unet, text = factors
     first = write(peft_state(unet, {}), tmp_path / "first.safetensors")
