@@ -254,6 +254,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_contest_kit(args: argparse.Namespace) -> int:
+    from sdcn_trt.contest import write_kit
+
+    for path in write_kit(args.folder, force=args.force):
+        print(f"wrote {path}")
+    print(f"copy the contest's compute_score.py into {args.folder} and run it there (settings: SDCN_* variables, "
+          "see the README written beside the module)")
+    return 0
+
+
+def add_contest_kit_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("contest-kit", help="write canny2image_TRT.py so the contest's compute_score.py runs unchanged",
+                       description="Write FOLDER/canny2image_TRT.py (imports sdcn_trt.contest.hackathon) and a README "
+                                   "listing the SDCN_* settings; the contest's compute_score.py then runs in FOLDER.")
+    p.add_argument("folder", help="where compute_score.py will run")
+    p.add_argument("--force", action="store_true", help="overwrite a canny2image_TRT.py this command did not write")
+    p.set_defaults(func=cmd_contest_kit)
+
+
 def _network_names() -> list[str]:
     from sdcn_trt.export.descriptors import DESCRIPTORS
 
@@ -307,7 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="engine cache (default: $SDCN_TRT_CACHE)")
     p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("score", help="latency + PD + contest score of a backend against the torch fp32 reference")
+    p = sub.add_parser("score", help="latency + PD + contest score of a backend against the torch fp32 reference",
+                       description="Latency is the contest's: wall clock around one whole generate call per image "
+                                   "after warm-up (the contest timed hackathon.process() after initialize()); "
+                                   "inputs are read and outputs written as its compute_score.py did (cv2.imread, "
+                                   "cv2.imwrite), so on the same photos and settings score writes the images that "
+                                   "scorer writes when it runs beside `sdcn-trt contest-kit`.")
     p.add_argument("inputs", nargs="?", default=None, help="folder of input images (default: scikit-image photos)")
     p.add_argument("-o", "--output", default="sdcn_score", help="report folder (default: sdcn_score)")
     p.add_argument("--schedules", nargs="+", default=["full"],
@@ -365,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ddim-steps", type=int, default=20)
     p.add_argument("--samples", nargs="+", default=None, help="skimage.data names (default: four photos)")
     p.set_defaults(func=cmd_demo)
+
+    add_contest_kit_parser(sub)
     return parser
 
 

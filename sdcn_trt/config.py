@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdcn_trt.cache import cache_root
 from sdcn_trt.errors import InputError
 from sdcn_trt.schedule import parse_schedule
 
@@ -162,6 +163,4 @@ class BackendConfig:
             raise InputError("cuda_graph='step' needs device='cuda'")
 
     def cache_path(self) -> Path:
-        from sdcn_trt.cache import cache_root
-
         return Path(self.cache_dir) if self.cache_dir else cache_root()

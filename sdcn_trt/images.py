@@ -51,6 +51,20 @@ def contact_sheet(rows: Sequence[Sequence[np.ndarray]], labels: Sequence[str], t
     return np.concatenate(padded, axis=0)
 
 
+def read_contest_image(path: str | Path) -> np.ndarray:
+    """`cv2.imread(path)` as the contest's scorer read its photos: 3-channel BGR, EXIF orientation applied,
+    alpha dropped, 16-bit scaled to 8 — so `sdcn-trt score` and the `hackathon` class see the same array."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"image file not found: {path}")
+    if path.stat().st_size == 0:
+        raise InputError(f"image file is empty: {path}")
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise InputError(f"cannot decode image file {path}: not an image, or a format OpenCV cannot read")
+    return image
+
+
 def write_contest_image(path: Path, image: np.ndarray) -> Path:
     """cv2.imwrite of the array as it is, as the contest's scorer did (an RGB array written as BGR):
     reference and accelerated images take the same path, so PD compares like with like."""

@@ -24,15 +24,26 @@ from sdcn_trt.cache import hash_json
 from sdcn_trt.components import Components
 from sdcn_trt.config import BackendConfig, GenerationConfig
 from sdcn_trt.errors import InputError, WeightsError
-from sdcn_trt.images import write_contest_image
+from sdcn_trt.images import read_contest_image, write_contest_image
 from sdcn_trt.pipeline.pipeline import ControlNetPipeline
-from sdcn_trt.preprocess import load_image
-from sdcn_trt.schedule import FULL, REUSE_CONTROL, REUSE_EPS, SHALLOW, kinds_spelling, parse_schedule
+from sdcn_trt.schedule import (
+    FULL,
+    REUSE_CONTROL,
+    REUSE_EPS,
+    SHALLOW,
+    kinds_spelling,
+    parse_schedule,
+)
 from sdcn_trt.scoring.contest import contest_score
 from sdcn_trt.scoring.latency import summarize, timed
 from sdcn_trt.scoring.metrics import image_metrics
 from sdcn_trt.scoring.pd import PDScorer
-from sdcn_trt.scoring.run import ScoreSettings, collect_inputs, reference_image, weights_hash
+from sdcn_trt.scoring.run import (
+    ScoreSettings,
+    collect_inputs,
+    reference_image,
+    weights_hash,
+)
 from sdcn_trt.tuning_report import write_tune_report
 
 logger = logging.getLogger(__name__)
@@ -101,7 +112,7 @@ class Tuner:
             self.scorer = None
         score = ScoreSettings(inputs=settings.inputs, output=str(self.out))
         self.sources = collect_inputs(score, self.out / "inputs")
-        self.images = [load_image(p) for p in self.sources]
+        self.images = [read_contest_image(p) for p in self.sources]  # as score and the contest read photos
         self.pipe = ControlNetPipeline(components, backend)
         weights = weights_hash(components)
         reference_pipe = ControlNetPipeline(components, BackendConfig(device=backend.device,

@@ -232,3 +232,17 @@ def test_ray_records_the_jobs_of_a_chunk_that_fails_every_try(tiny_pipe, tmp_pat
                               "(errors: ActorDiedError)")
     again = run_batch(tiny_pipe, BatchSettings(str(inputs), str(out), generation=FAST))
     assert (again.done, again.skipped) == (2, 0)  # failed jobs are redone on the next run
+
+
+def test_oversized_input_is_recorded_and_the_batch_goes_on(tiny_pipe, tmp_path, photo):
+    """A 64x2000 photo resizes to 64x1984 at resolution 64, past max_side=512: refused before any compute,
+    recorded with the size it would have had; the other images are done."""
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    write_photos(inputs, photo, ["ok.png"])
+    cv2.imwrite(str(inputs / "thin.png"), np.zeros((64, 2000, 3), np.uint8))
+    summary = run_batch(tiny_pipe, BatchSettings(str(inputs), str(out), generation=FAST.replace(max_side=512)))
+    assert (summary.done, summary.failed) == (1, 1)
+    records = {r["input"]: r for r in manifest(out)}
+    assert records["ok.png"]["status"] == "done"
+    assert records["thin.png"]["status"] == "failed"
+    assert "image 64x2000 resizes to 64x1984: its long side exceeds max_side=512" in records["thin.png"]["error"]

@@ -12,17 +12,21 @@ import numpy as np
 import torch
 
 from sdcn_trt import preprocess
-from sdcn_trt.config import GenerationConfig
-from sdcn_trt.engines import BackendConfig, create_runner
+from sdcn_trt.checkpoint import load_single_file
+from sdcn_trt.components import Components
+from sdcn_trt.config import BackendConfig, GenerationConfig
+from sdcn_trt.engines import create_runner
 from sdcn_trt.engines.base import Runner
 from sdcn_trt.errors import InputError
 from sdcn_trt.export.descriptors import PIPELINE_NETWORKS, get_descriptor
-from sdcn_trt.components import Components
 from sdcn_trt.lora import LoraMerge, apply_loras, check_strength, unmerge_lora
+from sdcn_trt.models import load_diffusers, load_preset, with_controlnets
 from sdcn_trt.pipeline.loop import EagerLoop, LoopInputs, LoopKey, ProgressFn, make_loop, networks_for
 from sdcn_trt.pipeline.scheduler import DdimSchedule, make_ddim_schedule
+from sdcn_trt.tokenizer import tokenize
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass
 class PipelineOutput:
@@ -70,8 +74,6 @@ class ControlNetPipeline:
                         **backend_options: Any) -> "ControlNetPipeline":
         """diffusers folders: an SD1.5 pipeline folder and a ControlNet folder (or one ldm file), or a
         list of ControlNets (Multi-ControlNet: the first gets the photo's edge map)."""
-        from sdcn_trt.models import load_diffusers
-
         return cls(load_diffusers(sd_dir, controlnet, tokenizer), backend, **backend_options)
 
     @classmethod
@@ -81,9 +83,6 @@ class ControlNetPipeline:
                          **backend_options: Any) -> "ControlNetPipeline":
         """control_sd15_canny.pth-style file (ldm layout); architecture from the YAML or the shapes.
         `more_controlnets`: further ControlNet folders or files whose residuals add to the file's."""
-        from sdcn_trt.checkpoint import load_single_file
-        from sdcn_trt.models import with_controlnets
-
         components = load_single_file(checkpoint, original_config, tokenizer, text_encoder_config)
         return cls(with_controlnets(components, more_controlnets), backend, **backend_options)
 
@@ -91,8 +90,6 @@ class ControlNetPipeline:
     def from_preset(cls, name: str = "tiny", seed: int = 0, backend: BackendConfig | str = "torch",
                     **backend_options: Any) -> "ControlNetPipeline":
         """Built-in architecture with seeded random weights: 'tiny' or 'sd15-random'."""
-        from sdcn_trt.models import load_preset
-
         return cls(load_preset(name, seed), backend, **backend_options)
 
     def close(self) -> None:
@@ -127,8 +124,6 @@ class ControlNetPipeline:
     # -- stages ---------------------------------------------------------------------------------
     def encode_prompts(self, positive: str, negative: str) -> torch.Tensor:
         """(2, 77, D) CLIP states of [negative, positive], cached per prompt pair."""
-        from sdcn_trt.tokenizer import tokenize
-
         key = (positive, negative)
         if key not in self._text_cache:
             ids = tokenize(self.components.tokenizer, [negative, positive]).to(torch.int32)  # (2, 77)

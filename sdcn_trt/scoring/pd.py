@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdcn_trt.errors import WeightsError
+from sdcn_trt.errors import InputError, WeightsError
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_ENV = "SDCN_FID_WEIGHTS"
@@ -71,8 +71,6 @@ class PDScorer:
         """(2048,) pool3 features of an image file, read as pytorch-fid reads it (PIL, RGB, [0, 1])."""
         from PIL import Image, UnidentifiedImageError
         from torchvision.transforms.functional import to_tensor
-
-        from sdcn_trt.errors import InputError
 
         try:
             image = Image.open(path).convert("RGB")

@@ -13,7 +13,7 @@ from sdcn_trt.cache import cache_root, hash_file, hash_json, hash_module
 from sdcn_trt.config import GenerationConfig
 from sdcn_trt.engines import BackendConfig
 from sdcn_trt.errors import InputError, SdcnError
-from sdcn_trt.images import sample_photos, write_contest_image
+from sdcn_trt.images import read_contest_image, sample_photos, write_contest_image
 from sdcn_trt.progress import RunProgress
 from sdcn_trt.components import Components
 from sdcn_trt.scoring.contest import PD_FAIL, contest_score
@@ -67,7 +67,8 @@ def reference_image(model_hash: str, reference_pipe: Any, settings: ScoreSetting
         if ref is None:
             raise InputError(f"cannot read reference image {matches[0]}")
         return ref
-    key = hash_json({"model": model_hash, "config": asdict(config), "input": hash_file(source), "format": 1})
+    # format 2: inputs read as cv2.imread reads them (EXIF orientation applied, alpha dropped)
+    key = hash_json({"model": model_hash, "config": asdict(config), "input": hash_file(source), "format": 2})
     cached = cache_root() / "references" / f"{key[:32]}.png"
     if cached.is_file():
         image_ = cv2.imread(str(cached), cv2.IMREAD_UNCHANGED)
@@ -92,7 +93,6 @@ def run_score(components: Components, backend: BackendConfig, settings: ScoreSet
               progress: bool = True) -> dict[str, Any]:
     """Generate, time and score every input under every schedule; write rows, summary and report."""
     from sdcn_trt import ControlNetPipeline
-    from sdcn_trt.preprocess import load_image
     from sdcn_trt.scoring.pd import PDScorer
     from sdcn_trt.scoring.report import write_report
 
@@ -113,14 +113,16 @@ def run_score(components: Components, backend: BackendConfig, settings: ScoreSet
             bar.note(f"{schedule}: {source.name}")
             row: dict[str, Any] = {"image": source.name, "schedule": schedule}
             try:
-                image = load_image(source)
+                image = read_contest_image(source)  # as the contest's scorer read its photos
                 reference = reference_image(model_hash, reference_pipe, settings, source, image, ref_config)
                 ref_path = write_contest_image(out / "reference" / f"{source.stem}.{settings.image_format}", reference)
                 if not warmed:
                     for _ in range(settings.warmup):
                         pipe.run(image, base)
                     warmed = True
-                result, ms = timed(lambda: pipe.run(image, base))  # around the whole call, as the contest timed it
+                # the contest's latency: wall clock around one whole call after warm-up; result.images[0] is
+                # what the contest's hackathon.process() returns first and its scorer wrote with cv2.imwrite
+                result, ms = timed(lambda: pipe.run(image, base))
                 path = write_contest_image(out / schedule / f"{source.stem}.{settings.image_format}", result.images[0])
                 written_ref = cv2.imread(str(ref_path), cv2.IMREAD_COLOR)
                 written = cv2.imread(str(path), cv2.IMREAD_COLOR)

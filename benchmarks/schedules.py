@@ -1,0 +1,104 @@
+"""Schedules' cost: network evaluations and end-to-end latency per image, per schedule, on one backend.
+
+    python -m benchmarks.schedules                        # sd15-random, torch fp32, CPU, 20 steps
+    python -m benchmarks.schedules --device cuda --precision fp16 --cuda-graph loop
+
+Latency is the scoring harness's (wall clock around one `run`, synchronised, after a warm-up) on the
+contest's workload (scikit-image's cat resized to 256x384, the contest's prompts and seed). Each
+step kind's network cost is measured too, so the table shows where a schedule's time goes. Quality
+needs a model that denoises: see `python -m benchmarks.quality` and `sdcn-trt tune`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.case import timings
+from sdcn_trt import BackendConfig, ControlNetPipeline, GenerationConfig
+from sdcn_trt.export.descriptors import ShapeSpec
+from sdcn_trt.images import sample_photos
+from sdcn_trt.models import load_preset
+from sdcn_trt.pipeline.loop import networks_for
+from sdcn_trt.tuning import evaluations
+
+SCHEDULES = ("full", "steps=10", "eps=10", "full@19,18,17,16,15,14,13,11,8,4", "control=10", "control=7",
+             "deepcache=2", "deepcache=3", "deepcache=5")
+NETWORKS = ("fused_step", "controlnet", "unet", "unet_deep", "unet_shallow")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="sd15-random")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", default="torch")
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--cuda-graph", default="off")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES))
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+
+    components = load_preset(args.preset, seed=0)
+    backend = BackendConfig(backend=args.backend, device=args.device, precision=args.precision,
+                            cuda_graph=args.cuda_graph)
+    pipe = ControlNetPipeline(components, backend)
+    photo = sample_photos(["chelsea"])["chelsea"]  # 300 x 451 -> 256 x 384, the contest's shape
+    spec = ShapeSpec()
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "preset": args.preset, "backend": vars(args),
+              "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                          "threads": torch.get_num_threads(),
+                          "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
+              "networks": {}, "schedules": []}
+    for name in NETWORKS:  # one evaluation of each network a step kind runs
+        runner = pipe.runner(name)
+        feed = {k: v.to(runner.device) for k, v in runner.descriptor.sample_inputs(spec).items()}
+        report["networks"][name] = timings(lambda r=runner, f=feed: r.infer(f), args.repeats, 1)
+        print(f"{name}: {report['networks'][name]['median_s']:.3f} s", flush=True)
+    for schedule in args.schedules:
+        config = GenerationConfig(ddim_steps=args.steps, schedule=schedule)
+        steps, kinds = config.step_kinds()
+        measured = timings(lambda c=config: pipe.run(photo, c), args.repeats, 1)
+        row = {"schedule": config.schedule, "steps": steps, "evaluations": evaluations(kinds),
+               "networks": list(networks_for(kinds)), "end_to_end": measured}
+        report["schedules"].append(row)
+        print(json.dumps(row), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"schedules-{args.preset}-{args.device.split(':')[0]}-{time.strftime('%Y%m%d-%H%M')}"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    (out / f"{stem}.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+def markdown(report: dict) -> str:
+    b = report["backend"]
+    full = next((r for r in report["schedules"] if r["schedule"] == "full"), None)
+    nets = report["networks"]
+    lines = [f"# Schedules {report['date']}: {report['preset']}, {b['backend']} {b['precision']} on {b['device']} "
+             f"(CUDA graph {b['cuda_graph']})", "",
+             f"Contest workload: 256x384, CFG batch 2, {b['steps']} DDIM steps configured; median of {b['repeats']} "
+             f"after 1 warm-up; machine: {report['machine']['platform']}, torch {report['machine']['torch']}, "
+             f"{report['machine']['threads']} threads" + (f", {report['machine']['gpu']}" if report['machine']['gpu'] else "")
+             + ".", "",
+             "One evaluation of each network (s): " + ", ".join(f"{n} {v['median_s']:.3f}" for n, v in nets.items()), "",
+             "| schedule | steps | ControlNet evals | UNet evals | shallow evals | s/image | vs full |",
+             "|---|---|---|---|---|---|---|"]
+    for r in report["schedules"]:
+        e, s = r["evaluations"], r["end_to_end"]["median_s"]
+        ratio = f"{full['end_to_end']['median_s'] / s:.2f}x" if full else "-"
+        lines.append(f"| {r['schedule']} | {r['steps']} | {e['controlnet']} | {e['unet']} | {e['shallow']} | "
+                     f"{s:.2f} | {ratio} |")
+    lines += ["", "Evaluations count networks run per image (each on the CFG batch of 2). Random weights: this "
+              "table is cost only; quality per schedule is measured on the trained preset."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
