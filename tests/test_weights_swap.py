@@ -17,7 +17,7 @@ from sdcn_trt.export.onnx_export import ExportSettings, export_onnx, run_onnx
 from sdcn_trt.export.weight_map import InitializerSource, WeightMap, graph_key, plan_swap
 from sdcn_trt.export.weights import ort_model, prepare_onnx, read_weight_map
 from sdcn_trt.lora import apply_loras, unmerge_lora
-from sdcn_trt.models import build_from_configs, load_preset
+from sdcn_trt.models import build_from_configs, load_preset, save_diffusers
 
 from .lora_files import TEXT_MODULES, UNET_MODULES, kohya_state, random_factors, write
 
@@ -208,13 +208,18 @@ def test_plan_swap_rules():
     assert WeightMap.from_json(weight_map.to_json()).to_json() == weight_map.to_json()
 
 
-def test_graph_key_ignores_weight_values_not_architecture(tiny):
+def test_graph_key_ignores_weight_values_not_architecture(tiny, tmp_path):
     from sdcn_trt.models import PRESETS
     from sdcn_trt.tokenizer import load_tokenizer
 
     settings = ExportSettings()
     key = graph_key(get_descriptor("text_encoder", tiny), settings)
     assert graph_key(get_descriptor("text_encoder", load_preset("tiny", seed=3)), settings) == key
+    saved = load_preset("tiny", seed=3)  # save_pretrained fills in file metadata (architectures, dtype, versions)
+    save_diffusers(saved, tmp_path / "sd", tmp_path / "cn")
+    assert graph_key(get_descriptor("text_encoder", saved), settings) == key
+    assert graph_key(get_descriptor("fused_step", saved), settings) == graph_key(get_descriptor("fused_step", tiny),
+                                                                                settings)
     assert graph_key(get_descriptor("text_encoder", tiny), ExportSettings(opset=18)) != key
     configs = PRESETS["tiny"]()
     configs["text_encoder"]["num_attention_heads"] = 1  # the same parameter shapes, another graph

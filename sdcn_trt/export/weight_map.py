@@ -22,6 +22,8 @@ import torch
 from sdcn_trt.cache import hash_json
 
 MAP_FORMAT = 1
+# config entries that describe a file, not the network (save_pretrained fills some of them in)
+_CONFIG_METADATA = {"transformers_version", "architectures", "dtype", "torch_dtype", "name_or_path"}
 SHOWN = 3  # names listed in a reason
 
 
@@ -49,7 +51,7 @@ def graph_key(descriptor: Any, settings: Any) -> str:
     configs = {}
     for name, net in descriptor.components.modules().items():
         config = net.config.to_dict() if hasattr(net.config, "to_dict") else dict(net.config)
-        configs[name] = {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
+        configs[name] = {k: v for k, v in config.items() if not k.startswith("_") and k not in _CONFIG_METADATA}
     return hash_json({"network": descriptor.name, "settings": asdict(settings.for_network(descriptor)),
                       "io": [descriptor.input_names, descriptor.output_names], "params": signature,
                       "configs": configs, "torch": torch.__version__, "map": MAP_FORMAT})
