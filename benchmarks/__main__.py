@@ -1,26 +1,36 @@
 """Run the benchmark suite: each case in its own process, results as JSON + Markdown.
 
     python -m benchmarks                          # CPU: torch fp32, onnxruntime, diffusers; 2 steps
-    python -m benchmarks --device cuda --steps 20 # GPU: adds fp16, CUDA graphs, TensorRT if present
+    python -m benchmarks --device cuda --steps 20 # GPU: torch fp32/fp16, CUDA graphs, inductor, diffusers fp16
+
+Every case's image is compared with the torch fp32 case's (the contest's reference) on the same
+weights: mean and max |difference| in uint8 levels, and the NaN/Inf values each network produced.
+The report is rewritten after every case, so a run stopped by a time limit keeps what finished.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sdcn_trt.scoring.latency import measure
 
 CPU_CASES = [("torch", "fp32", "off"), ("onnxruntime", "fp32", "off"), ("diffusers", "fp32", "off")]
-GPU_CASES = [("torch", "fp32", "off"), ("torch", "fp16", "off"), ("torch", "fp16", "loop"),
-             ("onnxruntime", "fp16", "off"), ("tensorrt", "fp16", "loop"), ("diffusers", "fp16", "off")]
+# In order of value, for runs cut short by a time limit: the reference first, then the fastest candidates.
+# onnxruntime:fp16:off and tensorrt:fp16:loop run when asked for with --cases (and installed).
+GPU_CASES = [("torch", "fp32", "off"), ("torch", "fp16", "loop"), ("inductor", "fp16", "loop"),
+             ("diffusers", "fp16", "off"), ("torch", "fp16", "off")]
 
 
 def gemm_peak_tflops(device: str) -> float:
@@ -36,7 +46,7 @@ def machine(device: str) -> dict[str, str]:
             "cpu_threads": str(torch.get_num_threads())}
     if device != "cpu":
         info["gpu"] = torch.cuda.get_device_name()
-    for package in ("onnxruntime", "diffusers", "transformers", "tensorrt"):
+    for package in ("onnxruntime", "diffusers", "transformers", "tensorrt", "triton"):
         try:
             info[package] = __import__(package).__version__
         except (ImportError, AttributeError):
@@ -54,12 +64,13 @@ def markdown(report: dict) -> str:
              f"**{report['steps']} DDIM steps** end to end, median of {report['repeats']} after 1 warm-up. "
              f"Measured GEMM peak: {report['gemm_peak_tflops']:.3f} TFLOP/s.", "",
              "Machine: " + ", ".join(f"{k} {v}" for k, v in report["machine"].items()), "",
-             "| backend | precision | CUDA graph | CLIP ms | fused step ms | VAE decode ms | end to end s | vs torch fp32 | "
-             "vs diffusers | step TFLOP/s (% of GEMM peak) | outside steps | peak memory GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| backend | precision | CUDA graph | ms/image | vs torch fp32 | vs diffusers | CLIP ms | fused step ms | "
+             "VAE decode ms | step TFLOP/s (% of GEMM peak) | outside steps | peak memory GiB | "
+             "vs torch fp32: mean / max abs diff (uint8) | NaN/Inf | build s / package MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cases:
         if "error" in c:
-            lines.append(f"| {c['backend']} | {c['precision']} | {c['cuda_graph']} | failed: {c['error'][:80]} |" + " |" * 8)
+            lines.append(f"| {c['backend']} | {c['precision']} | {c['cuda_graph']} | failed: {c['error'][:80]} |" + " |" * 11)
             continue
         e2e = c["end_to_end"]["median_s"]
         ms = lambda k: f"{1000 * c[k]['median_s']:.1f}" if k in c else "-"  # noqa: E731
@@ -68,11 +79,27 @@ def markdown(report: dict) -> str:
         step = f"{achieved:.3f} ({100 * achieved / report['gemm_peak_tflops']:.0f}%)" if achieved else "-"
         outside = f"{100 * c['outside_steps_fraction']:.1f}%" if "outside_steps_fraction" in c else "-"
         memory = c.get("peak_gpu_memory_gib", c.get("peak_rss_gib"))
-        lines.append(f"| {c['backend']} | {c['precision']} | {c['cuda_graph']} | {ms('text_encoder')} | {ms('fused_step')} | "
-                     f"{ms('vae_decoder')} | {e2e:.2f} | {ratio(ref)} | {ratio(base)} | {step} | {outside} | "
-                     f"{memory:.1f} |")
+        parity = c.get("parity")
+        parity_text = (f"{parity['mean']:.2f} / {parity['max']}" if parity else "-")
+        bad = c.get("nonfinite")
+        bad_text = "-" if bad is None else str(sum(bad.values())) + (
+            " (" + ", ".join(f"{n} {v}" for n, v in bad.items() if v) + ")" if any(bad.values()) else "")
+        packages = c.get("packages")
+        build = (f"{sum(p['build_s'] for p in packages.values()):.0f} / {sum(p['size_mib'] for p in packages.values()):.0f}"
+                 if packages else "-")
+        lines.append(f"| {c['backend']} | {c['precision']} | {c['cuda_graph']} | {1000 * e2e:.0f} | {ratio(ref)} | "
+                     f"{ratio(base)} | {ms('text_encoder')} | {ms('fused_step')} | {ms('vae_decoder')} | {step} | "
+                     f"{outside} | {memory:.1f} | {parity_text} | {bad_text} | {build} |")
     lines += ["", "'outside steps': end-to-end time not spent in the fused ControlNet+UNet evaluations "
-              "(text, canny, hint, DDIM arithmetic, VAE, Python). Speed-ups are ratios of medians from this run."]
+              "(text, canny, hint, DDIM arithmetic, VAE, Python). Speed-ups are ratios of medians from this run. "
+              "Parity: the case's image against the torch fp32 case's, same weights, inputs and seed. "
+              "NaN/Inf: values the networks output over one image (an fp16 overflow shows here). "
+              "Build: AOTInductor compile time and package size, all networks."]
+    overflowed = [f"{c['backend']} {c['precision']}" for c in cases if "error" not in c and any(c.get("nonfinite", {}).values())]
+    if overflowed:
+        lines += ["", f"**fp16 overflow**: {', '.join(overflowed)} produced NaN/Inf on these weights "
+                  f"(preset {report['preset']}): their images and parity are not meaningful here; "
+                  "see the tiny preset's parity for fp16."]
     projected = [c for c in cases if "error" not in c and "fused_step" in c]
     if projected and report["steps"] != 20:
         lines += ["", f"Projected to the contest's 20 steps (end to end - {report['steps']} x step + 20 x step):"]
@@ -91,40 +118,86 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=2, help="DDIM steps end to end (CPU: a few; contest: 20)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--cases", nargs="+", help="backend:precision:graph, e.g. torch:fp32:off onnxruntime:fp32:off")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--out", nargs="+", default=[str(Path(__file__).parent / "results")],
+                        help="folders the report is written to (after every case)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per case")
+    parser.add_argument("--deadline", type=float, default=0.0,
+                        help="seconds for the whole run (0: none); a case gets what is left, none starts with < 30 s")
     args = parser.parse_args()
+    started = time.monotonic()
     cases = ([tuple(c.split(":")) for c in args.cases] if args.cases
              else CPU_CASES if args.device == "cpu" else GPU_CASES)
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": args.device, "preset": args.preset,
               "steps": args.steps, "repeats": args.repeats, "machine": machine(args.device),
               "gemm_peak_tflops": gemm_peak_tflops(args.device), "cases": []}
+    stem = f"bench-{report_name(args)}-{time.strftime('%Y%m%d-%H%M')}"
+    images = Path(tempfile.mkdtemp(prefix="sdcn_bench_images."))
+    reference: np.ndarray | None = None
     for backend, precision, graph in cases:
-        print(f"case {backend} {precision} graph={graph} ...", flush=True)
-        with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
-            cmd = [sys.executable, "-m", "benchmarks.case", "--backend", backend, "--precision", precision, "--device",
-                   args.device, "--cuda-graph", graph, "--preset", args.preset, "--steps", str(args.steps),
-                   "--repeats", str(args.repeats), "--out", tmp.name]
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-                if proc.returncode == 0:
-                    report["cases"].append(json.loads(Path(tmp.name).read_text()))
-                else:
-                    tail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
-                    report["cases"].append({"backend": backend, "precision": precision, "cuda_graph": graph, "error": tail})
-            except subprocess.TimeoutExpired:
-                report["cases"].append({"backend": backend, "precision": precision, "cuda_graph": graph,
-                                        "error": f"timed out after {args.timeout} s"})
-        print(json.dumps(report["cases"][-1])[:400], flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench-{args.device.split(':')[0]}-{time.strftime('%Y%m%d-%H%M')}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    table = markdown(report)
-    (out / f"{stem}.md").write_text(table)
-    (out / f"LATEST-{args.device.split(':')[0]}.md").write_text(table)
-    print(table)
+        case = {"backend": backend, "precision": precision, "cuda_graph": graph}
+        timeout = args.timeout
+        if args.deadline:
+            timeout = min(timeout, int(args.deadline - (time.monotonic() - started)))
+        if timeout < 30:
+            result: dict = {**case, "error": f"skipped: the run's {args.deadline:.0f} s were spent"}
+        else:
+            print(f"case {backend} {precision} graph={graph} (limit {timeout} s) ...", flush=True)
+            result = run_one(case, args, timeout, images / f"{backend}-{precision}-{graph}.npy")
+        image = result.pop("image", None)
+        if image is not None and backend == "torch" and precision == "fp32" and reference is None:
+            reference = image
+        if image is not None and reference is not None:
+            diff = np.abs(image.astype(np.int16) - reference.astype(np.int16))
+            result["parity"] = {"mean": float(diff.mean()), "max": int(diff.max()), "against": "torch fp32"}
+        report["cases"].append(result)
+        print(json.dumps(result)[:400], flush=True)
+        write_report(report, args, stem)
+    shutil.rmtree(images, ignore_errors=True)
+    print(write_report(report, args, stem))
     return 0
+
+
+def report_name(args: argparse.Namespace) -> str:
+    """cpu / cuda, with the preset when it is not the default sd15-random."""
+    device = args.device.split(":")[0]
+    return device if args.preset == "sd15-random" else f"{device}-{args.preset}"
+
+
+def run_one(case: dict[str, str], args: argparse.Namespace, timeout: int, image_path: Path) -> dict:
+    """One case in its own process: its result (with its image, when it made one), or the error."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+        cmd = [sys.executable, "-m", "benchmarks.case", "--backend", case["backend"], "--precision", case["precision"],
+               "--device", args.device, "--cuda-graph", case["cuda_graph"], "--preset", args.preset,
+               "--steps", str(args.steps), "--repeats", str(args.repeats), "--out", tmp.name,
+               "--image-out", str(image_path)]
+        # its own process group: a timeout also ends the compile workers inductor starts
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            _, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            return {**case, "error": f"timed out after {timeout} s"}
+        if proc.returncode != 0:
+            sys.stderr.write(stderr[-4000:])
+            tail = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit {proc.returncode}"
+            return {**case, "error": tail}
+        result = json.loads(Path(tmp.name).read_text())
+    if image_path.exists():
+        result["image"] = np.load(image_path)
+    return result
+
+
+def write_report(report: dict, args: argparse.Namespace, stem: str) -> str:
+    """JSON + Markdown into every --out folder; returns the Markdown."""
+    table = markdown(report)
+    for folder in args.out:
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+        (out / f"{stem}.md").write_text(table)
+        (out / f"LATEST-{report_name(args)}.md").write_text(table)
+    return table
 
 
 if __name__ == "__main__":

@@ -7,10 +7,12 @@ import numpy as np
 import torch
 
 
-def diffusers_end_to_end(components: Any, photo: np.ndarray, config: Any, args: Any) -> dict[str, float]:
-    """End-to-end latency statistics (ms, `sdcn_trt.scoring.latency.measure` after one warm-up) of
-    diffusers' own pipeline on the canny map of `photo`, with the DDIM configuration that matches
-    ldm (fp32 on CPU, fp16 on GPU)."""
+def diffusers_end_to_end(components: Any, photo: np.ndarray, config: Any,
+                         args: Any) -> tuple[dict[str, float], np.ndarray]:
+    """(end-to-end latency statistics in ms — `sdcn_trt.scoring.latency.measure` after one warm-up —,
+    the last image as floats in [0, 1] (H, W, 3)) of diffusers' own pipeline on the canny map of
+    `photo`, with the DDIM configuration that matches ldm (fp32 on CPU, fp16 on GPU: every network,
+    CLIP included, as users run it)."""
     from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline
     from PIL import Image
 
@@ -29,9 +31,10 @@ def diffusers_end_to_end(components: Any, photo: np.ndarray, config: Any, args: 
     _, detected = prepare(photo, config.image_resolution, config.low_threshold, config.high_threshold)
     control = Image.fromarray(detected)
 
-    def call() -> None:
-        pipe(config.positive_prompt, control, num_inference_steps=config.ddim_steps, guidance_scale=config.scale,
-             negative_prompt=config.n_prompt, generator=torch.Generator().manual_seed(config.seed),
-             height=detected.shape[0], width=detected.shape[1], output_type="np")
+    def call() -> np.ndarray:
+        return pipe(config.positive_prompt, control, num_inference_steps=config.ddim_steps,
+                    guidance_scale=config.scale, negative_prompt=config.n_prompt,
+                    generator=torch.Generator().manual_seed(config.seed), height=detected.shape[0],
+                    width=detected.shape[1], output_type="np").images[0]
 
-    return measure(call, args.repeats, warmup=1)
+    return measure(call, args.repeats, warmup=1), call()

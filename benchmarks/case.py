@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import time
@@ -43,6 +44,27 @@ def fused_step_flops(components: Any, spec: Any) -> float:
     return float(counter.get_total_flops())
 
 
+def count_nonfinite(pipe: Any, photo: np.ndarray, config: Any) -> dict[str, int]:
+    """NaN/Inf values each network outputs over one image, counted on an eager run of the same runners
+    (a host sync per call: never inside the timed or captured runs)."""
+    pipe.backend = dataclasses.replace(pipe.backend, cuda_graph="off")
+    pipe._loops.clear()  # the next run builds an eager loop over the same runners
+    pipe._text_cache.clear()  # and runs the text encoder again
+    counts: dict[str, int] = {}
+    for name, runner in list(pipe.runners.items()):
+        real = runner.infer_impl
+
+        def counting(feed: dict[str, torch.Tensor], real: Any = real, name: str = name) -> dict[str, torch.Tensor]:
+            out = real(feed)
+            bad = sum(int((~torch.isfinite(t)).sum()) for t in out.values() if t.is_floating_point())
+            counts[name] = counts.get(name, 0) + bad
+            return out
+
+        runner.infer_impl = counting
+    pipe.run(photo, config)
+    return counts
+
+
 def run_case(args: argparse.Namespace) -> dict[str, Any]:
     from sdcn_trt import BackendConfig, ControlNetPipeline, GenerationConfig
     from sdcn_trt.images import sample_photos
@@ -59,7 +81,10 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
     photo = sample_photos(["chelsea"])["chelsea"]  # 300 x 451 -> 256 x 384, the contest's shape
     config = GenerationConfig(ddim_steps=args.steps)
     if args.backend == "diffusers":
-        result["end_to_end"] = in_seconds(diffusers_end_to_end(components, photo, config, args), 1)
+        stats, floats = diffusers_end_to_end(components, photo, config, args)
+        result["end_to_end"] = in_seconds(stats, 1)
+        result["nonfinite"] = {"images": int((~np.isfinite(floats)).sum())}
+        image = (np.nan_to_num(floats, nan=0.0).clip(0, 1) * 255).astype(np.uint8)  # truncation, as ours
     else:
         backend = BackendConfig(backend=args.backend, device=args.device, precision=args.precision, cuda_graph=args.cuda_graph)
         pipe = ControlNetPipeline(components, backend)
@@ -67,6 +92,13 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
         for runner in pipe.runners.values():
             runner.activate()  # exports / engine builds, timed apart
         result["setup_s"] = time.perf_counter() - clock
+        packages = {n: r.package for n, r in pipe.runners.items() if getattr(r, "package", None) is not None}
+        if packages:  # AOTInductor packages: compiled now or reused, with their build time and size
+            result["packages"] = {n: {"cached": p.cached, "build_s": p.built_seconds, "size_mib": p.size_bytes / 2**20,
+                                      "check": p.check} for n, p in packages.items()}
+        if args.device.startswith("cuda"):
+            result["setup_peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()  # the peak reported below is the run's, not the build's
         exports = {n: r.export for n, r in pipe.runners.items() if getattr(r, "export", None) is not None}
         if exports:  # ONNX exports made (or reused) for this backend, with their check against torch
             result["exports"] = {n: {"path": str(e.path), "cached": e.cached, "seconds": e.seconds, "check": e.check}
@@ -83,9 +115,14 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
         flops = fused_step_flops(components, spec)
         result["fused_step_tflop"] = flops / 1e12
         result["fused_step_tflops_achieved"] = flops / step / 1e12
+        image = pipe.run(photo, config).images[0]  # as timed (a replay when graphed)
     result["steps"] = args.steps
     if args.device.startswith("cuda"):
         result["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if args.backend != "diffusers":
+        result["nonfinite"] = count_nonfinite(pipe, photo, config)
+    if args.image_out:
+        np.save(args.image_out, image)
     result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return result
 
@@ -100,6 +137,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--image-out", help="save the case's uint8 image (.npy) for parity checks")
     args = parser.parse_args()
     with open(args.out, "w") as f:
         json.dump(run_case(args), f, indent=1, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))

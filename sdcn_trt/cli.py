@@ -178,8 +178,33 @@ def build_settings(args: argparse.Namespace):  # -> tuple[BuildSettings, Backend
                             cache_dir=args.cache_dir)
     return settings, backend
 
+def cmd_build_inductor(args: argparse.Namespace) -> int:
+    """`build --backend inductor`: an AOTInductor package per network; prints build time, size and the
+    package's difference from eager torch on sample inputs."""
+    from sdcn_trt.engines.inductor import build_packages, require_inductor
+    from sdcn_trt.engines.inductor_plan import InductorSettings
+    from sdcn_trt.export.descriptors import PIPELINE_NETWORKS, ShapeRange, ShapeSpec
+
+    config = BackendConfig(backend="inductor", device=args.device, precision=args.precision, cache_dir=args.cache_dir)
+    require_inductor(config.device.split(":")[0])  # before loading any weights
+    opt = ShapeSpec(args.batch, args.height, args.width)
+    shape_range = (ShapeRange.dynamic(opt, args.max_batch, args.min_side, args.max_side) if args.dynamic
+                   else ShapeRange.static(opt))
+    settings = InductorSettings(shape_range, max_autotune=args.max_autotune)
+    results = build_packages(load_components(args), args.networks or list(PIPELINE_NETWORKS), config, settings)
+    for name, r in results.items():
+        state = "cached" if r.cached else f"compiled in {r.seconds:.1f} s ({'; '.join(r.reasons)})"
+        worst = max((c["max_abs"] for c in r.check.values()), default=float("nan"))
+        print(f"{name:>13}: {r.path} ({state}); {r.size_bytes / 2**20:.1f} MiB; "
+              f"max |diff| vs eager torch {worst:.2e}")
+    total = sum(r.seconds for r in results.values())
+    print(f"{'total':>13}: {total:.1f} s compiling, {sum(r.size_bytes for r in results.values()) / 2**20:.1f} MiB")
+    return 0
+
 
 def cmd_build(args: argparse.Namespace) -> int:
+    if args.backend == "inductor":
+        return cmd_build_inductor(args)
     from sdcn_trt.engines.tensorrt import build_engines, require_tensorrt
     from sdcn_trt.export.descriptors import PIPELINE_NETWORKS
 
@@ -308,8 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="export cache (default: $SDCN_TRT_CACHE)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("build", help="build TensorRT engines from the exported ONNX (needs TensorRT and a GPU)")
-    p.add_argument("--networks", nargs="+", default=None, help="default: text_encoder fused_step vae_decoder")
+    p = sub.add_parser("build", help="build TensorRT engines (TensorRT + GPU) or AOTInductor packages (--backend inductor)")
+    p.add_argument("--backend", default="tensorrt", choices=("tensorrt", "inductor"),
+                   help="inductor: AOTInductor packages (Triton kernels on a GPU, C++ on the CPU)")
+    p.add_argument("--networks", nargs="+", default=None, help="default: text_encoder control_hint fused_step vae_decoder")
     p.add_argument("--precision", default="fp16", choices=PRECISIONS)
     p.add_argument("--optimization-level", type=int, default=3, help="builder optimization level 0..5")
     p.add_argument("--workspace-gib", type=float, default=8.0)
@@ -321,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refit", action="store_true",
                    help="refittable engines, keyed by graph: other weights (--lora, another ControlNet) are refitted in, "
                         "not rebuilt")
+    p.add_argument("--max-autotune", action="store_true", help="inductor: autotune GEMMs/convolutions (longer builds)")
     add_model_args(p)
     p.add_argument("--device", default="cuda")
     p.add_argument("--cache-dir", help="engine cache (default: $SDCN_TRT_CACHE)")

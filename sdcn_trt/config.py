@@ -20,7 +20,7 @@ GUESS_MODE_DECAY = 0.825  # the original code's magic number: 0.825 ** 12 < 0.01
 STRENGTH_MAX = 2.0  # ControlNet strengths beyond this only break images (the web UIs' slider ends here too)
 CONTEST_HEIGHT, CONTEST_WIDTH = 256, 384  # the contest's photos after resize_image at resolution 256
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "inductor")  # inductor: AOTInductor packages (C++ / Triton)
 PRECISIONS = ("fp32", "fp16")  # fp32 is the reference
 GRAPH_MODES = ("off", "step", "loop")  # CUDA graphs: none, one per step, the whole loop + decode
 
@@ -149,7 +149,7 @@ class BackendConfig:
     backend: str = "torch"  # one of BACKENDS
     device: str = "cpu"  # "cpu" or "cuda[:N]"
     precision: str = "fp32"  # one of PRECISIONS; networks marked fp32-only (CLIP) stay fp32
-    cache_dir: str | None = None  # exported ONNX / engines; default $SDCN_TRT_CACHE
+    cache_dir: str | None = None  # exported ONNX / engines / inductor packages; default $SDCN_TRT_CACHE
     cuda_graph: str = "off"  # one of GRAPH_MODES ("loop" on the CPU runs the same static loop, eagerly)
     check_finite: bool = False  # raise NonFiniteOutputError naming the network that produced NaN/Inf
 

@@ -10,19 +10,6 @@ from benchmarks.case import in_seconds
 from sdcn_trt.scoring.latency import summarize
 
 
-def test_case_runs_and_reports_every_stage(tmp_path):
-    out = tmp_path / "case.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.case", "--backend", "torch", "--preset", "tiny",
-                           "--steps", "1", "--repeats", "1", "--out", str(out)], capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    case = json.loads(out.read_text())
-    for stage in ("text_encoder", "fused_step", "vae_decoder", "end_to_end"):
-        assert case[stage]["median_s"] > 0 and case[stage]["repeats"] == 1
-    assert 0 < case["fused_step_tflop"] < 1  # the tiny model: far below SD1.5's ~0.74 TFLOP per step
-    assert 0 <= case["outside_steps_fraction"] < 1
-
-
 def test_diffusers_baseline_case_runs(tmp_path):
     out = tmp_path / "case.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.case", "--backend", "diffusers", "--preset", "tiny",
@@ -47,8 +34,57 @@ def test_markdown_ratios_come_from_the_same_run():
                        outside_steps_fraction=0.2),
                   case("onnxruntime", 10.0), case("diffusers", 40.0),
                   {"backend": "tensorrt", "precision": "fp16", "cuda_graph": "loop", "error": "no GPU"}]}
+    report["cases"].append(case("inductor", 5.0, parity={"mean": 0.25, "max": 3}, nonfinite={"fused_step": 0},
+                                packages={"fused_step": {"build_s": 100.4, "size_mib": 2000.2},
+                                          "vae_decoder": {"build_s": 20.0, "size_mib": 160.0}}))
     table = markdown(report)
-    assert "| torch | fp32 | off | - | 8000.0 | - | 20.00 | 1.00x | 2.00x | 0.050 (50%) | 20.0% | 1.0 |" in table
-    assert "| onnxruntime | fp32 | off | - | - | - | 10.00 | 2.00x | 4.00x |" in table
+    assert "| torch | fp32 | off | 20000 | 1.00x | 2.00x | - | 8000.0 | - | 0.050 (50%) | 20.0% | 1.0 | - | - | - |" in table
+    assert "| onnxruntime | fp32 | off | 10000 | 2.00x | 4.00x | - | - | - | - | - | 1.0 |" in table
     assert "| tensorrt | fp16 | loop | failed: no GPU |" in table
-    assert "SD1.5-sized" in table and "**2 DDIM steps**" in table
+    assert "| inductor | fp32 | off | 5000 | 4.00x | 8.00x | - | - | - | - | - | 1.0 | 0.25 / 3 | 0 | 120 / 2160 |" in table
+    assert "SD1.5-sized" in table and "**2 DDIM steps**" in table and "**fp16 overflow**" not in table
+    report["cases"].append({**case("torch", 4.0), "precision": "fp16", "nonfinite": {"fused_step": 5, "vae_decoder": 7}})
+    table = markdown(report)
+    assert "| 12 (fused_step 5, vae_decoder 7) |" in table
+    assert "**fp16 overflow**: torch fp16 produced NaN/Inf on these weights (preset sd15-random)" in table
+
+
+def test_suite_runs_cases_compares_them_with_torch_fp32_and_keeps_its_time_limit(tmp_path):
+    """Two tiny cases, each in its own process, report every stage; the static-buffer loop's image
+    equals the eager one (CPU) and no network outputs NaN/Inf; a case that would start after the
+    run's deadline is skipped, and the report says so."""
+    out = [str(tmp_path / "a"), str(tmp_path / "b")]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--preset", "tiny", "--steps", "1", "--repeats", "1",
+                           "--cases", "torch:fp32:off", "torch:fp32:loop", "--out", *out], capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for folder in out:
+        (report_file,) = (tmp_path / folder).glob("bench-cpu-tiny-*.json")
+        assert (tmp_path / folder / "LATEST-cpu-tiny.md").read_text() == report_file.with_suffix(".md").read_text()
+    report = json.loads(report_file.read_text())
+    eager, loop = report["cases"]
+    for stage in ("text_encoder", "fused_step", "vae_decoder", "end_to_end"):
+        assert eager[stage]["median_s"] > 0 and eager[stage]["repeats"] == 1
+    assert 0 < eager["fused_step_tflop"] < 1  # the tiny model: far below SD1.5's ~0.74 TFLOP per step
+    assert 0 <= eager["outside_steps_fraction"] < 1
+    assert eager["parity"] == loop["parity"] == {"mean": 0.0, "max": 0, "against": "torch fp32"}
+    assert loop["nonfinite"] == {"text_encoder": 0, "control_hint": 0, "fused_step": 0, "vae_decoder": 0}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--preset", "tiny", "--cases", "torch:fp32:off",
+                           "--deadline", "1", "--out", str(tmp_path / "c")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (report_file,) = (tmp_path / "c").glob("bench-cpu-tiny-*.json")
+    assert json.loads(report_file.read_text())["cases"] == [
+        {"backend": "torch", "precision": "fp32", "cuda_graph": "off", "error": "skipped: the run's 1 s were spent"}]
+
+
+def test_fast_path_variants_are_timed_and_compared(tmp_path):
+    from benchmarks.fast_path import main
+
+    assert main(["--device", "cpu", "--precision", "fp32", "--preset", "tiny", "--repeats", "1",
+                 "--height", "64", "--width", "64", "--out", str(tmp_path)]) == 0
+    (report_file,) = tmp_path.glob("fastpath-cpu-tiny-*.json")
+    variants = json.loads(report_file.read_text())["variants"]
+    assert list(variants) == ["plain", "sdpa", "sdpa+fuse_qkv", "sdpa+fuse_qkv+channels_last"]
+    assert variants["sdpa"]["max_abs_vs_plain"] == 0.0  # diffusers' default processor already calls SDPA
+    assert all(v["ms"]["n"] == 1 and v["ms"]["p50"] > 0 and v["max_abs_vs_plain"] < 1e-3 for v in variants.values())
+    assert "| sdpa+fuse_qkv | " in report_file.with_suffix(".md").read_text()

@@ -1,4 +1,4 @@
-"""Backends behind one runner interface: torch, onnxruntime, tensorrt."""
+"""Backends behind one runner interface: torch, onnxruntime, tensorrt, inductor."""
 from __future__ import annotations
 
 import importlib.util
@@ -11,8 +11,9 @@ from sdcn_trt.export.descriptors import NetworkDescriptor
 __all__ = ["BACKENDS", "BackendConfig", "backend_available", "create_runner"]
 
 
-def backend_available(backend: str) -> tuple[bool, str]:
-    """(usable here, why not): checks the packages without importing them."""
+def backend_available(backend: str, device: str | None = None) -> tuple[bool, str]:
+    """(usable here, why not): checks the packages without importing them. `device` ("cpu",
+    "cuda[:N]") adds what that device needs where it differs (inductor: Triton and CUDA headers on a GPU)."""
     if backend == "torch":
         return True, ""
     if backend == "onnxruntime":
@@ -22,12 +23,16 @@ def backend_available(backend: str) -> tuple[bool, str]:
         from sdcn_trt.engines.trt_support import tensorrt_status
 
         return tensorrt_status()
+    if backend == "inductor":
+        from sdcn_trt.engines.inductor_plan import inductor_status
+
+        return inductor_status(device.split(":")[0] if device else None)
     raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
 def create_runner(descriptor: NetworkDescriptor, config: BackendConfig) -> Runner:
     """The runner of `config.backend` for one network; unavailable backends raise with a fix."""
-    ok, why = backend_available(config.backend)
+    ok, why = backend_available(config.backend, config.device)
     if not ok:
         raise BackendUnavailableError(f"backend {config.backend!r} is unavailable: {why}")
     if config.backend == "torch":
@@ -38,6 +43,10 @@ def create_runner(descriptor: NetworkDescriptor, config: BackendConfig) -> Runne
         from sdcn_trt.engines.onnxruntime import OnnxRuntimeRunner
 
         runner = OnnxRuntimeRunner(descriptor, config)
+    elif config.backend == "inductor":
+        from sdcn_trt.engines.inductor import InductorRunner
+
+        runner = InductorRunner(descriptor, config)
     else:
         from sdcn_trt.engines.tensorrt import TensorRTRunner
 

@@ -1,9 +1,13 @@
-"""The torch backend's runner: the descriptor's module in eager mode, fp32 or fp16, CPU or CUDA."""
+"""The torch backend's runner: the descriptor's module in eager mode, fp32 or fp16, CPU or CUDA, and
+the fast CUDA path every GPU backend builds on (SDPA attention, fused QKV, channels_last)."""
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
 from sdcn_trt.engines.base import Runner
 from sdcn_trt.config import PRECISIONS, check_choice
@@ -26,13 +30,69 @@ def resolve_dtype(precision: str) -> torch.dtype:
     return DTYPES[precision]
 
 
+@dataclass(frozen=True)
+class FastPath:
+    """Module changes for speed, applied to a private copy before it runs (or is compiled).
+
+    On by default only on CUDA in fp16, so CPU fp32 results stay bit-identical to the reference.
+    """
+
+    sdpa: bool = False  # every diffusers Attention on AttnProcessor2_0 (F.scaled_dot_product_attention)
+    fuse_qkv: bool = False  # one to_qkv GEMM per self-attention, one to_kv per cross-attention
+    channels_last: bool = False  # NHWC weights: cuDNN's fastest fp16 convolutions (measure before enabling)
+
+    @classmethod
+    def default_for(cls, device: torch.device, dtype: torch.dtype) -> "FastPath":
+        if device.type == "cuda" and dtype == torch.float16:
+            return cls(sdpa=True, fuse_qkv=True, channels_last=False)
+        return cls()
+
+
+def attention_modules(module: nn.Module) -> list[Any]:  # diffusers Attention (imported lazily)
+    """Every diffusers Attention inside `module` (UNet, ControlNet, VAE mid block); CLIP has none."""
+    from diffusers.models.attention_processor import Attention
+
+    return [m for m in module.modules() if isinstance(m, Attention)]
+
+
+def apply_fast_path(module: nn.Module, fast: FastPath) -> nn.Module:
+    """Apply `fast` to `module` in place (call it on a copy) and return it. diffusers' own
+    `fuse_qkv_projections` exists on the UNet and the VAE only; this reaches the ControlNet too."""
+    if fast.sdpa or fast.fuse_qkv:
+        from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
+
+        with torch.no_grad():
+            for attn in attention_modules(module):
+                if fast.fuse_qkv:
+                    attn.fuse_projections(fuse=True)
+                    attn.set_processor(FusedAttnProcessor2_0())
+                else:
+                    attn.set_processor(AttnProcessor2_0())
+    if fast.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    return module
+
+
+def prepare_module(descriptor: NetworkDescriptor, device: torch.device, dtype: torch.dtype,
+                   fast: FastPath | None = None) -> nn.Module:
+    """The descriptor's module on `device` in `dtype` with the fast path applied; the shared fp32 CPU
+    components are left untouched (a copy is made whenever anything would change them)."""
+    fast = FastPath.default_for(device, dtype) if fast is None else fast
+    module = descriptor.build_module()
+    if dtype != torch.float32 or device.type != "cpu" or fast != FastPath():
+        module = copy.deepcopy(module)  # .to() and the fast path work in place
+    return apply_fast_path(module.to(device, dtype), fast)
+
+
 class TorchRunner(Runner):
     """Eager torch. Float inputs are cast to the runner's dtype; float outputs come back float32."""
 
-    def __init__(self, descriptor: NetworkDescriptor, device: str | torch.device = "cpu", precision: str = "fp32"):
+    def __init__(self, descriptor: NetworkDescriptor, device: str | torch.device = "cpu", precision: str = "fp32",
+                 fast: FastPath | None = None):
         super().__init__(descriptor)
         self._device = resolve_device(device)
         self.dtype = resolve_dtype(descriptor.precision_for(precision))
+        self.fast = FastPath.default_for(self._device, self.dtype) if fast is None else fast
         self.module: torch.nn.Module | None = None
 
     @property
@@ -40,23 +100,21 @@ class TorchRunner(Runner):
         return self._device
 
     def activate_impl(self) -> None:
-        module = self.descriptor.build_module()
-        if self.dtype != torch.float32 or self._device.type != "cpu":
-            module = copy.deepcopy(module)  # .to() is in place: leave the shared fp32 CPU components alone
-        self.module = module.to(self._device, self.dtype)
+        self.module = prepare_module(self.descriptor, self._device, self.dtype, self.fast)
 
     def deactivate_impl(self) -> None:
         self.module = None
 
     def infer_impl(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         assert self.module is not None
-        first = next(self.module.parameters())
-        args = [self._cast(feed[n], first.dtype) for n in self.descriptor.input_names]
+        args = [cast_input(feed[n], self._device, self.dtype) for n in self.descriptor.input_names]
         with torch.inference_mode():
             out = self.module(*args)
         outputs = out if isinstance(out, (tuple, list)) else (out,)
         return {n: o.float() for n, o in zip(self.descriptor.output_names, outputs)}
 
-    def _cast(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        x = x.to(self._device, non_blocking=True)
-        return x.to(dtype) if x.is_floating_point() else x
+
+def cast_input(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`x` on `device`; floats in `dtype`, integers as they are (no host sync when already there)."""
+    x = x.to(device, non_blocking=True)
+    return x.to(dtype) if x.is_floating_point() else x
