@@ -32,6 +32,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--original-config", help="ldm YAML for --checkpoint (default: read off the tensor shapes)")
     g.add_argument("--text-encoder-config", help="CLIPTextConfig json for --checkpoint (default: from shapes)")
     g.add_argument("--tokenizer", help="folder with vocab.json + merges.txt (default: bundled CLIP vocabulary)")
+    g.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
+                   help="LoRA file (kohya or diffusers/PEFT safetensors) merged into the UNet and text encoder at "
+                        "STRENGTH (default 1.0, -4..4); repeat for several")
 
 
 def add_backend_args(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +85,17 @@ def backend_config(args: argparse.Namespace) -> BackendConfig:
 
 
 def load_components(args: argparse.Namespace):  # -> Components
+    """The model named by the model flags, with the --lora files merged in."""
+    from sdcn_trt.lora import apply_loras, parse_lora_arg
+
+    loras = [parse_lora_arg(text) for text in getattr(args, "lora", [])]  # bad strengths fail before loading
+    components = load_base_components(args)
+    if loras:
+        apply_loras(components, loras)
+    return components
+
+
+def load_base_components(args: argparse.Namespace):  # -> Components
     """The model named by the model flags: a preset, diffusers folders, or one ldm checkpoint."""
     from sdcn_trt.errors import InputError
 
@@ -159,7 +173,7 @@ def build_settings(args: argparse.Namespace):  # -> tuple[BuildSettings, Backend
     shape_range = (ShapeRange.dynamic(opt, max_batch=args.max_batch, min_side=args.min_side, max_side=args.max_side)
                    if args.dynamic else ShapeRange.static(opt))
     settings = BuildSettings(precision=args.precision, optimization_level=args.optimization_level,
-                             workspace_gib=args.workspace_gib, shape_range=shape_range)
+                             workspace_gib=args.workspace_gib, shape_range=shape_range, refit=args.refit)
     backend = BackendConfig(backend="tensorrt", device=args.device, precision=args.precision,
                             cache_dir=args.cache_dir)
     return settings, backend
@@ -331,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=4)
     p.add_argument("--min-side", type=int, default=256)
     p.add_argument("--max-side", type=int, default=768)
+    p.add_argument("--refit", action="store_true",
+                   help="refittable engines, keyed by graph: other weights (--lora, another ControlNet) are refitted in, "
+                        "not rebuilt")
     p.add_argument("--max-autotune", action="store_true", help="inductor: autotune GEMMs/convolutions (longer builds)")
     add_model_args(p)
     p.add_argument("--device", default="cuda")

@@ -52,8 +52,7 @@ def _down_and_mid_table(config: Any) -> list[tuple[str, str]]:
     return table
 
 
-def unet_to_ldm(unet: Any) -> dict[str, torch.Tensor]:
-    config = unet.config
+def _unet_table(config: Any) -> list[tuple[str, str]]:
     r1 = config.layers_per_block + 1
     table = _down_and_mid_table(config) + [("conv_norm_out", "out.0"), ("conv_out", "out.2")]
     for level, block_type in enumerate(config.up_block_types):
@@ -63,7 +62,18 @@ def unet_to_ldm(unet: Any) -> dict[str, torch.Tensor]:
             table.append((f"up_blocks.{level}.attentions.{j}", f"output_blocks.{idx}.1"))
         upsample_slot = 2 if block_type.startswith("CrossAttn") else 1
         table.append((f"up_blocks.{level}.upsamplers.0.conv", f"output_blocks.{level * r1 + r1 - 1}.{upsample_slot}.conv"))
-    return _rename(unet.state_dict(), table)
+    return table
+
+
+def unet_to_ldm(unet: Any) -> dict[str, torch.Tensor]:
+    return _rename(unet.state_dict(), _unet_table(unet.config))
+
+
+def unet_ldm_names(unet: Any) -> dict[str, str]:
+    """diffusers parameter name -> ldm name (`down_blocks.0.attentions.0.proj_in.weight` ->
+    `input_blocks.1.1.proj_in.weight`), for files that name UNet parts the ldm way (kohya LoRAs)."""
+    names = _rename({k: k for k in unet.state_dict()}, _unet_table(unet.config))  # ldm name -> diffusers name
+    return {diffusers: ldm for ldm, diffusers in names.items()}
 
 
 def controlnet_to_ldm(controlnet: Any) -> dict[str, torch.Tensor]:

@@ -11,7 +11,8 @@ from sdcn_trt.engines import BackendConfig
 from sdcn_trt.engines.base import Runner
 from sdcn_trt.errors import BackendUnavailableError
 from sdcn_trt.export.descriptors import NetworkDescriptor, ShapeRange, ShapeSpec
-from sdcn_trt.export.onnx_export import ExportResult, ExportSettings, export_onnx
+from sdcn_trt.export.onnx_export import ExportResult, ExportSettings
+from sdcn_trt.export.weights import ort_model, prepare_onnx
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ class OnnxRuntimeRunner(Runner):
         self.session: Any = None  # onnxruntime.InferenceSession once active
         self.export: ExportResult | None = None
         self.input_types: dict[str, torch.dtype] = {}
+        self.swapped: list[str] = []  # initializers replaced by the current weights (export/weights.py)
+        self.initializers: dict[str, Any] = {}  # OrtValues of swapped weights, alive as long as the session
         self._device = torch.device(config.device)
 
     @property
@@ -42,9 +45,10 @@ class OnnxRuntimeRunner(Runner):
         import onnxruntime as ort
 
         settings = ExportSettings(precision=self.config.precision)
-        export = self.export = export_onnx(self.descriptor, self.config.cache_path(), settings)
+        prepared = prepare_onnx(self.descriptor, self.config.cache_path(), settings)  # swaps weights, or exports
+        export = self.export = prepared.export
         logger.info("%s: %s ONNX at %s (%s)", self.name, settings.precision, export.path,
-                    "cached" if export.cached else f"exported in {export.seconds:.1f} s")
+                    prepared.note if export.cached else f"exported in {export.seconds:.1f} s")
         if self._device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise BackendUnavailableError(
@@ -54,11 +58,14 @@ class OnnxRuntimeRunner(Runner):
             providers = ["CPUExecutionProvider"]
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(export.path), options, providers=providers)
+        model, self.initializers = ort_model(export.path, prepared.initializers, options)
+        self.swapped = sorted(prepared.initializers)
+        self.session = ort.InferenceSession(model, options, providers=providers)
         self.input_types = {i.name: ORT_TYPES[i.type] for i in self.session.get_inputs()}
 
     def deactivate_impl(self) -> None:
         self.session = None
+        self.initializers = {}
 
     def infer_impl(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         assert self.session is not None

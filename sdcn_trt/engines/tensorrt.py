@@ -19,9 +19,12 @@ from sdcn_trt.cache import atomic_path
 from sdcn_trt.engines import BackendConfig
 from sdcn_trt.engines.base import Runner
 from sdcn_trt.engines.trt_plan import BuildMode, BuildSettings, Platform, build_mode, engine_key, rebuild_reasons
+from sdcn_trt.engines.trt_refit import refit_to_weights
 from sdcn_trt.errors import BackendUnavailableError, SdcnError
 from sdcn_trt.export.descriptors import NetworkDescriptor, Shape
 from sdcn_trt.export.onnx_export import ExportSettings, export_onnx
+from sdcn_trt.export.weight_map import WeightMap, graph_key
+from sdcn_trt.export.weights import read_weight_map
 
 if TYPE_CHECKING:  # mypy checks this module against tensorrt-stubs; at run time it is imported lazily
     import tensorrt as trt
@@ -91,6 +94,7 @@ def polygraphy_loaders(onnx_path: Path, profile: dict[str, tuple[Shape, Shape, S
         builder_optimization_level=settings.optimization_level,
         memory_pool_limits=memory_pool_limits,
         load_timing_cache=str(timing_cache) if timing_cache.is_file() else None,  # none yet: start empty
+        refittable=settings.refit,  # BuilderFlag.REFIT: new weights by trt_refit.refit_to_weights, no rebuild
     )
     return network, config
 
@@ -146,10 +150,13 @@ class TensorRTRunner(Runner):
         from polygraphy.backend.trt.util import get_trt_logger
 
         mode = build_mode(self.settings.precision, hasattr(trt.BuilderFlag, "FP16"))
-        export = export_onnx(self.descriptor, self.config.cache_path(), ExportSettings(precision=mode.onnx_precision))
+        export_settings = ExportSettings(precision=mode.onnx_precision)
+        # a refittable engine is keyed by its graph and refitted to the current weights (trt_refit.py)
+        export = None if self.settings.refit else export_onnx(self.descriptor, self.config.cache_path(), export_settings)
         platform = current_platform(self._device)
         profile = self.descriptor.profile(self.settings.shape_range)
-        key = engine_key(export.key, platform, self.settings, mode, profile)
+        onnx_key = export.key if export is not None else graph_key(self.descriptor, export_settings)
+        key = engine_key(onnx_key, platform, self.settings, mode, profile)
         folder = self.folder = self.engine_folder(key)
         try:
             meta = json.loads((folder / META_FILE).read_text())
@@ -157,7 +164,8 @@ class TensorRTRunner(Runner):
             meta = None
         reasons = rebuild_reasons(meta, key, platform)
         route_polygraphy_logs()
-        runtime = trt.Runtime(get_trt_logger())  # TensorRT's messages reach Python logging, as the builder's do
+        trt_logger = get_trt_logger()  # TensorRT's messages reach Python logging, as the builder's do
+        runtime = trt.Runtime(trt_logger)
         engine = None
         if not reasons:
             try:
@@ -166,7 +174,13 @@ class TensorRTRunner(Runner):
                 engine = None
             if engine is None:
                 reasons = ["the cached engine file is corrupt"]
+            elif self.settings.refit and meta is not None:
+                state = self.descriptor.build_module().state_dict()
+                why = refit_to_weights(engine, WeightMap.from_json(meta.get("weights")), state, trt_logger)
+                engine, reasons = (engine, []) if not why else (None, [f"cannot refit: {why}"])
         if engine is None:
+            export = export or export_onnx(self.descriptor, self.config.cache_path(), export_settings)
+            weight_map = read_weight_map(export.path) if self.settings.refit else None
             logger.info("building %s engine (%s): %s", self.name, self.settings.precision, "; ".join(reasons))
             clock = time.perf_counter()
             timing_cache = self.config.cache_path() / "engines" / f"timing-{platform.trt_version}-{platform.gpu_name.replace(' ', '_')}.cache"
@@ -176,7 +190,8 @@ class TensorRTRunner(Runner):
                 tmp.write_bytes(plan)
             with atomic_path(folder / META_FILE) as tmp:
                 tmp.write_text(json.dumps({"key": key, "platform": platform.__dict__, "profile": profile,
-                                           "seconds": time.perf_counter() - clock}, default=list))
+                                           "seconds": time.perf_counter() - clock,
+                                           "weights": weight_map.to_json() if weight_map else None}, default=list))
             engine = runtime.deserialize_cuda_engine(plan)
         self.engine = engine
         self.context = engine.create_execution_context()

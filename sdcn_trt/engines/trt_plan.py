@@ -17,6 +17,7 @@ class BuildSettings:
     optimization_level: int = 3  # builder_optimization_level, 0..5 (the contest's winners used 5)
     workspace_gib: float = 8.0  # MemoryPoolType.WORKSPACE limit
     shape_range: ShapeRange = ShapeRange.static(ShapeSpec())  # the contest shape by default
+    refit: bool = False  # BuilderFlag.REFIT: keyed by graph, new weights (LoRA, ControlNet) refit instead of rebuilding
 
     def __post_init__(self) -> None:
         check_choice("precision", self.precision, PRECISIONS)

@@ -18,6 +18,7 @@ from sdcn_trt.cache import atomic_path, hash_file, hash_json, hash_module
 from sdcn_trt.config import PRECISIONS, check_choice
 from sdcn_trt.errors import InputError
 from sdcn_trt.export.descriptors import NetworkDescriptor, ShapeSpec
+from sdcn_trt.export.weight_map import build_weight_map, graph_key
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ def export_onnx(descriptor: NetworkDescriptor, cache_dir: Path, settings: Export
     if meta is not None:
         return ExportResult(folder / model_file, key, True, meta["check"], 0.0)
     clock = time.perf_counter()
-    module = descriptor.build_module()
+    source = module = descriptor.build_module()
     feed = descriptor.sample_inputs(settings.sample)
     expected = _torch_outputs(module, feed, descriptor.output_names) if check else {}
     dtype = torch.float16 if settings.precision == "fp16" else torch.float32
@@ -215,7 +216,8 @@ def export_onnx(descriptor: NetworkDescriptor, cache_dir: Path, settings: Export
         meta = {"key": key, "network": descriptor.name, "settings": asdict(settings), "check": report,
                 "simplified": settings.simplify and not large,
                 "files": {name: hash_file(work / name) for name in files}, "inputs": descriptor.input_names,
-                "outputs": descriptor.output_names}
+                "outputs": descriptor.output_names, "graph": graph_key(descriptor, settings),
+                "weights": build_weight_map(work / model_file, module, source).to_json()}  # see export/weights.py
         with atomic_path(work / META_FILE) as tmp:
             tmp.write_text(json.dumps(meta, indent=1, default=str))
         if folder.exists():

@@ -19,6 +19,7 @@ from sdcn_trt.engines import create_runner
 from sdcn_trt.engines.base import Runner
 from sdcn_trt.errors import InputError
 from sdcn_trt.export.descriptors import PIPELINE_NETWORKS, get_descriptor
+from sdcn_trt.lora import LoraMerge, apply_loras, check_strength, unmerge_lora
 from sdcn_trt.models import load_diffusers, load_preset, with_controlnets
 from sdcn_trt.pipeline.loop import EagerLoop, LoopInputs, LoopKey, ProgressFn, make_loop, networks_for
 from sdcn_trt.pipeline.scheduler import DdimSchedule, make_ddim_schedule
@@ -51,13 +52,20 @@ def _backend_config(backend: BackendConfig | str, options: dict[str, Any]) -> Ba
 class ControlNetPipeline:
     """SD1.5 + ControlNet canny. The pipeline calls runners; it never asks which backend it holds."""
 
-    def __init__(self, components: Components, backend: BackendConfig | str = "torch", **backend_options: Any):
+    def __init__(self, components: Components, backend: BackendConfig | str = "torch",
+                 lora: Sequence[tuple[str | Path, float]] = (), **backend_options: Any):
+        """`lora`: (file, strength) pairs merged into the UNet and text encoder (see set_lora); the
+        from_* constructors pass it on."""
         self.components = components
         self.backend = _backend_config(backend, backend_options)
         self.descriptors = {name: get_descriptor(name, components) for name in PIPELINE_NETWORKS}
         self.runners: dict[str, Runner] = {n: create_runner(d, self.backend) for n, d in self.descriptors.items()}
         self._text_cache: dict[tuple[str, str], torch.Tensor] = {}
         self._loops: dict[LoopKey, EagerLoop] = {}  # keyed by everything they bake in
+        self.loras: list[tuple[str | Path, float]] = []  # the LoRA files merged now, with their strengths
+        self._lora_merge: LoraMerge | None = None
+        if lora:
+            self.set_lora(lora)
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -87,6 +95,31 @@ class ControlNetPipeline:
     def close(self) -> None:
         for runner in self.runners.values():
             runner.deactivate()
+
+    def set_lora(self, lora: str | Path | Sequence[tuple[str | Path, float]] | None, strength: float = 1.0) -> None:
+        """Merge LoRA files (kohya or diffusers/PEFT layout) into the UNet and text encoder, replacing
+        the ones merged before; `set_lora(None)` restores the original weights exactly. One file:
+        `set_lora(path, 0.8)`; several: `set_lora([(path, 0.8), (other, 0.5)])`. The runners take
+        the new weights on their next call: torch directly, onnxruntime by swapping the cached
+        export's initializers (no export), TensorRT by refit when built refittable. A bad file or
+        strength leaves the LoRAs merged before in place."""
+        items = [] if lora is None else [(lora, strength)] if isinstance(lora, (str, Path)) else list(lora)
+        wanted = [(path, check_strength(s)) for path, s in items]
+        previous = self.loras
+        if self._lora_merge is not None:
+            unmerge_lora(self.components, self._lora_merge)
+            self._lora_merge, self.loras = None, []
+        try:
+            self._lora_merge = apply_loras(self.components, wanted) if wanted else None
+            self.loras = wanted
+        except Exception:
+            self._lora_merge = apply_loras(self.components, previous) if previous else None
+            self.loras = previous
+            raise
+        finally:
+            self.close()  # runners rebuild from the current weights when next called
+            self._text_cache.clear()
+            self._loops.clear()
 
     # -- stages ---------------------------------------------------------------------------------
     def encode_prompts(self, positive: str, negative: str) -> torch.Tensor:
