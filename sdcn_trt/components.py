@@ -180,7 +180,11 @@ class Components:
         fp16 weights are fp32 weights rounded to fp16: the same key serves an fp16 export from
         either, while an fp32 export from fp16 weights gets a key of its own.
         """
-        key = self._key() if callable(self._key) else self._key
+        try:
+            key = self._key() if callable(self._key) else self._key
+        except OSError as exc:  # the source file is gone or unreadable: key the tensors instead
+            logger.warning("%s: cannot key the weights by their source (%s); hashing them", self.source, exc)
+            key = None
         self._key = key
         changed = [n for n, p in self._prints.items() if _fingerprint(self._networks[n]) != p]
         if key and not changed:

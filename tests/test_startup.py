@@ -292,3 +292,14 @@ def test_streamed_safetensors_load_with_the_safetensors_library(tmp_path):
     for name, info in header.items():  # every tensor starts at a multiple of its element size
         if name != "__metadata__":
             assert info["data_offsets"][0] % dtypes[name].itemsize == 0, name
+
+
+def test_a_source_gone_after_loading_keys_the_tensors(tiny, tmp_path, caplog):
+    path = tmp_path / "model.safetensors"
+    save_single_file(tiny, path)
+    loaded = load_single_file(path, cache=False)  # its key is the file's hash, read when first asked
+    path.unlink()
+    with caplog.at_level(logging.WARNING, logger="sdcn_trt"):
+        key = loaded.weights_id()
+    assert "cannot key the weights by their source" in caplog.text
+    assert key == Components(tiny.tokenizer, *tiny.modules().values()).weights_id()  # the tensors' hash

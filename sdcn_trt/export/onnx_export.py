@@ -184,7 +184,7 @@ def export_onnx(descriptor: NetworkDescriptor, cache_dir: Path, settings: Export
     if meta is not None:
         return ExportResult(folder / model_file, key, True, meta["check"], 0.0)
     clock = time.perf_counter()
-    logger.info("exporting %s (%s): no valid cached ONNX under %s", descriptor.name, settings.precision, folder)
+    logger.debug("exporting %s (%s): no valid cached ONNX under %s", descriptor.name, settings.precision, folder)
     source = module = descriptor.build_module()
     feed = descriptor.sample_inputs(settings.sample)
     held = _dtype(module)  # fp16 when the components hold fp16 weights

@@ -85,18 +85,21 @@ class ControlNetPipeline:
         `more_controlnets`: further ControlNet folders or files whose residuals add to the file's.
         The weights are held in the backend's precision; `cache`: keep the converted weights in the
         weights cache (beside the backend's exports), so the next start maps them and converts nothing."""
+        lora = backend_options.pop("lora", ())
         config = _backend_config(backend, backend_options)
         components = load_single_file(checkpoint, original_config, tokenizer, text_encoder_config,
                                       precision=config.precision, cache=cache, cache_dir=config.cache_dir)
-        return cls(with_controlnets(components, more_controlnets), config)
+        return cls(with_controlnets(components, more_controlnets), config, lora=lora)
 
     @classmethod
     def from_preset(cls, name: str = "tiny", seed: int = 0, backend: BackendConfig | str = "torch", cache: bool = True,
                     **backend_options: Any) -> "ControlNetPipeline":
         """Built-in architecture with seeded random weights: 'tiny' or 'sd15-random' (drawn once, then
         mapped from the weights cache unless `cache` is False), held in the backend's precision."""
+        lora = backend_options.pop("lora", ())
         config = _backend_config(backend, backend_options)
-        return cls(load_preset(name, seed, precision=config.precision, cache=cache, cache_dir=config.cache_dir), config)
+        return cls(load_preset(name, seed, precision=config.precision, cache=cache, cache_dir=config.cache_dir), config,
+                   lora=lora)
 
     def close(self) -> None:
         for runner in self.runners.values():
