@@ -77,3 +77,52 @@ def atomic_path(final: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def file_signature(path: Path) -> list[int]:
+    """What changes when a file's content may have: size, mtime, ctime (any write or rename) and inode."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _memo_path(path: Path, root: Path | None) -> Path:
+    return (Path(root) if root is not None else cache_root()) / "hashes" / f"{hash_json(str(path))[:32]}.json"
+
+
+def remembered_hash(path: Path, root: Path | None = None) -> str | None:
+    """The sha256 `hash_file_cached` remembered for this file, if its size, mtime, ctime and inode
+    are unchanged since; None when there is none (nothing is read but the memo)."""
+    path = Path(path).resolve()
+    try:
+        record = json.loads(_memo_path(path, root).read_text())
+        if record.get("path") == str(path) and record.get("stat") == file_signature(path):
+            return str(record["sha256"])
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    return None
+
+
+def hash_file_cached(path: Path, root: Path | None = None) -> str:
+    """sha256 of a file, hashed once: the digest is remembered under `root`/hashes (default: the
+    cache root) with the file's size, mtime, ctime and inode, and reused while they are unchanged.
+    A memo that cannot be read or written is ignored (the file is hashed again next time)."""
+    path = Path(path).resolve()
+    known = remembered_hash(path, root)
+    if known is not None:
+        return known
+    signature = file_signature(path)
+    digest = hash_file(path)
+    remember_hash(path, digest, signature, root)
+    return digest
+
+
+def remember_hash(path: Path, digest: str, signature: list[int], root: Path | None = None) -> None:
+    """Remember `digest` as the sha256 of `path` while it keeps `signature` (file_signature taken
+    before the bytes were hashed, e.g. under another name before a rename); nothing if it changed."""
+    path = Path(path).resolve()
+    try:
+        if file_signature(path) == signature:
+            with atomic_path(_memo_path(path, root)) as tmp:
+                tmp.write_text(json.dumps({"path": str(path), "stat": signature, "sha256": digest}))
+    except OSError:
+        pass

@@ -1,7 +1,15 @@
-"""Single-file checkpoints in the original ldm layout (control_sd15_canny.pth and kin), both ways."""
+"""Single-file checkpoints in the original ldm layout (control_sd15_canny.pth and kin), both ways.
+
+Files are memory-mapped, converted key by key (the converters rename; tensors are not copied),
+checked against networks built on the meta device, and assigned. The converted weights go to the
+weights cache (sdcn_trt.weights_cache) under the file's content hash, so a later load of the same
+file maps them from there and converts nothing.
+"""
 from __future__ import annotations
 
+import concurrent.futures
 import copy
+import json
 import logging
 import re
 from pathlib import Path
@@ -9,9 +17,15 @@ from typing import Any
 
 import torch
 
+from sdcn_trt.cache import hash_file_cached, remembered_hash
 from sdcn_trt.components import SD15_SCALING_FACTOR, Components
+from sdcn_trt.config import PRECISIONS, check_choice
 from sdcn_trt.errors import WeightsError
 from sdcn_trt.tokenizer import special_token_ids
+from sdcn_trt.weights import assign_weights, check_weights, empty_init, read_tensors
+from sdcn_trt.weights_cache import (
+    build_empty, cache_dir_for, find_entry, lazy_components, network_dtype, plain, weights_key, write_entry,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -20,22 +34,14 @@ CONTROL_PREFIX = "control_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 IMAGE_SIZE = 512  # only fills diffusers' `sample_size`; SD1.x's training resolution
+WHAT = {"text_encoder": "text encoder", "unet": "UNet", "controlnet": "ControlNet", "vae": "VAE"}
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors, .pth or .ckpt file; pickles load with weights_only=True only."""
+    """Tensors of a .safetensors or zip-format .pth/.ckpt file, memory-mapped (read when used);
+    pickles load with weights_only=True only; any other file is refused, saying what it looks like."""
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"checkpoint file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch/safetensors raise many types for corrupt or unsafe files
-        raise WeightsError(f"cannot read checkpoint {path}: {exc}") from exc
+    state = read_tensors(path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -182,24 +188,6 @@ def _controlnet_config(original_config: dict[str, Any], state: dict[str, torch.T
     return {"conditioning_channels": params.get("hint_channels", 3), **{k: unet[k] for k in keep}}
 
 
-def _load_strict(model: torch.nn.Module, converted: dict[str, torch.Tensor], what: str, source: Path) -> None:
-    """load_state_dict that names the missing, unexpected and mis-shaped keys on failure."""
-    expected = model.state_dict()
-    converted = {k: v for k, v in converted.items() if not k.endswith("position_ids")}
-    missing = sorted(set(expected) - set(converted))
-    unexpected = sorted(set(converted) - set(expected))
-    shapes = [f"{k}: checkpoint {tuple(converted[k].shape)} vs config {tuple(expected[k].shape)}"
-              for k in expected if k in converted and converted[k].shape != expected[k].shape]
-    if missing or unexpected or shapes:
-        def head(items: list[str]) -> str:
-            return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
-        parts = [f"{len(missing)} missing: {head(missing)}" if missing else "",
-                 f"{len(unexpected)} unexpected: {head(unexpected)}" if unexpected else "",
-                 f"{len(shapes)} with other shapes: {head(shapes)}" if shapes else ""]
-        raise WeightsError(f"{what} weights in {source} do not match the config; " + "; ".join(p for p in parts if p))
-    model.load_state_dict({k: v.to(torch.float32) for k, v in converted.items()}, strict=True)
-
-
 def clip_keys_for(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Checkpoints name CLIP weights 'text_model.*'; transformers >= 5 drops that level. Match the model."""
     wants_prefix = any(k.startswith("text_model.") for k in model.state_dict())
@@ -208,50 +196,75 @@ def clip_keys_for(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dic
     return {k.removeprefix("text_model."): v for k, v in state.items()}
 
 
-def components_from_state_dict(
+def convert_state_dict(
     state: dict[str, torch.Tensor], original_config: dict[str, Any], tokenizer: Any,
     text_encoder_config: dict[str, Any] | None, source: Path,
-) -> Components:
-    """Convert every part of a combined ldm checkpoint with diffusers' converters, strictly."""
-    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, torch.Tensor]], dict[str, torch.nn.Module]]:
+    """(configs, state dicts, empty networks) of every part of a combined ldm checkpoint, converted
+    with diffusers' converters (renames: the tensors are the checkpoint's own) and checked strictly
+    against networks built empty from the configs."""
     from diffusers.loaders import single_file_utils as sfu
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     if original_config["model"]["params"].get("control_stage_config") is None or not any(
         k.startswith(CONTROL_PREFIX) for k in state
     ):
         raise WeightsError(f"{source} has no ControlNet ('{CONTROL_PREFIX}*' keys / control_stage_config)")
-    unet_config = sfu.create_unet_diffusers_config_from_ldm(original_config, state, image_size=IMAGE_SIZE)
-    unet = UNet2DConditionModel(**unet_config)
-    _load_strict(unet, sfu.convert_ldm_unet_checkpoint(state, unet_config), "UNet", source)
+    unet_config = plain(sfu.create_unet_diffusers_config_from_ldm(original_config, state, image_size=IMAGE_SIZE))
+    control_config = plain(_controlnet_config(original_config, state))
+    vae_config = plain(sfu.create_vae_diffusers_config_from_ldm(original_config, state, image_size=IMAGE_SIZE))
+    configs = {"unet": unet_config, "controlnet": control_config, "vae": vae_config,
+               "text_encoder": plain(text_encoder_config or infer_clip_config(state, tokenizer))}
+    networks = build_empty(configs)
+    states = {
+        "unet": sfu.convert_ldm_unet_checkpoint(state, unet_config),
+        "controlnet": sfu.convert_controlnet_checkpoint(state, control_config),
+        "vae": sfu.convert_ldm_vae_checkpoint(state, vae_config),
+        "text_encoder": clip_keys_for(networks["text_encoder"], sfu.convert_ldm_clip_checkpoint(state)),
+    }
+    for name in list(states):
+        states[name] = {k: v for k, v in states[name].items() if not k.endswith("position_ids")}
+        check_weights(networks[name], states[name], WHAT[name], source)
+    return configs, states, networks
 
-    control_config = _controlnet_config(original_config, state)
-    controlnet = ControlNetModel(**control_config)
-    _load_strict(controlnet, sfu.convert_controlnet_checkpoint(state, control_config), "ControlNet", source)
 
-    vae_config = sfu.create_vae_diffusers_config_from_ldm(original_config, state, image_size=IMAGE_SIZE)
-    vae = AutoencoderKL(**vae_config)
-    _load_strict(vae, sfu.convert_ldm_vae_checkpoint(state, vae_config), "VAE", source)
+def _assembled(tokenizer: Any, networks: dict[str, torch.nn.Module], states: dict[str, dict[str, torch.Tensor]],
+               precision: str, source: str, weights_key: Any) -> Components:
+    """Components holding the converted tensors themselves, cast only where `precision` asks."""
+    for name, module in networks.items():
+        assign_weights(module, states[name], network_dtype(name, precision))
+    return Components(tokenizer, networks["text_encoder"], networks["unet"], networks["controlnet"], networks["vae"],
+                      source=source, weights_key=weights_key, precision=precision)
 
-    clip_config = CLIPTextConfig(**(text_encoder_config or infer_clip_config(state, tokenizer)))
-    text_encoder = CLIPTextModel(clip_config)
-    _load_strict(text_encoder, clip_keys_for(text_encoder, sfu.convert_ldm_clip_checkpoint(state)), "text encoder", source)
-    return Components(tokenizer, text_encoder, unet, controlnet, vae, source=f"single-file:{source}").eval_()
+
+def components_from_state_dict(
+    state: dict[str, torch.Tensor], original_config: dict[str, Any], tokenizer: Any,
+    text_encoder_config: dict[str, Any] | None, source: Path, precision: str = "fp32",
+) -> Components:
+    """Convert every part of a combined ldm checkpoint with diffusers' converters, strictly."""
+    _, states, networks = convert_state_dict(state, original_config, tokenizer, text_encoder_config, source)
+    return _assembled(tokenizer, networks, states, precision, f"single-file:{source}", None)
 
 
 def load_single_file(
     checkpoint: str | Path, original_config: str | Path | None = None, tokenizer: str | Path | None = None,
-    text_encoder_config: str | Path | None = None,
+    text_encoder_config: str | Path | None = None, precision: str = "fp32", cache: bool = True,
+    cache_dir: str | Path | None = None,
 ) -> Components:
     """SD + ControlNet from one ldm-layout file; the architecture comes from `original_config` or,
-    when absent, from the tensors' shapes; the tokenizer defaults to the bundled CLIP vocabulary."""
-    import json
+    when absent, from the tensors' shapes; the tokenizer defaults to the bundled CLIP vocabulary.
 
+    `precision` "fp16" holds the UNet, ControlNet and VAE in fp16. With `cache`, the converted
+    weights are written to the weights cache (under `cache_dir`, default the cache root) keyed by
+    the file's content hash, and a later load maps them from there: its networks are filled on
+    first use, so a backend whose exports are cached never reads them.
+    """
     from sdcn_trt.tokenizer import load_tokenizer
 
+    check_choice("precision", precision, PRECISIONS)
     path = Path(checkpoint)
-    state = read_state_dict(path)
-    config = load_original_config(original_config) if original_config else infer_original_config(state)
+    if not path.is_file():
+        raise WeightsError(f"checkpoint file not found: {path}")
+    given_config = load_original_config(original_config) if original_config else None
     clip_config = None
     if text_encoder_config is not None:
         cfg_path = Path(text_encoder_config)
@@ -259,7 +272,31 @@ def load_single_file(
         if not cfg_path.is_file():
             raise WeightsError(f"text encoder config not found: {cfg_path}")
         clip_config = json.loads(cfg_path.read_text())
-    return components_from_state_dict(state, config, load_tokenizer(tokenizer), clip_config, path)
+    tok = load_tokenizer(tokenizer)
+    source = f"single-file:{path}"
+    root = cache_dir_for(cache_dir) if cache else None
+
+    def key_for(digest: str) -> str:
+        return weights_key(kind="ldm-single-file", sha256=digest, original_config=given_config,
+                           text_encoder_config=clip_config, special_ids=special_token_ids(tok))
+
+    digest = remembered_hash(path, root) if root is not None else None
+    if root is not None and digest is not None and (meta := find_entry(root, key_for(digest), precision)):
+        return lazy_components(root, key_for(digest), precision, meta, tok, source)
+    state = read_state_dict(path)  # memory-mapped: only the pickle's index is read here
+    configs, states, networks = convert_state_dict(state, given_config or infer_original_config(state), tok,
+                                                   clip_config, path)
+    if root is not None:
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        try:  # the content hash, for the key, is read while the converted tensors are written
+            hashing = pool.submit(hash_file_cached, path, root) if digest is None else None
+            key, meta = write_entry(root, lambda: key_for(hashing.result() if hashing else str(digest)), precision,
+                                    configs, states, source)
+        finally:
+            pool.shutdown(wait=False)
+        if meta is not None:
+            return lazy_components(root, key, precision, meta, tok, source)
+    return _assembled(tok, networks, states, precision, source, lambda: key_for(hash_file_cached(path, root)))
 
 
 def load_controlnet_file(path: str | Path) -> Any:
@@ -276,6 +313,8 @@ def load_controlnet_file(path: str | Path) -> Any:
     config = {"model": {"params": {"control_stage_config": {"params": params},
                                    "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2, 4, 4]}}}}}}
     control_config = _controlnet_config(config, state)
-    controlnet = ControlNetModel(**control_config)
-    _load_strict(controlnet, sfu.convert_controlnet_checkpoint(state, control_config), "ControlNet", path)
-    return controlnet.eval().requires_grad_(False)
+    with empty_init():
+        controlnet = ControlNetModel(**control_config)
+    converted = sfu.convert_controlnet_checkpoint(state, control_config)
+    check_weights(controlnet, converted, "ControlNet", path)
+    return assign_weights(controlnet, converted, torch.float32)

@@ -35,6 +35,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
                    help="LoRA file (kohya or diffusers/PEFT safetensors) merged into the UNet and text encoder at "
                         "STRENGTH (default 1.0, -4..4); repeat for several")
+    g.add_argument("--no-cache", action="store_true",
+                   help="neither read nor write converted weights in the weights cache (--checkpoint, --preset)")
 
 
 def add_backend_args(parser: argparse.ArgumentParser) -> None:
@@ -84,18 +86,19 @@ def backend_config(args: argparse.Namespace) -> BackendConfig:
                          cuda_graph=args.cuda_graph, check_finite=args.check_finite)
 
 
-def load_components(args: argparse.Namespace):  # -> Components
-    """The model named by the model flags, with the --lora files merged in."""
+def load_components(args: argparse.Namespace, precision: str = "fp32"):  # -> Components
+    """The model named by the model flags, with the --lora files merged in; its weights in `precision`
+    (single files and presets: fp16 holds the UNet, ControlNet and VAE in fp16, CLIP stays fp32)."""
     from sdcn_trt.lora import apply_loras, parse_lora_arg
 
     loras = [parse_lora_arg(text) for text in getattr(args, "lora", [])]  # bad strengths fail before loading
-    components = load_base_components(args)
+    components = load_base_components(args, precision)
     if loras:
         apply_loras(components, loras)
     return components
 
 
-def load_base_components(args: argparse.Namespace):  # -> Components
+def load_base_components(args: argparse.Namespace, precision: str = "fp32"):  # -> Components
     """The model named by the model flags: a preset, diffusers folders, or one ldm checkpoint."""
     from sdcn_trt.errors import InputError
 
@@ -107,20 +110,24 @@ def load_base_components(args: argparse.Namespace):  # -> Components
     if args.checkpoint:
         from sdcn_trt.checkpoint import load_single_file
 
-        components = load_single_file(args.checkpoint, args.original_config, args.tokenizer, args.text_encoder_config)
+        components = load_single_file(args.checkpoint, args.original_config, args.tokenizer, args.text_encoder_config,
+                                      precision=precision, cache=not getattr(args, "no_cache", False),
+                                      cache_dir=getattr(args, "cache_dir", None))
         return with_controlnets(components, args.controlnet)
     if args.sd_dir:
         if not args.controlnet:
             raise InputError("--sd-dir needs --controlnet (a ControlNet folder or checkpoint file)")
         return load_diffusers(args.sd_dir, args.controlnet, args.tokenizer)
-    return with_controlnets(load_preset(args.preset or "tiny", seed=args.preset_seed), args.controlnet)
+    return with_controlnets(load_preset(args.preset or "tiny", seed=args.preset_seed, precision=precision,
+                                        cache=not getattr(args, "no_cache", False), cache_dir=getattr(args, "cache_dir", None)),
+                            args.controlnet)
 
 
 def load_pipeline(args: argparse.Namespace):  # -> ControlNetPipeline
     from sdcn_trt import ControlNetPipeline
 
     backend = backend_config(args)  # validated before the weights load
-    return ControlNetPipeline(load_components(args), backend)
+    return ControlNetPipeline(load_components(args, backend.precision), backend)
 
 
 # -- sub-commands ----------------------------------------------------------------------------------

@@ -120,14 +120,15 @@ def _clip_to_ldm(text_encoder: Any) -> dict[str, torch.Tensor]:
     return {k if k.startswith("text_model.") else "text_model." + k: v for k, v in state.items()}
 
 
-def to_ldm_state_dict(components: Components) -> dict[str, torch.Tensor]:
-    """One state dict in control_sd15_canny.pth's layout (UNet, ControlNet, VAE, CLIP text model)."""
+def to_ldm_state_dict(components: Components, copy: bool = True) -> dict[str, torch.Tensor]:
+    """One state dict in control_sd15_canny.pth's layout (UNet, ControlNet, VAE, CLIP text model);
+    `copy=False` shares the networks' tensors (writing a file needs no second copy of the model)."""
     state: dict[str, torch.Tensor] = {}
     for prefix, part in ((UNET_PREFIX, unet_to_ldm(components.unet)),
                          (CONTROL_PREFIX, controlnet_to_ldm(components.controlnet)),
                          (VAE_PREFIX, vae_to_ldm(components.vae)),
                          (CLIP_PREFIX, _clip_to_ldm(components.text_encoder))):
-        state.update({prefix + k: v.detach().clone().contiguous() for k, v in part.items()})
+        state.update({prefix + k: (v.detach().clone() if copy else v.detach()).contiguous() for k, v in part.items()})
     return state
 
 
@@ -178,7 +179,7 @@ def save_single_file(components: Components, checkpoint: str | Path, yaml_path: 
     from sdcn_trt.cache import atomic_path
 
     checkpoint = Path(checkpoint)
-    state = to_ldm_state_dict(components)
+    state = to_ldm_state_dict(components, copy=False)
     with atomic_path(checkpoint) as tmp:
         if checkpoint.suffix == ".safetensors":
             from safetensors.torch import save_file

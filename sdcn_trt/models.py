@@ -1,16 +1,18 @@
 """Loading SD1.5 + ControlNet: diffusers folders, the built-in presets (seeded random weights)."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
+from sdcn_trt.cache import hash_file_cached, hash_json
 from sdcn_trt.components import SD15_SCALING_FACTOR, Components
+from sdcn_trt.config import PRECISIONS, check_choice
 from sdcn_trt.errors import InputError, WeightsError
 from sdcn_trt.tokenizer import special_token_ids
+from sdcn_trt.weights_cache import cache_dir_for, find_entry, lazy_components, weights_key, write_entry
 
 logger = logging.getLogger(__name__)
 
@@ -79,13 +81,35 @@ def build_from_configs(configs: dict[str, dict[str, Any]], seed: int, tokenizer:
     return Components(tokenizer, text_encoder, unet, controlnet, vae, source=source).eval_()
 
 
-def load_preset(name: str, seed: int = 0, tokenizer: str | Path | None = None) -> Components:
+def load_preset(name: str, seed: int = 0, tokenizer: str | Path | None = None, precision: str = "fp32",
+                cache: bool = True, cache_dir: str | Path | None = None) -> Components:
     """A built-in architecture with seeded random weights: 'tiny' (tests, demo) or 'sd15-random'."""
     from sdcn_trt.tokenizer import load_tokenizer
 
     if name not in PRESETS:
         raise InputError(f"unknown preset {name!r}; available presets: {', '.join(sorted(PRESETS))}")
-    return build_from_configs(PRESETS[name](), seed, load_tokenizer(tokenizer), source=f"preset:{name}:seed={seed}")
+    return cached_preset(name, PRESETS[name](), seed, load_tokenizer(tokenizer), precision, cache, cache_dir)
+
+
+def cached_preset(name: str, configs: dict[str, dict[str, Any]], seed: int, tokenizer: Any, precision: str = "fp32",
+                  cache: bool = True, cache_dir: str | Path | None = None) -> Components:
+    """A seeded random preset, drawn once: later loads map the drawn weights from the weights cache
+    (keyed by the preset, its configs, the seed and the library versions that draw them)."""
+    check_choice("precision", precision, PRECISIONS)
+    source = f"preset:{name}:seed={seed}"
+    full = {**configs, "text_encoder": {**configs["text_encoder"], **special_token_ids(tokenizer)}}
+    key = weights_key(kind="preset", name=name, configs=full, seed=seed)
+    root = cache_dir_for(cache_dir) if cache else None
+    if root is not None and (meta := find_entry(root, key, precision)) is not None:
+        return lazy_components(root, key, precision, meta, tokenizer, source)
+    components = build_from_configs(configs, seed, tokenizer, source=source)
+    if root is not None:
+        write_entry(root, key, precision, full, {n: m.state_dict() for n, m in components.modules().items()}, source)
+    if precision == "fp16":
+        for name_ in ("unet", "controlnet", "vae"):
+            components.network(name_).half()
+        components.precision = precision
+    return components.with_weights_key(key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,8 +152,7 @@ def with_controlnets(components: Components, paths: Sequence[str | Path]) -> Com
     if not paths:
         return components
     more = components.more_controlnets + tuple(load_controlnet(p) for p in paths)
-    source = components.source + "+" + "+".join(str(p) for p in paths)
-    return dataclasses.replace(components, more_controlnets=more, source=source)
+    return components.with_more_controlnets(more, components.source + "+" + "+".join(str(p) for p in paths))
 
 
 def load_diffusers(sd_dir: str | Path, controlnet: str | Path | Sequence[str | Path],
@@ -152,8 +175,13 @@ def load_diffusers(sd_dir: str | Path, controlnet: str | Path | Sequence[str | P
     text_encoder = _load_diffusers_model(CLIPTextModel, sd_dir / "text_encoder", "text encoder")
     unet = _load_diffusers_model(UNet2DConditionModel, sd_dir / "unet", "UNet")
     vae = _load_diffusers_model(AutoencoderKL, sd_dir / "vae", "VAE")
+    weight_files = [controlnet_path] if controlnet_path.is_file() else []
+    weight_files += [f for d in (sd_dir / "text_encoder", sd_dir / "unet", sd_dir / "vae", controlnet_path)
+                     if d.is_dir() for f in sorted(d.iterdir()) if f.suffix in (".safetensors", ".bin", ".json")]
     components = Components(tok, text_encoder, unet, load_controlnet(controlnet_path), vae,
-                            source=f"diffusers:{sd_dir}+{controlnet_path}").eval_()
+                            source=f"diffusers:{sd_dir}+{controlnet_path}",
+                            weights_key=lambda: hash_json({"diffusers-folders": {
+                                f"{f.parent.name}/{f.name}": hash_file_cached(f) for f in weight_files}})).eval_()
     return with_controlnets(components, paths[1:])
 
 

@@ -88,3 +88,21 @@ def test_fast_path_variants_are_timed_and_compared(tmp_path):
     assert variants["sdpa"]["max_abs_vs_plain"] == 0.0  # diffusers' default processor already calls SDPA
     assert all(v["ms"]["n"] == 1 and v["ms"]["p50"] > 0 and v["max_abs_vs_plain"] < 1e-3 for v in variants.values())
     assert "| sdpa+fuse_qkv | " in report_file.with_suffix(".md").read_text()
+
+
+def test_startup_cases_run_cold_then_warm(tmp_path):
+    """benchmarks.startup on the tiny preset: a single file written, converted once, then mapped."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.startup", "--preset", "tiny", "--work", str(tmp_path / "w"),
+                           "--out", str(tmp_path / "out"), "--cases", "torch fp32, cold", "torch fp32, warm"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (tmp_path / "w").exists()  # the file and caches are deleted unless --keep
+    report = json.loads(next((tmp_path / "out").glob("startup-cpu-*.json")).read_text())
+    cold, warm = report["cases"]
+    assert [cold["label"], warm["label"]] == ["torch fp32, cold", "torch fp32, warm"]
+    for case in (cold, warm):
+        assert case["image_shape"] == [256, 384, 3] and case["torch_weights_loaded_after_image"]
+        assert case["weights_bytes"] > 0.9 * report["file_bytes"]  # the fp32 entry: the file's tensors
+        assert case["ready_s"] >= case["load_s"] > 0 and case["peak_rss_gib"] > 0
+    table = (tmp_path / "out" / "LATEST-startup-cpu.md").read_text()
+    assert "| torch fp32, warm |" in table and "from the tiny preset" in table

@@ -94,7 +94,8 @@ def test_missing_and_corrupt_files(tiny_file, tmp_path):
     with pytest.raises(WeightsError, match="checkpoint file not found"):
         read_state_dict(tmp_path / "none.pth")
     (tmp_path / "bad.safetensors").write_bytes(b"\x00garbage")
-    with pytest.raises(WeightsError, match="cannot read checkpoint"):
+    with pytest.raises(WeightsError, match=r"not a PyTorch checkpoint or safetensors file: .*bad.safetensors "
+                                           r"\(looks like: unrecognised binary data \(first bytes 00 67 61"):
         read_state_dict(tmp_path / "bad.safetensors")
     torch.save({"a": 1}, tmp_path / "notensors.pth")
     with pytest.raises(WeightsError, match="does not hold a state dict of tensors"):

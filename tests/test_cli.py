@@ -164,4 +164,5 @@ def test_third_party_warnings_stay_out_of_the_terminal_unless_verbose(tmp_path, 
     if verbose:
         assert any(line.startswith("DEBUG py.warnings: ") and "TracerWarning" in line for line in lines)
     else:
-        assert [line.split(":")[0] for line in lines] == ["INFO sdcn_trt.export.onnx_export"] * 2, proc.stderr
+        ours = [line.split(":")[0] for line in lines if not line.startswith("INFO sdcn_trt.weights_cache: wrote")]
+        assert ours == ["INFO sdcn_trt.export.onnx_export"] * 2, proc.stderr  # (the preset's first draw is cached)

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from sdcn_trt.cache import atomic_path, hash_file, hash_json, hash_module
+from sdcn_trt.cache import atomic_path, hash_file, hash_json
 from sdcn_trt.config import BackendConfig
 from sdcn_trt.engines.base import Runner
 from sdcn_trt.engines.inductor_plan import (
@@ -57,10 +57,10 @@ class PackageResult:
     loaded: Any = field(default=None, repr=False, compare=False)  # the callable the check ran, when compiled now
 
 
-def weights_hash(descriptor: NetworkDescriptor) -> str:
-    """The content hash of the weights the network reads, computed as the ONNX export key does: the one
-    place to switch when weights get a cheaper key."""
-    return hash_module(descriptor.build_module())
+def weights_hash(descriptor: NetworkDescriptor, precision: str = "fp32") -> str:
+    """The key of the weights the network reads, as the ONNX export key takes it: the content key of
+    their source while they are as loaded (no tensor is read), else a hash of the tensors."""
+    return descriptor.components.weights_id(precision)
 
 
 def require_inductor(device_type: str) -> None:
@@ -145,7 +145,8 @@ def build_package(descriptor: NetworkDescriptor, device: str | torch.device, pre
     dtype = resolve_dtype(descriptor.precision_for(precision))
     precision = descriptor.precision_for(precision)
     fast = settings.fast if settings.fast is not None else FastPath.default_for(device, dtype)
-    parts = package_parts(descriptor, weights_hash(descriptor), precision, settings, fast, current_target(device))
+    parts = package_parts(descriptor, weights_hash(descriptor, precision), precision, settings, fast,
+                          current_target(device))
     key = hash_json(parts)
     root = Path(cache_dir) / CACHE_FOLDER
     folder = root / f"{descriptor.name}-{precision}-{key[:16]}"

@@ -22,7 +22,7 @@ from sdcn_trt.engines.trt_plan import BuildMode, BuildSettings, Platform, build_
 from sdcn_trt.engines.trt_refit import refit_to_weights
 from sdcn_trt.errors import BackendUnavailableError, SdcnError
 from sdcn_trt.export.descriptors import NetworkDescriptor, Shape
-from sdcn_trt.export.onnx_export import ExportSettings, export_onnx
+from sdcn_trt.export.onnx_export import ExportSettings, export_key, export_onnx
 from sdcn_trt.export.weight_map import WeightMap, graph_key
 from sdcn_trt.export.weights import read_weight_map
 
@@ -151,11 +151,12 @@ class TensorRTRunner(Runner):
 
         mode = build_mode(self.settings.precision, hasattr(trt.BuilderFlag, "FP16"))
         export_settings = ExportSettings(precision=mode.onnx_precision)
-        # a refittable engine is keyed by its graph and refitted to the current weights (trt_refit.py)
-        export = None if self.settings.refit else export_onnx(self.descriptor, self.config.cache_path(), export_settings)
+        # a refittable engine is keyed by its graph and refitted to the current weights (trt_refit.py); any
+        # other by its export's key, which reads no weights: a cached engine needs neither ONNX nor weights
+        onnx_key = (graph_key(self.descriptor, export_settings) if self.settings.refit
+                    else export_key(self.descriptor, export_settings.for_network(self.descriptor)))
         platform = current_platform(self._device)
         profile = self.descriptor.profile(self.settings.shape_range)
-        onnx_key = export.key if export is not None else graph_key(self.descriptor, export_settings)
         key = engine_key(onnx_key, platform, self.settings, mode, profile)
         folder = self.folder = self.engine_folder(key)
         try:
@@ -179,7 +180,7 @@ class TensorRTRunner(Runner):
                 why = refit_to_weights(engine, WeightMap.from_json(meta.get("weights")), state, trt_logger)
                 engine, reasons = (engine, []) if not why else (None, [f"cannot refit: {why}"])
         if engine is None:
-            export = export or export_onnx(self.descriptor, self.config.cache_path(), export_settings)
+            export = export_onnx(self.descriptor, self.config.cache_path(), export_settings)  # reads the weights
             weight_map = read_weight_map(export.path) if self.settings.refit else None
             logger.info("building %s engine (%s): %s", self.name, self.settings.precision, "; ".join(reasons))
             clock = time.perf_counter()
@@ -193,6 +194,8 @@ class TensorRTRunner(Runner):
                                            "seconds": time.perf_counter() - clock,
                                            "weights": weight_map.to_json() if weight_map else None}, default=list))
             engine = runtime.deserialize_cuda_engine(plan)
+        else:
+            logger.info("%s: cached %s engine %s", self.name, self.settings.precision, folder)
         self.engine = engine
         self.context = engine.create_execution_context()
         self.stream = torch.cuda.Stream(self._device)

@@ -75,11 +75,13 @@ def apply_fast_path(module: nn.Module, fast: FastPath) -> nn.Module:
 
 def prepare_module(descriptor: NetworkDescriptor, device: torch.device, dtype: torch.dtype,
                    fast: FastPath | None = None) -> nn.Module:
-    """The descriptor's module on `device` in `dtype` with the fast path applied; the shared fp32 CPU
-    components are left untouched (a copy is made whenever anything would change them)."""
+    """The descriptor's module on `device` in `dtype` with the fast path applied; the shared CPU
+    components are left untouched (a copy is made whenever anything would change them: components
+    already held in `dtype` on `device` are used as they are)."""
     fast = FastPath.default_for(device, dtype) if fast is None else fast
     module = descriptor.build_module()
-    if dtype != torch.float32 or device.type != "cpu" or fast != FastPath():
+    held = next((p for p in module.parameters() if p.is_floating_point()), None)  # fp16 components: fp16
+    if held is None or held.dtype != dtype or held.device != device or fast != FastPath():
         module = copy.deepcopy(module)  # .to() and the fast path work in place
     return apply_fast_path(module.to(device, dtype), fast)
 

@@ -78,18 +78,19 @@ class ModelDims:
 
     @classmethod
     def of(cls, components: Components) -> "ModelDims":
-        unet, text, control = components.unet.config, components.text_encoder.config, components.controlnet.config
-        convs = list(components.controlnet.controlnet_down_blocks) + [components.controlnet.controlnet_mid_block]
+        net = components.peek  # configs and structure only: the weights may not be loaded (yet)
+        unet, text, control = net("unet").config, net("text_encoder").config, net("controlnet").config
+        convs = list(net("controlnet").controlnet_down_blocks) + [net("controlnet").controlnet_mid_block]
         return cls(
             latent_channels=int(unet.in_channels), vae_scale=components.vae_scale_factor,
             text_len=int(text.max_position_embeddings), text_dim=int(text.hidden_size),
-            vocab_size=int(text.vocab_size), num_scales=len(convs), num_controlnets=len(components.controlnets),
+            vocab_size=int(text.vocab_size), num_scales=len(convs), num_controlnets=components.num_controlnets,
             hint_channels=int(control.conditioning_channels),
             hint_embedding_channels=int(control.block_out_channels[0]),
-            image_channels=int(components.vae.config.out_channels),
+            image_channels=int(net("vae").config.out_channels),
             residual_layout=tuple((int(c.out_channels), f) for c, f in zip(convs, _residual_factors(control))),
             deep_channels=int(unet.block_out_channels[1]) if len(unet.block_out_channels) > 1 else 0,
-            shallow_skips=len(components.unet.up_blocks[-1].resnets),
+            shallow_skips=len(net("unet").up_blocks[-1].resnets),
         )
 
     def latent_size(self, spec: ShapeSpec) -> tuple[int, int]:

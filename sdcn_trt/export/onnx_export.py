@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdcn_trt.cache import atomic_path, hash_file, hash_json, hash_module
+from sdcn_trt.cache import atomic_path, file_signature, hash_file, hash_file_cached, hash_json, remember_hash
 from sdcn_trt.config import PRECISIONS, check_choice
 from sdcn_trt.errors import InputError
 from sdcn_trt.export.descriptors import NetworkDescriptor, ShapeSpec
@@ -57,11 +57,16 @@ class ExportResult:
 
 
 def export_key(descriptor: NetworkDescriptor, settings: ExportSettings) -> str:
-    """Hash of the weights the network reads, the export settings and the exporter's version."""
-    module = descriptor.build_module()
-    return hash_json({"network": descriptor.name, "weights": hash_module(module), "settings": asdict(settings),
+    """Key of the model's weights (a content key of their source: nothing is read), the network,
+    the export settings and the exporter's version."""
+    weights = descriptor.components.weights_id(settings.precision)
+    return hash_json({"network": descriptor.name, "weights": weights, "settings": asdict(settings),
                       "io": [descriptor.input_names, descriptor.output_names], "torch": torch.__version__,
                       "format": 2})
+
+
+def _dtype(module: torch.nn.Module) -> torch.dtype:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _torch_outputs(module: torch.nn.Module, feed: dict[str, torch.Tensor], names: list[str]) -> dict[str, np.ndarray]:
@@ -104,7 +109,7 @@ def _valid_cache(folder: Path, key: str, model_file: str) -> dict | None:
         if meta.get("key") != key or model_file not in meta["files"]:
             return None
         for name, digest in meta["files"].items():
-            if hash_file(folder / name) != digest:
+            if hash_file_cached(folder / name, folder.parent.parent) != digest:  # hashed once, then by stat
                 logger.warning("cached ONNX file %s is corrupt (hash mismatch); re-exporting", folder / name)
                 return None
         return meta
@@ -179,12 +184,16 @@ def export_onnx(descriptor: NetworkDescriptor, cache_dir: Path, settings: Export
     if meta is not None:
         return ExportResult(folder / model_file, key, True, meta["check"], 0.0)
     clock = time.perf_counter()
+    logger.debug("exporting %s (%s): no valid cached ONNX under %s", descriptor.name, settings.precision, folder)
     source = module = descriptor.build_module()
     feed = descriptor.sample_inputs(settings.sample)
-    expected = _torch_outputs(module, feed, descriptor.output_names) if check else {}
+    held = _dtype(module)  # fp16 when the components hold fp16 weights
+    reference = module if held == torch.float32 else copy.deepcopy(module).float()
+    expected = _torch_outputs(reference, feed, descriptor.output_names) if check else {}
+    del reference
     dtype = torch.float16 if settings.precision == "fp16" else torch.float32
-    if dtype != torch.float32:
-        module = copy.deepcopy(module).to(dtype)  # the components stay fp32 for everyone else
+    if dtype != held:
+        module = copy.deepcopy(module).to(dtype)  # the shared components stay as they are for everyone else
     args = tuple(v.to(dtype) if v.is_floating_point() else v for v in feed.values())
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -213,6 +222,7 @@ def export_onnx(descriptor: NetworkDescriptor, cache_dir: Path, settings: Export
             if stale.name not in files:
                 stale.unlink()
         report = compare_outputs(expected, run_onnx(work / model_file, feed, light=large)) if check else {}
+        signatures = {name: file_signature(work / name) for name in files}
         meta = {"key": key, "network": descriptor.name, "settings": asdict(settings), "check": report,
                 "simplified": settings.simplify and not large,
                 "files": {name: hash_file(work / name) for name in files}, "inputs": descriptor.input_names,
@@ -223,6 +233,8 @@ def export_onnx(descriptor: NetworkDescriptor, cache_dir: Path, settings: Export
         if folder.exists():
             shutil.rmtree(folder)
         work.rename(folder)
+        for name in files:  # the next validation need not hash them again
+            remember_hash(folder / name, meta["files"][name], signatures[name], folder.parent.parent)
     finally:
         if work.exists():
             shutil.rmtree(work)

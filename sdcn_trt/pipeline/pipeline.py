@@ -80,17 +80,26 @@ class ControlNetPipeline:
     def from_single_file(cls, checkpoint: str | Path, original_config: str | Path | None = None,
                          tokenizer: str | Path | None = None, text_encoder_config: str | Path | None = None,
                          backend: BackendConfig | str = "torch", more_controlnets: Sequence[str | Path] = (),
-                         **backend_options: Any) -> "ControlNetPipeline":
+                         cache: bool = True, **backend_options: Any) -> "ControlNetPipeline":
         """control_sd15_canny.pth-style file (ldm layout); architecture from the YAML or the shapes.
-        `more_controlnets`: further ControlNet folders or files whose residuals add to the file's."""
-        components = load_single_file(checkpoint, original_config, tokenizer, text_encoder_config)
-        return cls(with_controlnets(components, more_controlnets), backend, **backend_options)
+        `more_controlnets`: further ControlNet folders or files whose residuals add to the file's.
+        The weights are held in the backend's precision; `cache`: keep the converted weights in the
+        weights cache (beside the backend's exports), so the next start maps them and converts nothing."""
+        lora = backend_options.pop("lora", ())
+        config = _backend_config(backend, backend_options)
+        components = load_single_file(checkpoint, original_config, tokenizer, text_encoder_config,
+                                      precision=config.precision, cache=cache, cache_dir=config.cache_dir)
+        return cls(with_controlnets(components, more_controlnets), config, lora=lora)
 
     @classmethod
-    def from_preset(cls, name: str = "tiny", seed: int = 0, backend: BackendConfig | str = "torch",
+    def from_preset(cls, name: str = "tiny", seed: int = 0, backend: BackendConfig | str = "torch", cache: bool = True,
                     **backend_options: Any) -> "ControlNetPipeline":
-        """Built-in architecture with seeded random weights: 'tiny' or 'sd15-random'."""
-        return cls(load_preset(name, seed), backend, **backend_options)
+        """Built-in architecture with seeded random weights: 'tiny' or 'sd15-random' (drawn once, then
+        mapped from the weights cache unless `cache` is False), held in the backend's precision."""
+        lora = backend_options.pop("lora", ())
+        config = _backend_config(backend, backend_options)
+        return cls(load_preset(name, seed, precision=config.precision, cache=cache, cache_dir=config.cache_dir), config,
+                   lora=lora)
 
     def close(self) -> None:
         for runner in self.runners.values():
@@ -215,7 +224,7 @@ class ControlNetPipeline:
     def _control_maps(self, detected: np.ndarray,
                       control_images: Sequence[np.ndarray | None] | None) -> list[np.ndarray]:
         """One uint8 HxWx3 control map per ControlNet: the edge map where the entry is None."""
-        count = len(self.components.controlnets)
+        count = self.components.num_controlnets
         if control_images is None:
             if count > 1:
                 raise InputError(f"this pipeline has {count} ControlNets: give control_images with {count} entries "

@@ -9,7 +9,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from sdcn_trt.cache import cache_root, hash_file, hash_json, hash_module
+from sdcn_trt.cache import cache_root, hash_file, hash_json
 from sdcn_trt.config import GenerationConfig
 from sdcn_trt.engines import BackendConfig
 from sdcn_trt.errors import InputError, SdcnError
@@ -80,8 +80,9 @@ def reference_image(model_hash: str, reference_pipe: Any, settings: ScoreSetting
 
 
 def weights_hash(components: Components) -> str:
-    """A content hash of every network's weights (keys reference images)."""
-    return hash_json({name: hash_module(module) for name, module in components.modules().items()})
+    """A key of the model's weights (keys reference images): the content key of their source while they
+    are as loaded (no tensor is read), else a hash of every network's tensors."""
+    return components.weights_id()
 
 
 def _process_args(c: GenerationConfig) -> tuple:

@@ -1,0 +1,289 @@
+"""Time to first image: load an SD1.5-sized single file, each case in its own process.
+
+    python -m benchmarks.startup                       # writes the file once, runs every case, deletes it
+    python -m benchmarks.startup --keep --work /tmp/x  # keep the file and caches for another run
+    python -m benchmarks.startup --baseline /path/to/older/checkout   # adds a row measured with older code
+
+The file is written by the project's own `ldm_layout.save_single_file` from the sd15-random preset
+(the layout and size of control_sd15_canny.pth: 5.71 GB fp32). Per case: imports, load, a ready
+pipeline (every runner activated: torch modules built, onnxruntime sessions made), a first 1-step
+256x384 image, and the peak resident memory (ru_maxrss, which counts mapped file pages once touched).
+'cold' starts with an empty cache folder (the file is hashed, converted and written to the weights
+cache), 'warm' with that cache present.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+START = time.perf_counter()
+# (label, source, backend, precision, cache state): 'none' = cache=False, 'cold' = an empty cache folder,
+# 'warm' = the cache the case before left
+CASES = [
+    ("torch fp32, no cache", "file", "torch", "fp32", "none"),
+    ("torch fp32, cold", "file", "torch", "fp32", "cold"),
+    ("torch fp32, warm", "file", "torch", "fp32", "warm"),
+    ("torch fp16, cold", "file", "torch", "fp16", "cold"),
+    ("torch fp16, warm", "file", "torch", "fp16", "warm"),
+    ("onnxruntime fp32, first run (exports)", "file", "onnxruntime", "fp32", "cold"),
+    ("onnxruntime fp32, warm", "file", "onnxruntime", "fp32", "warm"),
+    ("preset, cold", "preset", "torch", "fp32", "cold"),  # the preset the file is written from, drawn
+    ("preset, warm", "preset", "torch", "fp32", "warm"),  # ... and mapped from the weights cache
+]
+
+
+def rss_now() -> dict[str, float]:
+    """Current resident memory in GiB: anonymous and file-backed (memory-mapped weights) pages."""
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS", "RssAnon", "RssFile")):
+                name, value = line.split(":")
+                fields[name] = int(value.split()[0]) / 2**20
+    return fields
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+# ---------------------------------------------------------------------------------------------
+# One case, in this process
+# ---------------------------------------------------------------------------------------------
+def run_case(args: argparse.Namespace) -> dict[str, Any]:
+    import inspect
+
+    import cv2
+    import skimage.data
+
+    from sdcn_trt import BackendConfig, ControlNetPipeline, GenerationConfig
+
+    # the libraries any load imports, timed apart (seconds on a quiet machine, many more on a busy one)
+    import diffusers.loaders.single_file_utils  # noqa: F401
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel  # noqa: F401
+    from transformers import CLIPTextModel  # noqa: F401
+
+    import logging
+
+    logs: list[str] = []  # what the package says about the caches it used
+    handler = logging.Handler()
+    handler.emit = lambda record: logs.append(f"{record.name}: {record.getMessage()}")  # type: ignore[method-assign]
+    logging.getLogger("sdcn_trt").addHandler(handler)
+    logging.getLogger("sdcn_trt").setLevel(logging.INFO)
+    result: dict[str, Any] = {"load_average": os.getloadavg()[0], "import_s": time.perf_counter() - START,
+                              "rss_before_load_gib": rss_now()["VmRSS"], "logs": logs}
+    backend = BackendConfig(backend=args.backend, precision=args.precision, cache_dir=args.cache_dir)
+    kwargs: dict[str, Any] = {}
+    params = inspect.signature(ControlNetPipeline.from_single_file).parameters
+    if "cache" in params:
+        kwargs["cache"] = args.cache != "none"
+    else:
+        result["code"] = "baseline (no weights cache)"
+    clock = time.perf_counter()
+    if args.source == "preset":
+        pipe = ControlNetPipeline.from_preset(args.preset, backend=backend, **kwargs)
+    else:
+        pipe = ControlNetPipeline.from_single_file(args.file, backend=backend, **kwargs)
+    result["load_s"] = time.perf_counter() - clock
+    for name, runner in pipe.runners.items():
+        runner.activate()  # torch: modules built; onnxruntime: exports found (or made) and sessions created
+    result["ready_s"] = time.perf_counter() - clock
+    result["ready_from_start_s"] = time.perf_counter() - START
+    result["rss_at_ready_gib"] = rss_now()
+    result["peak_rss_at_ready_gib"] = peak_rss_gib()
+    components = pipe.components
+    if hasattr(components, "is_loaded"):
+        result["torch_weights_loaded_at_ready"] = components.is_loaded()
+    photo = cv2.resize(skimage.data.chelsea(), (451, 300), interpolation=cv2.INTER_AREA)  # -> 256 x 384
+    clock = time.perf_counter()
+    if args.precision == "fp16" and args.backend == "torch":
+        # fp16 networks on a CPU take minutes per call (no fast fp16 kernels): read every weight once instead
+        for module in components.modules().values():
+            for tensor in module.state_dict().values():
+                tensor.sum()
+        result["weights_read_s"] = time.perf_counter() - clock
+    else:
+        image = pipe.run(photo, GenerationConfig(ddim_steps=1)).images[0]
+        result["first_image_s"] = time.perf_counter() - clock
+        result["first_image_from_start_s"] = time.perf_counter() - START
+        result["image_shape"] = list(image.shape)
+        clock = time.perf_counter()
+        pipe.run(photo, GenerationConfig(ddim_steps=1))
+        result["second_image_s"] = time.perf_counter() - clock  # the same work, weights in memory
+    if hasattr(components, "is_loaded"):
+        result["torch_weights_loaded_after_image"] = components.is_loaded()
+    result["rss_after_image_gib"] = rss_now()
+    result["peak_rss_gib"] = peak_rss_gib()
+    exports = {n: {"cached": r.export.cached, "seconds": r.export.seconds}
+               for n, r in pipe.runners.items() if getattr(r, "export", None) is not None}
+    if exports:
+        result["exports"] = exports
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The suite
+# ---------------------------------------------------------------------------------------------
+def write_file(path: Path, preset: str) -> dict[str, Any]:
+    """The ldm single file (SD1.5-sized for sd15-random), written in a process of its own."""
+    code = ("import sys; from sdcn_trt.models import load_preset; from sdcn_trt.ldm_layout import save_single_file; "
+            "save_single_file(load_preset(sys.argv[2], seed=0, cache=False), sys.argv[1])")
+    clock = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code, str(path), preset], check=True)
+    return {"seconds": time.perf_counter() - clock, "bytes": path.stat().st_size}
+
+
+def evict(folder: Path) -> None:
+    """Drop every file under `folder` from the page cache (after writing dirty pages back)."""
+    os.sync()
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def weights_bytes(cache: Path, precision: str) -> int | None:
+    """Size of the weights cache entry the case used (the weights' own size at that precision)."""
+    files = sorted((cache / "weights").glob(f"*-{precision}/weights.safetensors")) if cache.exists() else []
+    return files[0].stat().st_size if files else None
+
+
+def markdown(report: dict[str, Any]) -> str:
+    gb = 1e9
+    lines = [f"# Start-up benchmark {report['date']} (cpu)", "",
+             f"File: an ldm single file in control_sd15_canny.pth's layout, written by `ldm_layout.save_single_file` "
+             f"from the {report['preset']} preset, {report['file_bytes'] / gb:.2f} GB (fp32). Each case ran in its own process, one "
+             "after another. 'ready': from_single_file plus every runner activated (torch: the weights mapped and "
+             "paged in; onnxruntime: the sessions made); 'first image': one 1-step "
+             "256x384 image after that; 'imports': torch, diffusers, transformers and the package, before any "
+             "clock starts ('from start' adds them back). Peak RSS is ru_maxrss over the "
+             "whole process (mapped weight pages count once touched). " + ("The file and cache entries sat in the page "
+             "cache as the case before left it" if not report.get("evict") else "The file and cache entries were "
+             "dropped from the page cache before each case (read from disk, ~0.3 GB/s here)") + ". The machine's "
+             "other jobs shared the 2 cores and the memory (load average when each case started is in the table; "
+             "the times are several times what a quiet machine gives).", "",
+             "Machine: " + ", ".join(f"{k} {v}" for k, v in report["machine"].items()), "",
+             "| case | imports s | load s | ready s | first 1-step image s (second) | ready from start s | "
+             "first image from start s | RSS before load GiB | peak RSS GiB | peak RSS / weights | torch weights read "
+             "| load avg |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in report["cases"]:
+        if "error" in c:
+            lines.append(f"| {c['label']} | failed: {c['error'][:100]} |" + " |" * 10)
+            continue
+        ratio = (f"{c['peak_rss_gib'] * 2**30 / c['weights_bytes']:.2f}x ({c['weights_bytes'] / gb:.2f} GB)"
+                 if c.get("weights_bytes") else "-")
+        loaded = c.get("torch_weights_loaded_after_image")
+        image = (f"{c['first_image_s']:.1f} ({c['second_image_s']:.1f})" if "first_image_s" in c
+                 else f"not run (every weight read once: {c['weights_read_s']:.1f})")
+        from_start = f"{c['first_image_from_start_s']:.1f}" if "first_image_from_start_s" in c else "-"
+        lines.append(f"| {c['label']} | {c['import_s']:.1f} | {c['load_s']:.1f} | {c['ready_s']:.1f} | "
+                     f"{image} | {c['ready_from_start_s']:.1f} | {from_start} | {c.get('rss_before_load_gib', 0):.2f} | "
+                     f"{c['peak_rss_gib']:.2f} | "
+                     f"{ratio} | {'-' if loaded is None else 'yes' if loaded else 'no'} | {c['load_average']:.1f} |")
+    lines += ["", "'first 1-step image': one denoising step plus CLIP, hint and VAE decode; the second, identical "
+              "call in brackets shows how much of the first was paging the weights in. fp16 on a CPU has no fast "
+              "kernels (fp16 is for GPUs): those cases read every weight once instead of making an image. "
+              "'peak RSS / weights': against the size of the weights the case holds (the fp32 or fp16 cache "
+              "entry; for a run without cache, the file). 'torch weights read': whether the torch networks' "
+              "weights were loaded at all by the end (onnxruntime with cached exports reads none)."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", default="/tmp/sdcn-startup", help="where the file and the caches go")
+    parser.add_argument("--preset", default="sd15-random", help="the preset the single file is written from")
+    parser.add_argument("--keep", action="store_true", help="keep the file and caches (default: delete them)")
+    parser.add_argument("--cases", nargs="+", help="labels (or prefixes) of the cases to run")
+    parser.add_argument("--baseline", help="an older checkout: adds 'torch fp32, baseline' run with its code")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds per case")
+    # one case in this process (what the suite runs in a subprocess)
+    parser.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--file")
+    parser.add_argument("--source", default="file", choices=("file", "preset"))
+    parser.add_argument("--evict", action="store_true",
+                        help="drop the file and the caches from the page cache before each case (a cold disk)")
+    parser.add_argument("--backend", default="torch")
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--cache", default="warm")
+    parser.add_argument("--cache-dir")
+    parser.add_argument("--result")
+    args = parser.parse_args()
+    if args.case:
+        Path(args.result).write_text(json.dumps(run_case(args), indent=1))
+        return 0
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.__main__ import machine
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / f"control_{args.preset}.pth"
+    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "preset": args.preset, "machine": machine("cpu"),
+                              "evict": args.evict, "cases": []}
+    if not path.exists():
+        print(f"writing {path} ...", flush=True)
+        report["file_written"] = write_file(path, args.preset)
+    report["file_bytes"] = path.stat().st_size
+    cases = [c for c in CASES if not args.cases or any(c[0].startswith(p) for p in args.cases)]
+    runs = [(f"{args.preset} {label}" if source == "preset" else label, source, backend, precision, cache, None)
+            for label, source, backend, precision, cache in cases]
+    if args.baseline:
+        runs.insert(0, ("torch fp32, baseline code", "file", "torch", "fp32", "none", args.baseline))
+    for label, source, backend, precision, cache, code in runs:
+        cache_dir = work / f"cache-{source}-{backend}"
+        if cache in ("cold", "none") and cache_dir.exists():
+            shutil.rmtree(cache_dir)  # cold: no weights cache, no hash memo, no exports
+        if args.evict:
+            evict(work)
+        print(f"case {label} ...", flush=True)
+        out = work / "case.json"
+        # run as a script, so that only sdcn_trt comes from PYTHONPATH (the baseline's, when asked)
+        env = dict(os.environ, PYTHONPATH=code or os.environ.get("PYTHONPATH", str(Path(__file__).parent.parent)))
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--case", "--file", str(path), "--backend", backend,
+               "--precision", precision, "--cache", cache, "--cache-dir", str(cache_dir), "--result", str(out),
+               "--source", source, "--preset", args.preset]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+            if proc.returncode == 0:
+                case = json.loads(out.read_text())
+            else:
+                tail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+                case = {"error": tail}
+        except subprocess.TimeoutExpired:
+            case = {"error": f"timed out after {args.timeout} s"}
+        case.update(label=label, source=source, backend=backend, precision=precision, cache=cache,
+                    page_cache="evicted" if args.evict else "as the case before left it")
+        held = weights_bytes(cache_dir, precision) if cache != "none" else report["file_bytes"]
+        if held is not None:
+            case["weights_bytes"] = held if backend == "torch" else None
+        report["cases"].append(case)
+        print(json.dumps(case)[:600], flush=True)
+    if not args.keep:
+        shutil.rmtree(work)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"startup-cpu-{time.strftime('%Y%m%d-%H%M')}"
+    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    table = markdown(report)
+    (out_dir / f"{stem}.md").write_text(table)
+    (out_dir / "LATEST-startup-cpu.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
