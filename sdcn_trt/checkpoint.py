@@ -21,7 +21,7 @@ from sdcn_trt.cache import hash_file_cached, remembered_hash
 from sdcn_trt.components import SD15_SCALING_FACTOR, Components
 from sdcn_trt.config import PRECISIONS, check_choice
 from sdcn_trt.errors import WeightsError
-from sdcn_trt.tokenizer import special_token_ids
+from sdcn_trt.tokenizer import load_tokenizer, special_token_ids
 from sdcn_trt.weights import assign_weights, check_weights, empty_init, read_tensors
 from sdcn_trt.weights_cache import (
     build_empty, cache_dir_for, find_entry, lazy_components, network_dtype, plain, weights_key, write_entry,
@@ -258,8 +258,6 @@ def load_single_file(
     the file's content hash, and a later load maps them from there: its networks are filled on
     first use, so a backend whose exports are cached never reads them.
     """
-    from sdcn_trt.tokenizer import load_tokenizer
-
     check_choice("precision", precision, PRECISIONS)
     path = Path(checkpoint)
     if not path.is_file():

@@ -10,11 +10,30 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
+from sdcn_trt.batch import BatchSettings, jobs_for_paths, run_batch, write_outputs
+from sdcn_trt.checkpoint import load_single_file
 from sdcn_trt.config import (
     BACKENDS, CONTEST_HEIGHT, CONTEST_WIDTH, GRAPH_MODES, PRECISIONS, BackendConfig, GenerationConfig,
 )
-from sdcn_trt.errors import SdcnError
+from sdcn_trt.contest import write_kit
+from sdcn_trt.demo import run_demo
+from sdcn_trt.distributed import RayRunner
+from sdcn_trt.engines.inductor import build_packages, require_inductor
+from sdcn_trt.engines.inductor_plan import InductorSettings
+from sdcn_trt.engines.tensorrt import build_engines, require_tensorrt
+from sdcn_trt.engines.trt_plan import BuildSettings
+from sdcn_trt.errors import InputError, SdcnError
+from sdcn_trt.export import ExportSettings, export_networks
+from sdcn_trt.export.descriptors import DESCRIPTORS, PIPELINE_NETWORKS, ShapeRange, ShapeSpec
+from sdcn_trt.lora import apply_loras, parse_lora_arg
+from sdcn_trt.models import load_diffusers, load_preset, with_controlnets
+from sdcn_trt.pipeline.pipeline import ControlNetPipeline
+from sdcn_trt.preprocess import load_image
+from sdcn_trt.progress import RunProgress
 from sdcn_trt.schedule import SPELLINGS, load_schedule_file
+from sdcn_trt.scoring.report import summary_table
+from sdcn_trt.scoring.run import ScoreSettings, run_score
+from sdcn_trt.tuning import TuneSettings, frontier_table, tune
 
 logger = logging.getLogger("sdcn_trt")
 
@@ -89,7 +108,6 @@ def backend_config(args: argparse.Namespace) -> BackendConfig:
 def load_components(args: argparse.Namespace, precision: str = "fp32"):  # -> Components
     """The model named by the model flags, with the --lora files merged in; its weights in `precision`
     (single files and presets: fp16 holds the UNet, ControlNet and VAE in fp16, CLIP stays fp32)."""
-    from sdcn_trt.lora import apply_loras, parse_lora_arg
 
     loras = [parse_lora_arg(text) for text in getattr(args, "lora", [])]  # bad strengths fail before loading
     components = load_base_components(args, precision)
@@ -100,16 +118,12 @@ def load_components(args: argparse.Namespace, precision: str = "fp32"):  # -> Co
 
 def load_base_components(args: argparse.Namespace, precision: str = "fp32"):  # -> Components
     """The model named by the model flags: a preset, diffusers folders, or one ldm checkpoint."""
-    from sdcn_trt.errors import InputError
 
     chosen = [n for n, v in (("--preset", args.preset), ("--sd-dir", args.sd_dir), ("--checkpoint", args.checkpoint)) if v]
     if len(chosen) > 1:
         raise InputError(f"choose one model source, got {' and '.join(chosen)}")
-    from sdcn_trt.models import load_diffusers, load_preset, with_controlnets
 
     if args.checkpoint:
-        from sdcn_trt.checkpoint import load_single_file
-
         components = load_single_file(args.checkpoint, args.original_config, args.tokenizer, args.text_encoder_config,
                                       precision=precision, cache=not getattr(args, "no_cache", False),
                                       cache_dir=getattr(args, "cache_dir", None))
@@ -124,7 +138,6 @@ def load_base_components(args: argparse.Namespace, precision: str = "fp32"):  # 
 
 
 def load_pipeline(args: argparse.Namespace):  # -> ControlNetPipeline
-    from sdcn_trt import ControlNetPipeline
 
     backend = backend_config(args)  # validated before the weights load
     return ControlNetPipeline(load_components(args, backend.precision), backend)
@@ -134,9 +147,6 @@ def load_pipeline(args: argparse.Namespace):  # -> ControlNetPipeline
 def cmd_generate(args: argparse.Namespace) -> int:
     """Named and written as `batch` names and writes them (one writer): <input>.png, <input>_1.png ...
     and <input>_canny.png, folders' images under their relative paths."""
-    from sdcn_trt.batch import jobs_for_paths, write_outputs
-    from sdcn_trt.preprocess import load_image
-    from sdcn_trt.progress import RunProgress
 
     jobs = jobs_for_paths(args.inputs, generation_config(args))  # clashing output names fail here
     images = [(root, job, load_image(root / job.source)) for root, job in jobs]  # a bad file fails before any work
@@ -155,8 +165,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from sdcn_trt.export import ExportSettings, ShapeSpec, export_networks
-
     settings = ExportSettings(precision=args.precision, opset=args.opset,
                               sample=ShapeSpec(args.batch, args.height, args.width), dynamic=not args.static,
                               simplify=not args.no_simplify)
@@ -173,8 +181,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def build_settings(args: argparse.Namespace):  # -> tuple[BuildSettings, BackendConfig]
     """The engine build settings and the TensorRT backend named by `sdcn-trt build`'s flags."""
-    from sdcn_trt.engines.trt_plan import BuildSettings
-    from sdcn_trt.export.descriptors import ShapeRange, ShapeSpec
 
     opt = ShapeSpec(batch=args.batch, height=args.height, width=args.width)
     shape_range = (ShapeRange.dynamic(opt, max_batch=args.max_batch, min_side=args.min_side, max_side=args.max_side)
@@ -188,9 +194,6 @@ def build_settings(args: argparse.Namespace):  # -> tuple[BuildSettings, Backend
 def cmd_build_inductor(args: argparse.Namespace) -> int:
     """`build --backend inductor`: an AOTInductor package per network; prints build time, size and the
     package's difference from eager torch on sample inputs."""
-    from sdcn_trt.engines.inductor import build_packages, require_inductor
-    from sdcn_trt.engines.inductor_plan import InductorSettings
-    from sdcn_trt.export.descriptors import PIPELINE_NETWORKS, ShapeRange, ShapeSpec
 
     config = BackendConfig(backend="inductor", device=args.device, precision=args.precision, cache_dir=args.cache_dir)
     require_inductor(config.device.split(":")[0])  # before loading any weights
@@ -212,8 +215,6 @@ def cmd_build_inductor(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     if args.backend == "inductor":
         return cmd_build_inductor(args)
-    from sdcn_trt.engines.tensorrt import build_engines, require_tensorrt
-    from sdcn_trt.export.descriptors import PIPELINE_NETWORKS
 
     settings, backend = build_settings(args)  # bad flags fail first
     require_tensorrt()  # before loading any weights
@@ -224,9 +225,6 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from sdcn_trt.scoring.report import summary_table
-    from sdcn_trt.scoring.run import ScoreSettings, run_score
-
     schedules = tuple(args.schedules) + tuple(load_schedule_file(f) for f in args.schedule_file)
     settings = ScoreSettings(inputs=args.inputs, output=args.output, schedules=schedules,
                              image_format=args.image_format, reference_dir=args.reference_dir,
@@ -240,8 +238,6 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from sdcn_trt.tuning import TuneSettings, frontier_table, tune
-
     candidates = tuple(args.candidates or ()) + tuple(load_schedule_file(f) for f in args.schedule_file)
     settings = TuneSettings(inputs=args.inputs, output=args.output, candidates=candidates, greedy=not args.no_greedy,
                             greedy_kinds=tuple(args.greedy_kinds), greedy_budget=args.greedy_budget,
@@ -259,15 +255,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_batch(args: argparse.Namespace) -> int:
     import functools
 
-    from sdcn_trt.batch import BatchSettings, run_batch
 
     settings = BatchSettings(args.input_dir, args.output_dir, args.prompts, args.save_control, not args.no_recursive,
                              generation_config(args))
     backend_config(args)  # validate the backend flags before any work
     runner = None
     if args.ray or args.ray_address:
-        from sdcn_trt.distributed import RayRunner
-
         runner = RayRunner(functools.partial(load_pipeline, args), address=args.ray_address, workers=args.workers,
                            chunk_size=args.chunk_size)
         pipe = None
@@ -280,15 +273,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from sdcn_trt.demo import run_demo
-
-    run_demo(Path(args.output), backends=args.backends, steps=args.ddim_steps, samples=args.samples)
+    run_demo(Path(args.output), backends=args.backends, steps=args.ddim_steps, samples=args.samples,
+             progress=not args.quiet)
     return 0
 
 
 def cmd_contest_kit(args: argparse.Namespace) -> int:
-    from sdcn_trt.contest import write_kit
-
     for path in write_kit(args.folder, force=args.force):
         print(f"wrote {path}")
     print(f"copy the contest's compute_score.py into {args.folder} and run it there (settings: SDCN_* variables, "
@@ -306,8 +296,6 @@ def add_contest_kit_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _network_names() -> list[str]:
-    from sdcn_trt.export.descriptors import DESCRIPTORS
-
     return list(DESCRIPTORS)
 
 
@@ -423,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", nargs="+", default=["torch", "onnxruntime"], choices=BACKENDS)
     p.add_argument("--ddim-steps", type=int, default=20)
     p.add_argument("--samples", nargs="+", default=None, help="skimage.data names (default: four photos)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
 
     add_contest_kit_parser(sub)

@@ -8,55 +8,64 @@ from pathlib import Path
 
 import numpy as np
 
-from sdcn_trt.config import GenerationConfig
-from sdcn_trt.engines import BackendConfig, backend_available
+from sdcn_trt.config import BackendConfig, GenerationConfig
+from sdcn_trt.engines import backend_available
+from sdcn_trt.errors import WeightsError
 from sdcn_trt.images import contact_sheet, sample_photos, save_image, write_contest_image
+from sdcn_trt.models import load_preset
+from sdcn_trt.pipeline.pipeline import ControlNetPipeline
+from sdcn_trt.progress import RunProgress
+from sdcn_trt.scoring import PDScorer, contest_score
 
 logger = logging.getLogger(__name__)
 
 def run_demo(out_dir: Path, backends: list[str] | None = None, steps: int = 20,
-             samples: list[str] | None = None) -> dict:
-    """Generate every sample photo on each backend; report time and parity with torch fp32."""
-    from sdcn_trt import ControlNetPipeline
-    from sdcn_trt.models import load_preset
-
+             samples: list[str] | None = None, progress: bool = True) -> dict:
+    """Generate every sample photo on each backend; report time and parity with torch fp32.
+    `progress`: one bar over every image of the run (the current backend and step beside it)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     config = GenerationConfig(ddim_steps=steps)
     photos = sample_photos(samples)
     components = load_preset("tiny", seed=0)
     wanted = ["torch"] + [b for b in (backends or []) if b != "torch"]
+    available = {backend: backend_available(backend) for backend in wanted}
     results: dict[str, dict[str, np.ndarray]] = {}
     summary: dict = {"settings": {**config.__dict__}, "backends": {}}
     controls: dict[str, np.ndarray] = {}
-    for backend in wanted:
-        ok, why = backend_available(backend)
-        if not ok:
-            print(f"[{backend}] skipped: {why}")
-            summary["backends"][backend] = {"skipped": why}
-            continue
-        clock = time.perf_counter()
-        pipe = ControlNetPipeline(components, BackendConfig(backend=backend))
-        for runner in pipe.runners.values():
-            runner.activate()  # export / engine build happens here, timed separately
-        setup = time.perf_counter() - clock
-        results[backend], seconds = {}, []
-        for name, photo in photos.items():
+    runs = sum(ok for ok, _ in available.values()) * len(photos)
+    with RunProgress(runs, "demo", enabled=progress) as bar:
+        for backend in wanted:
+            ok, why = available[backend]
+            if not ok:
+                bar.write(f"[{backend}] skipped: {why}")
+                summary["backends"][backend] = {"skipped": why}
+                continue
+            bar.note(f"{backend}: preparing (export / build)")
             clock = time.perf_counter()
-            out = pipe.run(photo, config, progress=True)
-            seconds.append(time.perf_counter() - clock)
-            results[backend][name] = out.images[0]
-            controls[name] = out.control
-            save_image(out_dir / f"{name}_{backend}.png", out.images[0])
-        entry = {"setup_s": setup, "mean_s_per_image": float(np.mean(seconds))}
-        if backend != "torch" and "torch" in results:
-            diffs = [np.abs(results[backend][n].astype(int) - results["torch"][n]) for n in photos]
-            entry.update(max_abs_diff=int(max(d.max() for d in diffs)),
-                         mean_abs_diff=float(np.mean([d.mean() for d in diffs])))
-        summary["backends"][backend] = entry
-        pipe.close()
-        print(f"[{backend}] {len(photos)} images, setup {setup:.1f} s, {entry['mean_s_per_image']:.2f} s/image"
-              + (f", vs torch fp32: max |diff| {entry['max_abs_diff']}, mean {entry['mean_abs_diff']:.4f} levels"
-                 if "max_abs_diff" in entry else ""))
+            pipe = ControlNetPipeline(components, BackendConfig(backend=backend))
+            for runner in pipe.runners.values():
+                runner.activate()  # export / engine build happens here, timed separately
+            setup = time.perf_counter() - clock
+            results[backend], seconds = {}, []
+            for name, photo in photos.items():
+                bar.describe(f"demo {backend}")
+                clock = time.perf_counter()
+                out = pipe.run(photo, config, progress=bar.steps)
+                seconds.append(time.perf_counter() - clock)
+                results[backend][name] = out.images[0]
+                controls[name] = out.control
+                save_image(out_dir / f"{name}_{backend}.png", out.images[0])
+                bar.advance()
+            entry = {"setup_s": setup, "mean_s_per_image": float(np.mean(seconds))}
+            if backend != "torch" and "torch" in results:
+                diffs = [np.abs(results[backend][n].astype(int) - results["torch"][n]) for n in photos]
+                entry.update(max_abs_diff=int(max(d.max() for d in diffs)),
+                             mean_abs_diff=float(np.mean([d.mean() for d in diffs])))
+            summary["backends"][backend] = entry
+            pipe.close()
+            bar.write(f"[{backend}] {len(photos)} images, setup {setup:.1f} s, {entry['mean_s_per_image']:.2f} s/image"
+                      + (f", vs torch fp32: max |diff| {entry['max_abs_diff']}, mean {entry['mean_abs_diff']:.4f} levels"
+                         if "max_abs_diff" in entry else ""))
     ran = [b for b in wanted if b in results]
     _score(out_dir, results, summary)
     labels = ["input", "canny"] + ran + [f"|{b}-torch| x20" for b in ran if b != "torch"]
@@ -75,9 +84,6 @@ def run_demo(out_dir: Path, backends: list[str] | None = None, steps: int = 20,
 def _score(out_dir: Path, results: dict[str, dict[str, np.ndarray]], summary: dict) -> None:
     """PD of each backend's images against torch fp32, through JPEG files as the contest did, and the
     contest score from the measured latency. Real FID weights when they are found, else random ones."""
-    from sdcn_trt.errors import WeightsError
-    from sdcn_trt.scoring import PDScorer, contest_score
-
     try:
         scorer = PDScorer()
     except WeightsError:

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from sdcn_trt.cache import atomic_path
 from sdcn_trt.checkpoint import CLIP_PREFIX, CONTROL_PREFIX, UNET_PREFIX, VAE_PREFIX
 from sdcn_trt.components import Components
 
@@ -175,8 +176,6 @@ def original_config_for(components: Components, clip_version: str = "openai/clip
 def save_single_file(components: Components, checkpoint: str | Path, yaml_path: str | Path | None = None) -> Path:
     """Write the ldm-layout checkpoint (.safetensors or .pth/.ckpt) and, if asked, its YAML."""
     import yaml
-
-    from sdcn_trt.cache import atomic_path
 
     checkpoint = Path(checkpoint)
     state = to_ldm_state_dict(components, copy=False)

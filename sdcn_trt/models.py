@@ -8,10 +8,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from sdcn_trt.cache import hash_file_cached, hash_json
+from sdcn_trt.checkpoint import load_controlnet_file
 from sdcn_trt.components import SD15_SCALING_FACTOR, Components
 from sdcn_trt.config import PRECISIONS, check_choice
 from sdcn_trt.errors import InputError, WeightsError
-from sdcn_trt.tokenizer import special_token_ids
+from sdcn_trt.tokenizer import load_tokenizer, special_token_ids
 from sdcn_trt.weights_cache import cache_dir_for, find_entry, lazy_components, weights_key, write_entry
 
 logger = logging.getLogger(__name__)
@@ -84,8 +85,6 @@ def build_from_configs(configs: dict[str, dict[str, Any]], seed: int, tokenizer:
 def load_preset(name: str, seed: int = 0, tokenizer: str | Path | None = None, precision: str = "fp32",
                 cache: bool = True, cache_dir: str | Path | None = None) -> Components:
     """A built-in architecture with seeded random weights: 'tiny' (tests, demo) or 'sd15-random'."""
-    from sdcn_trt.tokenizer import load_tokenizer
-
     if name not in PRESETS:
         raise InputError(f"unknown preset {name!r}; available presets: {', '.join(sorted(PRESETS))}")
     return cached_preset(name, PRESETS[name](), seed, load_tokenizer(tokenizer), precision, cache, cache_dir)
@@ -138,8 +137,6 @@ def load_controlnet(path: str | Path) -> Any:
     """One ControlNet: a diffusers folder (config.json + weights) or a checkpoint file in ldm layout."""
     from diffusers import ControlNetModel
 
-    from sdcn_trt.checkpoint import load_controlnet_file
-
     path = _require(Path(path), "ControlNet")
     if path.is_dir():
         return _load_diffusers_model(ControlNetModel, path, "ControlNet").eval().requires_grad_(False)
@@ -162,8 +159,6 @@ def load_diffusers(sd_dir: str | Path, controlnet: str | Path | Sequence[str | P
     them (Multi-ControlNet; the first is fed the photo's edge map)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
-
-    from sdcn_trt.tokenizer import load_tokenizer
 
     sd_dir = _require(Path(sd_dir), "Stable Diffusion folder")
     paths = [controlnet] if isinstance(controlnet, (str, Path)) else list(controlnet)

@@ -22,6 +22,10 @@ class RunProgress:
         """What is being worked on, beside the bar."""
         self.bar.set_postfix_str(text)
 
+    def describe(self, desc: str) -> None:
+        """Rename the bar (e.g. after the backend now running)."""
+        self.bar.set_description(desc)
+
     def advance(self) -> None:
         self.bar.update(1)
 

@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+from sdcn_trt.cache import cache_root
 from sdcn_trt.errors import WeightsError
 
 logger = logging.getLogger(__name__)
@@ -76,8 +77,6 @@ def load_tokenizer(path: str | Path | None = None, cache_dir: Path | None = None
     from transformers import CLIPTokenizer
 
     if path is None:
-        from sdcn_trt.cache import cache_root
-
         folder = (cache_dir or cache_root()) / "clip_tokenizer"
         if not (folder / "merges.txt").is_file():
             write_clip_tokenizer_files(folder)

@@ -1,5 +1,6 @@
 """`sdcn-trt` sub-commands, run in-process through main() and once as a real console script."""
 import json
+import re
 import subprocess
 import sys
 
@@ -107,6 +108,9 @@ def test_demo_runs_as_a_console_script(tmp_path):
     summary = json.loads((tmp_path / "demo_summary.json").read_text())
     assert summary["backends"]["onnxruntime"]["mean_abs_diff"] <= 1.0
     assert "vs torch fp32: max |diff|" in proc.stdout
+    # one bar over the run's two images (one photo, two backends); no bar per image
+    assert re.search(r"demo onnxruntime: 100%.*\| 2/2 \[", proc.stderr), proc.stderr[-2000:]
+    assert not re.search(r"\| 1/1 \[", proc.stderr), proc.stderr[-2000:]
 
 
 TENSORRT_USABLE = backend_available("tensorrt")[0]

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdcn_trt.engines import BackendConfig
+from sdcn_trt.config import BackendConfig
 from sdcn_trt.engines.base import Runner
 from sdcn_trt.errors import BackendUnavailableError
 from sdcn_trt.export.descriptors import NetworkDescriptor, ShapeRange, ShapeSpec

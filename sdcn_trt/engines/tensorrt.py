@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sdcn_trt.cache import atomic_path
-from sdcn_trt.engines import BackendConfig
+from sdcn_trt.config import BackendConfig
 from sdcn_trt.engines.base import Runner
 from sdcn_trt.engines.trt_plan import BuildMode, BuildSettings, Platform, build_mode, engine_key, rebuild_reasons
 from sdcn_trt.engines.trt_refit import refit_to_weights
+from sdcn_trt.engines.trt_support import tensorrt_status
 from sdcn_trt.errors import BackendUnavailableError, SdcnError
-from sdcn_trt.export.descriptors import NetworkDescriptor, Shape
+from sdcn_trt.export.descriptors import NetworkDescriptor, Shape, get_descriptor
 from sdcn_trt.export.onnx_export import ExportSettings, export_key, export_onnx
 from sdcn_trt.export.weight_map import WeightMap, graph_key
 from sdcn_trt.export.weights import read_weight_map
@@ -40,8 +41,6 @@ class EngineBuildError(SdcnError, RuntimeError):
 
 def require_tensorrt() -> None:
     """BackendUnavailableError saying what is missing (TensorRT, or a GPU) and how to get it."""
-    from sdcn_trt.engines.trt_support import tensorrt_status
-
     ok, why = tensorrt_status()
     if not ok:
         raise BackendUnavailableError(why)
@@ -249,8 +248,6 @@ def build_engines(components: Any, names: list[str], config: BackendConfig,
                   settings: BuildSettings) -> dict[str, Path]:
     """ONNX -> TensorRT engine for each named network (cached; rebuilt only when something changed).
     Returns each engine's cache folder."""
-    from sdcn_trt.export.descriptors import get_descriptor
-
     require_tensorrt()
     descriptors = [get_descriptor(n, components) for n in names]  # unknown names fail before any build
     folders = {}

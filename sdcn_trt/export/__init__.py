@@ -5,9 +5,10 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
+from sdcn_trt.cache import cache_root
+from sdcn_trt.components import Components
 from sdcn_trt.export.descriptors import DESCRIPTORS, ShapeRange, ShapeSpec, get_descriptor
 from sdcn_trt.export.onnx_export import ExportResult, ExportSettings, export_onnx
-from sdcn_trt.components import Components
 
 __all__ = ["DESCRIPTORS", "ExportResult", "ExportSettings", "ShapeRange", "ShapeSpec", "export_networks",
            "get_descriptor"]
@@ -18,8 +19,6 @@ def export_networks(components: Components, names: Sequence[str] | None = None,
                     output_dir: str | Path | None = None) -> dict[str, ExportResult]:
     """Export (or reuse from the cache) each named network; optionally copy them to `output_dir`
     as <name>.onnx (+ <name>.onnx.data when external). Unknown names fail before any work."""
-    from sdcn_trt.cache import cache_root
-
     descriptors = [get_descriptor(n, components) for n in (names or list(DESCRIPTORS))]
     cache = Path(cache_dir) if cache_dir else cache_root()
     results = {}

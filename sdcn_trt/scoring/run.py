@@ -10,16 +10,19 @@ import cv2
 import numpy as np
 
 from sdcn_trt.cache import cache_root, hash_file, hash_json
-from sdcn_trt.config import GenerationConfig
-from sdcn_trt.engines import BackendConfig
+from sdcn_trt.components import Components
+from sdcn_trt.config import BackendConfig, GenerationConfig
 from sdcn_trt.errors import InputError, SdcnError
 from sdcn_trt.images import read_contest_image, sample_photos, write_contest_image
+from sdcn_trt.pipeline.pipeline import ControlNetPipeline
+from sdcn_trt.preprocess import find_images
 from sdcn_trt.progress import RunProgress
-from sdcn_trt.components import Components
+from sdcn_trt.schedule import parse_schedule
 from sdcn_trt.scoring.contest import PD_FAIL, contest_score
 from sdcn_trt.scoring.latency import summarize, timed
-from sdcn_trt.schedule import parse_schedule
 from sdcn_trt.scoring.metrics import image_metrics
+from sdcn_trt.scoring.pd import PDScorer
+from sdcn_trt.scoring.report import write_report
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +48,6 @@ class ScoreSettings:
 
 
 def collect_inputs(settings: ScoreSettings, folder: Path) -> list[Path]:
-    from sdcn_trt.preprocess import find_images
-
     if settings.inputs is None:
         return [write_contest_image(folder / f"{name}.png", photo[:, :, ::-1].copy())
                 for name, photo in sample_photos().items()]
@@ -93,10 +94,6 @@ def _process_args(c: GenerationConfig) -> tuple:
 def run_score(components: Components, backend: BackendConfig, settings: ScoreSettings,
               progress: bool = True) -> dict[str, Any]:
     """Generate, time and score every input under every schedule; write rows, summary and report."""
-    from sdcn_trt import ControlNetPipeline
-    from sdcn_trt.scoring.pd import PDScorer
-    from sdcn_trt.scoring.report import write_report
-
     out = Path(settings.output)
     out.mkdir(parents=True, exist_ok=True)
     scorer = PDScorer(settings.fid_weights, random_seed=0 if settings.random_fid else None)  # fails early if absent

@@ -1,0 +1,114 @@
+"""The package's modules import each other without cycles, and only downwards through the layers
+the README lists (bottom to top)."""
+import ast
+from pathlib import Path
+
+import pytest
+
+import sdcn_trt
+
+PACKAGE = Path(sdcn_trt.__file__).parent
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        mods[name] = path
+    return mods
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the package modules it imports anywhere in its file (top level or in functions)."""
+    mods = _modules()
+
+    def resolve(name: str) -> str:
+        while name and name not in mods:
+            name = name.rpartition(".")[0]
+        return name
+
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for module, path in mods.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            for target in targets:
+                if target.split(".")[0] == "sdcn_trt" and (found := resolve(target)) and found != module:
+                    graph[module].add(found)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle as a path of module names, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = 2
+        path.pop()
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+# bottom to top; a module may import from its own layer or a lower one (sub-packages count as one module)
+LAYERS = [
+    ["errors", "cache", "progress", "schedule", "weights"],
+    ["config", "preprocess", "images", "tokenizer", "components"],
+    ["weights_cache", "checkpoint", "models", "networks", "ldm_layout", "lora"],
+    ["export"],
+    ["engines"],
+    ["pipeline"],
+    ["scoring", "tuning_report"],
+    ["tuning", "batch", "distributed", "demo", "contest"],
+    ["sdcn_trt", "cli"],  # the package's own __init__ (the public API) and the command line
+]
+
+
+def layer_of(module: str) -> int:
+    parts = module.split(".")
+    short = parts[1] if len(parts) > 1 else parts[0]
+    for level, names in enumerate(LAYERS):
+        if short in names:
+            return level
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS (and to the README's list)")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{src} -> {dst}" for src, dsts in graph.items() for dst in dsts if layer_of(dst) > layer_of(src))
+
+
+def test_every_module_has_a_layer_and_imports_only_downwards():
+    assert upward_imports(import_graph()) == []
+
+
+def test_an_upward_import_is_reported():
+    graph = {"sdcn_trt.errors": {"sdcn_trt.cli"}, "sdcn_trt.cli": {"sdcn_trt.errors"}}
+    assert upward_imports(graph) == ["sdcn_trt.errors -> sdcn_trt.cli"]
+    with pytest.raises(AssertionError, match="sdcn_trt.nowhere is in no layer"):
+        layer_of("sdcn_trt.nowhere")
+
+
+def test_no_import_cycles():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
