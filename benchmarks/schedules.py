@@ -40,6 +40,7 @@ def main() -> int:
     parser.add_argument("--cuda-graph", default="off")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (0 is fine on a CPU: nothing compiles)")
     parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
@@ -58,12 +59,12 @@ def main() -> int:
     for name in NETWORKS:  # one evaluation of each network a step kind runs
         runner = pipe.runner(name)
         feed = {k: v.to(runner.device) for k, v in runner.descriptor.sample_inputs(spec).items()}
-        report["networks"][name] = timings(lambda r=runner, f=feed: r.infer(f), args.repeats, 1)
+        report["networks"][name] = timings(lambda r=runner, f=feed: r.infer(f), args.repeats, max(args.warmup, 1))
         print(f"{name}: {report['networks'][name]['median_s']:.3f} s", flush=True)
     for schedule in args.schedules:
         config = GenerationConfig(ddim_steps=args.steps, schedule=schedule)
         steps, kinds = config.step_kinds()
-        measured = timings(lambda c=config: pipe.run(photo, c), args.repeats, 1)
+        measured = timings(lambda c=config: pipe.run(photo, c), args.repeats, args.warmup)
         row = {"schedule": config.schedule, "steps": steps, "evaluations": evaluations(kinds),
                "networks": list(networks_for(kinds)), "end_to_end": measured}
         report["schedules"].append(row)
@@ -84,7 +85,7 @@ def markdown(report: dict) -> str:
     lines = [f"# Schedules {report['date']}: {report['preset']}, {b['backend']} {b['precision']} on {b['device']} "
              f"(CUDA graph {b['cuda_graph']})", "",
              f"Contest workload: 256x384, CFG batch 2, {b['steps']} DDIM steps configured; median of {b['repeats']} "
-             f"after 1 warm-up; machine: {report['machine']['platform']}, torch {report['machine']['torch']}, "
+             f"after {b.get('warmup', 1)} warm-up run(s) (networks alone: after 1); machine: {report['machine']['platform']}, torch {report['machine']['torch']}, "
              f"{report['machine']['threads']} threads" + (f", {report['machine']['gpu']}" if report['machine']['gpu'] else "")
              + ".", "",
              "One evaluation of each network (s): " + ", ".join(f"{n} {v['median_s']:.3f}" for n, v in nets.items()), "",

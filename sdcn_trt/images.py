@@ -40,7 +40,7 @@ def contact_sheet(rows: Sequence[Sequence[np.ndarray]], labels: Sequence[str], t
     out_rows = []
     for row in rows:
         tiles = []
-        for image, label in zip(row, labels):
+        for image, label in zip(row, labels[:len(row)], strict=True):  # a row may be shorter
             rgb = image if image.ndim == 3 else np.stack([image] * 3, axis=-1)
             h, w = rgb.shape[:2]
             scaled = cv2.resize(rgb, (max(1, round(w * tile / h)), tile), interpolation=cv2.INTER_AREA)

@@ -1,5 +1,5 @@
-"""The package's modules import each other without cycles, and only downwards through the layers
-the README lists (bottom to top)."""
+"""Rules read off the package's source: its modules import each other without cycles and only
+downwards through the layers the README lists (bottom to top); every zip() compares lengths."""
 import ast
 from pathlib import Path
 
@@ -112,3 +112,20 @@ def test_no_import_cycles():
 def test_the_cycle_finder_finds_cycles():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def zips_without_strict(source: str) -> list[int]:
+    """Lines of zip(...) calls that would silently drop the longer input's tail."""
+    return [node.lineno for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "zip"
+            and not any(k.arg == "strict" for k in node.keywords)]
+
+
+def test_every_zip_in_the_package_compares_lengths():
+    found = {str(path.relative_to(PACKAGE)): lines for path in PACKAGE.rglob("*.py")
+             if (lines := zips_without_strict(path.read_text()))}
+    assert found == {}, "zip() without strict=True (lengths unchecked) at: " + repr(found)
+
+
+def test_a_zip_without_strict_is_found():
+    assert zips_without_strict("a = 1\nfor x, y in zip(p, q):\n    pass\nzip(p, q, strict=True)\n") == [2]

@@ -131,8 +131,8 @@ def _compile(descriptor: NetworkDescriptor, device: torch.device, dtype: torch.d
         compiled = load_compiled(target, device)
         actual = _as_tuple(compiled(*args))
     names = descriptor.output_names
-    check = compare_outputs({n: e.float().cpu().numpy() for n, e in zip(names, expected)},
-                            {n: a.float().cpu().numpy().astype(np.float32) for n, a in zip(names, actual)})
+    check = compare_outputs({n: e.float().cpu().numpy() for n, e in zip(names, expected, strict=True)},
+                            {n: a.float().cpu().numpy().astype(np.float32) for n, a in zip(names, actual, strict=True)})
     return check, compiled
 
 

@@ -158,7 +158,7 @@ def dynamic_shapes(descriptor: NetworkDescriptor, shape_range: ShapeRange) -> tu
     specs: list[dict[int, Any] | None] = []
     for name in descriptor.input_names:
         lo, _, hi = profile[name]
-        axes = {i: Dim.AUTO(min=a, max=b) for i, (a, b) in enumerate(zip(lo, hi)) if a != b}
+        axes = {i: Dim.AUTO(min=a, max=b) for i, (a, b) in enumerate(zip(lo, hi, strict=True)) if a != b}
         specs.append(axes or None)
     return tuple(specs) if any(specs) else None
 

@@ -74,7 +74,7 @@ class OnnxRuntimeRunner(Runner):
             return self._infer_cuda(feed)
         inputs = {n: feed[n].detach().to("cpu", self.input_types[n]).numpy() for n in self.descriptor.input_names}
         outputs = self.session.run(self.descriptor.output_names, inputs)
-        return {n: torch.from_numpy(np.asarray(o, dtype=np.float32)) for n, o in zip(self.descriptor.output_names, outputs)}
+        return {n: torch.from_numpy(np.asarray(o, dtype=np.float32)) for n, o in zip(self.descriptor.output_names, outputs, strict=True)}
 
     def _infer_cuda(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """I/O binding: ORT reads torch's device memory and allocates its outputs on the GPU."""
@@ -90,7 +90,7 @@ class OnnxRuntimeRunner(Runner):
         outs = binding.get_outputs()
         return {n: torch.from_dlpack(o.to_dlpack()).float() if hasattr(o, "to_dlpack")
                 else torch.from_numpy(o.numpy()).to(self._device).float()
-                for n, o in zip(self.descriptor.output_names, outs)}
+                for n, o in zip(self.descriptor.output_names, outs, strict=True)}
 
 
 def _np_dtype(dtype: torch.dtype) -> type:

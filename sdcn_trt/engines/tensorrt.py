@@ -214,7 +214,7 @@ class TensorRTRunner(Runner):
         context = self.context
         assert context is not None, "activate() first"
         self.buffers.clear()
-        for name, shape in zip(self.descriptor.input_names, shapes):
+        for name, shape in zip(self.descriptor.input_names, shapes, strict=True):
             self.buffers[name] = torch.empty(shape, dtype=self.dtypes[name], device=self._device)
             context.set_input_shape(name, shape)
         for name in self.descriptor.output_names:

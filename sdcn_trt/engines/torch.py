@@ -113,7 +113,7 @@ class TorchRunner(Runner):
         with torch.inference_mode():
             out = self.module(*args)
         outputs = out if isinstance(out, (tuple, list)) else (out,)
-        return {n: o.float() for n, o in zip(self.descriptor.output_names, outputs)}
+        return {n: o.float() for n, o in zip(self.descriptor.output_names, outputs, strict=True)}
 
 
 def cast_input(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -88,7 +88,7 @@ class ModelDims:
             hint_channels=int(control.conditioning_channels),
             hint_embedding_channels=int(control.block_out_channels[0]),
             image_channels=int(net("vae").config.out_channels),
-            residual_layout=tuple((int(c.out_channels), f) for c, f in zip(convs, _residual_factors(control))),
+            residual_layout=tuple((int(c.out_channels), f) for c, f in zip(convs, _residual_factors(control), strict=True)),
             deep_channels=int(unet.block_out_channels[1]) if len(unet.block_out_channels) > 1 else 0,
             shallow_skips=len(net("unet").up_blocks[-1].resnets),
         )

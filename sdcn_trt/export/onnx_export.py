@@ -73,7 +73,7 @@ def _torch_outputs(module: torch.nn.Module, feed: dict[str, torch.Tensor], names
     with torch.inference_mode():
         out = module(*feed.values())
     out = out if isinstance(out, (tuple, list)) else (out,)
-    return {n: o.float().numpy() for n, o in zip(names, out)}
+    return {n: o.float().numpy() for n, o in zip(names, out, strict=True)}
 
 
 def run_onnx(path: Path, feed: dict[str, torch.Tensor], light: bool = False) -> dict[str, np.ndarray]:
@@ -89,7 +89,7 @@ def run_onnx(path: Path, feed: dict[str, torch.Tensor], light: bool = False) -> 
               "tensor(int64)": np.int64}
     inputs = {i.name: feed[i.name].numpy().astype(dtypes[i.type]) for i in session.get_inputs()}
     names = [o.name for o in session.get_outputs()]
-    return {n: v.astype(np.float32) for n, v in zip(names, session.run(names, inputs))}
+    return {n: v.astype(np.float32) for n, v in zip(names, session.run(names, inputs), strict=True)}
 
 
 def compare_outputs(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
