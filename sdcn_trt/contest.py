@@ -15,9 +15,9 @@ The harness passes no arguments, so settings come from environment variables:
                       /home/player/ControlNet/models/control_sd15_canny.pth, then ./models/control_sd15_canny.pth
     SDCN_PRESET       tiny | sd15-random: built-in seeded random weights instead of a checkpoint
                       (tests, offline runs); used only when set, and then it wins over SDCN_CHECKPOINT
-    SDCN_BACKEND      torch | onnxruntime | tensorrt (the backends this version has); default: the fastest
-                      available, in order TensorRT, the compiled engine (once it exists), torch CUDA fp16 with
-                      the loop graph, onnxruntime on the CPU, torch on the CPU
+    SDCN_BACKEND      torch | onnxruntime | tensorrt | inductor; default: the fastest available, in order
+                      TensorRT, inductor (the compiled engine), torch CUDA fp16 with the loop graph,
+                      onnxruntime on the CPU, torch on the CPU
     SDCN_DEVICE       cpu | cuda | cuda:N; default: cuda when a CUDA GPU is visible, else cpu
     SDCN_PRECISION    fp32 | fp16; default: fp16 on CUDA, fp32 on the CPU
     SDCN_CUDA_GRAPH   off | step | loop; default: loop on CUDA, off on the CPU
@@ -94,8 +94,8 @@ def cuda_available() -> bool:
 
 
 def default_candidates() -> tuple[Candidate, ...]:
-    """Fastest first: TensorRT, the compiled engine (once `inductor` is a backend), torch CUDA fp16 with the
-    whole loop in one graph, onnxruntime on the CPU, and torch on the CPU, which is always there."""
+    """Fastest first: TensorRT, the compiled engine (inductor), torch CUDA fp16 with the whole loop in
+    one graph, onnxruntime on the CPU, and torch on the CPU, which is always there."""
     gpu = [b for b in ("tensorrt", "inductor", "torch") if b in BACKENDS]
     return (*(Candidate(b, "cuda", "fp16", "loop") for b in gpu),
             Candidate("onnxruntime", "cpu", "fp32", "off"), Candidate("torch", "cpu", "fp32", "off"))
