@@ -1,0 +1,423 @@
+"""Train the `tiny-trained` preset on the CPU: a small model with SD1.5 + ControlNet's structure that
+really denoises, trained on scikit-image's colour photos (not SD1.5; it knows only these photos).
+
+    python scripts/train_tiny.py             # about 40 minutes on 2 free CPU cores; seeded
+    python scripts/train_tiny.py --smoke     # a one-minute run into /tmp that checks the plumbing
+
+In order:
+  1. an AutoencoderKL (f = 8, 4 latent channels) on random 64-pixel crops of the photos (resized
+     as the reference resizes, at resolutions 256 and 320, and mirrored): L1 + a tiny KL term, the
+     posterior starting nearly deterministic (log-variance bias -10); then
+     its latent scale is folded into its weights so SD1.5's scaling factor 0.18215 gives unit-variance
+     latents, and its weights are rounded to fp16 (what the preset file stores);
+  2. a UNet2DConditionModel + ControlNetModel on the frozen VAE's latents, with the canny maps of the
+     same crops (the reference's preprocessing) as control and short captions encoded by the tiny
+     preset's frozen random CLIP: DDPM epsilon objective on the reference's scaled_linear schedule
+     (0.00085..0.012, 1000 steps), min-SNR-5 weights, captions dropped to "" or the default negative
+     prompt 15 % of the time (classifier-free guidance), control dropped 10 % (guess mode's
+     unconditional half), EMA weights; first 128-pixel crops (16x16 latents), then 256-pixel crops;
+  3. the preset (fp16 safetensors + config.json) into sdcn_trt/presets/tiny_trained/, the same model
+     as an ldm single file + YAML into --ldm-dir, sample sheets, and a Markdown log.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# OpenMP threads that spin while they wait run ~5x slower when the cores are shared with other
+# work (measured here); they must sleep instead. Set before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sdcn_trt import preprocess  # noqa: E402
+from sdcn_trt.components import SD15_SCALING_FACTOR, Components  # noqa: E402
+from sdcn_trt.config import GenerationConfig  # noqa: E402
+from sdcn_trt.images import PHOTO_PROMPTS, contact_sheet, sample_photos, save_image  # noqa: E402
+from sdcn_trt.models import (  # noqa: E402
+    TRAINED_PRESETS, build_from_configs, load_preset, load_trained_preset, save_trained_preset, trained_configs,
+)
+
+A_PROMPT, N_PROMPT = GenerationConfig.a_prompt, GenerationConfig.n_prompt
+RESOLUTIONS = (256, 320)  # short side after resize_image, as the pipeline resizes at these resolutions
+CANNY = (100, 200)  # the contest's thresholds
+
+
+@dataclass
+class Variant:
+    """One training picture: a photo resized (and maybe mirrored) and its canny map, both uint8 HxWx3."""
+
+    name: str
+    image: np.ndarray
+    control: np.ndarray
+
+
+def make_variants() -> list[Variant]:
+    variants = []
+    for name, photo in sample_photos(list(PHOTO_PROMPTS)).items():
+        for resolution in RESOLUTIONS:
+            resized, _ = preprocess.prepare(photo, resolution, *CANNY)
+            for image in (resized, np.ascontiguousarray(resized[:, ::-1])):
+                variants.append(Variant(name, image, preprocess.canny_map(image, *CANNY)))
+    return variants
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10 % of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def round_to_fp16(module: torch.nn.Module) -> None:
+    """What the preset file stores: train later phases against exactly the shipped weights."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(p.half().float())
+
+
+class LossLog:
+    """Mean loss per window of steps: printed, and kept for the Markdown log."""
+
+    def __init__(self, phase: str, every: int):
+        self.phase, self.every, self.window, self.rows = phase, every, [], []
+        self.clock = time.perf_counter()
+
+    def add(self, step: int, loss: float, bar: tqdm) -> None:
+        self.window.append(loss)
+        bar.set_postfix(loss=f"{np.mean(self.window[-20:]):.4f}")
+        if (step + 1) % self.every == 0:
+            self.rows.append((step + 1, float(np.mean(self.window))))
+            seconds = (time.perf_counter() - self.clock) / len(self.window)
+            tqdm.write(f"[{self.phase}] step {step + 1}: loss {self.rows[-1][1]:.4f} ({seconds:.2f} s/step)")
+            self.window, self.clock = [], time.perf_counter()
+
+
+# -- 1. VAE ------------------------------------------------------------------------------------------
+def pixel_crops(variants: list[Variant], rng: np.random.Generator, size: int, batch: int) -> torch.Tensor:
+    crops = []
+    for _ in range(batch):
+        v = variants[rng.integers(len(variants))]
+        y, x = rng.integers(v.image.shape[0] - size + 1), rng.integers(v.image.shape[1] - size + 1)
+        crops.append(v.image[y:y + size, x:x + size])
+    pixels = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, S, S)
+    return pixels.contiguous()
+
+
+def train_vae(vae: torch.nn.Module, variants: list[Variant], rng: np.random.Generator, args) -> LossLog:
+    vae.train().requires_grad_(True)
+    with torch.no_grad():  # start nearly deterministic: early reconstructions are not drowned in sampling noise
+        vae.quant_conv.bias[vae.config.latent_channels:] = -10.0
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    log = LossLog("vae", args.log_every)
+    bar = tqdm(range(args.vae_steps), desc="1/2 VAE", unit="step", dynamic_ncols=True)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.vae_steps, args.vae_lr, 50)
+        x = pixel_crops(variants, rng, args.vae_crop, args.vae_batch)  # (B, 3, S, S) in [-1, 1]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = (recon - x).abs().mean() + args.kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        log.add(step, float(loss), bar)
+    vae.eval().requires_grad_(False)
+    return log
+
+
+def to_pixels(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1.0  # (1, 3, H, W)
+
+
+@torch.no_grad()
+def fold_latent_scale(vae: torch.nn.Module, variants: list[Variant]) -> float:
+    """Scale the posterior so that latents * 0.18215 have unit variance over the training pictures:
+    quant_conv's mean rows (and the log-variance bias) up, post_quant_conv's inputs down by the same."""
+    means = [vae.encode(to_pixels(v.image)).latent_dist.mean for v in variants]
+    raw_std = float(torch.cat([m.flatten() for m in means]).std())
+    c = 1.0 / (SD15_SCALING_FACTOR * raw_std)
+    channels = vae.config.latent_channels
+    vae.quant_conv.weight[:channels] *= c
+    vae.quant_conv.bias[:channels] *= c
+    vae.quant_conv.bias[channels:] += 2 * math.log(c)
+    vae.post_quant_conv.weight /= c  # (out, in, 1, 1): every input channel
+    return raw_std
+
+
+# -- 2. UNet + ControlNet ------------------------------------------------------------------------------
+@torch.no_grad()
+def encode_texts(components: Components) -> dict[str, torch.Tensor]:
+    from sdcn_trt.tokenizer import tokenize
+
+    prompts = ["", N_PROMPT] + [p for c in PHOTO_PROMPTS.values() for p in (c, f"{c}, {A_PROMPT}")]
+    states = components.text_encoder(tokenize(components.tokenizer, prompts)).last_hidden_state  # (N, 77, D)
+    return dict(zip(prompts, states))
+
+
+@dataclass
+class LatentPicture:
+    mean: torch.Tensor  # (4, h, w), already times the scaling factor
+    std: torch.Tensor  # (4, h, w)
+    control: torch.Tensor  # (3, 8h, 8w) in [0, 1]
+    name: str
+
+
+@torch.no_grad()
+def encode_pictures(vae: torch.nn.Module, variants: list[Variant]) -> list[LatentPicture]:
+    out = []
+    for v in variants:
+        dist = vae.encode(to_pixels(v.image)).latent_dist
+        out.append(LatentPicture(dist.mean[0] * SD15_SCALING_FACTOR, dist.std[0] * SD15_SCALING_FACTOR,
+                                 preprocess.control_tensor(v.control, 1)[0], v.name))
+    return out
+
+
+def diffusion_batch(pictures: list[LatentPicture], texts: dict[str, torch.Tensor], rng: np.random.Generator,
+                    crop: int, batch: int, args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latents (B, 4, c, c), control (B, 3, 8c, 8c), text (B, 77, D), keep_control (B,))."""
+    latents, controls, states, keep = [], [], [], []
+    for _ in range(batch):
+        p = pictures[rng.integers(len(pictures))]
+        y, x = rng.integers(p.mean.shape[1] - crop + 1), rng.integers(p.mean.shape[2] - crop + 1)
+        window = (slice(None), slice(y, y + crop), slice(x, x + crop))
+        latents.append(p.mean[window] + p.std[window] * torch.randn(p.std[window].shape))
+        controls.append(p.control[:, 8 * y:8 * (y + crop), 8 * x:8 * (x + crop)])
+        caption = PHOTO_PROMPTS[p.name]
+        if rng.random() < args.p_uncond:
+            prompt = ("", N_PROMPT)[rng.integers(2)]
+        else:
+            prompt = (caption, f"{caption}, {A_PROMPT}")[rng.integers(2)]
+        states.append(texts[prompt])
+        keep.append(float(rng.random() >= args.p_no_control))
+    return torch.stack(latents), torch.stack(controls), torch.stack(states), torch.tensor(keep)
+
+
+def train_diffusion(components: Components, pictures: list[LatentPicture], texts: dict[str, torch.Tensor],
+                    rng: np.random.Generator, args, on_phase_end) -> list[LossLog]:
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear")
+    alphas_cumprod = scheduler.alphas_cumprod  # (1000,)
+    unet, controlnet = components.unet, components.controlnet
+    params = [*unet.parameters(), *controlnet.parameters()]
+    for module in (unet, controlnet):
+        module.train().requires_grad_(True)
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    phases = [("2a UNet+CN 128px", args.steps_128, args.batch_128, 16),
+              ("2b UNet+CN 256px", args.steps_256, args.batch_256, 32)]
+    total, step, logs = args.steps_128 + args.steps_256, 0, []
+    for desc, steps, batch, crop in phases:
+        if steps == 0:
+            continue
+        log = LossLog(desc.split()[0], args.log_every)
+        bar = tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True)
+        for i in bar:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total, args.lr, 100)
+            z0, control, text, keep = diffusion_batch(pictures, texts, rng, crop, batch, args)
+            noise = torch.randn_like(z0)
+            t = torch.randint(0, 1000, (batch,))
+            zt = scheduler.add_noise(z0, noise, t)  # sqrt(a_t) z0 + sqrt(1 - a_t) eps
+            down, mid = controlnet(zt, t, encoder_hidden_states=text, controlnet_cond=control, return_dict=False)
+            mask = keep[:, None, None, None]  # 0: no control, as guess mode's unconditional half
+            pred = unet(zt, t, encoder_hidden_states=text, down_block_additional_residuals=[d * mask for d in down],
+                        mid_block_additional_residual=mid * mask).sample
+            # Epsilon MSE weighted by 1 + 1/SNR (what v-prediction's loss weighs; x0 errors count as much
+            # as noise errors), capped: plain epsilon MSE at high noise is ~0.01 however wrong the
+            # predicted picture is, so without it the network learns texture and ignores the control.
+            snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+            weight = (1 + 1 / snr).clamp(max=args.weight_cap)
+            loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            decay = min(args.ema, (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+            log.add(i, float(loss), bar)
+            step += 1
+        logs.append(log)
+        with torch.no_grad():  # sample with the EMA weights, then go on training the live ones
+            live = [p.detach().clone() for p in params]
+            torch._foreach_copy_(params, ema)
+            on_phase_end(desc.split()[0])
+            torch._foreach_copy_(params, live)
+    with torch.no_grad():
+        torch._foreach_copy_(params, ema)
+    for module in (unet, controlnet):
+        module.eval().requires_grad_(False)
+    return logs
+
+
+# -- 3. samples, files, log ----------------------------------------------------------------------------
+def sample_sheet(components: Components, path: Path, names: list[str], steps: int) -> Path:
+    """input | canny | generated (the contest call with the photo's caption) per photo."""
+    from sdcn_trt import ControlNetPipeline
+
+    for module in components.modules().values():
+        module.eval()
+    pipe = ControlNetPipeline(components, "torch")
+    rows = []
+    for name, photo in sample_photos(names).items():
+        out = pipe.run(photo, GenerationConfig(prompt=PHOTO_PROMPTS[name], ddim_steps=steps))
+        rows.append([preprocess.resize_image(photo, 256), 255 - out.control, out.images[0]])
+    pipe.close()
+    return save_image(path, contact_sheet(rows, ["input", "canny", "tiny-trained"], tile=160))
+
+
+@torch.no_grad()
+def recon_sheet(vae: torch.nn.Module, variants: list[Variant], path: Path) -> tuple[Path, float]:
+    """input | VAE reconstruction for the 256-resolution pictures; returns the mean |error| in levels."""
+    rows, errors = [], []
+    for v in variants[:: 2 * len(RESOLUTIONS)]:
+        recon = vae.decode(vae.encode(to_pixels(v.image)).latent_dist.mean).sample
+        recon = ((recon[0].permute(1, 2, 0) * 127.5 + 127.5).clamp(0, 255)).numpy().astype(np.uint8)
+        errors.append(np.abs(recon.astype(int) - v.image).mean())
+        rows.append([v.image, recon])
+    return save_image(path, contact_sheet(rows, ["input", "VAE reconstruction"], tile=160)), float(np.mean(errors))
+
+
+def write_summary(path: Path, args, logs: list[LossLog], times: dict[str, float], extra: dict) -> None:
+    lines = ["# tiny-trained: training log", "",
+             "A small model with SD1.5 + ControlNet's structure trained on this machine's CPU on scikit-image's "
+             f"{len(PHOTO_PROMPTS)} colour photos — **not SD1.5**; it knows only these photos.", "",
+             f"Command: `{' '.join(['python', 'scripts/train_tiny.py', *sys.argv[1:]])}`  ",
+             f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+             f"{args.threads} threads (the cores were shared with other work, so wall times are upper bounds)  ",
+             "Wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()), ""]
+    lines += [f"- {k}: {v}" for k, v in extra.items()]
+    for log in logs:
+        lines += ["", f"## {log.phase}", "", "| step | mean loss over the last steps |", "|---:|---:|"]
+        lines += [f"| {s} | {loss:.4f} |" for s, loss in log.rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=TRAINED_PRESETS["tiny-trained"], help="preset folder to write")
+    p.add_argument("--ldm-dir", type=Path, default=ROOT / "build" / "tiny_trained_ldm",
+                   help="where the ldm single file + YAML and the sample sheets go")
+    p.add_argument("--summary", type=Path, default=ROOT / "benchmarks" / "results" / "train-tiny.md")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--vae-steps", type=int, default=2000)
+    p.add_argument("--vae-batch", type=int, default=4)
+    p.add_argument("--vae-crop", type=int, default=64)
+    p.add_argument("--vae-lr", type=float, default=5e-4)
+    p.add_argument("--kl-weight", type=float, default=1e-6)
+    p.add_argument("--steps-128", type=int, default=1000, help="UNet+ControlNet steps on 128-pixel crops")
+    p.add_argument("--batch-128", type=int, default=16)
+    p.add_argument("--steps-256", type=int, default=250, help="then steps on 256-pixel crops")
+    p.add_argument("--batch-256", type=int, default=4)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--ema", type=float, default=0.995)
+    p.add_argument("--weight-cap", type=float, default=20.0, help="cap of the 1 + 1/SNR loss weights")
+    p.add_argument("--vae-from", type=Path, help="a preset folder whose VAE to reuse (skips phase 1)")
+    p.add_argument("--p-uncond", type=float, default=0.15, help="caption dropout (classifier-free guidance)")
+    p.add_argument("--p-no-control", type=float, default=0.1, help="control dropout (guess mode)")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the sample sheets")
+    p.add_argument("--smoke", action="store_true", help="a few steps of everything into /tmp")
+    args = p.parse_args(argv)
+    if args.smoke:
+        smoke = Path("/tmp/tiny_trained_smoke")
+        args.out, args.ldm_dir, args.summary = smoke / "preset", smoke / "ldm", smoke / "train-tiny.md"
+        args.vae_steps, args.steps_128, args.steps_256, args.log_every, args.sample_steps = 6, 6, 4, 2, 2
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sdcn_trt.ldm_layout import save_single_file
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    args.ldm_dir.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {}
+    start = time.perf_counter()
+
+    configs = trained_configs()
+    tiny = load_preset("tiny", seed=0)
+    components = build_from_configs(configs, args.seed, tiny.tokenizer, source="training")
+    components.text_encoder = tiny.text_encoder  # the tiny preset's random CLIP, frozen
+    round_to_fp16(components.text_encoder)
+    variants = make_variants()
+    print(f"{len(variants)} training pictures from {len(PHOTO_PROMPTS)} photos; parameters: "
+          + ", ".join(f"{n} {sum(p.numel() for p in m.parameters()) / 1e6:.2f} M" for n, m in components.modules().items()))
+
+    clock = time.perf_counter()
+    if args.vae_from:  # phase 1 done before: its fp16 VAE is exactly what this run would train
+        vae_log = LossLog("vae (reused)", args.log_every)
+        components.vae.load_state_dict(load_trained_preset(args.vae_from).vae.state_dict())
+        raw_std = float("nan")
+    else:
+        vae_log = train_vae(components.vae, variants, rng, args)
+        raw_std = fold_latent_scale(components.vae, variants)
+        round_to_fp16(components.vae)
+    _, recon_error = recon_sheet(components.vae, variants, args.ldm_dir / "vae_reconstructions.png")
+    times["VAE"] = time.perf_counter() - clock
+    print(f"VAE: latent std {raw_std:.3f} folded into the weights; mean |reconstruction error| {recon_error:.1f} levels")
+
+    clock = time.perf_counter()
+    torch.manual_seed(args.seed + 1)  # phase 2 seeded on its own: the same with a reused VAE
+    rng = np.random.default_rng(args.seed + 1)
+    texts = encode_texts(components)
+    pictures = encode_pictures(components.vae, variants)
+    std = float(torch.cat([p.mean.flatten() for p in pictures]).std())
+    sample_names = list(PHOTO_PROMPTS)[:1 if args.smoke else 4]
+
+    def on_phase_end(phase: str) -> None:
+        sheet = sample_sheet(components, args.ldm_dir / f"samples_{phase}.png", sample_names, args.sample_steps)
+        tqdm.write(f"[{phase}] samples (EMA weights): {sheet}")
+
+    logs = train_diffusion(components, pictures, texts, rng, args, on_phase_end)
+    times["UNet+ControlNet"] = time.perf_counter() - clock
+    for module in (components.unet, components.controlnet):
+        round_to_fp16(module)
+
+    meta = {"command": "python scripts/train_tiny.py " + " ".join(sys.argv[1:]), "seed": args.seed,
+            "photos": PHOTO_PROMPTS, "resolutions": list(RESOLUTIONS),
+            "steps": {"vae": args.vae_steps, "unet_controlnet_128px": args.steps_128,
+                      "unet_controlnet_256px": args.steps_256},
+            "final_losses": {log.phase: log.rows[-1][1] if log.rows else None for log in [vae_log, *logs]},
+            "note": "trained here on a handful of scikit-image photos; not SD1.5"}
+    weights = save_trained_preset(components, args.out, configs, meta)
+    ldm = save_single_file(components, args.ldm_dir / "tiny_trained.safetensors", args.ldm_dir / "tiny_trained.yaml")
+    sheet = sample_sheet(components, args.ldm_dir / "samples_final.png",
+                         sample_names if args.smoke else list(PHOTO_PROMPTS), args.sample_steps)
+    times["total"] = time.perf_counter() - start
+    extra = {"preset": f"`{weights.relative_to(ROOT) if weights.is_relative_to(ROOT) else weights}` "
+                       f"({weights.stat().st_size / 1e6:.1f} MB, fp16)",
+             "ldm single file + YAML": f"`{ldm.name}`, `tiny_trained.yaml` (in --ldm-dir, not committed)",
+             "VAE": f"64-pixel crops; latent std {raw_std:.3f} before folding, {std:.3f} after x 0.18215; "
+                    f"mean |reconstruction error| {recon_error:.1f} uint8 levels on the 256-resolution photos",
+             "UNet+ControlNet": f"{args.steps_128} steps x {args.batch_128} crops of 128 px, then {args.steps_256} "
+                                f"x {args.batch_256} of 256 px; lr {args.lr}, EMA {args.ema}",
+             "parameters": ", ".join(f"{n} {sum(p.numel() for p in m.parameters()) / 1e6:.2f} M"
+                                     for n, m in components.modules().items())}
+    write_summary(args.summary, args, [vae_log, *logs], times, extra)
+    print(f"wrote {weights}, {ldm}, {sheet}, {args.summary}; total {times['total'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
