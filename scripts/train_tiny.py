@@ -218,7 +218,10 @@ def train_diffusion(components: Components, pictures: list[LatentPicture], texts
     for module in (unet, controlnet):
         module.train().requires_grad_(True)
     ema = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    # the ControlNet learns faster than the UNet: it must carry the layout before the UNet settles on texture
+    groups = [{"params": list(unet.parameters()), "scale": 1.0},
+              {"params": list(controlnet.parameters()), "scale": args.controlnet_lr_scale}]
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.01)
     phases = [("2a UNet+CN 128px", args.steps_128, args.batch_128, 16),
               ("2b UNet+CN 256px", args.steps_256, args.batch_256, 32)]
     total, step, logs = args.steps_128 + args.steps_256, 0, []
@@ -229,10 +232,12 @@ def train_diffusion(components: Components, pictures: list[LatentPicture], texts
         bar = tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True)
         for i in bar:
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, args.lr, 100)
+                group["lr"] = lr_at(step, total, args.lr, 100) * group["scale"]
             z0, control, text, keep = diffusion_batch(pictures, texts, rng, crop, batch, args)
             noise = torch.randn_like(z0)
-            t = torch.randint(0, 1000, (batch,))
+            # a share of the batch at high noise, where only the control and the caption tell the picture
+            high = int(round(batch * args.p_high_noise))
+            t = torch.cat([torch.randint(args.high_noise_from, 1000, (high,)), torch.randint(0, 1000, (batch - high,))])
             zt = scheduler.add_noise(z0, noise, t)  # sqrt(a_t) z0 + sqrt(1 - a_t) eps
             down, mid = controlnet(zt, t, encoder_hidden_states=text, controlnet_cond=control, return_dict=False)
             mask = keep[:, None, None, None]  # 0: no control, as guess mode's unconditional half
@@ -251,7 +256,7 @@ def train_diffusion(components: Components, pictures: list[LatentPicture], texts
             decay = min(args.ema, (1 + step) / (10 + step))
             with torch.no_grad():
                 torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
-            log.add(i, float(loss), bar)
+            log.add(i, float(loss.detach()), bar)
             step += 1
         logs.append(log)
         with torch.no_grad():  # sample with the EMA weights, then go on training the live ones
@@ -264,6 +269,15 @@ def train_diffusion(components: Components, pictures: list[LatentPicture], texts
     for module in (unet, controlnet):
         module.eval().requires_grad_(False)
     return logs
+
+
+def reused_vae_record(folder: Path) -> dict:
+    """How the VAE of an earlier preset was trained, from its config.json (what this run's log repeats)."""
+    import json
+
+    training = json.loads((Path(folder) / "config.json").read_text()).get("training", {})
+    return training.get("vae") or {"steps": training.get("steps", {}).get("vae"),
+                                   "final_loss": training.get("final_losses", {}).get("vae")}
 
 
 # -- 3. samples, files, log ----------------------------------------------------------------------------
@@ -330,6 +344,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--weight-cap", type=float, default=20.0, help="cap of the 1 + 1/SNR loss weights")
+    p.add_argument("--p-high-noise", type=float, default=0.5, help="share of each batch at high noise")
+    p.add_argument("--high-noise-from", type=int, default=500, help="high noise: t in [this, 1000)")
+    p.add_argument("--controlnet-lr-scale", type=float, default=1.0, help="ControlNet's learning rate / the UNet's")
     p.add_argument("--vae-from", type=Path, help="a preset folder whose VAE to reuse (skips phase 1)")
     p.add_argument("--p-uncond", type=float, default=0.15, help="caption dropout (classifier-free guidance)")
     p.add_argument("--p-no-control", type=float, default=0.1, help="control dropout (guess mode)")
@@ -365,17 +382,25 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{n} {sum(p.numel() for p in m.parameters()) / 1e6:.2f} M" for n, m in components.modules().items()))
 
     clock = time.perf_counter()
-    if args.vae_from:  # phase 1 done before: its fp16 VAE is exactly what this run would train
-        vae_log = LossLog("vae (reused)", args.log_every)
+    if args.vae_from:  # phase 1 done before: its fp16 VAE, latent scale already folded in, loaded as it is
         components.vae.load_state_dict(load_trained_preset(args.vae_from).vae.state_dict())
-        raw_std = float("nan")
+        vae_record = dict(reused_vae_record(args.vae_from), reused_from=str(args.vae_from))
+        vae_log = LossLog("vae", args.log_every)
+        vae_log.rows = [tuple(row) for row in vae_record.get("loss_rows", [])]
     else:
+        vae_clock = time.perf_counter()
         vae_log = train_vae(components.vae, variants, rng, args)
         raw_std = fold_latent_scale(components.vae, variants)
         round_to_fp16(components.vae)
+        vae_record = {"steps": args.vae_steps, "batch": args.vae_batch, "crop": args.vae_crop,
+                      "final_loss": vae_log.rows[-1][1] if vae_log.rows else None,
+                      "latent_std_before_folding": round(raw_std, 4),
+                      "wall_min": round((time.perf_counter() - vae_clock) / 60, 1), "loss_rows": vae_log.rows}
     _, recon_error = recon_sheet(components.vae, variants, args.ldm_dir / "vae_reconstructions.png")
-    times["VAE"] = time.perf_counter() - clock
-    print(f"VAE: latent std {raw_std:.3f} folded into the weights; mean |reconstruction error| {recon_error:.1f} levels")
+    times["VAE" + (" (reused: loaded)" if args.vae_from else "")] = time.perf_counter() - clock
+    print(("VAE reused from " + str(args.vae_from) if args.vae_from else
+           f"VAE: latent std {vae_record['latent_std_before_folding']:.3f} folded into the weights")
+          + f"; mean |reconstruction error| {recon_error:.1f} levels")
 
     clock = time.perf_counter()
     torch.manual_seed(args.seed + 1)  # phase 2 seeded on its own: the same with a reused VAE
@@ -399,6 +424,11 @@ def main(argv: list[str] | None = None) -> int:
             "steps": {"vae": args.vae_steps, "unet_controlnet_128px": args.steps_128,
                       "unet_controlnet_256px": args.steps_256},
             "final_losses": {log.phase: log.rows[-1][1] if log.rows else None for log in [vae_log, *logs]},
+            "vae": vae_record,
+            "diffusion": {"lr": args.lr, "controlnet_lr_scale": args.controlnet_lr_scale, "ema": args.ema,
+                          "weight_cap": args.weight_cap, "p_high_noise": args.p_high_noise,
+                          "p_uncond": args.p_uncond, "p_no_control": args.p_no_control,
+                          "batches": {"128px": args.batch_128, "256px": args.batch_256}},
             "note": "trained here on a handful of scikit-image photos; not SD1.5"}
     weights = save_trained_preset(components, args.out, configs, meta)
     ldm = save_single_file(components, args.ldm_dir / "tiny_trained.safetensors", args.ldm_dir / "tiny_trained.yaml")
@@ -408,10 +438,17 @@ def main(argv: list[str] | None = None) -> int:
     extra = {"preset": f"`{weights.relative_to(ROOT) if weights.is_relative_to(ROOT) else weights}` "
                        f"({weights.stat().st_size / 1e6:.1f} MB, fp16)",
              "ldm single file + YAML": f"`{ldm.name}`, `tiny_trained.yaml` (in --ldm-dir, not committed)",
-             "VAE": f"64-pixel crops; latent std {raw_std:.3f} before folding, {std:.3f} after x 0.18215; "
-                    f"mean |reconstruction error| {recon_error:.1f} uint8 levels on the 256-resolution photos",
+             "VAE": (f"reused from `{args.vae_from}`, trained by " + vae_record.get("source", "an earlier run") + "; "
+                     if args.vae_from else "")
+                    + f"{vae_record.get('steps')} steps x {vae_record.get('batch')} crops of {vae_record.get('crop')} "
+                      f"px ({vae_record.get('wall_min')} min); latent std {vae_record.get('latent_std_before_folding')} "
+                      f"before folding, {std:.3f} after x 0.18215; mean |reconstruction error| {recon_error:.1f} uint8 "
+                      "levels on the 256-resolution photos",
              "UNet+ControlNet": f"{args.steps_128} steps x {args.batch_128} crops of 128 px, then {args.steps_256} "
-                                f"x {args.batch_256} of 256 px; lr {args.lr}, EMA {args.ema}",
+                                f"x {args.batch_256} of 256 px; lr {args.lr} (ControlNet x {args.controlnet_lr_scale}), "
+                                f"EMA {args.ema}; {args.p_high_noise:.0%} of each batch at t in [500, 1000), the rest "
+                                f"uniform; loss weight min(1 + 1/SNR, {args.weight_cap}); caption dropout "
+                                f"{args.p_uncond:.0%}, control dropout {args.p_no_control:.0%}",
              "parameters": ", ".join(f"{n} {sum(p.numel() for p in m.parameters()) / 1e6:.2f} M"
                                      for n, m in components.modules().items())}
     write_summary(args.summary, args, [vae_log, *logs], times, extra)
