@@ -1,7 +1,8 @@
 """Train the `tiny-trained` preset on the CPU: a small model with SD1.5 + ControlNet's structure that
 really denoises, trained on scikit-image's colour photos (not SD1.5; it knows only these photos).
 
-    python scripts/train_tiny.py             # about 40 minutes on 2 free CPU cores; seeded
+    python scripts/train_tiny.py             # everything, seeded: VAE ~33 min + diffusion ~33 min on 2 shared cores
+    python scripts/train_tiny.py --vae-from sdcn_trt/presets/tiny_trained   # reuse the shipped VAE: ~33 min
     python scripts/train_tiny.py --smoke     # a one-minute run into /tmp that checks the plumbing
 
 In order:
@@ -13,9 +14,13 @@ In order:
   2. a UNet2DConditionModel + ControlNetModel on the frozen VAE's latents, with the canny maps of the
      same crops (the reference's preprocessing) as control and short captions encoded by the tiny
      preset's frozen random CLIP: DDPM epsilon objective on the reference's scaled_linear schedule
-     (0.00085..0.012, 1000 steps), min-SNR-5 weights, captions dropped to "" or the default negative
-     prompt 15 % of the time (classifier-free guidance), control dropped 10 % (guess mode's
-     unconditional half), EMA weights; first 128-pixel crops (16x16 latents), then 256-pixel crops;
+     (0.00085..0.012, 1000 steps), loss weights min(1 + 1/SNR, 20) (x0 errors count at high noise),
+     half of each batch at t >= 500 (where only the control and caption tell the picture), captions
+     dropped to "" or the default negative prompt 15 % of the time (classifier-free guidance),
+     control dropped 10 % (guess mode's unconditional half), EMA weights; the ControlNet's hint
+     encoder initialised on training controls (LSUV: with PyTorch's default init the canny map
+     reaches the network ~1000x weaker than the latents, and training learns to ignore it);
+     first 128-pixel crops (16x16 latents), then a few 256-pixel crops;
   3. the preset (fp16 safetensors + config.json) into sdcn_trt/presets/tiny_trained/, the same model
      as an ldm single file + YAML into --ldm-dir, sample sheets, and a Markdown log.
 """
@@ -186,6 +191,32 @@ def encode_pictures(vae: torch.nn.Module, variants: list[Variant]) -> list[Laten
     return out
 
 
+@torch.no_grad()
+def wake_control_path(controlnet: torch.nn.Module, control: torch.Tensor, latents: torch.Tensor) -> list[float]:
+    """Data-dependent initialisation of the ControlNet's hint encoder (LSUV, Mishkin & Matas 2016).
+
+    With PyTorch's default init every conv of the hint encoder shrinks its input's spread ~2x, and a
+    canny map is mostly zeros: the embedding that is added to conv_in(latents) varies ~1e-3 between
+    control images while conv_in(latents) varies ~0.5, so the control is invisible to the network and
+    training learns to ignore it. Each conv in turn is rescaled so that its output has unit spread on
+    training controls, and the last one so that the embedding spreads like conv_in(latents).
+    control (B, 3, 8h, 8w) in [0, 1]; latents (B, 4, h, w). Returns the spreads before rescaling."""
+    embedding = controlnet.controlnet_cond_embedding
+    convs = [embedding.conv_in, *embedding.blocks, embedding.conv_out]
+    target = float(controlnet.conv_in(latents).std())
+    before = []
+    for k, conv in enumerate(convs):
+        seen: list[torch.Tensor] = []
+        hook = conv.register_forward_hook(lambda _m, _i, out: seen.append(out))
+        embedding(control)
+        hook.remove()
+        spread = float(seen[0].std())
+        before.append(spread)
+        conv.weight.mul_((target if k == len(convs) - 1 else 1.0) / spread)
+        conv.bias.mul_((target if k == len(convs) - 1 else 1.0) / spread)
+    return before
+
+
 def diffusion_batch(pictures: list[LatentPicture], texts: dict[str, torch.Tensor], rng: np.random.Generator,
                     crop: int, batch: int, args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(latents (B, 4, c, c), control (B, 3, 8c, 8c), text (B, 77, D), keep_control (B,))."""
@@ -217,6 +248,10 @@ def train_diffusion(components: Components, pictures: list[LatentPicture], texts
     params = [*unet.parameters(), *controlnet.parameters()]
     for module in (unet, controlnet):
         module.train().requires_grad_(True)
+    if args.control_init == "lsuv":
+        z0, control, _, _ = diffusion_batch(pictures, texts, rng, 16, 32, args)
+        spreads = wake_control_path(controlnet, control, z0)
+        tqdm.write("hint encoder: conv output spreads before rescaling " + ", ".join(f"{x:.2f}" for x in spreads))
     ema = [p.detach().clone() for p in params]
     # the ControlNet learns faster than the UNet: it must carry the layout before the UNet settles on texture
     groups = [{"params": list(unet.parameters()), "scale": 1.0},
@@ -337,16 +372,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-crop", type=int, default=64)
     p.add_argument("--vae-lr", type=float, default=5e-4)
     p.add_argument("--kl-weight", type=float, default=1e-6)
-    p.add_argument("--steps-128", type=int, default=1000, help="UNet+ControlNet steps on 128-pixel crops")
-    p.add_argument("--batch-128", type=int, default=16)
-    p.add_argument("--steps-256", type=int, default=250, help="then steps on 256-pixel crops")
+    p.add_argument("--steps-128", type=int, default=1800, help="UNet+ControlNet steps on 128-pixel crops")
+    p.add_argument("--batch-128", type=int, default=8)
+    p.add_argument("--steps-256", type=int, default=150, help="then steps on 256-pixel crops")
     p.add_argument("--batch-256", type=int, default=4)
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--weight-cap", type=float, default=20.0, help="cap of the 1 + 1/SNR loss weights")
     p.add_argument("--p-high-noise", type=float, default=0.5, help="share of each batch at high noise")
     p.add_argument("--high-noise-from", type=int, default=500, help="high noise: t in [this, 1000)")
     p.add_argument("--controlnet-lr-scale", type=float, default=1.0, help="ControlNet's learning rate / the UNet's")
+    p.add_argument("--control-init", choices=("lsuv", "default"), default="lsuv",
+                   help="the ControlNet hint encoder's init: rescaled on training controls (lsuv), or PyTorch's")
     p.add_argument("--vae-from", type=Path, help="a preset folder whose VAE to reuse (skips phase 1)")
     p.add_argument("--p-uncond", type=float, default=0.15, help="caption dropout (classifier-free guidance)")
     p.add_argument("--p-no-control", type=float, default=0.1, help="control dropout (guess mode)")

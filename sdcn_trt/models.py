@@ -64,7 +64,8 @@ PRESETS: dict[str, Callable[[], dict[str, dict[str, Any]]]] = {"tiny": _tiny_con
 # Trained presets: weights + configs inside the package, written by scripts/train_tiny.py.
 TRAINED_PRESETS: dict[str, Path] = {"tiny-trained": Path(__file__).parent / "presets" / "tiny_trained"}
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
-RETRAIN_HINT = "regenerate it with `python scripts/train_tiny.py` (about 40 minutes on 2 CPU cores)"
+RETRAIN_HINT = ("regenerate it with `python scripts/train_tiny.py` (about 70 minutes on 2 CPU cores; "
+                "about 35 with `--vae-from` a preset folder whose VAE is intact)")
 
 
 def preset_names() -> list[str]:
@@ -110,13 +111,7 @@ def load_preset(name: str, seed: int = 0, tokenizer: str | Path | None = None, p
         if seed != 0:
             raise InputError(f"preset {name!r} has trained weights, so it takes no seed (got {seed}); "
                              f"seeds pick the weights of the random presets: {', '.join(sorted(PRESETS))}")
-        check_choice("precision", precision, PRECISIONS)
-        components = load_trained_preset(TRAINED_PRESETS[name], tokenizer, name=name)
-        if precision == "fp16":
-            for name_ in ("unet", "controlnet", "vae"):
-                components.network(name_).half()
-            components.precision = precision
-        return components
+        return load_trained_preset(TRAINED_PRESETS[name], tokenizer, name=name, precision=precision)
     if name not in PRESETS:
         raise InputError(f"unknown preset {name!r}; available presets: {', '.join(preset_names())}")
     return cached_preset(name, PRESETS[name](), seed, load_tokenizer(tokenizer), precision, cache, cache_dir)
@@ -176,10 +171,13 @@ def save_trained_preset(components: Components, folder: str | Path, configs: dic
     return weights
 
 
-def load_trained_preset(folder: str | Path, tokenizer: str | Path | None = None,
-                        name: str = "trained") -> Components:
-    """A model written by `save_trained_preset`: weights stored in fp16, run in fp32. The file's
-    sha256 is checked against config.json, so a damaged file is named rather than run."""
+def load_trained_preset(folder: str | Path, tokenizer: str | Path | None = None, name: str = "trained",
+                        precision: str = "fp32") -> Components:
+    """A model written by `save_trained_preset`: weights stored in fp16, run in fp32 (or, with
+    precision="fp16", the UNet, ControlNet and VAE in fp16). The file's sha256 is checked against
+    config.json, so a damaged file is named rather than run; it is also the weights' content key
+    (exports are cached by it). Nothing goes to the weights cache: the file is already small."""
+    check_choice("precision", precision, PRECISIONS)
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -221,8 +219,13 @@ def load_trained_preset(folder: str | Path, tokenizer: str | Path | None = None,
         except RuntimeError as exc:
             raise WeightsError(f"{net} weights in {weights} do not match {config_path.name}: {exc}; {RETRAIN_HINT}") from exc
         _materialise_position_ids(module)
-    return Components(tok, modules["text_encoder"], modules["unet"], modules["controlnet"], modules["vae"],
-                      source=f"preset:{name}:sha256={actual[:16]}").eval_()
+    components = Components(tok, modules["text_encoder"], modules["unet"], modules["controlnet"], modules["vae"],
+                            source=f"preset:{name}:sha256={actual[:16]}").eval_()
+    if precision == "fp16":
+        for net in ("unet", "controlnet", "vae"):
+            components.network(net).half()
+        components.precision = precision
+    return components.with_weights_key(weights_key(kind="trained-preset", sha256=actual))
 
 
 # ---------------------------------------------------------------------------------------------

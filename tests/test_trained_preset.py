@@ -113,6 +113,18 @@ def test_single_file_round_trip(trained, tmp_path, small_cat):
         assert np.array_equal(ControlNetPipeline(loaded).run(small_cat, config).images[0], expected)
 
 
+def test_fp16_load_and_the_content_key(trained):
+    """precision="fp16": UNet, ControlNet and VAE in fp16, CLIP in fp32; the weights are keyed by the
+    file's sha256 (exports are cached by it), the same key on every load."""
+    half = load_preset("tiny-trained", precision="fp16")
+    assert half.precision == "fp16" and half.unet.dtype == torch.float16 and half.vae.dtype == torch.float16
+    assert next(half.controlnet.parameters()).dtype == torch.float16
+    assert next(half.text_encoder.parameters()).dtype == torch.float32
+    assert trained.weights_id() == load_preset("tiny-trained").weights_id()
+    with pytest.raises(InputError, match="precision"):
+        load_preset("tiny-trained", precision="int8")
+
+
 def test_a_trained_preset_takes_no_seed():
     with pytest.raises(InputError, match="'tiny-trained' has trained weights, so it takes no seed"):
         load_preset("tiny-trained", seed=3)
