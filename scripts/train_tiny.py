@@ -485,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
                                 f"x {args.batch_256} of 256 px; lr {args.lr} (ControlNet x {args.controlnet_lr_scale}), "
                                 f"EMA {args.ema}; {args.p_high_noise:.0%} of each batch at t in [500, 1000), the rest "
                                 f"uniform; loss weight min(1 + 1/SNR, {args.weight_cap}); caption dropout "
-                                f"{args.p_uncond:.0%}, control dropout {args.p_no_control:.0%}",
+                                f"{args.p_uncond:.0%}, control dropout {args.p_no_control:.0%}; ControlNet hint encoder init: "
+                                f"{args.control_init}",
              "parameters": ", ".join(f"{n} {sum(p.numel() for p in m.parameters()) / 1e6:.2f} M"
                                      for n, m in components.modules().items())}
     write_summary(args.summary, args, [vae_log, *logs], times, extra)
