@@ -3,7 +3,8 @@
 The original code is not part of this project. Point this script at a checkout of it and at a
 Python environment that can run it (torch, pytorch-lightning 1.9, omegaconf, einops,
 transformers < 5, open_clip_torch, opencv); the script then:
-  1. writes the tiny preset as an ldm-layout checkpoint + cldm-style YAML + CLIP folder,
+  1. writes a preset (--preset: tiny, or tiny-trained, the small model trained here) as an
+     ldm-layout checkpoint + cldm-style YAML + CLIP folder,
   2. runs the original canny2image steps (their resize_image/HWC3/Canny, seed_everything,
      get_learned_conditioning, control_scales, DDIMSampler.sample, decode_first_stage) on the CPU
      in that environment,
@@ -98,8 +99,8 @@ def run_reference(work: Path) -> None:
     np.savez(work / "reference.npz", **results)
 
 
-def prepare(work: Path) -> None:
-    """Driver: write the tiny preset in ldm layout, its YAML, a CLIP folder, inputs and cases."""
+def prepare(work: Path, preset: str) -> None:
+    """Driver: write the preset in ldm layout, its YAML, a CLIP folder, inputs and cases."""
     import skimage.data
     import yaml
 
@@ -107,7 +108,7 @@ def prepare(work: Path) -> None:
     from sdcn_trt.models import load_preset
     from sdcn_trt.tokenizer import write_clip_tokenizer_files
 
-    components = load_preset("tiny", seed=0)
+    components = load_preset(preset)
     clip_dir = work / "clip"
     write_clip_tokenizer_files(clip_dir)  # plain vocab.json + merges.txt: every transformers version reads them
     components.text_encoder.config.to_json_file(str(clip_dir / "config.json"))
@@ -149,14 +150,14 @@ def compare(work: Path) -> list[dict]:
     return rows
 
 
-def write_report(rows: list[dict], out: Path) -> None:
+def write_report(rows: list[dict], out: Path, preset: str) -> None:
     import platform
 
     import torch
 
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(date=time.strftime("%Y-%m-%d"), machine=platform.platform(), processor=platform.processor(),
-                torch=torch.__version__, model="tiny preset (seed 0), fp32, CPU")
+                torch=torch.__version__, model=f"{preset} preset{' (seed 0)' if preset == 'tiny' else ''}, fp32, CPU")
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "cases": rows}, indent=1))
     lines = [f"# sdcn_trt torch backend vs the original ControlNet code ({meta['date']})", "",
              f"{meta['model']}; torch {meta['torch']}; {meta['machine']}", "",
@@ -175,6 +176,7 @@ def main() -> int:
     parser.add_argument("--controlnet-repo", required=True, help="checkout of lllyasviel/ControlNet")
     parser.add_argument("--reference-python", default=sys.executable, help="python that can run the original code")
     parser.add_argument("--out", default="benchmarks/results/reference_parity", help="report path, no suffix")
+    parser.add_argument("--preset", default="tiny", help="tiny (random weights) or tiny-trained (trained here)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -183,12 +185,12 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        prepare(work)
+        prepare(work, args.preset)
         env = {**os.environ, "PYTHONPATH": args.controlnet_repo}
         subprocess.run([args.reference_python, __file__, "--controlnet-repo", args.controlnet_repo,
                         "--worker", str(work)], check=True, env=env, cwd=args.controlnet_repo)
         rows = compare(work)
-    write_report(rows, Path(args.out))
+    write_report(rows, Path(args.out), args.preset)
     for r in rows:
         print(f"{r['case']:>18}: max |diff| {r['max_abs_diff']} levels, mean {r['mean_abs_diff']:.4f}, "
               f"{100 * r['pixels_differing']:.2f}% pixels differ, canny equal: {r['canny_map_equal']}")

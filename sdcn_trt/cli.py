@@ -26,7 +26,7 @@ from sdcn_trt.errors import InputError, SdcnError
 from sdcn_trt.export import ExportSettings, export_networks
 from sdcn_trt.export.descriptors import DESCRIPTORS, PIPELINE_NETWORKS, ShapeRange, ShapeSpec
 from sdcn_trt.lora import apply_loras, parse_lora_arg
-from sdcn_trt.models import load_diffusers, load_preset, with_controlnets
+from sdcn_trt.models import load_diffusers, load_preset, preset_names, with_controlnets
 from sdcn_trt.pipeline.pipeline import ControlNetPipeline
 from sdcn_trt.preprocess import load_image
 from sdcn_trt.progress import RunProgress
@@ -41,8 +41,10 @@ logger = logging.getLogger("sdcn_trt")
 # -- shared option groups ------------------------------------------------------------------------
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model (one of: --preset, --sd-dir + --controlnet, --checkpoint)")
-    g.add_argument("--preset", default=None, help="built-in seeded random weights: tiny | sd15-random (default: tiny)")
-    g.add_argument("--preset-seed", type=int, default=0, help="seed of the preset's weights")
+    g.add_argument("--preset", default=None,
+                   help="built-in model: tiny-trained (trained here on scikit-image's photos, not SD1.5), or "
+                        "seeded random weights: tiny | sd15-random (default: tiny)")
+    g.add_argument("--preset-seed", type=int, default=0, help="seed of a random preset's weights")
     g.add_argument("--sd-dir", help="diffusers SD1.5 folder (tokenizer/, text_encoder/, unet/, vae/)")
     g.add_argument("--controlnet", action="append", default=[],
                    help="diffusers ControlNet folder or ControlNet checkpoint file; repeat for several ControlNets "
@@ -274,7 +276,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     run_demo(Path(args.output), backends=args.backends, steps=args.ddim_steps, samples=args.samples,
-             progress=not args.quiet)
+             progress=not args.quiet, preset=args.preset)
     return 0
 
 
@@ -406,7 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_args(p)
     p.set_defaults(func=cmd_batch)
 
-    p = sub.add_parser("demo", help="offline main job: tiny preset on scikit-image's sample photos")
+    p = sub.add_parser("demo", help="offline main job: a small trained model on scikit-image's sample photos")
+    p.add_argument("--preset", default="tiny-trained", choices=preset_names(),
+                   help="tiny-trained: trained here on scikit-image's photos (not SD1.5); tiny: random weights")
     p.add_argument("-o", "--output", default="sdcn_demo", help="output folder (default: sdcn_demo)")
     p.add_argument("--backends", nargs="+", default=["torch", "onnxruntime"], choices=BACKENDS)
     p.add_argument("--ddim-steps", type=int, default=20)

@@ -1,4 +1,5 @@
-"""The offline main job: tiny preset, scikit-image's photos, every available backend, parity."""
+"""The offline main job: a built-in preset (tiny-trained: a small model trained here), scikit-image's
+photos with their captions as prompts, every available backend, parity with torch fp32."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ import numpy as np
 from sdcn_trt.config import BackendConfig, GenerationConfig
 from sdcn_trt.engines import backend_available
 from sdcn_trt.errors import WeightsError
-from sdcn_trt.images import contact_sheet, sample_photos, save_image, write_contest_image
+from sdcn_trt.images import PHOTO_PROMPTS, contact_sheet, sample_photos, save_image, write_contest_image
 from sdcn_trt.models import load_preset
 from sdcn_trt.pipeline.pipeline import ControlNetPipeline
 from sdcn_trt.progress import RunProgress
@@ -20,17 +21,19 @@ from sdcn_trt.scoring import PDScorer, contest_score
 logger = logging.getLogger(__name__)
 
 def run_demo(out_dir: Path, backends: list[str] | None = None, steps: int = 20,
-             samples: list[str] | None = None, progress: bool = True) -> dict:
-    """Generate every sample photo on each backend; report time and parity with torch fp32.
+             samples: list[str] | None = None, progress: bool = True, preset: str = "tiny-trained") -> dict:
+    """Generate every sample photo on each backend; report time and parity with torch fp32. Each
+    photo's prompt is its caption (PHOTO_PROMPTS), else the contest's "a bird".
     `progress`: one bar over every image of the run (the current backend and step beside it)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     config = GenerationConfig(ddim_steps=steps)
     photos = sample_photos(samples)
-    components = load_preset("tiny", seed=0)
+    components = load_preset(preset)
+    out_dir.mkdir(parents=True, exist_ok=True)
     wanted = ["torch"] + [b for b in (backends or []) if b != "torch"]
     available = {backend: backend_available(backend) for backend in wanted}
     results: dict[str, dict[str, np.ndarray]] = {}
-    summary: dict = {"settings": {**config.__dict__}, "backends": {}}
+    prompts = {name: PHOTO_PROMPTS.get(name, config.prompt) for name in photos}
+    summary: dict = {"preset": preset, "settings": {**config.__dict__, "prompt": prompts}, "backends": {}}
     controls: dict[str, np.ndarray] = {}
     runs = sum(ok for ok, _ in available.values()) * len(photos)
     with RunProgress(runs, "demo", enabled=progress) as bar:
@@ -50,7 +53,7 @@ def run_demo(out_dir: Path, backends: list[str] | None = None, steps: int = 20,
             for name, photo in photos.items():
                 bar.describe(f"demo {backend}")
                 clock = time.perf_counter()
-                out = pipe.run(photo, config, progress=bar.steps)
+                out = pipe.run(photo, config.replace(prompt=prompts[name]), progress=bar.steps)
                 seconds.append(time.perf_counter() - clock)
                 results[backend][name] = out.images[0]
                 controls[name] = out.control

@@ -76,6 +76,19 @@ def write_contest_image(path: Path, image: np.ndarray) -> Path:
 
 DEFAULT_SAMPLES = ("astronaut", "chelsea", "coffee", "rocket")
 
+# scikit-image's colour photos with short captions: what the tiny-trained preset was trained on
+# (scripts/train_tiny.py), and the prompts the demo gives each photo.
+PHOTO_PROMPTS = {
+    "astronaut": "a woman astronaut",
+    "chelsea": "a cat",
+    "coffee": "a cup of coffee",
+    "rocket": "a rocket at night",
+    "stereo_motorcycle": "a motorcycle",
+    "hubble_deep_field": "galaxies in deep space",
+    "immunohistochemistry": "cells under a microscope",
+    "retina": "the retina of an eye",
+}
+
 
 def sample_photos(names: list[str] | tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
     """RGB uint8 photos shipped inside scikit-image."""
@@ -87,5 +100,7 @@ def sample_photos(names: list[str] | tuple[str, ...] | None = None) -> dict[str,
         if loader is None:
             raise InputError(f"skimage.data has no sample {name!r}")
         image = loader()
+        if isinstance(image, tuple):  # stereo_motorcycle: (left, right, disparity)
+            image = image[0]
         photos[name] = image[:, :, :3] if image.ndim == 3 else image
     return photos

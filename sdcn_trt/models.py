@@ -1,13 +1,16 @@
-"""Loading SD1.5 + ControlNet: diffusers folders, the built-in presets (seeded random weights)."""
+"""Loading SD1.5 + ControlNet: diffusers folders, the built-in presets (seeded random weights, or
+the small model trained here that ships inside the package)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from sdcn_trt.cache import hash_file_cached, hash_json
+from sdcn_trt.cache import atomic_path, hash_file_cached, hash_json
 from sdcn_trt.checkpoint import load_controlnet_file
 from sdcn_trt.components import SD15_SCALING_FACTOR, Components
 from sdcn_trt.config import PRECISIONS, check_choice
@@ -58,6 +61,24 @@ def _sd15_configs() -> dict[str, dict[str, Any]]:
 
 PRESETS: dict[str, Callable[[], dict[str, dict[str, Any]]]] = {"tiny": _tiny_configs, "sd15-random": _sd15_configs}
 
+# Trained presets: weights + configs inside the package, written by scripts/train_tiny.py.
+TRAINED_PRESETS: dict[str, Path] = {"tiny-trained": Path(__file__).parent / "presets" / "tiny_trained"}
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+RETRAIN_HINT = ("regenerate it with `python scripts/train_tiny.py` (about 70 minutes on 2 CPU cores; "
+                "about 35 with `--vae-from` a preset folder whose VAE is intact)")
+
+
+def preset_names() -> list[str]:
+    """Every name `load_preset` accepts."""
+    return sorted([*PRESETS, *TRAINED_PRESETS])
+
+
+def trained_configs() -> dict[str, dict[str, Any]]:
+    """tiny-trained's architecture: UNet/ControlNet and VAE 64 channels wide (32 would make the
+    outermost GroupNorm(32) an instance norm that erases each channel's mean, i.e. the colours), and
+    the tiny preset's CLIP (128 wide, 2 layers): 11.7 M parameters, 23 MB in fp16."""
+    return sd_configs((64, 64, 64), 1, (64, 64, 64, 64), 1, 128, 256, 2)
+
 
 def build_from_configs(configs: dict[str, dict[str, Any]], seed: int, tokenizer: Any, source: str) -> Components:
     """Instantiate the networks from configs with weights drawn from `torch.manual_seed(seed)`.
@@ -84,9 +105,15 @@ def build_from_configs(configs: dict[str, dict[str, Any]], seed: int, tokenizer:
 
 def load_preset(name: str, seed: int = 0, tokenizer: str | Path | None = None, precision: str = "fp32",
                 cache: bool = True, cache_dir: str | Path | None = None) -> Components:
-    """A built-in architecture with seeded random weights: 'tiny' (tests, demo) or 'sd15-random'."""
+    """A built-in model: 'tiny-trained' (a small model trained here on scikit-image's photos; the
+    demo's), or an architecture with seeded random weights: 'tiny' (tests) or 'sd15-random'."""
+    if name in TRAINED_PRESETS:
+        if seed != 0:
+            raise InputError(f"preset {name!r} has trained weights, so it takes no seed (got {seed}); "
+                             f"seeds pick the weights of the random presets: {', '.join(sorted(PRESETS))}")
+        return load_trained_preset(TRAINED_PRESETS[name], tokenizer, name=name, precision=precision)
     if name not in PRESETS:
-        raise InputError(f"unknown preset {name!r}; available presets: {', '.join(sorted(PRESETS))}")
+        raise InputError(f"unknown preset {name!r}; available presets: {', '.join(preset_names())}")
     return cached_preset(name, PRESETS[name](), seed, load_tokenizer(tokenizer), precision, cache, cache_dir)
 
 
@@ -109,6 +136,96 @@ def cached_preset(name: str, configs: dict[str, dict[str, Any]], seed: int, toke
             components.network(name_).half()
         components.precision = precision
     return components.with_weights_key(key)
+
+
+def _materialise_position_ids(module: torch.nn.Module) -> None:
+    """CLIP's `position_ids` (arange(77), a buffer no state dict holds) made real after a meta-device build."""
+    for name, buffer in list(module.named_buffers()):
+        if buffer.is_meta:
+            assert name.endswith("position_ids"), f"buffer {name} is not in the weights file"
+            owner, _, leaf = name.rpartition(".")
+            ids = torch.arange(buffer.shape[-1]).expand(buffer.shape).contiguous()  # (1, 77)
+            module.get_submodule(owner).register_buffer(leaf, ids, persistent=False)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_trained_preset(components: Components, folder: str | Path, configs: dict[str, dict[str, Any]],
+                        training: dict[str, Any] | None = None) -> Path:
+    """Write one fp16 safetensors file (keys '<network>.<parameter>') and config.json (the four
+    configs, the file's sha256, how it was trained) into `folder`; returns the weights path."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {f"{name}.{key}": (value.to(torch.float16) if value.is_floating_point() else value).contiguous()
+             for name, module in components.modules().items() for key, value in module.state_dict().items()}
+    weights = folder / WEIGHTS_FILE
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp), metadata={"format": "sdcn_trt trained preset", "dtype": "float16"})
+    record = {"weights": WEIGHTS_FILE, "sha256": _sha256(weights), "configs": configs, "training": training or {}}
+    with atomic_path(folder / CONFIG_FILE) as tmp:
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+    return weights
+
+
+def load_trained_preset(folder: str | Path, tokenizer: str | Path | None = None, name: str = "trained",
+                        precision: str = "fp32") -> Components:
+    """A model written by `save_trained_preset`: weights stored in fp16, run in fp32 (or, with
+    precision="fp16", the UNet, ControlNet and VAE in fp16). The file's sha256 is checked against
+    config.json, so a damaged file is named rather than run; it is also the weights' content key
+    (exports are cached by it). Nothing goes to the weights cache: the file is already small."""
+    check_choice("precision", precision, PRECISIONS)
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(folder)
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise WeightsError(f"preset config not found: {config_path}; {RETRAIN_HINT}")
+    try:
+        record = json.loads(config_path.read_text())
+        configs, expected = record["configs"], record["sha256"]
+        weights = folder / record["weights"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise WeightsError(f"preset config {config_path} is damaged ({exc!r}); {RETRAIN_HINT}") from exc
+    if not weights.is_file():
+        raise WeightsError(f"preset weights not found: {weights}; {RETRAIN_HINT}")
+    actual = _sha256(weights)
+    if actual != expected:
+        raise WeightsError(f"preset weights {weights} are damaged: sha256 {actual[:16]}..., expected "
+                           f"{expected[:16]}... (from {config_path.name}); {RETRAIN_HINT}")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise WeightsError(f"cannot read preset weights {weights} ({exc}); {RETRAIN_HINT}") from exc
+    tok = load_tokenizer(tokenizer)
+    with torch.device("meta"):  # no random init: every parameter comes from the file
+        modules = {
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**configs["text_encoder"], **special_token_ids(tok))),
+            "unet": UNet2DConditionModel(**configs["unet"]),
+            "controlnet": ControlNetModel(**configs["controlnet"]),
+            "vae": AutoencoderKL(**configs["vae"]),
+        }
+    for net, module in modules.items():
+        part = {k[len(net) + 1:]: v.float() if v.is_floating_point() else v
+                for k, v in state.items() if k.startswith(net + ".")}
+        try:
+            module.load_state_dict(part, strict=True, assign=True)
+        except RuntimeError as exc:
+            raise WeightsError(f"{net} weights in {weights} do not match {config_path.name}: {exc}; {RETRAIN_HINT}") from exc
+        _materialise_position_ids(module)
+    components = Components(tok, modules["text_encoder"], modules["unet"], modules["controlnet"], modules["vae"],
+                            source=f"preset:{name}:sha256={actual[:16]}").eval_()
+    if precision == "fp16":
+        for net in ("unet", "controlnet", "vae"):
+            components.network(net).half()
+        components.precision = precision
+    return components.with_weights_key(weights_key(kind="trained-preset", sha256=actual))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import pytest
 
 from benchmarks.__main__ import markdown
 from benchmarks.case import in_seconds
+from sdcn_trt.errors import InputError
 from sdcn_trt.scoring.latency import summarize
 
 
@@ -106,3 +107,49 @@ def test_startup_cases_run_cold_then_warm(tmp_path):
         assert case["ready_s"] >= case["load_s"] > 0 and case["peak_rss_gib"] > 0
     table = (tmp_path / "out" / "LATEST-startup-cpu.md").read_text()
     assert "| torch fp32, warm |" in table and "from the tiny preset" in table
+
+
+def test_quality_table_runs_every_row_against_full_fp32(tmp_path, monkeypatch):
+    from benchmarks.quality import main, parse_row
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))  # no FID weights: PD is reported as not measured
+    monkeypatch.delenv("SDCN_FID_WEIGHTS", raising=False)
+    out = tmp_path / "quality.md"
+    assert main(["--rows", "full", "eps=1", "steps=1@fp16", "--photos", "chelsea", "--ddim-steps", "2",
+                 "--image-resolution", "64", "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert list(rows) == ["full", "eps=1", "steps=1@fp16"]
+    assert rows["full"]["mean_abs_diff"] == 0 and rows["full"]["ssim_mean"] == 1.0
+    assert rows["full"]["steps"] == "2 full" and rows["eps=1"]["steps"] == "1 full + 1 reuse_eps"
+    assert rows["steps=1@fp16"]["precision"] == "fp16" and rows["steps=1@fp16"]["ddim_steps"] == 1
+    assert rows["eps=1"]["mean_abs_diff"] > 0  # the reused prediction changes the image
+    text = out.read_text()
+    assert "not SD1.5" in text and "| eps=1 | fp32 | 1 full + 1 reuse_eps |" in text and out.with_suffix(".png").is_file()
+    assert rows["eps=1"]["pd_mean"] is None and "PD: not measured" in text and "| n/a |" in text
+    assert parse_row("eps=10@fp16") == ("eps=10", "fp16") and parse_row("full@19,18") == ("full@19,18", "fp32")
+    with pytest.raises(InputError, match="unknown precision 'int8' in row 'full@int8'; use fp32 or fp16"):
+        parse_row("full@int8")
+    with pytest.raises(InputError, match="unknown schedule term 'fast'"):
+        parse_row("fast")
+
+
+def test_quality_table_measures_pd_with_fid_weights(tmp_path):
+    """PD through the contest's path (JPEG files, pytorch-fid InceptionV3); seeded random Inception
+    weights stand in for the FID ones here, so only the plumbing is checked: 0 for the reference itself."""
+    import torch
+
+    from benchmarks.quality import main
+    from sdcn_trt.errors import WeightsError
+    from sdcn_trt.scoring.pd import FID_WEIGHTS_FILE, random_inception_state
+
+    weights = tmp_path / FID_WEIGHTS_FILE
+    torch.save(random_inception_state(0), weights)
+    out = tmp_path / "quality.md"
+    assert main(["--rows", "full", "eps=1", "--photos", "chelsea", "--ddim-steps", "2", "--image-resolution", "64",
+                 "--fid-weights", str(weights), "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert rows["full"]["pd_mean"] == 0.0 and rows["eps=1"]["pd_mean"] > 0
+    assert "PD: the contest's PD" in out.read_text()
+    with pytest.raises(WeightsError, match="FID Inception weights not found"):
+        main(["--rows", "full", "--photos", "chelsea", "--fid-weights", str(tmp_path / "absent.pth"),
+              "--out", str(out)])

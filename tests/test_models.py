@@ -15,7 +15,7 @@ def test_preset_is_seeded_and_control_path_is_live(tiny):
 
 
 def test_unknown_preset():
-    with pytest.raises(InputError, match="unknown preset 'huge'; available presets: sd15-random, tiny"):
+    with pytest.raises(InputError, match="unknown preset .huge.; available presets: sd15-random, tiny, tiny-trained"):
         load_preset("huge")
 
 
