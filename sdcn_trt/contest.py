@@ -13,7 +13,7 @@ The harness passes no arguments, so settings come from environment variables:
 
     SDCN_CHECKPOINT   control_sd15_canny.pth (ldm layout); default: the contest's
                       /home/player/ControlNet/models/control_sd15_canny.pth, then ./models/control_sd15_canny.pth
-    SDCN_PRESET       tiny | sd15-random: built-in seeded random weights instead of a checkpoint
+    SDCN_PRESET       tiny | tiny-trained | sd15-random: a built-in model instead of a checkpoint
                       (tests, offline runs); used only when set, and then it wins over SDCN_CHECKPOINT
     SDCN_BACKEND      torch | onnxruntime | tensorrt | inductor; default: the fastest available, in order
                       TensorRT, inductor (the compiled engine), torch CUDA fp16 with the loop graph,
@@ -47,7 +47,7 @@ from sdcn_trt.config import (
 from sdcn_trt.engines import backend_available
 from sdcn_trt.errors import BackendUnavailableError, InputError, SdcnError, WeightsError
 from sdcn_trt.images import sample_photos
-from sdcn_trt.models import PRESETS
+from sdcn_trt.models import preset_names
 from sdcn_trt.pipeline.pipeline import ControlNetPipeline
 from sdcn_trt.schedule import parse_schedule
 
@@ -63,7 +63,7 @@ WARMUP_PHOTO = "chelsea"  # scikit-image sample, resized to the contest's 256x38
 # name -> what it sets; the kit's README and the tests read this table
 ENV_VARS = {
     "SDCN_CHECKPOINT": f"control_sd15_canny.pth (default: {CONTEST_CHECKPOINT}, then ./{LOCAL_CHECKPOINT})",
-    "SDCN_PRESET": f"{' | '.join(PRESETS)}: built-in random weights instead of a checkpoint (tests, offline)",
+    "SDCN_PRESET": f"{' | '.join(preset_names())}: a built-in model instead of a checkpoint (tests, offline)",
     "SDCN_BACKEND": f"{' | '.join(BACKENDS)} (default: the fastest available; the choice is logged)",
     "SDCN_DEVICE": "cpu | cuda | cuda:N (default: cuda when a GPU is visible)",
     "SDCN_PRECISION": f"{' | '.join(PRECISIONS)} (default: fp16 on CUDA, fp32 on the CPU)",
@@ -153,7 +153,7 @@ class ContestSettings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "ContestSettings":
         env = os.environ if environ is None else environ
-        preset = _env_choice(env, "SDCN_PRESET", tuple(PRESETS))
+        preset = _env_choice(env, "SDCN_PRESET", tuple(preset_names()))
         backend = _env_choice(env, "SDCN_BACKEND", BACKENDS)
         precision = _env_choice(env, "SDCN_PRECISION", PRECISIONS)
         graph = _env_choice(env, "SDCN_CUDA_GRAPH", GRAPH_MODES)
@@ -189,7 +189,7 @@ def find_checkpoint(given: str | None) -> Path:
     where = ", ".join(str(p) for p in tried)
     raise WeightsError(
         f"control_sd15_canny.pth not found (tried: {where}). Set SDCN_CHECKPOINT to the ldm checkpoint "
-        f"file, or SDCN_PRESET={'|'.join(PRESETS)} for built-in random weights"
+        f"file, or SDCN_PRESET={'|'.join(preset_names())} for a built-in model"
     )
 
 

@@ -78,7 +78,7 @@ def test_settings_from_the_environment(monkeypatch):
     ({"SDCN_BACKEND": "trt"}, InputError, "SDCN_BACKEND='trt' is not valid; use one of torch, onnxruntime, tensorrt"),
     ({"SDCN_PRECISION": "int8"}, InputError, "SDCN_PRECISION='int8' is not valid; use one of fp32, fp16"),
     ({"SDCN_CUDA_GRAPH": "on"}, InputError, "SDCN_CUDA_GRAPH='on' is not valid; use one of off, step, loop"),
-    ({"SDCN_PRESET": "sd15"}, InputError, "SDCN_PRESET='sd15' is not valid; use one of tiny, sd15-random"),
+    ({"SDCN_PRESET": "sd15"}, InputError, "SDCN_PRESET='sd15' is not valid; use one of sd15-random, tiny, tiny-trained"),
     ({"SDCN_SCHEDULE": "fast"}, InputError, "SDCN_SCHEDULE='fast': unknown schedule term 'fast' in 'fast'; valid: full, steps=N"),
     ({"SDCN_DEVICE": "gpu"}, InputError, "SDCN_DEVICE='gpu' is not valid; use cpu, cuda or cuda:N"),
     ({"SDCN_DEVICE": "cuda:x"}, InputError, "SDCN_DEVICE='cuda:x' is not valid"),
@@ -102,7 +102,7 @@ def test_missing_checkpoint_names_every_place_and_the_variable(monkeypatch, tmp_
     assert str(info.value) == (
         f"control_sd15_canny.pth not found (tried: /home/player/ControlNet/models/control_sd15_canny.pth, "
         f"{tmp_path}/models/control_sd15_canny.pth). Set SDCN_CHECKPOINT to the ldm checkpoint file, "
-        f"or SDCN_PRESET=tiny|sd15-random for built-in random weights")
+        f"or SDCN_PRESET=sd15-random|tiny|tiny-trained for a built-in model")
     monkeypatch.setenv("SDCN_CHECKPOINT", str(tmp_path / "elsewhere.pth"))
     with pytest.raises(WeightsError, match=r"not found \(tried: .*elsewhere.pth\)\. Set SDCN_CHECKPOINT"):
         hackathon().initialize()
