@@ -1,5 +1,4 @@
 """Several ControlNets at once: parity with diffusers' MultiControlNetModel, run-time strengths, errors."""
-import dataclasses
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from sdcn_trt.models import load_preset
 def two_nets(tiny):
     """The tiny preset with a second ControlNet (another seed's weights)."""
     other = load_preset("tiny", seed=1).controlnet
-    return dataclasses.replace(tiny, more_controlnets=(other,))
+    return tiny.with_more_controlnets((other,), source="tiny + tiny seed 1")
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +101,10 @@ def test_controlnets_of_another_base_model_are_refused(tiny):
     cfg = sd_configs((32, 64), 1, (32, 32, 32, 32), 1, 128, 256, 2)["controlnet"]
     wide = ControlNetModel(**{**cfg, "cross_attention_dim": 1024})
     with pytest.raises(WeightsError, match="ControlNet 1 reads 1024-wide text .*the UNet reads 128-wide text"):
-        dataclasses.replace(tiny, more_controlnets=(wide,))
+        tiny.with_more_controlnets((wide,), source="wide")
     narrow = ControlNetModel(**{**cfg, "block_out_channels": (32, 32)})
     with pytest.raises(WeightsError, match=r"ControlNet 1 has block widths \(32, 32\); the UNet has \(32, 64\)"):
-        dataclasses.replace(tiny, more_controlnets=(narrow,))
+        tiny.with_more_controlnets((narrow,), source="narrow")
 
 
 def test_loading_and_cli(tiny, photo, stripes, tmp_path, capsys):
