@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -48,6 +49,18 @@ def fast_config():
     from sdcn_trt import GenerationConfig
 
     return GenerationConfig(image_resolution=64, ddim_steps=2)
+
+
+def replay_without_host_sync(loop) -> None:
+    """Replay a captured CUDA-graph loop under sync-debug 'error': raises if any operation in it waits
+    for the host."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loop.replay()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
 
 
 def pixel_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -7,6 +7,7 @@ import torch
 
 from sdcn_trt import BackendConfig, ControlNetPipeline, GenerationConfig, InputError
 from sdcn_trt.engines.base import NonFiniteOutputError
+from tests.conftest import replay_without_host_sync
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +86,7 @@ def test_captured_replay_never_synchronises_with_the_host(tiny, photo, schedule)
     pipe = ControlNetPipeline(tiny, BackendConfig(device="cuda", precision="fp16", cuda_graph="loop"))
     pipe.run(photo, config)  # capture
     (loop,) = pipe._loops.values()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        loop.replay()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
+    replay_without_host_sync(loop)
 
 
 @pytest.mark.gpu

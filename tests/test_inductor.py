@@ -20,7 +20,7 @@ from sdcn_trt.engines.inductor_plan import InductorSettings, dynamic_shapes, pac
 from sdcn_trt.engines.torch import FastPath, TorchRunner, attention_modules
 from sdcn_trt.errors import BackendUnavailableError, DeviceMemoryError, InputError
 from sdcn_trt.export.descriptors import ShapeRange, ShapeSpec, get_descriptor
-from tests.conftest import pixel_diff
+from tests.conftest import pixel_diff, replay_without_host_sync
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
 SMALL = InductorSettings(ShapeRange.static(ShapeSpec(1, 64, 64)))
@@ -327,10 +327,4 @@ def test_inductor_replay_never_synchronises_with_the_host(photo, gpu_inductor_pi
     config = GenerationConfig(image_resolution=256, ddim_steps=4, eta=0.5)
     gpu_inductor_pipe.run(photo, config)  # compile (or reuse) and capture
     loop = next(loop for key, loop in gpu_inductor_pipe._loops.items() if key.timesteps == (751, 501, 251, 1))
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        loop.replay()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
+    replay_without_host_sync(loop)
