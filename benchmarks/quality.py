@@ -67,7 +67,8 @@ def run_quality(rows: list[str], photos: list[str], preset: str, base: Generatio
                 scorer: PDScorer | None = None) -> dict:
     """Images, metrics against the full fp32 schedule, and latency (after one warm-up) per row and photo."""
     parsed = {row: parse_row(row) for row in rows}  # every row checked before any work
-    scratch = Path(tempfile.mkdtemp(prefix="sdcn-quality-"))
+    scratch_dir = tempfile.TemporaryDirectory(prefix="sdcn-quality-")  # the JPEGs PD reads, removed at the end
+    scratch = Path(scratch_dir.name)
     components = load_preset(preset)
     inputs = sample_photos(photos)
     pipes: dict[str, ControlNetPipeline] = {}
@@ -104,6 +105,7 @@ def run_quality(rows: list[str], photos: list[str], preset: str, base: Generatio
         }
     for pipe in pipes.values():
         pipe.close()
+    scratch_dir.cleanup()
     results["images"] = images
     return results
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from typing import Any, Callable, Sequence, Union
 
 import torch
@@ -65,6 +66,9 @@ class Components:
         self._loader = loader
         # fingerprints of the loaded networks while `weights_key` describes them
         self._prints = {n: _fingerprint(m) for n, m in self._networks.items() if not is_empty(m)}
+        # module -> (fingerprint, hash_module) of its tensors when last hashed
+        self._hashes: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[tuple[int, int], ...], str]] = (
+            weakref.WeakKeyDictionary())
         missing = [n for n, m in self._networks.items() if is_empty(m)]
         if missing and loader is None:
             raise ValueError(f"networks {missing} have no weights (meta device) and no loader was given")
@@ -164,6 +168,7 @@ class Components:
         copy = Components(self.tokenizer, *(self._networks[n] for n in NETWORKS), source=source,
                           more_controlnets=more, weights_key=self._key, loader=self._loader, precision=self.precision)
         copy._prints = dict(self._prints)
+        copy._hashes = self._hashes  # the same networks: the same hashes
         return copy
 
     # -- identity of the weights ------------------------------------------------------------------
@@ -190,11 +195,19 @@ class Components:
         if key and not changed:
             key += ":fp16-weights" if self.precision == "fp16" and precision != "fp16" else ""
             if self.more_controlnets:  # loaded from their own files: keyed by their tensors
-                key = hash_json([key, *(hash_module(net) for net in self.more_controlnets)])
+                key = hash_json([key, *(self._module_hash(net) for net in self.more_controlnets)])
             return key
         if key:
             logger.info("%s: weights of %s changed in place; hashing them for cache keys", self.source, changed)
-        return hash_json({name: hash_module(module) for name, module in self.modules().items()})
+        return hash_json({name: self._module_hash(module) for name, module in self.modules().items()})
+
+    def _module_hash(self, module: torch.nn.Module) -> str:
+        """hash_module(module), hashed again only when its tensors were replaced or changed in place."""
+        prints = _fingerprint(module)
+        known = self._hashes.get(module)
+        if known is None or known[0] != prints:
+            known = self._hashes[module] = (prints, hash_module(module))
+        return known[1]
 
     # -- SD1.x values read off the configs ----------------------------------------------------------
     @property

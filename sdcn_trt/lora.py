@@ -15,7 +15,6 @@ alpha / sqrt(rank)), as diffusers' `fuse_lora(lora_scale=strength)` computes it.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sdcn_trt.cache import hash_file
 from sdcn_trt.checkpoint import read_state_dict
 from sdcn_trt.components import Components
 from sdcn_trt.errors import InputError, WeightsError
@@ -210,7 +210,7 @@ def load_lora(path: str | Path, components: Components) -> Lora:
     """
     path = Path(path)
     state = read_state_dict(path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = hash_file(path)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     unknown: list[str] = []
     for key, tensor in state.items():
@@ -266,7 +266,8 @@ def merge_lora(components: Components, lora: Lora, strength: float, record: Lora
 
     Returns the undo record (extended when one is given: merge several LoRAs into one record);
     `unmerge_lora` restores the exact original weights. `components.source` gains the LoRA's
-    digest and strength, so anything keyed by it (caches, logs) tells the merged model apart.
+    digest and strength, for logs; cache keys (`Components.weights_id`) notice the changed weights
+    by themselves.
     """
     strength = check_strength(strength)
     if record is None:

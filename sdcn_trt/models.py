@@ -2,7 +2,6 @@
 the small model trained here that ships inside the package)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from sdcn_trt.cache import atomic_path, hash_file_cached, hash_json
+from sdcn_trt.cache import atomic_path, hash_file, hash_file_cached, hash_json
 from sdcn_trt.checkpoint import load_controlnet_file
 from sdcn_trt.components import SD15_SCALING_FACTOR, Components
 from sdcn_trt.config import PRECISIONS, check_choice
@@ -148,10 +147,6 @@ def _materialise_position_ids(module: torch.nn.Module) -> None:
             module.get_submodule(owner).register_buffer(leaf, ids, persistent=False)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def save_trained_preset(components: Components, folder: str | Path, configs: dict[str, dict[str, Any]],
                         training: dict[str, Any] | None = None) -> Path:
     """Write one fp16 safetensors file (keys '<network>.<parameter>') and config.json (the four
@@ -165,7 +160,7 @@ def save_trained_preset(components: Components, folder: str | Path, configs: dic
     weights = folder / WEIGHTS_FILE
     with atomic_path(weights) as tmp:
         save_file(state, str(tmp), metadata={"format": "sdcn_trt trained preset", "dtype": "float16"})
-    record = {"weights": WEIGHTS_FILE, "sha256": _sha256(weights), "configs": configs, "training": training or {}}
+    record = {"weights": WEIGHTS_FILE, "sha256": hash_file(weights), "configs": configs, "training": training or {}}
     with atomic_path(folder / CONFIG_FILE) as tmp:
         tmp.write_text(json.dumps(record, indent=1) + "\n")
     return weights
@@ -195,7 +190,7 @@ def load_trained_preset(folder: str | Path, tokenizer: str | Path | None = None,
         raise WeightsError(f"preset config {config_path} is damaged ({exc!r}); {RETRAIN_HINT}") from exc
     if not weights.is_file():
         raise WeightsError(f"preset weights not found: {weights}; {RETRAIN_HINT}")
-    actual = _sha256(weights)
+    actual = hash_file(weights)
     if actual != expected:
         raise WeightsError(f"preset weights {weights} are damaged: sha256 {actual[:16]}..., expected "
                            f"{expected[:16]}... (from {config_path.name}); {RETRAIN_HINT}")

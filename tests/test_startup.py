@@ -12,6 +12,7 @@ import torch
 from sdcn_trt import ControlNetPipeline, GenerationConfig, WeightsError
 from sdcn_trt.cache import hash_file_cached
 from sdcn_trt.checkpoint import load_single_file, read_state_dict
+import sdcn_trt.components as components_module
 from sdcn_trt.components import Components, is_empty
 from sdcn_trt.export.descriptors import get_descriptor
 from sdcn_trt.export.onnx_export import ExportSettings, export_key
@@ -177,6 +178,21 @@ def test_weights_changed_in_place_get_a_new_key(tmp_path):
         lazy.unet.conv_in.weight.add_(1.0)  # loads the UNet, then changes it
     assert lazy.weights_id() != key
     assert Components(lazy.tokenizer, *lazy.modules().values()).weights_id() == lazy.weights_id()  # = tensor hash
+
+
+def test_changed_weights_are_hashed_once_per_change(tiny, monkeypatch):
+    hashed = []
+    real = components_module.hash_module
+    monkeypatch.setattr(components_module, "hash_module", lambda m: hashed.append(m) or real(m))
+    model = Components(tiny.tokenizer, *(load_preset("tiny", seed=0).modules().values()), weights_key="k")
+    with torch.no_grad():
+        model.unet.conv_in.weight.add_(1.0)
+    first = model.weights_id()
+    assert len(hashed) == 4  # every network once
+    assert model.weights_id() == first and len(hashed) == 4  # nothing changed since: no hashing
+    with torch.no_grad():
+        model.vae.decoder.conv_out.bias.add_(1.0)
+    assert model.weights_id() != first and hashed[4:] == [model.vae]  # only the changed network again
 
 
 def test_empty_networks_need_a_loader(tmp_path):

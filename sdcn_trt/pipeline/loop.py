@@ -88,7 +88,10 @@ class Denoiser:
     def __init__(self, runners: Mapping[str, Runner], kinds: Sequence[str], scale: float, text: torch.Tensor,
                  hints: Mapping[str, torch.Tensor], scales: torch.Tensor):
         self.runners, self.scale = runners, scale
-        self.text, self.hints, self.scales = text, hints, scales  # hints: "hint", "hint_1", ... per ControlNet
+        self.text = text
+        # the ControlNet's inputs besides the step's, the same at every step: hints "hint", "hint_1", ...
+        # per ControlNet (tensors a static loop refills in place) and the control scales
+        self.control = {**hints, "control_scales": scales}
         # which UNet network full and reuse_control steps run: the fused step, the UNet on given
         # residuals, or that UNet also returning its deep feature (networks_for picks the same)
         self.unet = "unet_deep" if SHALLOW in kinds else "unet" if REUSE_CONTROL in kinds else None
@@ -106,14 +109,13 @@ class Denoiser:
             assert state.guided is not None, "a reuse step needs an earlier full step"
             return state
         base = {"latents": state.x, "timestep": timestep, "text_embeddings": self.text}
-        control = {**self.hints, "control_scales": self.scales}
         if kind == FULL and self.unet is None:
-            noise_pred = self.runners["fused_step"].infer({**base, **control})["noise_pred"]
+            noise_pred = self.runners["fused_step"].infer({**base, **self.control})["noise_pred"]
             return dataclasses.replace(state, guided=self.guide(noise_pred))
         residuals = state.residuals
         if kind == FULL:
             controlnet = self.runners["controlnet"]
-            out = controlnet.infer({**base, **control})
+            out = controlnet.infer({**base, **self.control})
             residuals = tuple(out[n] for n in controlnet.descriptor.output_names)  # (2B, C_i, h_i, w_i) each
         assert residuals, f"a {kind} step needs an earlier full step"
         if kind == SHALLOW:
