@@ -69,7 +69,7 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
     from sdcn_trt import BackendConfig, ControlNetPipeline, GenerationConfig
     from sdcn_trt.images import sample_photos
     from sdcn_trt.export.descriptors import ShapeSpec
-    from sdcn_trt.models import load_preset
+    from sdcn_trt.models.presets import load_preset
     from sdcn_trt.pipeline.scheduler import make_ddim_schedule
 
     clock = time.perf_counter()

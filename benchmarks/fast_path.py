@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=ShapeSpec().width)
     parser.add_argument("--out", nargs="+", default=[str(Path(__file__).parent / "results")])
     args = parser.parse_args(argv)
-    from sdcn_trt.models import load_preset
+    from sdcn_trt.models.presets import load_preset
 
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": args.device, "precision": args.precision,
               "preset": args.preset, "torch": torch.__version__,

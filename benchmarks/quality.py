@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from sdcn_trt import BackendConfig, ControlNetPipeline, GenerationConfig  # noqa: E402
 from sdcn_trt.errors import InputError, WeightsError  # noqa: E402
 from sdcn_trt.images import PHOTO_PROMPTS, contact_sheet, sample_photos, save_image, write_contest_image  # noqa: E402
-from sdcn_trt.models import load_preset  # noqa: E402
+from sdcn_trt.models.presets import load_preset  # noqa: E402
 from sdcn_trt.schedule import FULL, REUSE_CONTROL, REUSE_EPS, SHALLOW, parse_schedule  # noqa: E402
 from sdcn_trt.scoring import image_metrics  # noqa: E402
 from sdcn_trt.scoring.latency import timed  # noqa: E402

@@ -22,9 +22,9 @@ from benchmarks.case import timings
 from sdcn_trt import BackendConfig, ControlNetPipeline, GenerationConfig
 from sdcn_trt.export.descriptors import ShapeSpec
 from sdcn_trt.images import sample_photos
-from sdcn_trt.models import load_preset
+from sdcn_trt.models.presets import load_preset
 from sdcn_trt.pipeline.loop import networks_for
-from sdcn_trt.tuning import evaluations
+from sdcn_trt.scoring.tune import evaluations
 
 SCHEDULES = ("full", "steps=10", "eps=10", "full@19,18,17,16,15,14,13,11,8,4", "control=10", "control=7",
              "deepcache=2", "deepcache=3", "deepcache=5")

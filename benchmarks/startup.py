@@ -134,7 +134,7 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 def write_file(path: Path, preset: str) -> dict[str, Any]:
     """The ldm single file (SD1.5-sized for sd15-random), written in a process of its own."""
-    code = ("import sys; from sdcn_trt.models import load_preset; from sdcn_trt.ldm_layout import save_single_file; "
+    code = ("import sys; from sdcn_trt.models.presets import load_preset; from sdcn_trt.models.ldm_layout import save_single_file; "
             "save_single_file(load_preset(sys.argv[2], seed=0, cache=False), sys.argv[1])")
     clock = time.perf_counter()
     subprocess.run([sys.executable, "-c", code, str(path), preset], check=True)

@@ -65,8 +65,8 @@ def run_phase(phase: str, preset: str, work: Path) -> dict:
     from sdcn_trt.engines.onnxruntime import OnnxRuntimeRunner
     from sdcn_trt.export.descriptors import ShapeSpec, get_descriptor
     from sdcn_trt.export.onnx_export import ExportSettings, export_onnx
-    from sdcn_trt.lora import apply_loras
-    from sdcn_trt.models import PRESETS, load_preset
+    from sdcn_trt.models.lora import apply_loras
+    from sdcn_trt.models.presets import PRESETS, load_preset
 
     weights, cache, _ = PHASES[phase]
     components = load_preset(preset, seed=0)

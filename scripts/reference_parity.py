@@ -104,9 +104,9 @@ def prepare(work: Path, preset: str) -> None:
     import skimage.data
     import yaml
 
-    from sdcn_trt.ldm_layout import original_config_for, save_single_file
-    from sdcn_trt.models import load_preset
-    from sdcn_trt.tokenizer import write_clip_tokenizer_files
+    from sdcn_trt.models.ldm_layout import original_config_for, save_single_file
+    from sdcn_trt.models.presets import load_preset
+    from sdcn_trt.models.tokenizer import write_clip_tokenizer_files
 
     components = load_preset(preset)
     clip_dir = work / "clip"

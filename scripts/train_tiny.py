@@ -2,7 +2,7 @@
 really denoises, trained on scikit-image's colour photos (not SD1.5; it knows only these photos).
 
     python scripts/train_tiny.py             # everything, seeded: VAE ~33 min + diffusion ~33 min on 2 shared cores
-    python scripts/train_tiny.py --vae-from sdcn_trt/presets/tiny_trained   # reuse the shipped VAE: ~33 min
+    python scripts/train_tiny.py --vae-from sdcn_trt/models/tiny_trained   # reuse the shipped VAE: ~33 min
     python scripts/train_tiny.py --smoke     # a one-minute run into /tmp that checks the plumbing
 
 In order:
@@ -21,7 +21,7 @@ In order:
      encoder initialised on training controls (LSUV: with PyTorch's default init the canny map
      reaches the network ~1000x weaker than the latents, and training learns to ignore it);
      first 128-pixel crops (16x16 latents), then a few 256-pixel crops;
-  3. the preset (fp16 safetensors + config.json) into sdcn_trt/presets/tiny_trained/, the same model
+  3. the preset (fp16 safetensors + config.json) into sdcn_trt/models/tiny_trained/, the same model
      as an ldm single file + YAML into --ldm-dir, sample sheets, and a Markdown log.
 """
 from __future__ import annotations
@@ -47,10 +47,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sdcn_trt import preprocess  # noqa: E402
-from sdcn_trt.components import SD15_SCALING_FACTOR, Components  # noqa: E402
+from sdcn_trt.models.components import SD15_SCALING_FACTOR, Components  # noqa: E402
 from sdcn_trt.config import GenerationConfig  # noqa: E402
 from sdcn_trt.images import PHOTO_PROMPTS, contact_sheet, sample_photos, save_image  # noqa: E402
-from sdcn_trt.models import (  # noqa: E402
+from sdcn_trt.models.presets import (  # noqa: E402
     TRAINED_PRESETS, build_from_configs, load_preset, load_trained_preset, save_trained_preset, trained_configs,
 )
 
@@ -166,7 +166,7 @@ def fold_latent_scale(vae: torch.nn.Module, variants: list[Variant]) -> float:
 # -- 2. UNet + ControlNet ------------------------------------------------------------------------------
 @torch.no_grad()
 def encode_texts(components: Components) -> dict[str, torch.Tensor]:
-    from sdcn_trt.tokenizer import tokenize
+    from sdcn_trt.models.tokenizer import tokenize
 
     prompts = ["", N_PROMPT] + [p for c in PHOTO_PROMPTS.values() for p in (c, f"{c}, {A_PROMPT}")]
     states = components.text_encoder(tokenize(components.tokenizer, prompts)).last_hidden_state  # (N, 77, D)
@@ -399,7 +399,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sdcn_trt.ldm_layout import save_single_file
+    from sdcn_trt.models.ldm_layout import save_single_file
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)

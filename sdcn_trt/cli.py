@@ -10,14 +10,14 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from sdcn_trt.batch import BatchSettings, jobs_for_paths, run_batch, write_outputs
-from sdcn_trt.checkpoint import load_single_file
+from sdcn_trt.batch.local import BatchSettings, jobs_for_paths, run_batch, write_outputs
+from sdcn_trt.models.single_file import load_single_file
 from sdcn_trt.config import (
     BACKENDS, CONTEST_HEIGHT, CONTEST_WIDTH, GRAPH_MODES, PRECISIONS, BackendConfig, GenerationConfig,
 )
 from sdcn_trt.contest import write_kit
 from sdcn_trt.demo import run_demo
-from sdcn_trt.distributed import RayRunner
+from sdcn_trt.batch.ray import RayRunner
 from sdcn_trt.engines.inductor import build_packages, require_inductor
 from sdcn_trt.engines.inductor_plan import InductorSettings
 from sdcn_trt.engines.tensorrt import build_engines, require_tensorrt
@@ -25,15 +25,15 @@ from sdcn_trt.engines.trt_plan import BuildSettings
 from sdcn_trt.errors import InputError, SdcnError
 from sdcn_trt.export import ExportSettings, export_networks
 from sdcn_trt.export.descriptors import DESCRIPTORS, PIPELINE_NETWORKS, ShapeRange, ShapeSpec
-from sdcn_trt.lora import apply_loras, parse_lora_arg
-from sdcn_trt.models import load_diffusers, load_preset, preset_names, with_controlnets
+from sdcn_trt.models.lora import apply_loras, parse_lora_arg
+from sdcn_trt.models.presets import load_diffusers, load_preset, preset_names, with_controlnets
 from sdcn_trt.pipeline.pipeline import ControlNetPipeline
 from sdcn_trt.preprocess import load_image
 from sdcn_trt.progress import RunProgress
 from sdcn_trt.schedule import SPELLINGS, load_schedule_file
 from sdcn_trt.scoring.report import summary_table
 from sdcn_trt.scoring.run import ScoreSettings, run_score
-from sdcn_trt.tuning import TuneSettings, frontier_table, tune
+from sdcn_trt.scoring.tune import TuneSettings, frontier_table, tune
 
 logger = logging.getLogger("sdcn_trt")
 

@@ -47,7 +47,7 @@ from sdcn_trt.config import (
 from sdcn_trt.engines import backend_available
 from sdcn_trt.errors import BackendUnavailableError, InputError, SdcnError, WeightsError
 from sdcn_trt.images import sample_photos
-from sdcn_trt.models import preset_names
+from sdcn_trt.models.presets import preset_names
 from sdcn_trt.pipeline.pipeline import ControlNetPipeline
 from sdcn_trt.schedule import parse_schedule
 

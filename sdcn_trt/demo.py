@@ -13,7 +13,7 @@ from sdcn_trt.config import BackendConfig, GenerationConfig
 from sdcn_trt.engines import backend_available
 from sdcn_trt.errors import WeightsError
 from sdcn_trt.images import PHOTO_PROMPTS, contact_sheet, sample_photos, save_image, write_contest_image
-from sdcn_trt.models import load_preset
+from sdcn_trt.models.presets import load_preset
 from sdcn_trt.pipeline.pipeline import ControlNetPipeline
 from sdcn_trt.progress import RunProgress
 from sdcn_trt.scoring import PDScorer, contest_score

@@ -23,7 +23,7 @@ def isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny():
-    from sdcn_trt.models import load_preset
+    from sdcn_trt.models.presets import load_preset
 
     return load_preset("tiny", seed=0)
 

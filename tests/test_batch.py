@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from sdcn_trt import GenerationConfig, InputError
-from sdcn_trt.batch import MANIFEST, BatchSettings, OutputLock, read_prompts, run_batch
+from sdcn_trt.batch.local import MANIFEST, BatchSettings, OutputLock, read_prompts, run_batch
 
 FAST = GenerationConfig(image_resolution=64, ddim_steps=2)
 
@@ -144,7 +144,7 @@ def test_ray_matches_local(tiny_pipe, tmp_path, photo):
     import functools
 
     from sdcn_trt.cli import build_parser, load_pipeline
-    from sdcn_trt.distributed import RayRunner
+    from sdcn_trt.batch.ray import RayRunner
 
     inputs = tmp_path / "in"
     write_photos(inputs, photo, ["a.png", "b.png", "c.png"])
@@ -182,7 +182,7 @@ def test_ray_retries_a_chunk_whose_worker_died(tmp_path, photo):
     import functools
 
     from sdcn_trt.cli import build_parser
-    from sdcn_trt.distributed import RayRunner
+    from sdcn_trt.batch.ray import RayRunner
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import the tests
     inputs = tmp_path / "in"
@@ -212,7 +212,7 @@ def test_ray_records_the_jobs_of_a_chunk_that_fails_every_try(tiny_pipe, tmp_pat
     import functools
 
     from sdcn_trt.cli import build_parser
-    from sdcn_trt.distributed import RayRunner
+    from sdcn_trt.batch.ray import RayRunner
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     inputs, out = tmp_path / "in", tmp_path / "out"

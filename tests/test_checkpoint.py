@@ -4,10 +4,10 @@ import torch
 import yaml
 
 from sdcn_trt import ControlNetPipeline, WeightsError
-from sdcn_trt.checkpoint import (
+from sdcn_trt.models.single_file import (
     infer_original_config, load_controlnet_file, load_single_file, read_state_dict,
 )
-from sdcn_trt.ldm_layout import original_config_for, save_single_file, to_ldm_state_dict
+from sdcn_trt.models.ldm_layout import original_config_for, save_single_file, to_ldm_state_dict
 
 
 def assert_same_weights(a, b):
@@ -76,7 +76,7 @@ def test_diffusers_controlnet_config_bug_is_worked_around(tiny, tiny_file):
 def test_controlnet_alone_from_one_file(tiny, tmp_path):
     from safetensors.torch import save_file
 
-    from sdcn_trt.ldm_layout import controlnet_to_ldm
+    from sdcn_trt.models.ldm_layout import controlnet_to_ldm
 
     save_file({k: v.contiguous() for k, v in controlnet_to_ldm(tiny.controlnet).items()}, str(tmp_path / "cn.safetensors"))
     loaded = load_controlnet_file(tmp_path / "cn.safetensors")

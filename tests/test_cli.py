@@ -33,7 +33,7 @@ def test_generate_writes_images_and_canny(tmp_path, photo_file, capsys):
 
 def test_generate_and_batch_write_the_same_files(tiny_pipe, tmp_path, photo_file, capsys):
     from sdcn_trt import GenerationConfig
-    from sdcn_trt.batch import BatchSettings, run_batch
+    from sdcn_trt.batch.local import BatchSettings, run_batch
 
     (photo_file.parent / "sub").mkdir()
     cv2.imwrite(str(photo_file.parent / "sub" / "dog.png"), cv2.imread(str(photo_file))[:, ::-1])
@@ -168,5 +168,5 @@ def test_third_party_warnings_stay_out_of_the_terminal_unless_verbose(tmp_path, 
     if verbose:
         assert any(line.startswith("DEBUG py.warnings: ") and "TracerWarning" in line for line in lines)
     else:
-        ours = [line.split(":")[0] for line in lines if not line.startswith("INFO sdcn_trt.weights_cache: wrote")]
+        ours = [line.split(":")[0] for line in lines if not line.startswith("INFO sdcn_trt.models.weights_cache: wrote")]
         assert ours == ["INFO sdcn_trt.export.onnx_export"] * 2, proc.stderr  # (the preset's first draw is cached)

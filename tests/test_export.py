@@ -58,7 +58,7 @@ def test_second_export_is_cached_and_corruption_rebuilds(tiny, tmp_path):
 
 def test_settings_and_weights_are_in_the_key(tiny, tmp_path):
     from sdcn_trt.export.onnx_export import export_key
-    from sdcn_trt.models import load_preset
+    from sdcn_trt.models.presets import load_preset
 
     desc = get_descriptor("text_encoder", tiny)
     base = export_key(desc, ExportSettings())

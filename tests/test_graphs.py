@@ -243,7 +243,7 @@ def test_full_schedule_equals_a_plain_reference_loop(tiny, photo, mode):
     from sdcn_trt import preprocess
     from sdcn_trt.export.descriptors import get_descriptor
     from sdcn_trt.pipeline.scheduler import make_ddim_schedule
-    from sdcn_trt.tokenizer import tokenize
+    from sdcn_trt.models.tokenizer import tokenize
 
     config = GenerationConfig(image_resolution=64, ddim_steps=5, scale=7.0, seed=11, eta=0.3)
     image = ControlNetPipeline(tiny, BackendConfig(cuda_graph=mode)).run(photo, config).images[0]

@@ -68,16 +68,24 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 # bottom to top; a module may import from its own layer or a lower one (sub-packages count as one module)
 LAYERS = [
-    ["errors", "cache", "progress", "schedule", "weights"],
-    ["config", "preprocess", "images", "tokenizer", "components"],
-    ["weights_cache", "checkpoint", "models", "networks", "ldm_layout", "lora"],
+    ["errors", "cache", "progress", "schedule"],
+    ["config", "preprocess", "images"],
+    ["models"],  # weights in, torch modules out
     ["export"],
     ["engines"],
     ["pipeline"],
-    ["scoring", "tuning_report"],
-    ["tuning", "batch", "distributed", "demo", "contest"],
+    ["scoring"],
+    ["batch", "demo", "contest"],
     ["sdcn_trt", "cli"],  # the package's own __init__ (the public API) and the command line
 ]
+
+# inside a sub-package, the same rule between its modules (its __init__ may import any of them)
+INNER_LAYERS = {
+    "models": [["weights"], ["tokenizer", "components"], ["weights_cache", "networks"], ["single_file"],
+               ["ldm_layout", "presets"], ["lora"]],
+    "scoring": [["contest", "latency", "metrics", "pd", "report", "run"], ["tune_report"], ["tune"]],
+    "batch": [["local"], ["ray"]],
+}
 
 
 def layer_of(module: str) -> int:
@@ -89,8 +97,28 @@ def layer_of(module: str) -> int:
     raise AssertionError(f"{module} is in no layer: add it to LAYERS (and to the README's list)")
 
 
+def inner_layer_of(module: str) -> int | None:
+    """The module's layer inside its sub-package, None for modules of packages without inner layers
+    and for a package's __init__ (which sits above its modules)."""
+    parts = module.split(".")
+    if len(parts) < 3 or parts[1] not in INNER_LAYERS:
+        return None
+    for level, names in enumerate(INNER_LAYERS[parts[1]]):
+        if parts[2] in names:
+            return level
+    raise AssertionError(f"{module} is in no layer of {parts[1]}: add it to INNER_LAYERS (and to its __init__'s list)")
+
+
 def upward_imports(graph: dict[str, set[str]]) -> list[str]:
-    return sorted(f"{src} -> {dst}" for src, dsts in graph.items() for dst in dsts if layer_of(dst) > layer_of(src))
+    found = []
+    for src, dsts in graph.items():
+        for dst in dsts:
+            if layer_of(dst) > layer_of(src):
+                found.append(f"{src} -> {dst}")
+            elif (src.split(".")[:2] == dst.split(".")[:2] and (a := inner_layer_of(src)) is not None
+                  and (b := inner_layer_of(dst)) is not None and b > a):
+                found.append(f"{src} -> {dst}")
+    return sorted(found)
 
 
 def test_every_module_has_a_layer_and_imports_only_downwards():
@@ -102,6 +130,21 @@ def test_an_upward_import_is_reported():
     assert upward_imports(graph) == ["sdcn_trt.errors -> sdcn_trt.cli"]
     with pytest.raises(AssertionError, match="sdcn_trt.nowhere is in no layer"):
         layer_of("sdcn_trt.nowhere")
+
+
+def test_an_upward_import_inside_a_package_is_reported():
+    graph = {"sdcn_trt.models.weights": {"sdcn_trt.models.lora"}, "sdcn_trt.models.lora": {"sdcn_trt.models.weights"},
+             "sdcn_trt.models": {"sdcn_trt.models.lora"}}
+    assert upward_imports(graph) == ["sdcn_trt.models.weights -> sdcn_trt.models.lora"]
+    with pytest.raises(AssertionError, match="sdcn_trt.models.nowhere is in no layer of models"):
+        inner_layer_of("sdcn_trt.models.nowhere")
+
+
+def test_the_top_level_holds_only_the_listed_modules_and_packages():
+    top = sorted(p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
+                 if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").exists())
+    listed = sorted(name for names in LAYERS for name in names if name != "sdcn_trt")
+    assert top == listed
 
 
 def test_no_import_cycles():

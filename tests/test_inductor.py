@@ -211,7 +211,7 @@ def test_cli_build_prints_time_size_and_parity(hint_build):
 
 
 def test_changed_weights_or_a_corrupt_package_rebuild(hint_build, tiny):
-    from sdcn_trt.models import load_preset
+    from sdcn_trt.models.presets import load_preset
 
     cache, _ = hint_build
     desc = get_descriptor("control_hint", tiny)

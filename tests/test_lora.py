@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from sdcn_trt.errors import InputError, WeightsError
-from sdcn_trt.ldm_layout import unet_ldm_names
-from sdcn_trt.lora import (
+from sdcn_trt.models.ldm_layout import unet_ldm_names
+from sdcn_trt.models.lora import (
     STRENGTH_LIMIT, apply_loras, check_strength, load_lora, merge_lora, parse_lora_arg, unmerge_lora,
 )
-from sdcn_trt.models import load_preset
+from sdcn_trt.models.presets import load_preset
 
 from .lora_files import TEXT_MODULES, UNET_MODULES, kohya_state, peft_state, random_factors, write
 

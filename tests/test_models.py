@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sdcn_trt import ControlNetPipeline, InputError, WeightsError
-from sdcn_trt.models import load_diffusers, load_preset, save_diffusers
+from sdcn_trt.models.presets import load_diffusers, load_preset, save_diffusers
 
 
 def test_preset_is_seeded_and_control_path_is_live(tiny):

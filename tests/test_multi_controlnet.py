@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sdcn_trt import BackendConfig, ControlNetPipeline, GenerationConfig, InputError, WeightsError
-from sdcn_trt.models import load_preset
+from sdcn_trt.models.presets import load_preset
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_counts_and_ranges_are_checked(two_nets, photo, stripes):
 def test_controlnets_of_another_base_model_are_refused(tiny):
     from diffusers import ControlNetModel
 
-    from sdcn_trt.models import sd_configs
+    from sdcn_trt.models.presets import sd_configs
 
     cfg = sd_configs((32, 64), 1, (32, 32, 32, 32), 1, 128, 256, 2)["controlnet"]
     wide = ControlNetModel(**{**cfg, "cross_attention_dim": 1024})
@@ -111,7 +111,7 @@ def test_loading_and_cli(tiny, photo, stripes, tmp_path, capsys):
     import cv2
 
     from sdcn_trt.cli import main
-    from sdcn_trt.models import load_diffusers, save_diffusers
+    from sdcn_trt.models.presets import load_diffusers, save_diffusers
 
     second = load_preset("tiny", seed=1)
     save_diffusers(tiny, tmp_path / "sd", tmp_path / "cn_a")

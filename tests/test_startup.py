@@ -11,15 +11,15 @@ import torch
 
 from sdcn_trt import ControlNetPipeline, GenerationConfig, WeightsError
 from sdcn_trt.cache import hash_file_cached
-from sdcn_trt.checkpoint import load_single_file, read_state_dict
-import sdcn_trt.components as components_module
-from sdcn_trt.components import Components, is_empty
+from sdcn_trt.models.single_file import load_single_file, read_state_dict
+import sdcn_trt.models.components as components_module
+from sdcn_trt.models.components import Components, is_empty
 from sdcn_trt.export.descriptors import get_descriptor
 from sdcn_trt.export.onnx_export import ExportSettings, export_key
-from sdcn_trt.ldm_layout import save_single_file
-from sdcn_trt.models import load_preset
-from sdcn_trt.weights import write_safetensors
-from sdcn_trt.weights_cache import WEIGHTS_FILE, entry_folder
+from sdcn_trt.models.ldm_layout import save_single_file
+from sdcn_trt.models.presets import load_preset
+from sdcn_trt.models.weights import write_safetensors
+from sdcn_trt.models.weights_cache import WEIGHTS_FILE, entry_folder
 
 
 def same_weights(a: Components, b: Components, precision: str = "fp32") -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from sdcn_trt import WeightsError
-from sdcn_trt.tokenizer import bundled_bpe_path, load_tokenizer, tokenize, write_clip_tokenizer_files
+from sdcn_trt.models.tokenizer import bundled_bpe_path, load_tokenizer, tokenize, write_clip_tokenizer_files
 
 
 def _openai_simple_tokenizer():
@@ -48,13 +48,13 @@ def test_long_prompt_is_truncated_with_one_warning_of_ours(caplog):
     transformers_logger.addHandler(handler)
     transformers_logger.setLevel(logging.WARNING)
     try:
-        with caplog.at_level(logging.WARNING, logger="sdcn_trt.tokenizer"):
+        with caplog.at_level(logging.WARNING, logger="sdcn_trt.models.tokenizer"):
             ids = tokenize(tok, ["bird " * 100, "a short prompt"])
     finally:
         transformers_logger.removeHandler(handler)
         transformers_logger.setLevel(old_level)
     assert ids.shape == (2, 77) and ids[0, -1].item() == 49407
-    ours = [r.getMessage() for r in caplog.records if r.name == "sdcn_trt.tokenizer"]
+    ours = [r.getMessage() for r in caplog.records if r.name == "sdcn_trt.models.tokenizer"]
     assert len(ours) == 1 and ours[0].startswith("prompt has 102 tokens; CLIP reads 77, so the last 25 are dropped")
     assert [r.getMessage() for r in theirs] == []  # no "will result in indexing errors"
 

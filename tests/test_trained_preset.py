@@ -12,7 +12,7 @@ import torch
 
 from sdcn_trt import ControlNetPipeline, GenerationConfig, InputError, WeightsError
 from sdcn_trt.images import PHOTO_PROMPTS, sample_photos
-from sdcn_trt.models import CONFIG_FILE, TRAINED_PRESETS, WEIGHTS_FILE, load_preset, load_trained_preset, trained_configs
+from sdcn_trt.models.presets import CONFIG_FILE, TRAINED_PRESETS, WEIGHTS_FILE, load_preset, load_trained_preset, trained_configs
 from sdcn_trt.preprocess import canny_map
 from tests.conftest import pixel_diff
 
@@ -107,8 +107,8 @@ def test_full_schedule_is_deterministic_per_seed(trained_pipe, small_cat):
 
 def test_single_file_round_trip(trained, tmp_path, small_cat):
     """The ldm single file + YAML of the trained model loads back with the single-file loader, exactly."""
-    from sdcn_trt.checkpoint import load_single_file
-    from sdcn_trt.ldm_layout import save_single_file
+    from sdcn_trt.models.single_file import load_single_file
+    from sdcn_trt.models.ldm_layout import save_single_file
 
     save_single_file(trained, tmp_path / "m.safetensors", tmp_path / "m.yaml")
     config = GenerationConfig(prompt="a cat", image_resolution=64, ddim_steps=4)

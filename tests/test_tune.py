@@ -6,7 +6,7 @@ import pytest
 
 from sdcn_trt import BackendConfig, ControlNetPipeline, GenerationConfig, InputError
 from sdcn_trt.cli import main
-from sdcn_trt.tuning import TuneSettings, Tuner, default_candidates, evaluations, pareto_frontier, tune
+from sdcn_trt.scoring.tune import TuneSettings, Tuner, default_candidates, evaluations, pareto_frontier, tune
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ from sdcn_trt.export.descriptors import ShapeSpec, get_descriptor
 from sdcn_trt.export.onnx_export import ExportSettings, export_onnx, run_onnx
 from sdcn_trt.export.weight_map import InitializerSource, WeightMap, graph_key, plan_swap
 from sdcn_trt.export.weights import ort_model, prepare_onnx, read_weight_map
-from sdcn_trt.lora import apply_loras, unmerge_lora
-from sdcn_trt.models import build_from_configs, load_preset, save_diffusers
+from sdcn_trt.models.lora import apply_loras, unmerge_lora
+from sdcn_trt.models.presets import build_from_configs, load_preset, save_diffusers
 
 from .lora_files import TEXT_MODULES, UNET_MODULES, kohya_state, random_factors, write
 
@@ -209,8 +209,8 @@ def test_plan_swap_rules():
 
 
 def test_graph_key_ignores_weight_values_not_architecture(tiny, tmp_path):
-    from sdcn_trt.models import PRESETS
-    from sdcn_trt.tokenizer import load_tokenizer
+    from sdcn_trt.models.presets import PRESETS
+    from sdcn_trt.models.tokenizer import load_tokenizer
 
     settings = ExportSettings()
     key = graph_key(get_descriptor("text_encoder", tiny), settings)

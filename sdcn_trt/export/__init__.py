@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 from sdcn_trt.cache import cache_root
-from sdcn_trt.components import Components
+from sdcn_trt.models.components import Components
 from sdcn_trt.export.descriptors import DESCRIPTORS, ShapeRange, ShapeSpec, get_descriptor
 from sdcn_trt.export.onnx_export import ExportResult, ExportSettings, export_onnx
 

@@ -11,8 +11,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from sdcn_trt import networks
-from sdcn_trt.components import Components
+from sdcn_trt.models import networks
+from sdcn_trt.models.components import Components
 from sdcn_trt.config import CONTEST_HEIGHT, CONTEST_WIDTH
 from sdcn_trt.errors import InputError
 

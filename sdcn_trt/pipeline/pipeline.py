@@ -12,18 +12,18 @@ import numpy as np
 import torch
 
 from sdcn_trt import preprocess
-from sdcn_trt.checkpoint import load_single_file
-from sdcn_trt.components import Components
+from sdcn_trt.models.single_file import load_single_file
+from sdcn_trt.models.components import Components
 from sdcn_trt.config import BackendConfig, GenerationConfig
 from sdcn_trt.engines import create_runner
 from sdcn_trt.engines.base import Runner
 from sdcn_trt.errors import InputError
 from sdcn_trt.export.descriptors import PIPELINE_NETWORKS, get_descriptor
-from sdcn_trt.lora import LoraMerge, apply_loras, check_strength, unmerge_lora
-from sdcn_trt.models import load_diffusers, load_preset, with_controlnets
+from sdcn_trt.models.lora import LoraMerge, apply_loras, check_strength, unmerge_lora
+from sdcn_trt.models.presets import load_diffusers, load_preset, with_controlnets
 from sdcn_trt.pipeline.loop import EagerLoop, LoopInputs, LoopKey, ProgressFn, make_loop, networks_for
 from sdcn_trt.pipeline.scheduler import DdimSchedule, make_ddim_schedule
-from sdcn_trt.tokenizer import tokenize
+from sdcn_trt.models.tokenizer import tokenize
 
 logger = logging.getLogger(__name__)
 

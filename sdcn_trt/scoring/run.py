@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 
 from sdcn_trt.cache import cache_root, hash_file, hash_json
-from sdcn_trt.components import Components
+from sdcn_trt.models.components import Components
 from sdcn_trt.config import BackendConfig, GenerationConfig
 from sdcn_trt.errors import InputError, SdcnError
 from sdcn_trt.images import read_contest_image, sample_photos, write_contest_image

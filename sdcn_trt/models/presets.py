@@ -10,12 +10,12 @@ from typing import Any, Callable, Sequence
 import torch
 
 from sdcn_trt.cache import atomic_path, hash_file, hash_file_cached, hash_json
-from sdcn_trt.checkpoint import load_controlnet_file
-from sdcn_trt.components import SD15_SCALING_FACTOR, Components
+from sdcn_trt.models.single_file import load_controlnet_file
+from sdcn_trt.models.components import SD15_SCALING_FACTOR, Components
 from sdcn_trt.config import PRECISIONS, check_choice
 from sdcn_trt.errors import InputError, WeightsError
-from sdcn_trt.tokenizer import load_tokenizer, special_token_ids
-from sdcn_trt.weights_cache import cache_dir_for, find_entry, lazy_components, weights_key, write_entry
+from sdcn_trt.models.tokenizer import load_tokenizer, special_token_ids
+from sdcn_trt.models.weights_cache import cache_dir_for, find_entry, lazy_components, weights_key, write_entry
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def _sd15_configs() -> dict[str, dict[str, Any]]:
 PRESETS: dict[str, Callable[[], dict[str, dict[str, Any]]]] = {"tiny": _tiny_configs, "sd15-random": _sd15_configs}
 
 # Trained presets: weights + configs inside the package, written by scripts/train_tiny.py.
-TRAINED_PRESETS: dict[str, Path] = {"tiny-trained": Path(__file__).parent / "presets" / "tiny_trained"}
+TRAINED_PRESETS: dict[str, Path] = {"tiny-trained": Path(__file__).parent / "tiny_trained"}
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 RETRAIN_HINT = ("regenerate it with `python scripts/train_tiny.py` (about 70 minutes on 2 CPU cores; "
                 "about 35 with `--vae-from` a preset folder whose VAE is intact)")

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from sdcn_trt.cache import hash_json
-from sdcn_trt.components import Components
+from sdcn_trt.models.components import Components
 from sdcn_trt.config import BackendConfig, GenerationConfig
 from sdcn_trt.errors import InputError, WeightsError
 from sdcn_trt.images import read_contest_image, write_contest_image
@@ -44,7 +44,7 @@ from sdcn_trt.scoring.run import (
     reference_image,
     weights_hash,
 )
-from sdcn_trt.tuning_report import write_tune_report
+from sdcn_trt.scoring.tune_report import write_tune_report
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """diffusers -> original ldm layout: write a model as one control_sd15_canny-style file + YAML.
 
-This is the inverse of the converters `checkpoint.py` uses; tests prove the round trip is exact,
+This is the inverse of the converters `single_file.py` uses; tests prove the round trip is exact,
 and the reference-parity script feeds these files to the original ControlNet code.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from sdcn_trt.cache import atomic_path
-from sdcn_trt.checkpoint import CLIP_PREFIX, CONTROL_PREFIX, UNET_PREFIX, VAE_PREFIX
-from sdcn_trt.components import Components
+from sdcn_trt.models.single_file import CLIP_PREFIX, CONTROL_PREFIX, UNET_PREFIX, VAE_PREFIX
+from sdcn_trt.models.components import Components
 
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
            "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}

@@ -2,7 +2,7 @@
 
 Files are memory-mapped, converted key by key (the converters rename; tensors are not copied),
 checked against networks built on the meta device, and assigned. The converted weights go to the
-weights cache (sdcn_trt.weights_cache) under the file's content hash, so a later load of the same
+weights cache (sdcn_trt.models.weights_cache) under the file's content hash, so a later load of the same
 file maps them from there and converts nothing.
 """
 from __future__ import annotations
@@ -18,12 +18,12 @@ from typing import Any
 import torch
 
 from sdcn_trt.cache import hash_file_cached, remembered_hash
-from sdcn_trt.components import SD15_SCALING_FACTOR, Components
+from sdcn_trt.models.components import SD15_SCALING_FACTOR, Components
 from sdcn_trt.config import PRECISIONS, check_choice
 from sdcn_trt.errors import WeightsError
-from sdcn_trt.tokenizer import load_tokenizer, special_token_ids
-from sdcn_trt.weights import assign_weights, check_weights, empty_init, read_tensors
-from sdcn_trt.weights_cache import (
+from sdcn_trt.models.tokenizer import load_tokenizer, special_token_ids
+from sdcn_trt.models.weights import assign_weights, check_weights, empty_init, read_tensors
+from sdcn_trt.models.weights_cache import (
     build_empty, cache_dir_for, find_entry, lazy_components, network_dtype, plain, weights_key, write_entry,
 )
 

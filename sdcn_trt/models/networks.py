@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sdcn_trt.components import Components
+from sdcn_trt.models.components import Components
 from sdcn_trt.errors import InputError
 
 

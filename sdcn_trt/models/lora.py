@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from sdcn_trt.cache import hash_file
-from sdcn_trt.checkpoint import read_state_dict
-from sdcn_trt.components import Components
+from sdcn_trt.models.single_file import read_state_dict
+from sdcn_trt.models.components import Components
 from sdcn_trt.errors import InputError, WeightsError
-from sdcn_trt.ldm_layout import unet_ldm_names
+from sdcn_trt.models.ldm_layout import unet_ldm_names
 
 logger = logging.getLogger(__name__)
 

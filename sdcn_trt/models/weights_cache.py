@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from sdcn_trt.cache import cache_root, hash_json
-from sdcn_trt.components import NETWORKS, Components
+from sdcn_trt.models.components import NETWORKS, Components
 from sdcn_trt.config import PRECISIONS, check_choice
-from sdcn_trt.weights import empty_init, map_safetensors, sample_digest, write_safetensors
+from sdcn_trt.models.weights import empty_init, map_safetensors, sample_digest, write_safetensors
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Batch jobs on a Ray cluster: one actor per GPU (or CPU worker), each holding one loaded pipeline.
 
-The driver keeps the manifest (one writer) and the resume logic of `sdcn_trt.batch`; actors take
+The driver keeps the manifest (one writer) and the resume logic of `sdcn_trt.batch.local`; actors take
 chunks of jobs, write their images atomically into the output folder — which every node must see
 (a shared filesystem; on one machine, the local disk) — and return the manifest records. Ray does
 the bookkeeping: `ray.util.ActorPool` hands chunks to idle actors, and an actor that dies is
@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from sdcn_trt.batch import Job, run_job
+from sdcn_trt.batch.local import Job, run_job
 from sdcn_trt.errors import BackendUnavailableError
 
 logger = logging.getLogger(__name__)
