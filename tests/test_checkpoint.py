@@ -1,4 +1,9 @@
 """Single-file (ldm layout) loading: exact round trips, shape inference, and every error path."""
+import argparse
+import io
+import os
+import zipfile
+
 import pytest
 import torch
 import yaml
@@ -107,14 +112,93 @@ def test_missing_and_corrupt_files(tiny_file, tmp_path):
         load_single_file(tiny_file / "tiny.safetensors", original_config=tmp_path / "list.yaml")
 
 
-def test_pickles_with_code_are_refused(tmp_path):
+class _Payload:
+    """Unpickling this would run `touch <marker>` through os.system."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def unsafe_pth(tmp_path):
+    """(a .pth whose pickle calls os.system, the file that call would create)."""
+    marker = tmp_path / "payload_ran"
+    path = tmp_path / "bad.pth"
+    torch.save({"w": torch.zeros(2), "x": _Payload(marker)}, path)
+    return path, marker
+
+
+def _assert_refused_safely(message, path, marker):
+    refused = f"{os.system.__module__}.system"  # posix.system on Linux
+    assert message.startswith(f"refused checkpoint {path}: besides tensors it holds Python objects")
+    assert f"the first refused global: {refused}" in message and "sdcn_trt loads weights only" in message
+    assert "weights_only=False" not in message and "set to `False`" not in message  # torch's advice is not passed on
+    assert f"from {os.system.__module__} import system" in message and str(path.with_suffix(".safetensors")) in message
+    assert not marker.exists()
+
+
+def test_pickles_with_code_are_refused(unsafe_pth, tmp_path):
+    path, marker = unsafe_pth
+    with pytest.raises(WeightsError) as info:
+        read_state_dict(path)
+    _assert_refused_safely(str(info.value), path, marker)
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # torch's message is not chained
+
     class Evil:
         def __reduce__(self):
             return (print, ("pwned",))
 
-    torch.save({"x": Evil()}, tmp_path / "evil.pth")
-    with pytest.raises(WeightsError, match="cannot read checkpoint"):
+    torch.save({"x": Evil()}, tmp_path / "evil.pth", pickle_protocol=4)  # STACK_GLOBAL instead of GLOBAL
+    with pytest.raises(WeightsError, match=r"the first refused global: builtins\.print\)"):
         read_state_dict(tmp_path / "evil.pth")
+
+
+@pytest.mark.parametrize("flags", [["--checkpoint", "{bad}"], ["--preset", "tiny", "--lora", "{bad}"]])
+def test_cli_refuses_an_unsafe_checkpoint_and_runs_nothing(unsafe_pth, tmp_path, photo, capsys, flags):
+    import cv2
+
+    from sdcn_trt.cli import main
+
+    path, marker = unsafe_pth
+    image = tmp_path / "cat.png"
+    cv2.imwrite(str(image), photo)
+    argv = ["generate", str(image), "-o", str(tmp_path / "out"), "--ddim-steps", "1", "--image-resolution", "64"]
+    rc = main(argv + [f.format(bad=path) for f in flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: refused checkpoint")
+    _assert_refused_safely(err[len("error: "):], path, marker)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_conversion_the_refusal_gives_works_on_a_trusted_file(tmp_path, monkeypatch):
+    """The two lines in the message turn a file holding a harmless non-tensor object into safetensors."""
+    path = tmp_path / "trusted.pth"
+    torch.save({"state_dict": {"w": torch.arange(4.0)}, "args": argparse.Namespace(lr=1e-4)}, path)
+    with pytest.raises(WeightsError, match=r"the first refused global: argparse\.Namespace\)") as info:
+        read_state_dict(path)
+    recipe = [line.strip() for line in str(info.value).splitlines()[1:]]
+    assert len(recipe) == 2
+    exec("\n".join(recipe), {})  # noqa: S102 - the message's own advice, run on a file made here
+    assert torch.equal(read_state_dict(path.with_suffix(".safetensors"))["w"], torch.arange(4.0))
+
+
+def test_damaged_pickle_is_named_without_torchs_advice(tmp_path):
+    """A refusal that is not a global (an opcode weights-only loading does not know) keeps torch's reason only."""
+    buffer = io.BytesIO()
+    torch.save({"w": torch.zeros(2)}, buffer)
+    source = zipfile.ZipFile(buffer)
+    path = tmp_path / "damaged.pth"
+    with zipfile.ZipFile(path, "w") as out:
+        for name in source.namelist():
+            out.writestr(name, b"\x80\x02\x82\x01." if name.endswith("data.pkl") else source.read(name))  # EXT1
+    with pytest.raises(WeightsError) as info:
+        read_state_dict(path)
+    message = str(info.value)
+    assert message == (f"cannot read checkpoint {path} (a PyTorch zip checkpoint): weights-only unpickling refused "
+                       "it: Unsupported operand 130")
 
 
 def test_keys_that_do_not_match_are_named(tiny, tiny_file, tmp_path):

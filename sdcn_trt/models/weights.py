@@ -7,6 +7,8 @@ import hashlib
 import json
 import mmap
 import os
+import pickle
+import pickletools
 import struct
 import zipfile
 from pathlib import Path
@@ -53,8 +55,8 @@ def sniff(path: Path) -> tuple[str, str]:
         return "other", f"a zip archive that is not a PyTorch checkpoint (it holds {', '.join(names[:3])}...)"
     if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
         return "other", ("an old-style PyTorch pickle (saved without the zip format, before torch 1.6) or a plain "
-                         "pickle, which cannot be memory-mapped or loaded safely: load it once with torch.load "
-                         "and save it again with torch.save, or convert it to .safetensors")
+                         "pickle, which cannot be memory-mapped or loaded safely; if it comes from a source you "
+                         "trust, convert it to .safetensors where you trust it")
     if len(head) >= 10 and head[8:10] in (b'{"', b"{ ", b"{'"):
         header_len = struct.unpack("<Q", head[:8])[0]
         if 8 + header_len > size:
@@ -97,8 +99,85 @@ def read_tensors(path: Path) -> dict[str, Any]:
             with safe_open(str(path), framework="pt") as f:  # type: ignore[no-untyped-call]
                 return {k: f.get_tensor(k) for k in f.keys()}
         return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:  # weights-only unpickling refused something; nothing of it ran
+        raise refused_pickle(path, description, str(exc)) from None  # not chained: torch's advice is unsafe
     except Exception as exc:  # torch/safetensors raise many types for corrupt or unsafe files
         raise WeightsError(f"cannot read checkpoint {path} ({description}): {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Pickles that hold more than tensors
+# ---------------------------------------------------------------------------------------------
+def pickle_globals(path: Path) -> list[tuple[str, str]]:
+    """The globals (module, name) a zip-format torch file's pickle imports, in order, read from its
+    opcodes without running any of them."""
+    with zipfile.ZipFile(path) as archive:
+        data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    found: list[tuple[str, str]] = []
+    strings: list[str] = []  # string constants in push order (STACK_GLOBAL takes the last two)
+    memo: dict[int, object] = {}
+    for opcode, arg, _ in pickletools.genops(data):
+        if opcode.name == "GLOBAL":  # protocol <= 3: arg is "module name"
+            module, _, name = str(arg).partition(" ")
+            found.append((module, name))
+        elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+            found.append((strings[-2], strings[-1]))
+        elif isinstance(arg, str) and "UNICODE" in opcode.name:
+            strings.append(arg)
+        elif opcode.name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
+            memo[int(arg)] = strings[-1]
+        elif opcode.name == "MEMOIZE" and strings:
+            memo[len(memo)] = strings[-1]
+        elif opcode.name in ("BINGET", "LONG_BINGET", "GET") and isinstance(memo.get(int(arg)), str):
+            strings.append(str(memo[int(arg)]))
+    return list(dict.fromkeys(found))
+
+
+def _allowed_globals() -> set[str]:
+    """The globals torch's weights-only unpickler accepts (its own table plus those added by
+    torch.serialization.add_safe_globals)."""
+    from torch import _weights_only_unpickler as unpickler
+
+    allowed = set(getattr(unpickler, "_get_allowed_globals", dict)())
+    for item in torch.serialization.get_safe_globals():
+        obj = item[0] if isinstance(item, tuple) else item
+        allowed.add(f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}")
+    return allowed
+
+
+def refused_global(path: Path) -> tuple[str, str] | None:
+    """The first global (module, name) in `path`'s pickle that weights-only loading refuses, or None."""
+    try:
+        names = pickle_globals(path)
+    except (zipfile.BadZipFile, StopIteration, ValueError, OSError):
+        return None
+    allowed = _allowed_globals()
+    return next((g for g in names if f"{g[0]}.{g[1]}" not in allowed and g[0].split(".")[0] != "torch"), None)
+
+
+def convert_recipe(path: Path, module: str, attribute: str) -> str:
+    """Two lines of Python that convert `path` to safetensors, allowing only the global module.attribute."""
+    first = attribute.split(".")[0]  # a nested class (Outer.Inner) is imported through its outer class
+    target = path.with_suffix(".safetensors")
+    return (f"    import torch, safetensors.torch; from {module} import {first}\n"
+            f"    with torch.serialization.safe_globals([{attribute}]): sd = torch.load({str(path)!r}, map_location='cpu'); "
+            f"sd = sd.get('state_dict', sd); safetensors.torch.save_file("
+            f"{{k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}}, {str(target)!r})")
+
+
+def refused_pickle(path: Path, description: str, torch_message: str) -> WeightsError:
+    """What was refused and the safe way on, in place of torch's advice to turn the check off."""
+    refused = refused_global(path)
+    if refused is None:  # not a global: a damaged pickle, or an opcode weights-only loading refuses
+        reason = " ".join(line.strip() for line in torch_message.splitlines()
+                          if line.strip() and "weights_only" not in line and "torch.load" not in line)
+        return WeightsError(f"cannot read checkpoint {path} ({description}): weights-only unpickling refused it: "
+                            f"{reason or 'no reason given'}")
+    return WeightsError(
+        f"refused checkpoint {path}: besides tensors it holds Python objects, and loading them could run code "
+        f"(the first refused global: {refused[0]}.{refused[1]}). sdcn_trt loads weights only, and nothing in the file was run. "
+        f"If the file comes from a source you trust, convert it to safetensors where you trust it (allowing "
+        f"each global this names, one at a time), then use the .safetensors file:\n{convert_recipe(path, *refused)}")
 
 
 # ---------------------------------------------------------------------------------------------
