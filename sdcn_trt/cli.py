@@ -18,6 +18,7 @@ from sdcn_trt.config import (
 from sdcn_trt.contest import write_kit
 from sdcn_trt.demo import run_demo
 from sdcn_trt.batch.ray import RayRunner
+from sdcn_trt.engines import require_backend
 from sdcn_trt.engines.inductor import build_packages, require_inductor
 from sdcn_trt.engines.inductor_plan import InductorSettings
 from sdcn_trt.engines.tensorrt import build_engines, require_tensorrt
@@ -107,6 +108,14 @@ def backend_config(args: argparse.Namespace) -> BackendConfig:
                          cuda_graph=args.cuda_graph, check_finite=args.check_finite)
 
 
+def usable_backend(args: argparse.Namespace) -> BackendConfig:
+    """The backend flags, checked before any weights load: BackendUnavailableError saying what this machine
+    lacks for that backend on that device (e.g. onnxruntime's CUDA execution provider)."""
+    config = backend_config(args)
+    require_backend(config)
+    return config
+
+
 def load_components(args: argparse.Namespace, precision: str = "fp32"):  # -> Components
     """The model named by the model flags, with the --lora files merged in; its weights in `precision`
     (single files and presets: fp16 holds the UNet, ControlNet and VAE in fp16, CLIP stays fp32)."""
@@ -141,7 +150,7 @@ def load_base_components(args: argparse.Namespace, precision: str = "fp32"):  # 
 
 def load_pipeline(args: argparse.Namespace):  # -> ControlNetPipeline
 
-    backend = backend_config(args)  # validated before the weights load
+    backend = usable_backend(args)  # validated before the weights load
     return ControlNetPipeline(load_components(args, backend.precision), backend)
 
 
@@ -232,7 +241,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                              image_format=args.image_format, reference_dir=args.reference_dir,
                              fid_weights=args.fid_weights, random_fid=args.random_fid, warmup=args.warmup,
                              generation=generation_config(args))
-    backend = backend_config(args)
+    backend = usable_backend(args)
     summary = run_score(load_components(args), backend, settings)
     print(summary_table(summary))
     print(f"report: {Path(args.output) / 'report.html'}")
@@ -245,7 +254,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
                             greedy_kinds=tuple(args.greedy_kinds), greedy_budget=args.greedy_budget,
                             max_pd=args.max_pd, min_ssim=args.min_ssim, fid_weights=args.fid_weights,
                             random_fid=args.random_fid, warmup=args.warmup, generation=generation_config(args))
-    summary = tune(load_components(args), backend_config(args), settings, progress=not args.quiet)
+    backend = usable_backend(args)
+    summary = tune(load_components(args), backend, settings, progress=not args.quiet)
     print(frontier_table(summary))
     best = summary["best"]
     print(f"best: {best['schedule']} ({best['latency_ms']['mean']:.1f} ms/image, {summary['quality']} "

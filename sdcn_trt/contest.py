@@ -18,7 +18,8 @@ The harness passes no arguments, so settings come from environment variables:
     SDCN_BACKEND      torch | onnxruntime | tensorrt | inductor; default: the fastest available, in order
                       TensorRT, inductor (the compiled engine), torch CUDA fp16 with the loop graph,
                       onnxruntime on the CPU, torch on the CPU
-    SDCN_DEVICE       cpu | cuda | cuda:N; default: cuda when a CUDA GPU is visible, else cpu
+    SDCN_DEVICE       cpu | cuda | cuda:N; default: cuda when a CUDA GPU is visible and the backend can run
+                      there (onnxruntime: its CUDA execution provider), else cpu (the log says why)
     SDCN_PRECISION    fp32 | fp16; default: fp16 on CUDA, fp32 on the CPU
     SDCN_CUDA_GRAPH   off | step | loop; default: loop on CUDA, off on the CPU
     SDCN_SCHEDULE     a schedule (sdcn_trt.schedule: full, steps=N, eps=N, control=N, deepcache=N,
@@ -44,7 +45,7 @@ import torch
 from sdcn_trt.config import (
     BACKENDS, CONTEST_HEIGHT, CONTEST_WIDTH, GRAPH_MODES, PRECISIONS, BackendConfig, GenerationConfig,
 )
-from sdcn_trt.engines import backend_available
+from sdcn_trt.engines import backend_available, require_backend
 from sdcn_trt.errors import BackendUnavailableError, InputError, SdcnError, WeightsError
 from sdcn_trt.images import sample_photos
 from sdcn_trt.models.presets import preset_names
@@ -65,7 +66,7 @@ ENV_VARS = {
     "SDCN_CHECKPOINT": f"control_sd15_canny.pth (default: {CONTEST_CHECKPOINT}, then ./{LOCAL_CHECKPOINT})",
     "SDCN_PRESET": f"{' | '.join(preset_names())}: a built-in model instead of a checkpoint (tests, offline)",
     "SDCN_BACKEND": f"{' | '.join(BACKENDS)} (default: the fastest available; the choice is logged)",
-    "SDCN_DEVICE": "cpu | cuda | cuda:N (default: cuda when a GPU is visible)",
+    "SDCN_DEVICE": "cpu | cuda | cuda:N (default: cuda when a GPU is visible and the backend can run there)",
     "SDCN_PRECISION": f"{' | '.join(PRECISIONS)} (default: fp16 on CUDA, fp32 on the CPU)",
     "SDCN_CUDA_GRAPH": f"{' | '.join(GRAPH_MODES)} (default: loop on CUDA, off on the CPU)",
     "SDCN_SCHEDULE": "full | steps=N | eps=N | control=N | deepcache=N | full@i,j,... | kinds=... (default: full)",
@@ -120,6 +121,17 @@ def choose_backend(device: str | None = None) -> tuple[Candidate, str]:
     raise BackendUnavailableError(f"SDCN_DEVICE={device!r} but no backend can run there: {'; '.join(skipped)}")
 
 
+def device_for(backend: str) -> tuple[str, str]:
+    """(device, why) for a backend set by SDCN_BACKEND without SDCN_DEVICE: cuda when a GPU is visible
+    and the backend can run there, else the CPU, saying what cuda lacked."""
+    if not cuda_available():
+        return "cpu", "set by SDCN_BACKEND"
+    ok, why = backend_available(backend, "cuda")
+    if ok:
+        return "cuda", "set by SDCN_BACKEND"
+    return "cpu", f"set by SDCN_BACKEND; on the CPU, since {backend} on cuda is unavailable: {why}"
+
+
 # -- settings from the environment ---------------------------------------------------------------------
 def _env_choice(environ: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str | None:
     value = environ.get(name) or None
@@ -168,10 +180,11 @@ class ContestSettings:
             backend, device = candidate.backend, device or candidate.device
             precision, graph = precision or candidate.precision, graph or candidate.cuda_graph
         else:
-            device = device or ("cuda" if cuda_available() else "cpu")
+            reason = "set by SDCN_BACKEND"
+            if device is None:
+                device, reason = device_for(backend)
             on_gpu = device.startswith("cuda")
             precision, graph = precision or ("fp16" if on_gpu else "fp32"), graph or ("loop" if on_gpu else "off")
-            reason = "set by SDCN_BACKEND"
         try:
             config = BackendConfig(backend=backend, device=device, precision=precision, cuda_graph=graph)
         except InputError as exc:
@@ -207,9 +220,7 @@ class hackathon:  # noqa: N801 - the contest's name, imported as `from canny2ima
         settings = self.settings or ContestSettings.from_env()
         self.settings = settings
         logger.info("backend: %s", settings.reason)
-        ok, why = backend_available(settings.backend.backend, settings.backend.device)  # before loading weights
-        if not ok:
-            raise BackendUnavailableError(f"backend {settings.backend.backend!r} is unavailable: {why}")
+        require_backend(settings.backend)  # before loading weights
         if settings.schedule != "full":
             logger.info("schedule %s in every process() call (not the reference's)", settings.schedule)
         if self.pipe is not None:

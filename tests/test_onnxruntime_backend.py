@@ -1,4 +1,6 @@
 """The whole pipeline on onnxruntime reproduces the torch backend's images (fp32, CPU)."""
+import re
+
 import numpy as np
 import pytest
 
@@ -39,3 +41,77 @@ def test_shape_outside_profile_is_a_clear_error(ort_pipe):
     wide = np.zeros((64, 64 * 40, 3), np.uint8)  # resizes to 64 x 2560: past the 2048 limit
     with pytest.raises(InputError, match=r"control_hint: input 'control' has shape \(1, 3, 64, 2560\); the profile allows \(1, 3, 64, 64\) .. \(4, 3, 2048, 2048\)"):
         ort_pipe.run(wide, config)
+
+
+# -- availability on a device: the CUDA execution provider, asked for before anything runs ----------------
+def _machine(monkeypatch, providers, torch_gpu):
+    """A machine whose onnxruntime offers `providers` and whose torch sees a GPU or not."""
+    import onnxruntime
+    import torch
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: list(providers))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: torch_gpu)
+
+
+CPU_BUILD = "here has no CUDAExecutionProvider (the CPU build: its providers are CPUExecutionProvider"
+
+
+def test_onnxruntime_on_cuda_needs_its_cuda_execution_provider(monkeypatch, tiny):
+    import onnxruntime
+
+    from sdcn_trt import BackendConfig, BackendUnavailableError, backend_available
+    from sdcn_trt.engines import create_runner
+    from sdcn_trt.export.descriptors import get_descriptor
+
+    _machine(monkeypatch, ["CPUExecutionProvider"], torch_gpu=True)  # a GPU machine with the CPU build
+    ok, why = backend_available("onnxruntime", "cuda:0")
+    assert not ok and why == (f"onnxruntime {onnxruntime.__version__} {CPU_BUILD}): pip uninstall onnxruntime && "
+                              "pip install onnxruntime-gpu, or use device 'cpu'")
+    assert backend_available("onnxruntime", "cpu") == (True, "")
+    assert backend_available("torch", "cuda") == (True, "")
+    with pytest.raises(BackendUnavailableError, match=f"backend 'onnxruntime' is unavailable: .*{re.escape(CPU_BUILD)}"):
+        create_runner(get_descriptor("control_hint", tiny), BackendConfig("onnxruntime", device="cuda"))
+
+    _machine(monkeypatch, ["CUDAExecutionProvider", "CPUExecutionProvider"], torch_gpu=True)
+    assert backend_available("onnxruntime", "cuda") == (True, "")
+    _machine(monkeypatch, ["CUDAExecutionProvider", "CPUExecutionProvider"], torch_gpu=False)
+    no_gpu = (False, "device 'cuda' was asked for but torch sees no CUDA GPU here")
+    assert backend_available("onnxruntime", "cuda") == no_gpu and backend_available("torch", "cuda") == no_gpu
+
+
+def test_contest_runs_onnxruntime_where_it_can(monkeypatch, tmp_path):
+    """SDCN_BACKEND=onnxruntime on a GPU machine: cuda when the provider is there, else the CPU and why;
+    SDCN_DEVICE=cuda with the CPU build stops initialize() before any weights load."""
+    import sdcn_trt.contest as contest
+    from sdcn_trt import BackendUnavailableError
+
+    monkeypatch.setattr(contest, "cuda_available", lambda: True)
+    _machine(monkeypatch, ["CPUExecutionProvider"], torch_gpu=True)
+    settings = contest.ContestSettings.from_env({"SDCN_BACKEND": "onnxruntime"})
+    assert (settings.backend.device, settings.backend.precision, settings.backend.cuda_graph) == ("cpu", "fp32", "off")
+    assert settings.reason.startswith("onnxruntime on cpu, fp32, CUDA graph off: set by SDCN_BACKEND; on the CPU, "
+                                      f"since onnxruntime on cuda is unavailable: onnxruntime ")
+    assert CPU_BUILD in settings.reason
+
+    monkeypatch.chdir(tmp_path)  # no checkpoint here: the backend error must come first
+    cuda = contest.ContestSettings.from_env({"SDCN_BACKEND": "onnxruntime", "SDCN_DEVICE": "cuda"})
+    with pytest.raises(BackendUnavailableError, match=f"backend 'onnxruntime' is unavailable: .*{re.escape(CPU_BUILD)}"):
+        contest.hackathon(cuda).initialize()
+
+    _machine(monkeypatch, ["CUDAExecutionProvider", "CPUExecutionProvider"], torch_gpu=True)
+    settings = contest.ContestSettings.from_env({"SDCN_BACKEND": "onnxruntime"})
+    assert (settings.backend.device, settings.backend.precision, settings.backend.cuda_graph) == ("cuda", "fp16", "loop")
+    assert settings.reason == "onnxruntime on cuda, fp16, CUDA graph loop: set by SDCN_BACKEND"
+
+
+def test_cli_checks_the_backend_before_loading_weights(monkeypatch, tmp_path, photo, capsys):
+    import cv2
+
+    from sdcn_trt.cli import main
+
+    _machine(monkeypatch, ["CPUExecutionProvider"], torch_gpu=True)
+    cv2.imwrite(str(tmp_path / "cat.png"), photo)
+    rc = main(["generate", str(tmp_path / "cat.png"), "-o", str(tmp_path / "out"), "--backend", "onnxruntime",
+               "--device", "cuda", "--checkpoint", str(tmp_path / "missing.pth")])  # a missing file would fail later
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: backend 'onnxruntime' is unavailable: onnxruntime ") and CPU_BUILD in err

@@ -8,17 +8,18 @@ from sdcn_trt.engines.base import Runner
 from sdcn_trt.errors import BackendUnavailableError, InputError
 from sdcn_trt.export.descriptors import NetworkDescriptor
 
-__all__ = ["BACKENDS", "BackendConfig", "backend_available", "create_runner"]
+__all__ = ["BACKENDS", "BackendConfig", "backend_available", "create_runner", "require_backend"]
 
 
 def backend_available(backend: str, device: str | None = None) -> tuple[bool, str]:
     """(usable here, why not): checks the packages without importing them. `device` ("cpu",
-    "cuda[:N]") adds what that device needs where it differs (inductor: Triton and CUDA headers on a GPU)."""
+    "cuda[:N]") adds what that device needs: a GPU torch can see, and for onnxruntime its CUDA
+    execution provider (a CPU build of onnxruntime has none), for inductor Triton and CUDA headers."""
+    on_gpu = device is not None and device.startswith("cuda")
     if backend == "torch":
-        return True, ""
+        return cuda_status() if on_gpu else (True, "")
     if backend == "onnxruntime":
-        ok = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
-        return ok, "" if ok else "onnxruntime is not installed: pip install 'sdcn_trt[onnx]'"
+        return onnxruntime_status("cuda" if on_gpu else "cpu")
     if backend == "tensorrt":
         from sdcn_trt.engines.trt_support import tensorrt_status
 
@@ -30,11 +31,42 @@ def backend_available(backend: str, device: str | None = None) -> tuple[bool, st
     raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-def create_runner(descriptor: NetworkDescriptor, config: BackendConfig) -> Runner:
-    """The runner of `config.backend` for one network; unavailable backends raise with a fix."""
+def cuda_status() -> tuple[bool, str]:
+    """(usable, why not) for device 'cuda': a GPU that torch can see."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True, ""
+    return False, "device 'cuda' was asked for but torch sees no CUDA GPU here"
+
+
+def onnxruntime_status(device_type: str = "cpu") -> tuple[bool, str]:
+    """(usable, why not): onnxruntime and onnx installed; on 'cuda' also onnxruntime's CUDA
+    execution provider (imports onnxruntime to ask it) and a GPU torch can see (I/O binding)."""
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+        return False, "onnxruntime is not installed: pip install 'sdcn_trt[onnx]'"
+    if device_type != "cuda":
+        return True, ""
+    import onnxruntime as ort
+
+    providers = list(ort.get_available_providers())
+    if "CUDAExecutionProvider" not in providers:
+        return False, (f"onnxruntime {ort.__version__} here has no CUDAExecutionProvider (the CPU build: its "
+                       f"providers are {', '.join(providers) or 'none'}): pip uninstall onnxruntime && pip install "
+                       "onnxruntime-gpu, or use device 'cpu'")
+    return cuda_status()
+
+
+def require_backend(config: BackendConfig) -> None:
+    """BackendUnavailableError saying what is missing unless `config.backend` can run on `config.device`."""
     ok, why = backend_available(config.backend, config.device)
     if not ok:
         raise BackendUnavailableError(f"backend {config.backend!r} is unavailable: {why}")
+
+
+def create_runner(descriptor: NetworkDescriptor, config: BackendConfig) -> Runner:
+    """The runner of `config.backend` for one network; unavailable backends raise with a fix."""
+    require_backend(config)
     if config.backend == "torch":
         from sdcn_trt.engines.torch import TorchRunner
 
