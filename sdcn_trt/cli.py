@@ -29,7 +29,7 @@ from sdcn_trt.export.descriptors import DESCRIPTORS, PIPELINE_NETWORKS, ShapeRan
 from sdcn_trt.models.lora import apply_loras, parse_lora_arg
 from sdcn_trt.models.presets import load_diffusers, load_preset, preset_names, with_controlnets
 from sdcn_trt.pipeline.pipeline import ControlNetPipeline
-from sdcn_trt.preprocess import load_image
+from sdcn_trt.preprocess import load_image, read_image
 from sdcn_trt.progress import RunProgress
 from sdcn_trt.schedule import SPELLINGS, load_schedule_file
 from sdcn_trt.scoring.report import summary_table
@@ -160,17 +160,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     and <input>_canny.png, folders' images under their relative paths."""
 
     jobs = jobs_for_paths(args.inputs, generation_config(args))  # clashing output names fail here
-    images = [(root, job, load_image(root / job.source)) for root, job in jobs]  # a bad file fails before any work
+    images = [(root, job, read_image(root / job.source)) for root, job in jobs]  # a bad file fails before any work
     # further ControlNets' control maps, the same for every input (the first ControlNet gets each photo's edges)
     controls = [None] + [load_image(p) for p in args.control_image] if args.control_image else None
     pipe = load_pipeline(args)
     out_dir = Path(args.output)
     with RunProgress(len(images), "generate", enabled=not args.quiet) as bar:
-        for root, job, image in images:
-            result = pipe.run(image, job.config, progress=bar.steps, control_images=controls)
+        for root, job, loaded in images:
+            result = pipe.run(loaded.image, job.config, progress=bar.steps, control_images=controls)
             written = write_outputs(result, job, out_dir, args.save_control)
+            notes = f"; {'; '.join(loaded.notes)}" if loaded.notes else ""  # first of N frames, 16-bit scaled ...
             bar.write(f"{root / job.source} -> {', '.join(map(str, written))} "
-                      f"(seed {result.seed}, {sum(result.timings.values()):.2f} s)")
+                      f"(seed {result.seed}, {sum(result.timings.values()):.2f} s{notes})")
             bar.advance()
     return 0
 

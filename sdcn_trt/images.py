@@ -9,6 +9,7 @@ import numpy as np
 
 from sdcn_trt.cache import atomic_path
 from sdcn_trt.errors import InputError
+from sdcn_trt.preprocess import native_stderr
 
 
 def encode_image(image: np.ndarray, suffix: str = ".png") -> bytes:
@@ -59,9 +60,11 @@ def read_contest_image(path: str | Path) -> np.ndarray:
         raise InputError(f"image file not found: {path}")
     if path.stat().st_size == 0:
         raise InputError(f"image file is empty: {path}")
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    with native_stderr() as messages:  # OpenCV's own complaints go into the error, not to the terminal
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
-        raise InputError(f"cannot decode image file {path}: not an image, or a format OpenCV cannot read")
+        said = f" (OpenCV: {'; '.join(messages)})" if messages else ""
+        raise InputError(f"cannot decode image file {path}: not an image, or a format OpenCV cannot read{said}")
     return image
 
 

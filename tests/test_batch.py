@@ -84,15 +84,62 @@ def test_bad_inputs_are_recorded_and_the_batch_goes_on(tiny_pipe, tmp_path, phot
     cv2.imwrite(str(inputs / "huge.jpg"), cv2.resize(photo, (4000, 2700)))
     summary = run_batch(tiny_pipe, BatchSettings(str(inputs), str(out), generation=FAST))
     records = {r["input"]: r for r in manifest(out)}
-    assert summary.failed == 4 and summary.done == 5
+    assert summary.failed == 3 and summary.done == 6
     assert records["corrupt.jpg"]["error"].startswith("cannot decode image file")
     assert records["empty.png"]["error"].startswith("image file is empty")
     assert records["text.png"]["error"].startswith("cannot decode image file")
-    assert "dtype uint16; only 8-bit images" in records["deep.png"]["error"]
-    for name in ("gray", "rgba", "cmyk", "tiny", "huge"):
+    assert records["deep.png"]["notes"] == ["uint16 (16-bit) scaled to 8 bits as cv2.imread does"]
+    for name in ("gray", "rgba", "cmyk", "tiny", "huge", "deep"):
         assert records[f"{name}.{'jpg' if name in ('cmyk', 'huge') else 'png'}"]["status"] == "done"
     assert cv2.imread(str(out / "huge.png")).shape == (64, 64, 3)  # 2700 x 4000 -> 64 x round(1.48) * 64
     assert cv2.imread(str(out / "tiny.png")).shape == (64, 64, 3)
+
+
+def test_every_file_gets_a_manifest_row(tiny_pipe, tmp_path, photo, capfd):
+    """The awkward folder a new user tried: every file is done, failed or skipped with its reason, the
+    summary counts them all, and OpenCV's own complaints reach the row, not the terminal."""
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    write_photos(inputs, photo[:64, :64], ["a.png"])
+    frames = [Image.fromarray(np.roll(photo[:64, :64], 9 * i, axis=0)) for i in range(3)]
+    frames[0].save(inputs / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    cv2.imwrite(str(inputs / "deep.tif"), (photo[:64, :64].astype(np.float32) / 255.0))
+    ok, png = cv2.imencode(".png", photo)
+    (inputs / "cut.png").write_bytes(png.tobytes()[:30])
+    (inputs / "notes.txt").write_text("captions")
+    (inputs / "sub").mkdir()
+    os.symlink("loop_b.png", inputs / "loop_a.png")
+    os.symlink("loop_a.png", inputs / "loop_b.png")
+    os.symlink("gone.jpg", inputs / "sub" / "broken.jpg")
+    every_file = {str(p.relative_to(inputs)) for p in inputs.rglob("*") if not p.is_dir()}
+    settings = BatchSettings(str(inputs), str(out), generation=FAST)
+    summary = run_batch(tiny_pipe, settings)
+    rows = manifest(out)
+    records = {r["input"]: r for r in rows}
+    assert set(records) == every_file
+    assert {name: r["status"] for name, r in records.items()} == {
+        "a.png": "done", "anim.gif": "done", "deep.tif": "done", "cut.png": "failed", "notes.txt": "skipped",
+        "loop_a.png": "skipped", "loop_b.png": "skipped", "sub/broken.jpg": "skipped"}
+    assert records["anim.gif"]["notes"] == ["first of 3 frames"]
+    assert records["deep.tif"]["notes"] == ["float32 (32-bit) float values 0..1 scaled to 0..255"]
+    assert "(OpenCV: " in records["cut.png"]["error"] and "IHDR chunk shall be first" in records["cut.png"]["error"]
+    assert records["loop_a.png"]["reason"] == "a looping link (links that point at each other, never at a file)"
+    assert records["sub/broken.jpg"]["reason"] == "a broken link (to gone.jpg, which does not exist)"
+    assert records["notes.txt"]["reason"].startswith("not an image file name (extension '.txt'")
+    assert (summary.total, summary.done, summary.failed, summary.skipped_files) == (4, 3, 1, 4)
+    assert str(summary).startswith("4 images: 3 done, 0 already done, 1 failed; 4 other files skipped (see the manifest)")
+    printed, err = capfd.readouterr()
+    assert "IHDR" not in err and "grfmt_png" not in err  # only in the row (and the "failed:" line)
+    assert "skipped: loop_a.png: a looping link" in printed
+    again = run_batch(tiny_pipe, settings)  # rows already recorded with the same reason are not repeated
+    assert (again.done, again.skipped, again.failed, again.skipped_files) == (0, 3, 1, 4)  # the failed one is retried
+    assert len(manifest(out)) == len(rows) + 1
+
+
+def test_a_folder_without_images_names_what_it_holds(tiny_pipe, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("x")
+    with pytest.raises(InputError, match=r"no images found in .*in \(1 other entries: notes.txt: not an image file"):
+        run_batch(tiny_pipe, BatchSettings(str(tmp_path / "in"), str(tmp_path / "out"), generation=FAST))
 
 
 def test_output_folder_problems(tiny_pipe, tmp_path, photo):

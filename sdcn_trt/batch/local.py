@@ -1,4 +1,5 @@
-"""Canny-to-image over folders: prompt files, a JSONL manifest, crash-safe resume, one run per folder."""
+"""Canny-to-image over folders: prompt files, a JSONL manifest (a row for every file: done, failed or
+skipped, with the reason), crash-safe resume, one run per folder."""
 from __future__ import annotations
 
 import csv
@@ -17,7 +18,7 @@ from sdcn_trt.cache import hash_json
 from sdcn_trt.config import SEED_MAX, GenerationConfig
 from sdcn_trt.errors import InputError, SdcnError
 from sdcn_trt.images import save_image
-from sdcn_trt.preprocess import find_images, load_image
+from sdcn_trt.preprocess import FolderEntry, read_image, scan_folder
 
 logger = logging.getLogger(__name__)
 
@@ -111,12 +112,17 @@ def read_prompts(path: str | Path) -> dict[str, dict[str, Any]]:
     return table
 
 
-def plan_jobs(settings: BatchSettings) -> list[Job]:
-    """One job per image under input_dir, with its prompt-file row applied."""
+def plan_batch(settings: BatchSettings) -> tuple[list[Job], list[FolderEntry]]:
+    """(one job per image under input_dir with its prompt-file row applied, the other entries and why
+    each is skipped). A folder with no image at all is an error naming what it holds instead."""
     root = Path(settings.input_dir)
-    files = find_images(root, recursive=settings.recursive)
+    entries = scan_folder(root, recursive=settings.recursive)
+    files = [e.path for e in entries if e.skip is None]
+    skipped = [e for e in entries if e.skip is not None]
     if not files:
-        raise InputError(f"no images found in {root}")
+        held = "; ".join(f"{e.path.relative_to(root)}: {e.skip}" for e in skipped[:5])
+        raise InputError(f"no images found in {root}" + (f" ({len(skipped)} other entries: {held}"
+                                                           f"{' ...' if len(skipped) > 5 else ''})" if skipped else ""))
     relative = [str(p.relative_to(root)) for p in files]
     overrides = read_prompts(settings.prompts) if settings.prompts else {}
     missing = sorted(set(overrides) - set(relative) - {Path(r).name for r in relative})
@@ -126,7 +132,19 @@ def plan_jobs(settings: BatchSettings) -> list[Job]:
     for rel in relative:
         row = overrides.get(rel, overrides.get(Path(rel).name, {}))
         jobs.append(Job(rel, settings.generation.replace(**row)))
-    return jobs
+    return jobs, skipped
+
+
+def plan_jobs(settings: BatchSettings) -> list[Job]:
+    """One job per image under input_dir, with its prompt-file row applied."""
+    return plan_batch(settings)[0]
+
+
+def skipped_record(entry: FolderEntry, input_root: Path) -> dict[str, Any]:
+    """The manifest row of an entry that is not run: its path, status "skipped" and the reason."""
+    source = str(entry.path.relative_to(input_root))
+    return {"key": hash_json({"source": source, "skipped": True})[:16], "input": source, "status": "skipped",
+            "reason": entry.skip, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
 # -- manifest and lock -----------------------------------------------------------------------------
@@ -210,7 +228,11 @@ def jobs_for_paths(paths: list[str] | list[Path], config: GenerationConfig) -> l
     for item in paths:
         path = Path(item)
         if path.is_dir():
-            planned += [(path, Job(str(p.relative_to(path)), config)) for p in find_images(path)]
+            entries = scan_folder(path)
+            for entry in entries:
+                if entry.skip is not None:
+                    logger.warning("skipped %s: %s", entry.path, entry.skip)
+            planned += [(path, Job(str(e.path.relative_to(path)), config)) for e in entries if e.skip is None]
         else:
             planned.append((path.parent, Job(path.name, config)))
     sources: dict[Path, list[str]] = {}
@@ -229,7 +251,10 @@ def run_job(pipe: Any, job: Job, input_root: Path, output_root: Path, save_contr
     record: dict[str, Any] = {"key": job.key, "input": job.source, "seed": job.config.seed,
                               "settings": dataclasses.asdict(job.config)}
     try:
-        result = pipe.run(load_image(input_root / job.source), job.config)
+        loaded = read_image(input_root / job.source)
+        if loaded.notes:  # how the file was read: first of N frames, 16-bit scaled, OpenCV's warnings
+            record["notes"] = list(loaded.notes)
+        result = pipe.run(loaded.image, job.config)
         output = write_outputs(result, job, output_root, save_control)[0]
         record.update(status="done", output=str(output.relative_to(output_root)), seed=result.seed)
     except SdcnError as exc:
@@ -240,15 +265,16 @@ def run_job(pipe: Any, job: Job, input_root: Path, output_root: Path, save_contr
 
 @dataclass
 class BatchSummary:
-    total: int
+    total: int  # images
     done: int  # finished in this run
     skipped: int  # already done before this run
     failed: int
     seconds: float
+    skipped_files: int = 0  # entries that are not images or cannot be read as files: "skipped" manifest rows
 
     def __str__(self) -> str:
-        return (f"{self.total} images: {self.done} done, {self.skipped} already done, {self.failed} failed "
-                f"in {self.seconds:.1f} s")
+        return (f"{self.total} images: {self.done} done, {self.skipped} already done, {self.failed} failed; "
+                f"{self.skipped_files} other files skipped (see the manifest) in {self.seconds:.1f} s")
 
 
 def run_batch(pipe: Any, settings: BatchSettings, runner: Any = None) -> BatchSummary:
@@ -256,7 +282,7 @@ def run_batch(pipe: Any, settings: BatchSettings, runner: Any = None) -> BatchSu
     from tqdm.auto import tqdm
 
     clock = time.perf_counter()
-    jobs = plan_jobs(settings)  # bad prompt files fail here, before anything is written
+    jobs, not_run = plan_batch(settings)  # bad prompt files fail here, before anything is written
     output_root, input_root = Path(settings.output_dir), Path(settings.input_dir)
     lock = OutputLock(output_root)
     for stale in output_root.rglob(".*.tmp"):  # atomic writes a killed run left half-done
@@ -267,6 +293,11 @@ def run_batch(pipe: Any, settings: BatchSettings, runner: Any = None) -> BatchSu
         skipped = len(jobs) - len(pending)
         done = failed = 0
         bar = tqdm(total=len(pending), desc="batch", unit="image")
+        for entry in not_run:  # every file gets a row; one already recorded with the same reason is not repeated
+            record = skipped_record(entry, input_root)
+            if manifest.records.get(record["key"], {}).get("reason") != record["reason"]:
+                manifest.append(record)
+                bar.write(f"skipped: {record['input']}: {record['reason']}")
         results = (runner.map(pending, input_root, output_root, settings.save_control) if runner is not None
                    else (run_job(pipe, j, input_root, output_root, settings.save_control) for j in pending))
         for record in results:
@@ -280,4 +311,4 @@ def run_batch(pipe: Any, settings: BatchSettings, runner: Any = None) -> BatchSu
     finally:
         manifest.close()
         lock.release()
-    return BatchSummary(len(jobs), done, skipped, failed, time.perf_counter() - clock)
+    return BatchSummary(len(jobs), done, skipped, failed, time.perf_counter() - clock, len(not_run))
