@@ -126,7 +126,8 @@ def test_every_file_gets_a_manifest_row(tiny_pipe, tmp_path, photo, capfd):
     assert records["sub/broken.jpg"]["reason"] == "a broken link (to gone.jpg, which does not exist)"
     assert records["notes.txt"]["reason"].startswith("not an image file name (extension '.txt'")
     assert (summary.total, summary.done, summary.failed, summary.skipped_files) == (4, 3, 1, 4)
-    assert str(summary).startswith("4 images: 3 done, 0 already done, 1 failed; 4 other files skipped (see the manifest)")
+    assert str(summary).startswith("4 images: 3 done, 0 already done, 1 failed; "
+                                   "4 other files skipped (see the manifest)")
     printed, err = capfd.readouterr()
     assert "IHDR" not in err and "grfmt_png" not in err  # only in the row (and the "failed:" line)
     assert "skipped: loop_a.png: a looping link" in printed

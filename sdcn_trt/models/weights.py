@@ -160,7 +160,8 @@ def convert_recipe(path: Path, module: str, attribute: str) -> str:
     first = attribute.split(".")[0]  # a nested class (Outer.Inner) is imported through its outer class
     target = path.with_suffix(".safetensors")
     return (f"    import torch, safetensors.torch; from {module} import {first}\n"
-            f"    with torch.serialization.safe_globals([{attribute}]): sd = torch.load({str(path)!r}, map_location='cpu'); "
+            f"    with torch.serialization.safe_globals([{attribute}]): "
+            f"sd = torch.load({str(path)!r}, map_location='cpu'); "
             f"sd = sd.get('state_dict', sd); safetensors.torch.save_file("
             f"{{k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}}, {str(target)!r})")
 
@@ -175,7 +176,8 @@ def refused_pickle(path: Path, description: str, torch_message: str) -> WeightsE
                             f"{reason or 'no reason given'}")
     return WeightsError(
         f"refused checkpoint {path}: besides tensors it holds Python objects, and loading them could run code "
-        f"(the first refused global: {refused[0]}.{refused[1]}). sdcn_trt loads weights only, and nothing in the file was run. "
+        f"(the first refused global: {refused[0]}.{refused[1]}). sdcn_trt loads weights only, and nothing in the "
+        f"file was run. "
         f"If the file comes from a source you trust, convert it to safetensors where you trust it (allowing "
         f"each global this names, one at a time), then use the .safetensors file:\n{convert_recipe(path, *refused)}")
 
