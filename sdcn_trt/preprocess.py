@@ -22,7 +22,7 @@ import torch
 from sdcn_trt.errors import InputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jp2", ".gif")
-_STDERR_LOCK = threading.Lock()  # one capture of fd 2 at a time
+_STDERR_LOCK = threading.RLock()  # one thread captures fd 2 at a time (nesting is fine)
 _OPENCV_PREFIX = re.compile(r"^\[\s*(?:WARN|ERROR|INFO|DEBUG|FATAL)[^\]]*\]\s*(?:global\s+\S+\s+\S+\s+)?")
 
 
@@ -45,11 +45,13 @@ def native_stderr() -> Iterator[list[str]]:
     """Collect what native code (OpenCV, libpng, libtiff) writes to file descriptor 2 while inside, so
     that it reaches the caller's message instead of the terminal (through a progress bar). The list
     is filled on exit; OpenCV's "[ WARN:0@0.1] global grfmt_png.cpp:297 readHeader" prefixes are cut.
-    Anything another thread writes to stderr meanwhile is collected too."""
+    Anything another thread writes to stderr meanwhile is collected too; in a process started
+    without fd 2 (a daemon) it works the same and leaves fd 2 closed."""
     lines: list[str] = []
     with _STDERR_LOCK, tempfile.TemporaryFile() as captured:
-        sys.stderr.flush()
-        saved = os.dup(2)
+        if sys.stderr is not None:  # None when Python started without fd 2
+            sys.stderr.flush()
+        saved = os.dup(2)  # with fd 2 closed, the temporary file took fd 2: this restores it as it was
         os.dup2(captured.fileno(), 2)
         try:
             yield lines

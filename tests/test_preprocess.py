@@ -1,5 +1,7 @@
 """Preprocessing as the reference computes it, and input files: reading, 8-bit scaling, folder listing."""
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -174,6 +176,23 @@ def test_native_stderr_collects_fd_2_and_restores_it(capfd):
     os.write(2, b"after\n")
     assert lines == ["PNG input is short", "from C"]
     assert capfd.readouterr().err == "after\n"
+    with pp.native_stderr() as outer:  # nested: each level gets what was written inside it
+        os.write(2, b"outer\n")
+        with pp.native_stderr() as inner:
+            os.write(2, b"inner\n")
+    assert (outer, inner) == (["outer"], ["inner"])
+
+
+def test_native_stderr_without_fd_2_collects_nothing(tmp_path):
+    """A process started with fd 2 closed (a daemon) still reads images: nothing to collect, no error."""
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((4, 5, 3), np.uint8))
+    code = ("import os, sys; from sdcn_trt import preprocess as pp\n"
+            "with pp.native_stderr() as lines: pass\n"
+            f"print(lines, pp.load_image({str(tmp_path / 'a.png')!r}).shape, sys.stderr)")
+    root = Path(pp.__file__).parents[1]
+    done = subprocess.run(["bash", "-c", f'exec 2>&-; exec "{sys.executable}" -c "$0"', code], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[] (4, 5, 3) None", done.stdout + done.stderr
 
 
 # -- listing folders: every entry accounted for ---------------------------------------------------------------
