@@ -135,11 +135,6 @@ def plan_batch(settings: BatchSettings) -> tuple[list[Job], list[FolderEntry]]:
     return jobs, skipped
 
 
-def plan_jobs(settings: BatchSettings) -> list[Job]:
-    """One job per image under input_dir, with its prompt-file row applied."""
-    return plan_batch(settings)[0]
-
-
 def skipped_record(entry: FolderEntry, input_root: Path) -> dict[str, Any]:
     """The manifest row of an entry that is not run: its path, status "skipped" and the reason."""
     source = str(entry.path.relative_to(input_root))
