@@ -129,3 +129,33 @@ def test_ray_actors_batch_the_same_way(tmp_path, tiny_pipe, folder):
         if record["status"] == "done":
             assert (tmp_path / "local" / record["output"]).read_bytes() == \
                    (tmp_path / "ray" / record["output"]).read_bytes()
+
+
+def test_cli_flags_reach_the_settings(tmp_path):
+    from sdcn_trt.cli import backend_config, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["batch", "in", "out", "--batch-size", "4", "--backend", "tensorrt", "--num-samples", "2"])
+    assert args.batch_size == 4 and backend_config(args).max_batch == 8  # engines for 4 photos x 2 samples
+    args = parser.parse_args(["batch", "in", "out", "--batch-size", "4", "--max-batch", "2"])
+    assert backend_config(args).max_batch == 2  # given: kept (calls are capped at it)
+    args = parser.parse_args(["score", "--batch-size", "8"])
+    assert args.batch_size == 8 and backend_config(args).max_batch == 8
+    assert backend_config(parser.parse_args(["score"])).max_batch is None
+
+
+def test_score_throughput_line(tiny_pipe, photo):
+    from sdcn_trt.scoring.report import summary_table
+    from sdcn_trt.scoring.run import ScoreSettings, measure_throughput
+
+    t = measure_throughput(tiny_pipe, [photo, photo[:, ::-1].copy(), photo], FAST, batch_size=2, warmup=0)
+    assert (t["batch_size"], t["images"]) == (2, 3)
+    assert t["images_per_s"] == pytest.approx(3 / t["seconds"]) and t["ms_per_image"] == pytest.approx(
+        1000 * t["seconds"] / 3)
+    summary = {"schedules": {"full": {"images": 3, "errors": 0, "latency_ms": {"mean": 10.0, "p90": 11.0},
+                                      "mean_pd": 1.0, "max_pd": 2.0, "pd_failures": 0, "score": 100.0,
+                                      "throughput": {**t, "images_per_s": 2.5, "ms_per_image": 400.0}}}}
+    assert summary_table(summary).splitlines()[-1] == \
+           "throughput full: 2.50 images/s (400.0 ms/image) at batch size 2, 3 photos"
+    with pytest.raises(InputError, match="batch_size must be an integer >= 1"):
+        ScoreSettings(batch_size=0)
