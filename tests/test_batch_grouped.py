@@ -159,3 +159,23 @@ def test_score_throughput_line(tiny_pipe, photo):
            "throughput full: 2.50 images/s (400.0 ms/image) at batch size 2, 3 photos"
     with pytest.raises(InputError, match="batch_size must be an integer >= 1"):
         ScoreSettings(batch_size=0)
+
+
+def test_benchmark_batched_table_and_failed_case(tmp_path):
+    import argparse
+
+    from benchmarks.batched import batched_markdown, run_batched_case
+
+    row = {"backend": "torch", "precision": "fp32", "cuda_graph": "off", "peak_rss_gib": 1.5, "max_diff_vs_single": 1}
+    report = {"steps": 2, "repeats": 3, "batched": [
+        {**row, "batch_size": 1, "images_per_s": 2.0, "ms_per_image": 500.0},
+        {**row, "batch_size": 4, "images_per_s": 4.0, "ms_per_image": 250.0, "peak_gpu_memory_gib": 3.25},
+        {**row, "batch_size": 8, "error": "timed out after 30 s"}]}
+    lines = batched_markdown(report).splitlines()
+    assert lines[5:8] == ["| torch | fp32 | off | 1 | 2.00 | 500.0 | 1.00x | 1.50 | 1 |",
+                          "| torch | fp32 | off | 4 | 4.00 | 250.0 | 2.00x | 3.25 | 1 |",
+                          "| torch | fp32 | off | 8 | failed: timed out after 30 s | | | | |"]
+    assert batched_markdown({"steps": 2, "repeats": 3}) == ""
+    args = argparse.Namespace(device="cpu", preset="tiny", steps=1, repeats=1)
+    failed = run_batched_case({"backend": "nope", "precision": "fp32", "cuda_graph": "off"}, 2, args, timeout=120)
+    assert failed["batch_size"] == 2 and "unknown backend 'nope'" in failed["error"]

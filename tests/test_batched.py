@@ -61,7 +61,7 @@ def _assert_match(batched, singles, levels: int = 1, seeds: bool = True):
 def test_torch_batch_matches_single_calls(tiny_pipe, photos, config):
     items = _items(photos)
     batched = tiny_pipe.run_batch(items, config)
-    assert [out.timings["batch"] for out in batched] == [3.0, 1.0, 3.0, 3.0]  # two size groups: 3 + 1
+    assert [out.batch for out in batched] == [3, 1, 3, 3]  # two size groups: 3 + 1
     _assert_match(batched, _singles(tiny_pipe, items, config))
 
 
@@ -92,7 +92,7 @@ def test_batch_size_limits_calls_and_keeps_order(tiny_pipe, photos, fast_config)
     items = [BatchItem(im, seed=s) for im, s in ((cat, 1), (rocket, 2), (rgba, 3))]
     outs = tiny_pipe.run_batch(items, fast_config, batch_size=2)
     assert [o.seed for o in outs] == [1, 2, 3]
-    assert [o.timings["batch"] for o in outs] == [2.0, 2.0, 1.0]
+    assert [o.batch for o in outs] == [2, 2, 1]
     _assert_match(outs, [tiny_pipe.run(i.image, fast_config.replace(seed=i.seed)) for i in items])
 
 
@@ -149,7 +149,7 @@ def test_a_single_photo_too_big_still_raises(tiny, photos, fast_config):
 def test_backend_max_batch_caps_calls(tiny, photos, fast_config):
     pipe = ControlNetPipeline(tiny, BackendConfig(max_batch=4))
     outs = pipe.run_batch([photos[0]] * 3, fast_config.replace(num_samples=2), batch_size=8)
-    assert [o.timings["batch"] for o in outs] == [2.0, 2.0, 1.0]  # 4 images per call: 2 photos x 2 samples
+    assert [o.batch for o in outs] == [2, 2, 1]  # 4 images per call: 2 photos x 2 samples
     assert BackendConfig(backend="tensorrt").batch_limit == 1  # engines built for the contest shape
     assert BackendConfig(backend="onnxruntime").batch_limit is None
 

@@ -37,7 +37,8 @@ class PipelineOutput:
     images: list[Any]
     control: np.ndarray  # the detected canny map, uint8 HxWx3 (0 or 255)
     seed: int
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (of the whole call when batched)
+    batch: int = 1  # photos in the network calls that made these images (run_batch)
 
 
 def _backend_config(backend: BackendConfig | str, options: dict[str, Any]) -> BackendConfig:
@@ -302,7 +303,7 @@ class ControlNetPipeline:
                       tuple(schedule.timesteps), float(config.scale), float(schedule.eta), kinds)
         loop = self._loop(key, schedule)
         pixels, stage_times = loop.run(LoopInputs(latents, text, controls, scales, noise), _progress(progress))
-        timings.update(stage_times, batch=float(len(call)))
+        timings.update(stage_times)
 
         # 8. uint8 HxWx3 arrays (or PIL images), S per photo
         array = pixels.cpu().numpy()  # (BS, H, W, 3)
@@ -313,7 +314,8 @@ class ControlNetPipeline:
                 from PIL import Image
 
                 images = [Image.fromarray(im) for im in images]
-            outputs.append(PipelineOutput(images=images, control=item.detected, seed=item.seed, timings=dict(timings)))
+            outputs.append(PipelineOutput(images=images, control=item.detected, seed=item.seed, timings=dict(timings),
+                                          batch=len(call)))
         return outputs
 
     def _control_maps(self, detected: np.ndarray,
