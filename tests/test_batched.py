@@ -213,3 +213,11 @@ def test_group_by_size_and_text_layout():
     assert [[i.index for i in call] for call in group_by_size(items, None)] == [[0, 2, 3], [1]]
     pairs = [torch.tensor([[[0.0]], [[1.0]]]), torch.tensor([[[2.0]], [[3.0]]])]  # (2, 1, 1) [negative, positive]
     assert stack_text(pairs, 2).flatten().tolist() == [0, 0, 2, 2, 1, 1, 3, 3]  # [negatives x S..., positives x S...]
+
+
+def test_static_loop_batches_like_eager_single_calls(tiny, tiny_pipe, photos, fast_config):
+    """cuda_graph='loop' on the CPU runs the static-buffer loop a GPU captures, keyed by (B, size)."""
+    pipe = ControlNetPipeline(tiny, BackendConfig(cuda_graph="loop"))
+    items = _items(photos)[:3:2]  # two photos of one size
+    _assert_match(pipe.run_batch(items, fast_config), _singles(tiny_pipe, items, fast_config))
+    assert [key.latent_shape[0] for key in pipe._loops] == [2]

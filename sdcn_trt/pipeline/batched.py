@@ -8,13 +8,17 @@ share a call: `group_by_size` splits them, keeping each item's index so results 
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from sdcn_trt.config import BackendConfig
 from sdcn_trt.errors import DeviceMemoryError, InputError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,6 +73,21 @@ def broadcast(**named: Any) -> list[dict[str, Any]]:
                          + ", ".join(f"{name}: {length}" for name, length in lengths.items()))
     count = next(iter(lengths.values()), 1)
     return [{name: value[i] if is_list(value) else value for name, value in named.items()} for i in range(count)]
+
+
+def photos_per_call(batch_size: int | None, backend: BackendConfig, num_samples: int) -> int | None:
+    """Photos per call: `batch_size` (None: all of a size), capped by the backend's max_batch, which counts
+    images (photos x samples)."""
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise InputError(f"batch_size must be an integer >= 1 (or None: as many as fit), got {batch_size!r}")
+    engines = backend.batch_limit
+    if engines is None:
+        return batch_size
+    cap = max(1, engines // num_samples)
+    if batch_size is not None and batch_size > cap:
+        logger.info("%s engines take %d images per call (BackendConfig.max_batch): batches of %d photos x %d "
+                    "samples run as calls of %d", backend.backend, engines, batch_size, num_samples, cap)
+    return cap if batch_size is None else min(batch_size, cap)
 
 
 def group_by_size(items: Sequence[Prepared], limit: int | None) -> list[list[Prepared]]:

@@ -22,7 +22,7 @@ from sdcn_trt.export.descriptors import PIPELINE_NETWORKS, get_descriptor
 from sdcn_trt.models.lora import LoraMerge, apply_loras, check_strength, unmerge_lora
 from sdcn_trt.models.presets import load_diffusers, load_preset, with_controlnets
 from sdcn_trt.pipeline.batched import (BatchItem, Prepared, broadcast, group_by_size, is_list, is_out_of_memory,
-                                       stack_text)
+                                       photos_per_call, stack_text)
 from sdcn_trt.pipeline.loop import EagerLoop, LoopInputs, LoopKey, ProgressFn, make_loop, networks_for
 from sdcn_trt.pipeline.scheduler import DdimSchedule, make_ddim_schedule
 from sdcn_trt.models.tokenizer import tokenize
@@ -207,22 +207,9 @@ class ControlNetPipeline:
             except InputError as exc:
                 raise InputError(f"batch item {index}: {exc}") from exc
         seconds = (time.perf_counter() - clock) / len(items)  # preprocessing, per item
-        for call in group_by_size(prepared, self._batch_limit(config.num_samples, batch_size)):
+        for call in group_by_size(prepared, photos_per_call(batch_size, self.backend, config.num_samples)):
             outputs = self._generate_fitting(call, config, progress, output_type, seconds * len(call))
             yield from ((item.index, out) for item, out in zip(call, outputs, strict=True))
-
-    def _batch_limit(self, num_samples: int, batch_size: int | None) -> int | None:
-        """Photos per call: `batch_size`, capped by the backend's max_batch (network batch = photos x samples)."""
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-            raise InputError(f"batch_size must be an integer >= 1 (or None: as many as fit), got {batch_size!r}")
-        engines = self.backend.batch_limit
-        if engines is None:
-            return batch_size
-        cap = max(1, engines // num_samples)
-        if batch_size is not None and batch_size > cap:
-            logger.info("%s engines take %d images per call (BackendConfig.max_batch): batches of %d photos x %d "
-                        "samples run as calls of %d", self.backend.backend, engines, batch_size, num_samples, cap)
-        return cap if batch_size is None else min(batch_size, cap)
 
     def _generate_fitting(self, call: list[Prepared], config: GenerationConfig, progress: bool | ProgressFn,
                           output_type: str, preprocess_seconds: float) -> list[PipelineOutput]:
