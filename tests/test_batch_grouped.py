@@ -125,10 +125,13 @@ def test_ray_actors_batch_the_same_way(tmp_path, tiny_pipe, folder):
     finally:
         runner.shutdown()
     assert (local.done, local.failed) == (remote.done, remote.failed) == (6, 2)
+    worst = {}
     for record in manifest(tmp_path / "local"):
         if record["status"] == "done":
-            assert (tmp_path / "local" / record["output"]).read_bytes() == \
-                   (tmp_path / "ray" / record["output"]).read_bytes()
+            a, b = (cv2.imread(str(tmp_path / run / record["output"])) for run in ("local", "ray"))
+            worst[record["input"]] = int(pixel_diff(a, b).max())
+    # the same groups in both; a batched call in a Ray worker (other OpenMP settings) may round differently
+    assert max(worst.values()) <= 1, worst
 
 
 def test_cli_flags_reach_the_settings(tmp_path):
