@@ -221,3 +221,24 @@ def test_static_loop_batches_like_eager_single_calls(tiny, tiny_pipe, photos, fa
     items = _items(photos)[:3:2]  # two photos of one size
     _assert_match(pipe.run_batch(items, fast_config), _singles(tiny_pipe, items, fast_config))
     assert [key.latent_shape[0] for key in pipe._loops] == [2]
+
+
+@pytest.mark.slow
+def test_inductor_text_encoder_compiles_for_a_batch_range(tiny, tmp_path):
+    """max_batch > 1: built engines get batches 1..max_batch; the text encoder takes 2 rows per photo."""
+    from sdcn_trt.engines import backend_available, create_runner
+    from sdcn_trt.engines.torch import TorchRunner
+    from sdcn_trt.export.descriptors import get_descriptor
+
+    ok, why = backend_available("inductor", "cpu")
+    if not ok:
+        pytest.skip(why)
+    desc = get_descriptor("text_encoder", tiny)
+    runner = create_runner(desc, BackendConfig(backend="inductor", max_batch=3, cache_dir=str(tmp_path)))
+    assert runner.settings.shape_range.max.batch == 3 and runner.settings.shape_range.min.batch == 1
+    reference = TorchRunner(desc)
+    for rows in (2, 4, 6):
+        feed = {"input_ids": torch.randint(0, 100, (rows, 77), dtype=torch.int32)}
+        assert (runner.infer(feed)["text_embeddings"] - reference.infer(feed)["text_embeddings"]).abs().max() < 1e-4
+    with pytest.raises(InputError, match=r"'input_ids' has shape \(8, 77\); the profile allows \(2, 77\) .. \(6, 77\)"):
+        runner.infer({"input_ids": torch.zeros((8, 77), dtype=torch.int32)})
