@@ -2,6 +2,7 @@
 
     python -m benchmarks                          # CPU: torch fp32, onnxruntime, diffusers; 2 steps
     python -m benchmarks --device cuda --steps 20 # GPU: torch fp32/fp16, CUDA graphs, inductor, diffusers fp16
+    python -m benchmarks --batch-sizes 1 2 4      # also B photos per call: images/s, ms/image, memory per B
 
 Every case's image is compared with the torch fp32 case's (the contest's reference) on the same
 weights: mean and max |difference| in uint8 levels, and the NaN/Inf values each network produced.
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.batched import batched_markdown, run_batched_case
 from sdcn_trt.scoring.latency import measure
 
 CPU_CASES = [("torch", "fp32", "off"), ("onnxruntime", "fp32", "off"), ("diffusers", "fp32", "off")]
@@ -123,6 +125,8 @@ def main() -> int:
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per case")
     parser.add_argument("--deadline", type=float, default=0.0,
                         help="seconds for the whole run (0: none); a case gets what is left, none starts with < 30 s")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[],
+                        help="after the cases, each case (but diffusers) with B photos per call for every B given")
     args = parser.parse_args()
     started = time.monotonic()
     cases = ([tuple(c.split(":")) for c in args.cases] if args.cases
@@ -150,6 +154,15 @@ def main() -> int:
             diff = np.abs(image.astype(np.int16) - reference.astype(np.int16))
             result["parity"] = {"mean": float(diff.mean()), "max": int(diff.max()), "against": "torch fp32"}
         report["cases"].append(result)
+        print(json.dumps(result)[:400], flush=True)
+        write_report(report, args, stem)
+    for (backend, precision, graph), batch in ((c, b) for c in cases if c[0] != "diffusers" for b in args.batch_sizes):
+        timeout = min(args.timeout, int(args.deadline - (time.monotonic() - started))) if args.deadline else args.timeout
+        case = {"backend": backend, "precision": precision, "cuda_graph": graph}
+        print(f"batched {backend} {precision} graph={graph} B={batch} (limit {timeout} s) ...", flush=True)
+        result = (run_batched_case(case, batch, args, timeout) if timeout >= 30 else
+                  {**case, "batch_size": batch, "error": f"skipped: the run's {args.deadline:.0f} s were spent"})
+        report.setdefault("batched", []).append(result)
         print(json.dumps(result)[:400], flush=True)
         write_report(report, args, stem)
     shutil.rmtree(images, ignore_errors=True)
@@ -190,7 +203,7 @@ def run_one(case: dict[str, str], args: argparse.Namespace, timeout: int, image_
 
 def write_report(report: dict, args: argparse.Namespace, stem: str) -> str:
     """JSON + Markdown into every --out folder; returns the Markdown."""
-    table = markdown(report)
+    table = markdown(report) + batched_markdown(report)
     for folder in args.out:
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)

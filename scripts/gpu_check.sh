@@ -10,6 +10,7 @@
 # Usage, on a machine with a CUDA GPU and this package importable (the offline device machine:
 # `source .device/env.sh` first, see ../shared/offline_gpu/prepare.sh):
 #   bash scripts/gpu_check.sh                 # env, tests, bench, tiny, fastpath
+#   bash scripts/gpu_check.sh batched         # B photos per call (benchmarks/batched.py), not in the defaults
 #   bash scripts/gpu_check.sh bench tiny      # only some steps (a second run on the same machine
 #                                             # reuses the inductor packages in .sdcn_cache/)
 set -uo pipefail
@@ -102,11 +103,17 @@ PY
         --cases torch:fp32:off torch:fp16:off torch:fp16:loop inductor:fp16:loop \
         --deadline $(($(left) - 20)) --out "$results" ${OUT:+"$OUT"}
       ;;
+    batched)
+      # not in the default steps: B photos per call through the whole-loop graph (issue #21's goal: >= 20
+      # images/s at B = 8), images/s, ms/image, peak memory and the difference from single calls per B
+      run batched 300 "$python" -m benchmarks --device cuda --steps 20 --repeats 2 --timeout 240 \
+        --cases torch:fp16:loop --batch-sizes 1 2 4 8 16 --deadline $(($(left) - 20)) --out "$results" ${OUT:+"$OUT"}
+      ;;
     fastpath)
       # eager fp16 fused step with SDPA, fused QKV and channels_last added in turn (channels_last's default)
       run fastpath 120 "$python" -m benchmarks.fast_path --device cuda --precision fp16 --out "$results" ${OUT:+"$OUT"}
       ;;
-    *) echo "unknown step '$step': choose from env tests bench tiny fastpath"; exit 2 ;;
+    *) echo "unknown step '$step': choose from env tests bench tiny fastpath batched"; exit 2 ;;
   esac
 done
 echo "gpu_check: $((SECONDS - start)) s of the $budget s budget"

@@ -70,6 +70,10 @@ def add_backend_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cuda-graph", default="off", choices=GRAPH_MODES,
                    help="replay each step (step) or the whole loop + decode (loop) from CUDA graphs")
     g.add_argument("--check-finite", action="store_true", help="fail naming the network that outputs NaN/Inf")
+    g.add_argument("--max-batch", type=int, default=None,
+                   help="most images (photos x samples) per network call; tensorrt/inductor engines are built for "
+                        "1..max-batch (default: no limit on torch/onnxruntime, 1 on tensorrt/inductor; with "
+                        "--batch-size: batch size x samples)")
 
 
 def add_generation_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
@@ -104,8 +108,11 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
 
 
 def backend_config(args: argparse.Namespace) -> BackendConfig:
+    max_batch = getattr(args, "max_batch", None)
+    if max_batch is None and getattr(args, "batch_size", None):  # engines that take the batches asked for
+        max_batch = args.batch_size * getattr(args, "num_samples", 1)
     return BackendConfig(backend=args.backend, device=args.device, precision=args.precision, cache_dir=args.cache_dir,
-                         cuda_graph=args.cuda_graph, check_finite=args.check_finite)
+                         cuda_graph=args.cuda_graph, check_finite=args.check_finite, max_batch=max_batch)
 
 
 def usable_backend(args: argparse.Namespace) -> BackendConfig:
@@ -241,7 +248,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     settings = ScoreSettings(inputs=args.inputs, output=args.output, schedules=schedules,
                              image_format=args.image_format, reference_dir=args.reference_dir,
                              fid_weights=args.fid_weights, random_fid=args.random_fid, warmup=args.warmup,
-                             generation=generation_config(args))
+                             generation=generation_config(args), batch_size=args.batch_size)
     backend = usable_backend(args)
     summary = run_score(load_components(args), backend, settings)
     print(summary_table(summary))
@@ -270,7 +277,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
     settings = BatchSettings(args.input_dir, args.output_dir, args.prompts, args.save_control, not args.no_recursive,
-                             generation_config(args))
+                             generation_config(args), batch_size=args.batch_size)
     backend_config(args)  # validate the backend flags before any work
     runner = None
     if args.ray or args.ray_address:
@@ -378,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fid-weights", help="pt_inception-2015-12-05-6726825d.pth (default: $SDCN_FID_WEIGHTS, hub cache)")
     p.add_argument("--random-fid", action="store_true", help="seeded random Inception (tests/demo; PD not the contest's)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="also time all inputs through batched calls of this many photos: a throughput line "
+                        "(the contest latency stays one photo per call)")
     add_model_args(p)
     add_backend_args(p)
     add_generation_args(p, exclude=("schedule",))
@@ -413,7 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray", action="store_true", help="run on Ray (a local cluster unless --ray-address)")
     p.add_argument("--ray-address", help="address of a running Ray cluster (implies --ray)")
     p.add_argument("--workers", type=int, help="Ray actors (default: one per GPU, else one per CPU)")
-    p.add_argument("--chunk-size", type=int, default=4, help="images per Ray task")
+    p.add_argument("--chunk-size", type=int, default=4, help="images per Ray task (at least --batch-size)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="photos per network call: queued files of one size and settings are grouped (default: 1)")
     add_model_args(p)
     add_backend_args(p)
     add_generation_args(p)

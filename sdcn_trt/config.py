@@ -21,6 +21,7 @@ STRENGTH_MAX = 2.0  # ControlNet strengths beyond this only break images (the we
 CONTEST_HEIGHT, CONTEST_WIDTH = 256, 384  # the contest's photos after resize_image at resolution 256
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "inductor")  # inductor: AOTInductor packages (C++ / Triton)
+BUILT_BACKENDS = ("tensorrt", "inductor")  # engines built for fixed shape ranges (the contest shape by default)
 PRECISIONS = ("fp32", "fp16")  # fp32 is the reference
 GRAPH_MODES = ("off", "step", "loop")  # CUDA graphs: none, one per step, the whole loop + decode
 
@@ -152,9 +153,14 @@ class BackendConfig:
     cache_dir: str | None = None  # exported ONNX / engines / inductor packages; default $SDCN_TRT_CACHE
     cuda_graph: str = "off"  # one of GRAPH_MODES ("loop" on the CPU runs the same static loop, eagerly)
     check_finite: bool = False  # raise NonFiniteOutputError naming the network that produced NaN/Inf
+    max_batch: int | None = None  # most images (photos x samples) per network call; None: no limit on torch and
+    # onnxruntime, 1 on tensorrt and inductor (engines built for the contest shape); > 1 builds those for 1..max_batch
 
     def __post_init__(self) -> None:
         check_choice("backend", self.backend, BACKENDS)
+        if self.max_batch is not None and (isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int)
+                                           or self.max_batch < 1):
+            raise InputError(f"max_batch must be an integer >= 1 or None (the backend's default), got {self.max_batch!r}")
         check_choice("precision", self.precision, PRECISIONS)
         if not isinstance(self.device, str) or not (self.device == "cpu" or self.device.startswith("cuda")):
             raise InputError(f"unknown device {self.device!r}; use 'cpu' or 'cuda[:N]'")
@@ -164,3 +170,10 @@ class BackendConfig:
 
     def cache_path(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else cache_root()
+
+    @property
+    def batch_limit(self) -> int | None:
+        """Most images per network call: max_batch, or the backend's default (built engines: 1)."""
+        if self.max_batch is not None:
+            return self.max_batch
+        return 1 if self.backend in BUILT_BACKENDS else None

@@ -18,7 +18,8 @@ from sdcn_trt.cache import hash_json
 from sdcn_trt.config import SEED_MAX, GenerationConfig
 from sdcn_trt.errors import InputError, SdcnError
 from sdcn_trt.images import save_image
-from sdcn_trt.preprocess import FolderEntry, read_image, scan_folder
+from sdcn_trt.pipeline.batched import BatchItem
+from sdcn_trt.preprocess import FolderEntry, read_image, resize_shape, scan_folder
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,11 @@ class BatchSettings:
     save_control: bool = False  # also write <name>_canny.png (the inverted edge map)
     recursive: bool = True
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    batch_size: int = 1  # photos per network call: queued files of one size and settings are grouped
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise InputError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
 
 
 @dataclass(frozen=True)
@@ -258,6 +264,72 @@ def run_job(pipe: Any, job: Job, input_root: Path, output_root: Path, save_contr
     return record
 
 
+def group_key(job: Job, image: Any) -> str:
+    """Jobs with equal keys can share a network call: the same preprocessed size and the same settings
+    apart from what may differ per photo (prompt, negative prompt, seed)."""
+    config = job.config
+    height, width, _ = resize_shape(image.shape[0], image.shape[1], config.image_resolution)
+    shared = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("prompt", "n_prompt", "seed")}
+    return hash_json({"size": [height, width], "settings": shared})
+
+
+def run_group(pipe: Any, group: list[tuple[Job, Any]], input_root: Path, output_root: Path,
+              save_control: bool) -> list[dict[str, Any]]:
+    """One network call for jobs of one group key (pipe.run_batch; a lone job: run_job), each job's images
+    written as run_job writes them; if the call fails, each job runs alone, so a bad file fails alone and
+    the rest of its group still runs."""
+    if len(group) == 1:
+        return [run_job(pipe, group[0][0], input_root, output_root, save_control)]
+    clock = time.perf_counter()
+    items = [BatchItem(loaded.image, prompt=job.config.prompt, n_prompt=job.config.n_prompt, seed=job.config.seed)
+             for job, loaded in group]
+    try:
+        results = pipe.run_batch(items, group[0][0].config, batch_size=len(group))
+    except SdcnError as exc:
+        logger.warning("a group of %d images failed (%s); running them one by one", len(group), exc)
+        return [run_job(pipe, job, input_root, output_root, save_control) for job, _ in group]
+    seconds = (time.perf_counter() - clock) / len(group)
+    records = []
+    for (job, loaded), result in zip(group, results, strict=True):
+        record: dict[str, Any] = {"key": job.key, "input": job.source, "seed": job.config.seed,
+                                  "settings": dataclasses.asdict(job.config)}
+        if loaded.notes:
+            record["notes"] = list(loaded.notes)
+        try:
+            output = write_outputs(result, job, output_root, save_control)[0]
+            record.update(status="done", output=str(output.relative_to(output_root)), seed=result.seed)
+        except SdcnError as exc:
+            record.update(status="failed", error=str(exc))
+        record.update(seconds=seconds, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        records.append(record)
+    return records
+
+
+def run_jobs(pipe: Any, jobs: list[Job], input_root: Path, output_root: Path, save_control: bool,
+             batch_size: int = 1) -> Iterator[dict[str, Any]]:
+    """Records of `jobs`, each yielded once its images are written. batch_size 1: one call per job, in order;
+    more: jobs queue by group key and a group runs when it holds batch_size jobs (the rest at the end)."""
+    if batch_size == 1:
+        yield from (run_job(pipe, job, input_root, output_root, save_control) for job in jobs)
+        return
+    queued: dict[str, list[tuple[Job, Any]]] = {}
+    for job in jobs:
+        try:
+            loaded = read_image(input_root / job.source)
+            key = group_key(job, loaded.image)
+        except SdcnError as exc:
+            yield {"key": job.key, "input": job.source, "seed": job.config.seed,
+                   "settings": dataclasses.asdict(job.config), "status": "failed", "error": str(exc), "seconds": 0.0,
+                   "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            continue
+        group = queued.setdefault(key, [])
+        group.append((job, loaded))
+        if len(group) == batch_size:
+            yield from run_group(pipe, queued.pop(key), input_root, output_root, save_control)
+    for group in queued.values():
+        yield from run_group(pipe, group, input_root, output_root, save_control)
+
+
 @dataclass
 class BatchSummary:
     total: int  # images
@@ -293,8 +365,9 @@ def run_batch(pipe: Any, settings: BatchSettings, runner: Any = None) -> BatchSu
             if manifest.records.get(record["key"], {}).get("reason") != record["reason"]:
                 manifest.append(record)
                 bar.write(f"skipped: {record['input']}: {record['reason']}")
-        results = (runner.map(pending, input_root, output_root, settings.save_control) if runner is not None
-                   else (run_job(pipe, j, input_root, output_root, settings.save_control) for j in pending))
+        results = (runner.map(pending, input_root, output_root, settings.save_control, settings.batch_size)
+                   if runner is not None
+                   else run_jobs(pipe, pending, input_root, output_root, settings.save_control, settings.batch_size))
         for record in results:
             manifest.append(record)
             done += record["status"] == "done"

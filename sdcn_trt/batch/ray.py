@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from sdcn_trt.batch.local import Job, run_job
+from sdcn_trt.batch.local import Job, run_jobs
 from sdcn_trt.errors import BackendUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -29,8 +29,10 @@ class BatchWorker:
             torch.set_num_threads(threads)  # Ray starts workers with one thread
         self.pipe = make_pipeline()
 
-    def run(self, jobs: list[Job], input_root: str, output_root: str, save_control: bool) -> list[dict[str, Any]]:
-        return [run_job(self.pipe, job, Path(input_root), Path(output_root), save_control) for job in jobs]
+    def run(self, jobs: list[Job], input_root: str, output_root: str, save_control: bool,
+            batch_size: int = 1) -> list[dict[str, Any]]:
+        """A chunk's records; with batch_size > 1 its jobs of one size and settings share network calls."""
+        return list(run_jobs(self.pipe, jobs, Path(input_root), Path(output_root), save_control, batch_size))
 
 
 class RayRunner:
@@ -65,15 +67,19 @@ class RayRunner:
         self.chunk_size, self.max_retries = chunk_size, max_retries
         logger.info("Ray: %d workers (%s GPU each) on %s", count, gpus_per_worker, address or "a local cluster")
 
-    def map(self, jobs: list[Job], input_root: Path, output_root: Path, save_control: bool) -> Iterator[dict[str, Any]]:
+    def map(self, jobs: list[Job], input_root: Path, output_root: Path, save_control: bool,
+            batch_size: int = 1) -> Iterator[dict[str, Any]]:
         """Records of `jobs` as chunks finish (in no fixed order); jobs of chunks that failed on
-        every try come last, as failed records."""
+        every try come last, as failed records. Actors batch inside a chunk, so a chunk holds at least
+        `batch_size` jobs."""
         from ray.util import ActorPool
 
         pool = ActorPool(self.actors)
-        for i in range(0, len(jobs), self.chunk_size):
-            pool.submit(lambda actor, chunk: actor.run.remote(chunk, str(input_root), str(output_root), save_control),
-                        jobs[i : i + self.chunk_size])
+        chunk_size = max(self.chunk_size, batch_size)
+        for i in range(0, len(jobs), chunk_size):
+            pool.submit(lambda actor, chunk: actor.run.remote(chunk, str(input_root), str(output_root), save_control,
+                                                              batch_size),
+                        jobs[i : i + chunk_size])
         unfinished = {job.key: job for job in jobs}
         errors: list[str] = []
         while pool.has_next():  # false too once every actor is dead: their chunks stay unfinished

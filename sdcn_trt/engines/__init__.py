@@ -6,7 +6,7 @@ import importlib.util
 from sdcn_trt.config import BACKENDS, BackendConfig
 from sdcn_trt.engines.base import Runner
 from sdcn_trt.errors import BackendUnavailableError, InputError
-from sdcn_trt.export.descriptors import NetworkDescriptor
+from sdcn_trt.export.descriptors import NetworkDescriptor, ShapeRange, ShapeSpec
 
 __all__ = ["BACKENDS", "BackendConfig", "backend_available", "create_runner", "require_backend"]
 
@@ -29,6 +29,11 @@ def backend_available(backend: str, device: str | None = None) -> tuple[bool, st
 
         return inductor_status(device.split(":")[0] if device else None)
     raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def batch_range(config: BackendConfig) -> ShapeRange:
+    """The shapes built engines cover: the contest shape at batches 1..config.batch_limit (static at 1)."""
+    return ShapeRange.batches(ShapeSpec(), config.batch_limit or 1)
 
 
 def cuda_status() -> tuple[bool, str]:
@@ -77,11 +82,14 @@ def create_runner(descriptor: NetworkDescriptor, config: BackendConfig) -> Runne
         runner = OnnxRuntimeRunner(descriptor, config)
     elif config.backend == "inductor":
         from sdcn_trt.engines.inductor import InductorRunner
+        from sdcn_trt.engines.inductor_plan import InductorSettings
 
-        runner = InductorRunner(descriptor, config)
+        runner = InductorRunner(descriptor, config, InductorSettings(shape_range=batch_range(config)))
     else:
         from sdcn_trt.engines.tensorrt import TensorRTRunner
+        from sdcn_trt.engines.trt_plan import BuildSettings
 
-        runner = TensorRTRunner(descriptor, config)
+        runner = TensorRTRunner(descriptor, config, BuildSettings(precision=config.precision,
+                                                                  shape_range=batch_range(config)))
     runner.check_finite = config.check_finite
     return runner

@@ -18,8 +18,8 @@ logger = logging.getLogger(__name__)
 
 ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int32)": torch.int32,
              "tensor(int64)": torch.int64}
-# What the dynamic exports accept: any batch up to 4, sides from 64 to 2048 pixels.
-DEFAULT_RANGE = ShapeRange(ShapeSpec(1, 64, 64), ShapeSpec(), ShapeSpec(4, 2048, 2048))
+# What the dynamic exports accept: batches up to 64 images (batched runs), sides from 64 to 2048 pixels.
+DEFAULT_RANGE = ShapeRange(ShapeSpec(1, 64, 64), ShapeSpec(), ShapeSpec(64, 2048, 2048))
 
 
 class OnnxRuntimeRunner(Runner):

@@ -47,6 +47,14 @@ class ShapeRange:
         return cls(spec, spec, spec)
 
     @classmethod
+    def batches(cls, spec: ShapeSpec, max_batch: int) -> "ShapeRange":
+        """Batches 1..max_batch of `spec`'s size, tuned for max_batch (batched runs); static when max_batch is 1."""
+        if max_batch < 1:
+            raise InputError(f"max_batch must be >= 1, got {max_batch}")
+        top = ShapeSpec(max_batch, spec.height, spec.width, spec.cfg)
+        return cls(ShapeSpec(1, spec.height, spec.width, spec.cfg), top, top)
+
+    @classmethod
     def dynamic(cls, opt: ShapeSpec, max_batch: int = 4, min_side: int = 256, max_side: int = 768) -> "ShapeRange":
         return cls(ShapeSpec(1, min_side, min_side, opt.cfg), opt, ShapeSpec(max_batch, max_side, max_side, opt.cfg))
 
@@ -208,7 +216,7 @@ class TextEncoderDescriptor(NetworkDescriptor):
         return [TensorSpec("text_embeddings", torch.float32, _batch("N"))]
 
     def shapes(self, spec: ShapeSpec) -> dict[str, Shape]:
-        n, d = spec.cfg, self.dims  # one row per distinct prompt (cached, then repeated per sample)
+        n, d = spec.batch * spec.cfg, self.dims  # [negative, positive] rows per distinct prompt pair (at most one per photo)
         return {"input_ids": (n, d.text_len), "text_embeddings": (n, d.text_len, d.text_dim)}
 
 

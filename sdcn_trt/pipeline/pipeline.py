@@ -6,7 +6,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,8 @@ from sdcn_trt.errors import InputError
 from sdcn_trt.export.descriptors import PIPELINE_NETWORKS, get_descriptor
 from sdcn_trt.models.lora import LoraMerge, apply_loras, check_strength, unmerge_lora
 from sdcn_trt.models.presets import load_diffusers, load_preset, with_controlnets
+from sdcn_trt.pipeline.batched import (BatchItem, Prepared, broadcast, group_by_size, is_list, is_out_of_memory,
+                                       photos_per_call, stack_text)
 from sdcn_trt.pipeline.loop import EagerLoop, LoopInputs, LoopKey, ProgressFn, make_loop, networks_for
 from sdcn_trt.pipeline.scheduler import DdimSchedule, make_ddim_schedule
 from sdcn_trt.models.tokenizer import tokenize
@@ -35,7 +37,8 @@ class PipelineOutput:
     images: list[Any]
     control: np.ndarray  # the detected canny map, uint8 HxWx3 (0 or 255)
     seed: int
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (of the whole call when batched)
+    batch: int = 1  # photos in the network calls that made these images (run_batch)
 
 
 def _backend_config(backend: BackendConfig | str, options: dict[str, Any]) -> BackendConfig:
@@ -62,6 +65,7 @@ class ControlNetPipeline:
         self.runners: dict[str, Runner] = {n: create_runner(d, self.backend) for n, d in self.descriptors.items()}
         self._text_cache: dict[tuple[str, str], torch.Tensor] = {}
         self._loops: dict[LoopKey, EagerLoop] = {}  # keyed by everything they bake in
+        self._fits: dict[tuple[int, int, int], int] = {}  # (H, W, samples) -> photos per call that fit in GPU memory
         self.loras: list[tuple[str | Path, float]] = []  # the LoRA files merged now, with their strengths
         self._lora_merge: LoraMerge | None = None
         if lora:
@@ -133,12 +137,19 @@ class ControlNetPipeline:
     # -- stages ---------------------------------------------------------------------------------
     def encode_prompts(self, positive: str, negative: str) -> torch.Tensor:
         """(2, 77, D) CLIP states of [negative, positive], cached per prompt pair."""
-        key = (positive, negative)
-        if key not in self._text_cache:
-            ids = tokenize(self.components.tokenizer, [negative, positive]).to(torch.int32)  # (2, 77)
-            out = self.runners["text_encoder"].infer({"input_ids": ids})["text_embeddings"]
-            self._text_cache[key] = out.detach().clone()
-        return self._text_cache[key]
+        return self.encode_prompt_pairs([(positive, negative)])[0]
+
+    def encode_prompt_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[torch.Tensor]:
+        """(2, 77, D) [negative, positive] states per (positive, negative) pair; the pairs not cached
+        yet are encoded together in one text-encoder call of (2 x new pairs) rows."""
+        missing = list(dict.fromkeys(key for key in pairs if key not in self._text_cache))
+        if missing:
+            texts = [text for positive, negative in missing for text in (negative, positive)]
+            ids = tokenize(self.components.tokenizer, texts).to(torch.int32)  # (2M, 77)
+            out = self.runners["text_encoder"].infer({"input_ids": ids})["text_embeddings"]  # (2M, 77, D)
+            for j, key in enumerate(missing):
+                self._text_cache[key] = out[2 * j : 2 * j + 2].detach().clone()  # (2, 77, D)
+        return [self._text_cache[key] for key in pairs]
 
     def runner(self, name: str) -> Runner:
         """The runner of network `name`, created on first use (schedules may need more than the four)."""
@@ -158,12 +169,75 @@ class ControlNetPipeline:
         (uint8, resized to the generation size if it differs), or None for the edge map of `image`.
         `progress`: True for a bar over the steps, or a callable(done, total) called after each step.
         """
-        if output_type not in ("np", "pil"):
-            raise InputError(f"output_type must be 'np' or 'pil', got {output_type!r}")
-        timings: dict[str, float] = {}
+        _check_output_type(output_type)
         clock = time.perf_counter()
+        item = self._prepare(0, BatchItem(image, generator=generator), config, control_image, control_images)
+        return self._generate([item], config, progress, output_type, time.perf_counter() - clock)[0]
 
-        # 1. Check inputs (size guard before any compute), preprocess: HWC3 -> resize -> Canny -> control in [0, 1]
+    def run_batch(self, items: Sequence[BatchItem | np.ndarray], config: GenerationConfig,
+                  batch_size: int | None = None, progress: bool | ProgressFn = False, output_type: str = "np",
+                  control_image: bool = False,
+                  control_images: Sequence[np.ndarray | None] | None = None) -> list[PipelineOutput]:
+        """`run()` for many photos, several per network call: one PipelineOutput per item, in input order,
+        each item's images those a single `run()` with its own prompt and seed makes. Items (BatchItem,
+        or a bare image: the config's prompt and seed) of one preprocessed size share calls of at most
+        `batch_size` photos (None: all of them, within the backend's `max_batch`); other sizes run apart.
+        `control_images` (several ControlNets) are the same for every item."""
+        results: list[PipelineOutput | None] = [None] * len(items)
+        for index, output in self.iter_batch(items, config, batch_size, progress, output_type, control_image,
+                                             control_images):
+            results[index] = output
+        return [r for r in results if r is not None]
+
+    def iter_batch(self, items: Sequence[BatchItem | np.ndarray], config: GenerationConfig,
+                   batch_size: int | None = None, progress: bool | ProgressFn = False, output_type: str = "np",
+                   control_image: bool = False, control_images: Sequence[np.ndarray | None] | None = None,
+                   ) -> Iterator[tuple[int, PipelineOutput]]:
+        """run_batch's results as each call finishes: (item index, output), so a failing call never takes
+        the finished ones with it. Every item is checked and preprocessed before the first call."""
+        _check_output_type(output_type)
+        if not len(items):
+            raise InputError("run_batch got no items; give at least one image")
+        clock = time.perf_counter()
+        prepared = []
+        for index, item in enumerate(items):
+            item = item if isinstance(item, BatchItem) else BatchItem(item)
+            try:
+                prepared.append(self._prepare(index, item, config, control_image, control_images))
+            except InputError as exc:
+                raise InputError(f"batch item {index}: {exc}") from exc
+        seconds = (time.perf_counter() - clock) / len(items)  # preprocessing, per item
+        for call in group_by_size(prepared, photos_per_call(batch_size, self.backend, config.num_samples)):
+            outputs = self._generate_fitting(call, config, progress, output_type, seconds * len(call))
+            yield from ((item.index, out) for item, out in zip(call, outputs, strict=True))
+
+    def _generate_fitting(self, call: list[Prepared], config: GenerationConfig, progress: bool | ProgressFn,
+                          output_type: str, preprocess_seconds: float) -> list[PipelineOutput]:
+        """_generate, split in halves (and remembered per size) when the batch does not fit in GPU memory."""
+        key = (*call[0].size, config.num_samples)
+        fits = self._fits.get(key, len(call))
+        if len(call) > fits:
+            return [out for i in range(0, len(call), fits)
+                    for out in self._generate_fitting(call[i : i + fits], config, progress, output_type,
+                                                      preprocess_seconds * min(fits, len(call) - i) / len(call))]
+        try:
+            return self._generate(call, config, progress, output_type, preprocess_seconds)
+        except Exception as exc:
+            if not is_out_of_memory(exc) or len(call) == 1:
+                raise
+            half = (len(call) + 1) // 2
+            self._fits[key] = half
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            logger.warning("a batch of %d photos at %dx%d (x%d samples) does not fit in GPU memory; running calls of "
+                           "at most %d at this size", len(call), *key, half)
+            return self._generate_fitting(call, config, progress, output_type, preprocess_seconds)
+
+    def _prepare(self, index: int, item: BatchItem, config: GenerationConfig, control_image: bool,
+                 control_images: Sequence[np.ndarray | None] | None) -> Prepared:
+        """1. Check inputs (size guard before any compute), preprocess: HWC3 -> resize -> Canny; the item's
+        prompts and seed (validated as the config's are) and the generator that draws its noise."""
+        image = item.image
         preprocess.check_image(image)
         if control_image:
             preprocess.check_side(image.shape[0], image.shape[1], config.max_side)
@@ -172,16 +246,27 @@ class ControlNetPipeline:
             height, width, _ = preprocess.resize_shape(image.shape[0], image.shape[1], config.image_resolution)
             preprocess.check_side(height, width, config.max_side, original=image.shape[:2])
             _, detected = preprocess.prepare(image, config.image_resolution, config.low_threshold, config.high_threshold)
-        height, width = detected.shape[:2]
-        device = self.runners["fused_step"].device
-        maps = self._control_maps(detected, control_images)
-        controls = tuple(preprocess.control_tensor(m, config.num_samples).to(device) for m in maps)  # (B, 3, H, W)
-        timings["preprocess"] = time.perf_counter() - clock
+        own = {name: value for name, value in (("prompt", item.prompt), ("n_prompt", item.n_prompt), ("seed", item.seed))
+               if value is not None}
+        settings = config.replace(**own) if own else config  # validates the item's prompts and seed
+        seed = settings.seed if settings.seed != -1 else random.randint(0, 65535)
+        generator = item.generator if item.generator is not None else torch.Generator().manual_seed(seed)
+        return Prepared(index, detected, self._control_maps(detected, control_images), settings.positive_prompt,
+                        settings.n_prompt, seed, generator, generator.get_state())
 
-        # 2. Encode prompts: [negative, positive] -> repeated per sample, (2B, 77, D)
+    def _generate(self, call: list[Prepared], config: GenerationConfig, progress: bool | ProgressFn,
+                  output_type: str, preprocess_seconds: float) -> list[PipelineOutput]:
+        """Steps 2-8 for B prepared photos of one size in one pass through the networks (B = 1: a single call)."""
+        samples = config.num_samples
+        timings: dict[str, float] = {"preprocess": preprocess_seconds}
         clock = time.perf_counter()
-        text = self.encode_prompts(config.positive_prompt, config.n_prompt)
-        text = text.repeat_interleave(config.num_samples, dim=0).to(device)
+        device = self.runners["fused_step"].device
+        controls = tuple(torch.cat([preprocess.control_tensor(p.maps[k], samples) for p in call]).to(device)
+                         for k in range(len(call[0].maps)))  # (BS, 3, H, W) per ControlNet
+        height, width = call[0].size
+
+        # 2. Encode prompts (new pairs in one call): [negatives x S..., positives x S...], (2BS, 77, D)
+        text = stack_text(self.encode_prompt_pairs([(p.positive, p.negative) for p in call]), samples).to(device)
         timings["text"] = time.perf_counter() - clock
 
         # 3. Control scales (N, 2, 13), per ControlNet: row 0 unconditional (zeros in guess mode), row 1 conditional
@@ -193,33 +278,32 @@ class ControlNetPipeline:
         ddim_steps, kinds = config.step_kinds()
         schedule = make_ddim_schedule(ddim_steps, config.eta)
 
-        # 5. Initial noise: seed -> torch.manual_seed(seed); torch.randn(B, 4, H/8, W/8), on the CPU
-        seed = config.seed if config.seed != -1 else random.randint(0, 65535)
-        if generator is None:
-            generator = torch.Generator().manual_seed(seed)
-        latent_shape = (config.num_samples, dims.latent_channels, height // dims.vae_scale, width // dims.vae_scale)
-        latents = torch.randn(latent_shape, generator=generator).to(device)
-
-        # 6. Per-step eta noise, drawn now in the reference's order (one draw per step after the latents)
-        noise = None
-        if schedule.eta > 0:
-            noise = torch.stack([torch.randn(latent_shape, generator=generator) for _ in schedule.steps]).to(device)
+        # 5-6. Per photo, from its own generator on the CPU: latents torch.randn(S, 4, H/8, W/8), then one eta
+        # noise draw per step (the reference's order); concatenated photo after photo
+        latent_shape = (samples, dims.latent_channels, height // dims.vae_scale, width // dims.vae_scale)
+        drawn = [p.draw(latent_shape, len(schedule.steps), schedule.eta) for p in call]
+        latents = torch.cat([d[0] for d in drawn]).to(device)  # (BS, 4, h, w)
+        noise = torch.cat([d[1] for d in drawn if d[1] is not None], dim=1).to(device) if schedule.eta > 0 else None
 
         # 7. Denoise and decode: eagerly, or replayed from static buffers / CUDA graphs (BackendConfig.cuda_graph)
-        key = LoopKey(latent_shape, tuple(controls[0].shape), tuple(text.shape), tuple(scales.shape),
+        key = LoopKey(tuple(latents.shape), tuple(controls[0].shape), tuple(text.shape), tuple(scales.shape),
                       tuple(schedule.timesteps), float(config.scale), float(schedule.eta), kinds)
         loop = self._loop(key, schedule)
         pixels, stage_times = loop.run(LoopInputs(latents, text, controls, scales, noise), _progress(progress))
         timings.update(stage_times)
 
-        # 8. uint8 HxWx3 arrays (or PIL images)
-        array = pixels.cpu().numpy()  # (B, H, W, 3)
-        images: list[Any] = [array[i] for i in range(array.shape[0])]
-        if output_type == "pil":
-            from PIL import Image
+        # 8. uint8 HxWx3 arrays (or PIL images), S per photo
+        array = pixels.cpu().numpy()  # (BS, H, W, 3)
+        outputs = []
+        for i, item in enumerate(call):
+            images: list[Any] = [array[i * samples + j] for j in range(samples)]
+            if output_type == "pil":
+                from PIL import Image
 
-            images = [Image.fromarray(im) for im in images]
-        return PipelineOutput(images=images, control=detected, seed=seed, timings=timings)
+                images = [Image.fromarray(im) for im in images]
+            outputs.append(PipelineOutput(images=images, control=item.detected, seed=item.seed, timings=dict(timings),
+                                          batch=len(call)))
+        return outputs
 
     def _control_maps(self, detected: np.ndarray,
                       control_images: Sequence[np.ndarray | None] | None) -> list[np.ndarray]:
@@ -253,29 +337,45 @@ class ControlNetPipeline:
         return self._loops[key]
 
     # -- public call styles ---------------------------------------------------------------------
-    def __call__(self, prompt: str, image: np.ndarray, num_inference_steps: int = 20, guidance_scale: float = 9.0,
+    def __call__(self, prompt: str | Sequence[str], image: np.ndarray | Sequence[np.ndarray],
+                 num_inference_steps: int = 20, guidance_scale: float = 9.0,
                  controlnet_conditioning_scale: float | Sequence[float] = 1.0, guess_mode: bool = False,
-                 negative_prompt: str = GenerationConfig.n_prompt, eta: float = 0.0, seed: int | None = None,
-                 generator: torch.Generator | None = None, output_type: str = "np", num_images_per_prompt: int = 1,
-                 a_prompt: str = "", image_resolution: int = GenerationConfig.image_resolution,
-                 low_threshold: int = 100, high_threshold: int = 200, control_image: bool = False,
+                 negative_prompt: str | Sequence[str] = GenerationConfig.n_prompt, eta: float = 0.0,
+                 seed: int | None | Sequence[int | None] = None,
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None, output_type: str = "np",
+                 num_images_per_prompt: int = 1, a_prompt: str = "",
+                 image_resolution: int = GenerationConfig.image_resolution, low_threshold: int = 100,
+                 high_threshold: int = 200, control_image: bool = False,
                  control_images: Sequence[np.ndarray | None] | None = None, schedule: str = "full",
-                 progress: bool | ProgressFn = False) -> PipelineOutput:
+                 progress: bool | ProgressFn = False,
+                 batch_size: int | None = None) -> PipelineOutput | list[PipelineOutput]:
         """diffusers-style call. `image` is the photo to edge-detect (or, with control_image=True,
         the edge map itself); `seed` None with no generator draws one like the reference (-1).
         With several ControlNets: `control_images` (one per ControlNet, None = the photo's edge map)
-        and one `controlnet_conditioning_scale` per ControlNet, or one for all."""
+        and one `controlnet_conditioning_scale` per ControlNet, or one for all.
+        Many photos: a list of images, prompts, negative prompts, seeds or generators (lists of one
+        length, single values used for every photo) returns one PipelineOutput per photo, computed
+        as `run_batch` does: up to `batch_size` photos of one size per network call."""
         several = not isinstance(controlnet_conditioning_scale, (int, float))
+        batched = any(is_list(v) for v in (prompt, image, negative_prompt, seed, generator))
         config = GenerationConfig(
-            prompt=prompt, a_prompt=a_prompt, n_prompt=negative_prompt, num_samples=num_images_per_prompt,
-            image_resolution=image_resolution, ddim_steps=num_inference_steps, guess_mode=guess_mode,
-            strength=1.0 if several else controlnet_conditioning_scale,  # type: ignore[arg-type]
+            prompt="" if is_list(prompt) else prompt, a_prompt=a_prompt,  # type: ignore[arg-type]
+            n_prompt=GenerationConfig.n_prompt if is_list(negative_prompt) else negative_prompt,  # type: ignore[arg-type]
+            num_samples=num_images_per_prompt, image_resolution=image_resolution, ddim_steps=num_inference_steps,
+            guess_mode=guess_mode, strength=1.0 if several else controlnet_conditioning_scale,  # type: ignore[arg-type]
             controlnet_strengths=tuple(controlnet_conditioning_scale) if several else (),  # type: ignore[arg-type]
-            scale=guidance_scale, seed=-1 if seed is None else seed, eta=eta, low_threshold=low_threshold,
-            high_threshold=high_threshold, schedule=schedule,
+            scale=guidance_scale, seed=-1 if seed is None or is_list(seed) else seed,  # type: ignore[arg-type]
+            eta=eta, low_threshold=low_threshold, high_threshold=high_threshold, schedule=schedule,
         )
-        return self.run(image, config, progress=progress, output_type=output_type, generator=generator,
-                        control_image=control_image, control_images=control_images)
+        if not batched:
+            return self.run(image, config, progress=progress, output_type=output_type,  # type: ignore[arg-type]
+                            generator=generator, control_image=control_image,  # type: ignore[arg-type]
+                            control_images=control_images)
+        rows = broadcast(image=image, prompt=prompt, negative_prompt=negative_prompt, seed=seed, generator=generator)
+        items = [BatchItem(row["image"], prompt=row["prompt"], n_prompt=row["negative_prompt"], seed=row["seed"],
+                           generator=row["generator"]) for row in rows]
+        return self.run_batch(items, config, batch_size=batch_size, progress=progress, output_type=output_type,
+                              control_image=control_image, control_images=control_images)
 
     def process(self, input_image: np.ndarray, prompt: str, a_prompt: str, n_prompt: str, num_samples: int,
                 image_resolution: int, ddim_steps: int, guess_mode: bool, strength: float, scale: float, seed: int,
@@ -287,6 +387,11 @@ class ControlNetPipeline:
                                   strength, scale, seed, eta, low_threshold, high_threshold)
         out = self.run(input_image, config)
         return [255 - out.control] + out.images
+
+
+def _check_output_type(output_type: str) -> None:
+    if output_type not in ("np", "pil"):
+        raise InputError(f"output_type must be 'np' or 'pil', got {output_type!r}")
 
 
 def _progress(progress: bool | ProgressFn) -> ProgressFn:

@@ -128,4 +128,9 @@ def summary_table(summary: dict[str, Any]) -> str:
         lines.append(f"{schedule:>10} {s['images']:>6} {s['errors']:>6} {lat.get('mean', float('nan')):>9.1f} "
                      f"{lat.get('p90', float('nan')):>9.1f} {s['mean_pd']:>8.3f} {s['max_pd']:>8.3f} "
                      f"{s['pd_failures']:>5} {s['score']:>9.1f}")
+    for schedule, s in summary["schedules"].items():
+        if "throughput" in s:
+            t = s["throughput"]
+            lines.append(f"throughput {schedule}: {t['images_per_s']:.2f} images/s ({t['ms_per_image']:.1f} ms/image) "
+                         f"at batch size {t['batch_size']}, {t['images']} photos")
     return "\n".join(lines)

@@ -40,8 +40,12 @@ class ScoreSettings:
     random_fid: bool = False  # seeded random Inception weights: plumbing only, PD values not the contest's
     warmup: int = 1  # untimed runs before timing
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    batch_size: int | None = None  # also time every input through run_batch, this many photos per call (throughput)
 
     def __post_init__(self) -> None:
+        if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
+                                            or self.batch_size < 1):
+            raise InputError(f"batch_size must be an integer >= 1 (or None: no throughput run), got {self.batch_size!r}")
         if self.image_format not in ("jpg", "png"):
             raise InputError(f"image_format must be jpg or png, got {self.image_format!r}")
         self.schedules = tuple(parse_schedule(schedule).spec for schedule in self.schedules)
@@ -102,11 +106,13 @@ def run_score(components: Components, backend: BackendConfig, settings: ScoreSet
     pipe = ControlNetPipeline(components, backend)
     model_hash = weights_hash(components) if settings.reference_dir is None else ""  # once: GBs for SD1.5
     rows: list[dict[str, Any]] = []
+    throughput: dict[str, dict[str, float]] = {}
     warmed = False
     bar = RunProgress(len(settings.schedules) * len(inputs), "score", enabled=progress)
     for schedule in settings.schedules:
         base = settings.generation.replace(schedule=schedule)
         ref_config = settings.generation.replace(schedule="full")
+        read: list[np.ndarray] = []  # the inputs that ran, for the throughput run
         for source in inputs:
             bar.note(f"{schedule}: {source.name}")
             row: dict[str, Any] = {"image": source.name, "schedule": schedule}
@@ -128,19 +134,34 @@ def run_score(components: Components, backend: BackendConfig, settings: ScoreSet
                            reference_path=str(ref_path.relative_to(out)), path=str(path.relative_to(out)),
                            input_path=str(source), canny=255 - result.control)
                 row["passed"] = row["pd"] <= PD_FAIL
+                read.append(image)
             except SdcnError as exc:
                 row["error"] = str(exc)
                 logger.warning("%s (%s): %s", source.name, schedule, exc)
             rows.append(row)
             bar.advance()
+        if settings.batch_size and read:
+            throughput[schedule] = measure_throughput(pipe, read, base, settings.batch_size, settings.warmup)
     bar.close()
-    summary = summarize_rows(rows, settings, backend, scorer.weights)
+    summary = summarize_rows(rows, settings, backend, scorer.weights, throughput)
     write_report(out, rows, summary)
     return summary
 
 
+def measure_throughput(pipe: ControlNetPipeline, images: list[np.ndarray], config: GenerationConfig,
+                       batch_size: int, warmup: int) -> dict[str, float]:
+    """Every image through run_batch, `batch_size` photos per call, after `warmup` untimed calls of one batch:
+    images/s and ms/image (the contest's latency is one photo per call; this is a folder's throughput)."""
+    for _ in range(warmup):
+        pipe.run_batch(images[:batch_size], config, batch_size=batch_size)
+    _, ms = timed(lambda: pipe.run_batch(images, config, batch_size=batch_size))
+    return {"batch_size": batch_size, "images": len(images), "seconds": ms / 1000.0,
+            "images_per_s": len(images) * config.num_samples / (ms / 1000.0),
+            "ms_per_image": ms / (len(images) * config.num_samples)}
+
+
 def summarize_rows(rows: list[dict[str, Any]], settings: ScoreSettings, backend: BackendConfig,
-                   fid_weights: str) -> dict[str, Any]:
+                   fid_weights: str, throughput: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
     per_schedule = {}
     for schedule in settings.schedules:
         ok = [r for r in rows if r["schedule"] == schedule and "error" not in r]
@@ -154,5 +175,7 @@ def summarize_rows(rows: list[dict[str, Any]], settings: ScoreSettings, backend:
             "mean_ssim": float(np.mean([r["ssim"] for r in ok])) if ok else float("nan"),
             "score": contest_score(mean_pd, latency["mean"]) if ok else 0.0,
         }
+        if throughput and schedule in throughput:
+            per_schedule[schedule]["throughput"] = throughput[schedule]
     return {"backend": asdict(backend), "settings": {**asdict(settings), "generation": asdict(settings.generation)},
             "fid_weights": fid_weights, "schedules": per_schedule}
