@@ -131,6 +131,45 @@ def test_build_errors_in_the_child_name_the_network_and_keep_the_cache_clean(tin
     assert list((tmp_path / "inductor").iterdir()) == []
 
 
+def test_max_autotune_without_room_falls_back_to_the_default_compile(tiny, tmp_path, monkeypatch, caplog):
+    """Told so, with a warning: before compiling when the GPU's free memory is short, and when
+    autotuning runs out of memory anyway (the compile itself is stubbed: this is the decision)."""
+    import torch._inductor
+
+    from sdcn_trt.engines.inductor_build import compile_package
+
+    desc = get_descriptor("control_hint", tiny)
+    module = desc.build_module()
+    args = (desc.sample_inputs(ShapeSpec(1, 64, 64))["control"],)
+    autotune = InductorSettings(SMALL.shape_range, max_autotune=True)
+    calls = []
+
+    def compile_(program, package_path, inductor_configs):
+        calls.append(inductor_configs["max_autotune"])
+        if inductor_configs["max_autotune"]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_)
+    with caplog.at_level("WARNING", logger="sdcn_trt.engines.inductor_build"):
+        note = compile_package(desc, module, args, autotune, torch.device("cpu"), tmp_path / "model.pt2")
+    assert calls == [True, False]
+    assert note == ("max_autotune ran out of GPU memory (CUDA out of memory. Tried to allocate 8.00 GiB); "
+                    "compiled with the default settings instead")
+    assert f"control_hint: {note}" in caplog.text
+
+    calls.clear()
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**20, 80 * 2**30))
+    note = compile_package(desc, module, args, autotune, torch.device("cuda"), tmp_path / "model.pt2")
+    assert calls == [False] and note.startswith("max_autotune skipped: the GPU has 0.0 GiB free and max_autotune "
+                                                "wants about 1.0 GiB (3x the 0.0 GiB of weights + 1 GiB)")
+    def always_out_of_memory(program, package_path, inductor_configs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", always_out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):  # without max_autotune an out-of-memory is the error it is
+        compile_package(desc, module, args, InductorSettings(SMALL.shape_range), torch.device("cpu"), tmp_path / "m")
+
+
 @pytest.mark.slow
 def test_a_load_child_killed_after_a_good_compile_leaves_nothing_cached(tiny, tmp_path, monkeypatch):
     """The 'fresh-process' strategy compiles in one child and load-checks in another; the second dies."""
