@@ -116,6 +116,7 @@ def test_a_crashing_build_child_is_named_and_leaves_the_cache_clean(tiny, tmp_pa
     assert list((tmp_path / "inductor").iterdir()) == []
 
 
+@pytest.mark.slow  # two build children: about 80 s on the 2-core machine
 def test_build_errors_in_the_child_name_the_network_and_keep_the_cache_clean(tiny, tmp_path, monkeypatch):
     desc = get_descriptor("control_hint", tiny)
     monkeypatch.setenv(FAULT_ENV, "RuntimeError@compile")
@@ -297,6 +298,25 @@ def test_other_weights_load_the_same_package_and_equal_eager_torch(hint_build, t
     assert runner.package.size_bytes < 2**24  # kernels only: no weights inside
 
 
+def test_the_unpack_strategy_unpacks_where_it_is_told(hint_build, tiny, tmp_path):
+    """torch 2.14's loader unpacks into $TMPDIR/aotinductor_XXXXXX (what 'unpack-in-cache' points at the
+    cache); whether the device image's torch 2.11 honours TMPDIR waits for a GPU run."""
+    import gc
+    import os
+
+    from sdcn_trt.engines.inductor_build import load_compiled
+    from sdcn_trt.engines.inductor_plan import load_strategy
+
+    cache, _ = hint_build
+    package = build_package(get_descriptor("control_hint", tiny), "cpu", "fp32", SMALL, cache)
+    before = os.environ.get("TMPDIR")
+    compiled = load_compiled(package.path, torch.device("cpu"), load_strategy("unpack-in-cache"), tmp_path / "unpack")
+    assert [p.name.startswith("aotinductor_") for p in (tmp_path / "unpack").iterdir()] == [True]
+    assert os.environ.get("TMPDIR") == before
+    del compiled
+    gc.collect()
+
+
 def test_a_corrupt_package_is_compiled_again(hint_build, tiny, monkeypatch, caplog):
     """The rebuild itself runs in the next test (a package that does not load); here its reason."""
     from sdcn_trt.engines import inductor
@@ -419,3 +439,23 @@ def test_inductor_replay_never_synchronises_with_the_host(photo, gpu_inductor_pi
     gpu_inductor_pipe.run(photo, config)  # compile (or reuse) and capture
     loop = next(loop for key, loop in gpu_inductor_pipe._loops.items() if key.timesteps == (751, 501, 251, 1))
     replay_without_host_sync(loop)
+
+
+@pytest.mark.gpu
+@cuda
+def test_one_cuda_package_serves_other_weights_of_its_architecture(tiny, tmp_path):
+    """The weights-outside design on CUDA fp16: tiny seed 0 and seed 1 through one fused-step package,
+    each close to eager torch fp16 on its own weights."""
+    from sdcn_trt.models.presets import load_preset
+
+    config = BackendConfig(backend="inductor", device="cuda", precision="fp16", cache_dir=str(tmp_path))
+    paths = []
+    for components in (tiny, load_preset("tiny", seed=1)):
+        desc = get_descriptor("fused_step", components)
+        runner = InductorRunner(desc, config)
+        feed = desc.sample_inputs(ShapeSpec(), "cuda", seed=3)
+        actual = runner.infer(feed)["noise_pred"]
+        expected = TorchRunner(desc, "cuda", "fp16").infer(feed)["noise_pred"]
+        assert (actual - expected).abs().max() <= 2e-2 * expected.abs().max()
+        paths.append(runner.package.path)
+    assert paths[0] == paths[1] and len(list((tmp_path / "inductor").iterdir())) == 1
