@@ -174,3 +174,23 @@ def test_a_child_past_its_time_is_killed_with_its_process_group():
     assert outcome.seconds < 30
     leftover = subprocess.run(["pgrep", "-f", "time.sleep\\(60\\)"], capture_output=True, text=True).stdout.split()
     assert leftover == []
+
+
+def test_dynamic_shapes_are_grouped_as_forward_takes_its_inputs():
+    """The networks take hints, scales and residuals as *varargs: torch.export wants one tuple for them."""
+    from sdcn_trt.engines.inductor_plan import export_dynamic_shapes
+
+    def step(latents, timestep, *hints_and_scales):
+        return latents
+
+    def hint(*controls):
+        return controls
+
+    def text(input_ids):
+        return input_ids
+
+    assert export_dynamic_shapes(step, ("l", None, "h1", "h2", None)) == ("l", None, ("h1", "h2", None))
+    assert export_dynamic_shapes(hint, ({0: "b"},)) == (({0: "b"},),)
+    assert export_dynamic_shapes(text, ("t",)) == ("t",) and export_dynamic_shapes(text, None) is None
+    with pytest.raises(InputError, match="2 inputs do not fit the parameters of .*text"):
+        export_dynamic_shapes(text, ("t", "u"))

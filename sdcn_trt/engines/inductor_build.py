@@ -32,7 +32,7 @@ import torch
 from sdcn_trt.engines.child import python_command, run_child
 from sdcn_trt.engines.inductor_plan import (
     InductorSettings, LoadStrategy, architecture, autotune_fits, constants_api_missing, constants_map, dynamic_shapes,
-    load_strategy, loader_kwargs, module_tensors, unpack_dir,
+    export_dynamic_shapes, load_strategy, loader_kwargs, module_tensors, unpack_dir,
 )
 from sdcn_trt.engines.torch import FastPath, cast_input, prepare_module, resolve_dtype
 from sdcn_trt.errors import BackendUnavailableError, DeviceMemoryError, SdcnError
@@ -144,8 +144,8 @@ def compile_package(descriptor: NetworkDescriptor, module: torch.nn.Module, args
         if not fits:
             autotune, note = False, f"max_autotune skipped: {why}"
     with torch.inference_mode(False), torch.no_grad():
-        program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes(descriptor, settings.shape_range),
-                                      strict=False)
+        shapes = export_dynamic_shapes(module.forward, dynamic_shapes(descriptor, settings.shape_range))
+        program = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
         try:
             aoti_compile_and_package(program, package_path=str(target), inductor_configs=settings.inductor_configs(autotune))
         except torch.OutOfMemoryError as exc:

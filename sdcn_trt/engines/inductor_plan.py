@@ -208,6 +208,28 @@ def dynamic_shapes(descriptor: NetworkDescriptor, shape_range: ShapeRange) -> tu
     return tuple(specs) if any(specs) else None
 
 
+def export_dynamic_shapes(forward: Any, specs: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
+    """`specs` (one per input, in order) grouped as torch.export matches them to `forward`'s parameters:
+    one entry per named positional parameter, then one tuple for a `*varargs` parameter (the
+    networks take their hints, scales and residuals as *varargs)."""
+    import inspect
+
+    if specs is None:
+        return None
+    grouped: list[Any] = []
+    rest = list(specs)
+    for param in inspect.signature(forward).parameters.values():
+        if param.kind == inspect.Parameter.VAR_POSITIONAL:
+            grouped.append(tuple(rest))
+            rest = []
+            break
+        if param.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) and rest:
+            grouped.append(rest.pop(0))
+    if rest:
+        raise InputError(f"{len(specs)} inputs do not fit the parameters of {getattr(forward, '__qualname__', forward)}")
+    return tuple(grouped)
+
+
 # -- loading a package ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LoadStrategy:
