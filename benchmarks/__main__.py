@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +23,7 @@ import numpy as np
 import torch
 
 from benchmarks.batched import batched_markdown, run_batched_case
+from sdcn_trt.engines.child import python_command, run_child
 from sdcn_trt.scoring.latency import measure
 
 CPU_CASES = [("torch", "fp32", "off"), ("onnxruntime", "fp32", "off"), ("diffusers", "fp32", "off")]
@@ -72,7 +70,8 @@ def markdown(report: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cases:
         if "error" in c:
-            lines.append(f"| {c['backend']} | {c['precision']} | {c['cuda_graph']} | failed: {c['error'][:80]} |" + " |" * 11)
+            error = c["error"].splitlines()[0][:240].replace("|", "/")  # the whole stack is in the JSON and the log
+            lines.append(f"| {c['backend']} | {c['precision']} | {c['cuda_graph']} | failed: {error} |" + " |" * 11)
             continue
         e2e = c["end_to_end"]["median_s"]
         ms = lambda k: f"{1000 * c[k]['median_s']:.1f}" if k in c else "-"  # noqa: E731
@@ -176,25 +175,27 @@ def report_name(args: argparse.Namespace) -> str:
     return device if args.preset == "sd15-random" else f"{device}-{args.preset}"
 
 
+def case_command(case: dict[str, str], args: argparse.Namespace, out: str, image_path: Path) -> list[str]:
+    """The command running one case: `python -X faulthandler -m benchmarks.case ...` (a crash prints
+    the Python stack of every thread before the process dies)."""
+    return python_command("benchmarks.case", "--backend", case["backend"], "--precision", case["precision"],
+                          "--device", args.device, "--cuda-graph", case["cuda_graph"], "--preset", args.preset,
+                          "--steps", str(args.steps), "--repeats", str(args.repeats), "--out", out,
+                          "--image-out", str(image_path))
+
+
 def run_one(case: dict[str, str], args: argparse.Namespace, timeout: int, image_path: Path) -> dict:
-    """One case in its own process: its result (with its image, when it made one), or the error."""
+    """One case in its own process (and process group: a timeout also ends the compile workers
+    inductor starts): its result (with its image, when it made one), or the error in words — the
+    signal that killed it and where ('killed by SIGSEGV (segmentation fault) at ...'), or its Python
+    error — with the faulthandler stack or stderr's end in "crash" and on this process's stderr."""
     with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
-        cmd = [sys.executable, "-m", "benchmarks.case", "--backend", case["backend"], "--precision", case["precision"],
-               "--device", args.device, "--cuda-graph", case["cuda_graph"], "--preset", args.preset,
-               "--steps", str(args.steps), "--repeats", str(args.repeats), "--out", tmp.name,
-               "--image-out", str(image_path)]
-        # its own process group: a timeout also ends the compile workers inductor starts
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            _, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            return {**case, "error": f"timed out after {timeout} s"}
-        if proc.returncode != 0:
-            sys.stderr.write(stderr[-4000:])
-            tail = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit {proc.returncode}"
-            return {**case, "error": tail}
+        outcome = run_child(case_command(case, args, tmp.name, image_path), timeout)
+        if not outcome.ok:
+            how = outcome.how()
+            label = f"{case['backend']} {case['precision']} graph={case['cuda_graph']}"
+            sys.stderr.write(f"case {label} failed: {how}\n{outcome.details()}\n")
+            return {**case, "error": how, "crash": {"how": how, "details": outcome.details()}}
         result = json.loads(Path(tmp.name).read_text())
     if image_path.exists():
         result["image"] = np.load(image_path)

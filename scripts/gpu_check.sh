@@ -9,15 +9,18 @@
 #
 # Usage, on a machine with a CUDA GPU and this package importable (the offline device machine:
 # `source .device/env.sh` first, see ../shared/offline_gpu/prepare.sh):
-#   bash scripts/gpu_check.sh                 # env, tests, bench, tiny, fastpath
+#   bash scripts/gpu_check.sh                 # env, inductor, tests, bench, tiny, fastpath
 #   bash scripts/gpu_check.sh batched         # B photos per call (benchmarks/batched.py), not in the defaults
 #   bash scripts/gpu_check.sh bench tiny      # only some steps (a second run on the same machine
 #                                             # reuses the inductor packages in .sdcn_cache/)
+# The inductor step tries AOTInductor's load strategies (benchmarks/inductor_probe.py), each in its own
+# process, on the SD1.5-sized text encoder (the package that crashed the first GPU run), and exports
+# SDCN_TRT_INDUCTOR_LOAD=<the first that loads> for the steps after it; its package stays in the cache.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 budget=${GPU_CHECK_BUDGET:-480}
-steps=${*:-env tests bench tiny fastpath}
+steps=${*:-env inductor tests bench tiny fastpath}
 results=benchmarks/results
 stamp=$(date +%Y%m%d-%H%M)
 mkdir -p "$results" ${OUT:+"$OUT"}
@@ -89,6 +92,16 @@ for backend in BACKENDS:
     print(f"{backend:>12} on cuda:", backend_available(backend, "cuda"))
 PY
       ;;
+    inductor)
+      # each load strategy in a child, in order, until one compiles, loads and runs the text encoder
+      run inductor 240 "$python" -m benchmarks.inductor_probe --device cuda --preset sd15-random --precision fp16 \
+        --networks text_encoder --timeout 200 --out "$results" ${OUT:+"$OUT"}
+      chosen=$(grep -ho 'SDCN_TRT_INDUCTOR_LOAD=[a-z-]*' "$results/gpu-$stamp-inductor.log" | tail -1)
+      if [[ -n $chosen ]]; then
+        export "${chosen?}"
+        echo "== inductor: the steps below load packages with $chosen" | tee -a "$results/gpu-$stamp-inductor.log" ${OUT:+"$OUT/gpu-$stamp-inductor.log"}
+      fi
+      ;;
     tests)
       run tests 200 "$python" -m pytest -q -m "gpu or tensorrt" -rs -s tests/ -p no:cacheprovider
       ;;
@@ -113,7 +126,7 @@ PY
       # eager fp16 fused step with SDPA, fused QKV and channels_last added in turn (channels_last's default)
       run fastpath 120 "$python" -m benchmarks.fast_path --device cuda --precision fp16 --out "$results" ${OUT:+"$OUT"}
       ;;
-    *) echo "unknown step '$step': choose from env tests bench tiny fastpath batched"; exit 2 ;;
+    *) echo "unknown step '$step': choose from env inductor tests bench tiny fastpath batched"; exit 2 ;;
   esac
 done
 echo "gpu_check: $((SECONDS - start)) s of the $budget s budget"

@@ -211,8 +211,9 @@ def build_settings(args: argparse.Namespace):  # -> tuple[BuildSettings, Backend
     return settings, backend
 
 def cmd_build_inductor(args: argparse.Namespace) -> int:
-    """`build --backend inductor`: an AOTInductor package per network; prints build time, size and the
-    package's difference from eager torch on sample inputs."""
+    """`build --backend inductor`: an AOTInductor package per network (kernels only, keyed by architecture,
+    not by weights), each compiled and load-checked in a child process; prints build time, size and
+    the package's difference from eager torch on sample inputs (seeded weights of the architecture)."""
 
     config = BackendConfig(backend="inductor", device=args.device, precision=args.precision, cache_dir=args.cache_dir)
     require_inductor(config.device.split(":")[0])  # before loading any weights

@@ -153,3 +153,60 @@ def test_quality_table_measures_pd_with_fid_weights(tmp_path):
     with pytest.raises(WeightsError, match="FID Inception weights not found"):
         main(["--rows", "full", "--photos", "chelsea", "--fid-weights", str(tmp_path / "absent.pth"),
               "--out", str(out)])
+
+
+def test_a_crashed_or_failed_case_is_reported_by_signal_and_error_not_a_stray_line(tmp_path, monkeypatch, capsys):
+    """A case whose process dies of SIGSEGV is reported with the signal and the crashing frame, its
+    faulthandler stack kept in the JSON and on stderr; a case that raises is reported by its exception,
+    not by the library warning its stderr happens to end with."""
+    import argparse
+
+    from benchmarks import __main__ as suite
+
+    crash = ("import os, signal\ndef load_package():\n    os.kill(os.getpid(), signal.SIGSEGV)\nload_package()\n")
+    monkeypatch.setattr(suite, "case_command", lambda *a: [sys.executable, "-X", "faulthandler", "-c", crash])
+    case = {"backend": "inductor", "precision": "fp16", "cuda_graph": "loop"}
+    args = argparse.Namespace()
+    result = suite.run_one(case, args, 60, tmp_path / "image.npy")
+    assert result["error"] == "killed by SIGSEGV (segmentation fault) at <string>:3 in load_package"
+    assert result["crash"]["details"].startswith("Fatal Python error: Segmentation fault\nCurrent thread")
+    assert 'File "<string>", line 3 in load_package' in result["crash"]["details"]
+    assert "case inductor fp16 graph=loop failed: killed by SIGSEGV" in capsys.readouterr().err
+
+    fails = ("import warnings\nfrom sdcn_trt.errors import InputError\ntry:\n    raise InputError('bad shape')\n"
+             "finally:\n    warnings.warn('careful')\n")
+    monkeypatch.setattr(suite, "case_command", lambda *a: [sys.executable, "-c", fails])
+    result = suite.run_one(case, args, 60, tmp_path / "image.npy")
+    assert result["error"] == "exit status 1: InputError: bad shape"
+    report = {"date": "d", "device": "cuda", "preset": "sd15-random", "steps": 20, "repeats": 3, "machine": {},
+              "gemm_peak_tflops": 1.0, "cases": [{**case, "error": "killed by SIGSEGV | x\nstack line"}]}
+    assert "| inductor | fp16 | loop | failed: killed by SIGSEGV / x |" in markdown(report)
+
+
+@pytest.mark.slow
+def test_inductor_probe_names_the_first_load_strategy_that_works(tmp_path):
+    """Each strategy in its own process; the package it builds lands in the cache for what follows;
+    a strategy whose children crash is named with its signal and the next one is tried."""
+    import os
+
+    env = {**os.environ, "SDCN_TRT_CACHE": str(tmp_path / "cache"), "SDCN_TRT_INDUCTOR_FAULT": "SIGSEGV@compile"}
+    base = [sys.executable, "-m", "benchmarks.inductor_probe", "--device", "cpu", "--preset", "tiny", "--precision",
+            "fp32", "--networks", "control_hint", "--out", str(tmp_path)]
+    crashed = subprocess.run(base + ["--strategies", "default"], capture_output=True, text=True, env=env, timeout=600)
+    assert crashed.returncode == 1, crashed.stderr[-2000:]
+    lines = crashed.stdout.strip().splitlines()
+    assert lines[-1] == "no load strategy loaded the packages (tried: default)"
+    assert lines[1].startswith("strategy default: failed: exit status 1: PackageBuildError: AOTInductor compiling and "
+                               "loading 'control_hint' (fp32, cpu, control (1, 3, 256, 384)) failed in its child "
+                               "process: killed by SIGSEGV (segmentation fault) at sdcn_trt/engines/inductor_build.py:")
+    del env["SDCN_TRT_INDUCTOR_FAULT"]
+    proc = subprocess.run(base + ["--strategies", "multithreaded", "default"], capture_output=True, text=True, env=env,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "SDCN_TRT_INDUCTOR_LOAD=multithreaded"
+    report = json.loads((tmp_path / "inductor-probe-cpu.json").read_text())
+    (tried,) = report["tried"]
+    net = tried["networks"]["control_hint"]
+    assert report["chosen"] == "multithreaded" and not net["cached"] and net["nonfinite"] == 0
+    assert net["check"]["hint"]["max_abs"] < 1e-5 and net["size_mib"] < 16
+    assert "| multithreaded | loads and runs | control_hint " in (tmp_path / "inductor-probe-cpu.md").read_text()

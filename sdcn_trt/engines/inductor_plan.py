@@ -1,5 +1,7 @@
-"""GPU-free planning for the inductor backend: compile settings, what a package is valid for, its cache
-key, rebuild reasons in words, torch.export's dynamic shapes from a profile, and the toolchain check."""
+"""GPU-free planning for the inductor backend: compile settings, what a package is valid for (its
+architecture, not its weights), its cache key, rebuild reasons in words, torch.export's dynamic shapes
+from the profile, the ways of loading a package, the constants given to it at load time, max_autotune's
+memory check, and the toolchain check."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +12,7 @@ import platform
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -18,17 +20,19 @@ from sdcn_trt.engines.torch import FastPath
 from sdcn_trt.errors import InputError
 from sdcn_trt.export.descriptors import NetworkDescriptor, ShapeRange, ShapeSpec
 
-PACKAGE_FORMAT = 1  # bump when the package layout or what goes into the key changes
+PACKAGE_FORMAT = 2  # bump when the package layout or what goes into the key changes (2: weights outside)
 MIN_TORCH = (2, 6)  # torch._inductor.aoti_compile_and_package / aoti_load_package
+LOAD_ENV = "SDCN_TRT_INDUCTOR_LOAD"  # the load strategy when InductorSettings names none
 
 
 @dataclass(frozen=True)
 class InductorSettings:
-    """How a network is compiled; every field is part of the package's cache key."""
+    """How a network is compiled (every field but `load` is part of the package's cache key) and loaded."""
 
     shape_range: ShapeRange = ShapeRange.static(ShapeSpec())  # the contest shape by default
     max_autotune: bool = False  # inductor's GEMM/convolution autotuning: faster kernels, much longer builds
     fast: FastPath | None = None  # module changes before export; None: FastPath.default_for(device, dtype)
+    load: str | None = None  # a LOAD_STRATEGIES name; None: $SDCN_TRT_INDUCTOR_LOAD, else "default"
 
     def __post_init__(self) -> None:
         lo, hi = self.shape_range.min, self.shape_range.max
@@ -38,6 +42,7 @@ class InductorSettings:
             a, opt, b = (getattr(s, name) for s in (lo, self.shape_range.opt, hi))
             if not a <= opt <= b:
                 raise InputError(f"shape range {name}: need min <= opt <= max, got {a}, {opt}, {b}")
+        load_strategy(self.load)  # an unknown name fails here, listing the valid ones
 
     @property
     def dynamic(self) -> bool:
@@ -51,9 +56,22 @@ class InductorSettings:
             return dataclasses.replace(opt, batch=2)
         return opt
 
-    def inductor_configs(self) -> dict[str, Any]:
-        """Options passed to aoti_compile_and_package."""
-        return {"max_autotune": self.max_autotune}
+    def inductor_configs(self, max_autotune: bool | None = None) -> dict[str, Any]:
+        """Options passed to aoti_compile_and_package: the weights stay out of the package (they are
+        given at load time), so a package holds kernels only and serves any weights of its architecture."""
+        autotune = self.max_autotune if max_autotune is None else max_autotune
+        return {"max_autotune": autotune, "aot_inductor.package_constants_in_so": False}
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings as JSON (for a build child); `from_json` reads them back."""
+        return {"shape_range": {k: asdict(getattr(self.shape_range, k)) for k in ("min", "opt", "max")},
+                "max_autotune": self.max_autotune, "fast": asdict(self.fast) if self.fast else None, "load": self.load}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "InductorSettings":
+        shapes = {k: ShapeSpec(**v) for k, v in data["shape_range"].items()}
+        return cls(ShapeRange(**shapes), bool(data["max_autotune"]), FastPath(**data["fast"]) if data["fast"] else None,
+                   data.get("load"))
 
     def describe(self, descriptor: NetworkDescriptor) -> str:
         """The shapes in words, for logs and errors: 'latents (1, 4, 32, 48), ...' or min..max ranges."""
@@ -92,14 +110,41 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def package_parts(descriptor: NetworkDescriptor, weights: str, precision: str, settings: InductorSettings,
+# -- what a package is valid for ------------------------------------------------------------------
+PROVENANCE_KEYS = ("transformers_version", "torch_dtype", "dtype", "architectures")  # and every "_..." key: where a
+# config came from (file, library version, dtype held), not what it builds
+
+
+def network_config(module: Any) -> dict[str, Any]:
+    """A network's architecture as JSON: its class and its config without provenance fields, so two
+    checkpoints of one architecture (a LoRA, another fine-tune) give the same dict."""
+    config = module.config
+    raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    kept = {k: v for k, v in raw.items() if k not in PROVENANCE_KEYS and not k.startswith("_")}
+    return {"class": type(module).__name__, "config": json.loads(json.dumps(kept, default=str))}
+
+
+def architecture(descriptor: NetworkDescriptor) -> dict[str, Any]:
+    """The networks' classes and configs the descriptor's module is built from (read without loading
+    any weights), and the library versions whose code builds them: what a package's kernels depend on."""
+    import diffusers
+    import transformers
+
+    components = descriptor.components
+    networks = {name: network_config(components.peek(name)) for name in ("text_encoder", "unet", "controlnet", "vae")}
+    return {"networks": networks, "more_controlnets": [network_config(c) for c in components.more_controlnets],
+            "libraries": {"diffusers": diffusers.__version__, "transformers": transformers.__version__}}
+
+
+def package_parts(descriptor: NetworkDescriptor, architecture_key: str, precision: str, settings: InductorSettings,
                   fast: FastPath, target: Target) -> dict[str, Any]:
     """Everything a package depends on, by name (JSON-normalised, so it compares equal to a read meta.json);
-    shapes are (min, traced, max) per input: the traced shape is inductor's size hint."""
+    shapes are (min, traced, max) per input: the traced shape is inductor's size hint. The weights are
+    not among them: they are given at load time."""
     traced = descriptor.shapes(settings.trace_spec())
     parts = {
         "network": descriptor.name,
-        "weights": weights,
+        "architecture": architecture_key,
         "io": [descriptor.input_names, descriptor.output_names],
         "precision": precision,
         "shapes": {n: [lo, traced[n], hi] for n, (lo, _, hi) in descriptor.profile(settings.shape_range).items()},
@@ -117,12 +162,12 @@ def rebuild_reasons(parts: dict[str, Any], cached: dict[str, Any] | None) -> lis
     if cached is None:
         return ["no cached package"]
     reasons = []
-    for name in ("weights", "io", "precision", "shapes", "options", "torch", "device", "format"):
+    for name in ("architecture", "io", "precision", "shapes", "options", "torch", "device", "format"):
         old, new = cached.get(name), parts[name]
         if old == new:
             continue
-        if name == "weights":
-            reasons.append("the weights changed")
+        if name == "architecture":
+            reasons.append("the architecture changed (network configs or diffusers/transformers versions)")
         elif name == "shapes":
             changed = [f"{n} {_span(old.get(n) if isinstance(old, dict) else None)} -> {_span(v)}"
                        for n, v in new.items() if not isinstance(old, dict) or old.get(n) != v]
@@ -161,6 +206,146 @@ def dynamic_shapes(descriptor: NetworkDescriptor, shape_range: ShapeRange) -> tu
         axes = {i: Dim.AUTO(min=a, max=b) for i, (a, b) in enumerate(zip(lo, hi, strict=True)) if a != b}
         specs.append(axes or None)
     return tuple(specs) if any(specs) else None
+
+
+def export_dynamic_shapes(forward: Any, specs: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
+    """`specs` (one per input, in order) grouped as torch.export matches them to `forward`'s parameters:
+    one entry per named positional parameter, then one tuple for a `*varargs` parameter (the
+    networks take their hints, scales and residuals as *varargs)."""
+    import inspect
+
+    if specs is None:
+        return None
+    grouped: list[Any] = []
+    rest = list(specs)
+    for param in inspect.signature(forward).parameters.values():
+        if param.kind == inspect.Parameter.VAR_POSITIONAL:
+            grouped.append(tuple(rest))
+            rest = []
+            break
+        if param.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) and rest:
+            grouped.append(rest.pop(0))
+    if rest:
+        raise InputError(f"{len(specs)} inputs do not fit the parameters of {getattr(forward, '__qualname__', forward)}")
+    return tuple(grouped)
+
+
+# -- loading a package ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoadStrategy:
+    """How a package is loaded. The first GPU run's SD1.5-sized package died (SIGSEGV) inside
+    AOTIModelPackageLoader, loaded in the process that had just compiled it, with its weights inside,
+    single-threaded; each strategy changes one of those (weights are outside the package in all of them)."""
+
+    name: str
+    single_threaded: bool  # aoti_load_package(run_single_threaded=...): no locking, what CUDA graph capture needs
+    fresh_process: bool  # the build's load check in a new process, not the one that compiled
+    unpack_in_cache: bool  # the loader unpacks into a folder of the cache (TMPDIR) instead of the system temp
+    note: str
+
+
+LOAD_STRATEGIES = (
+    LoadStrategy("default", True, False, False, "weights given at load time, single-threaded runner"),
+    LoadStrategy("multithreaded", False, False, False, "as default, without run_single_threaded (CUDA graph "
+                 "capture of the package may then fail)"),
+    LoadStrategy("fresh-process", True, True, False, "the build's load check in a new process"),
+    LoadStrategy("unpack-in-cache", True, True, True, "a new process that unpacks the package next to the cache, "
+                 "not in the system temp folder"),
+)
+
+
+def load_strategy(name: str | None) -> LoadStrategy:
+    """The strategy called `name` (None: $SDCN_TRT_INDUCTOR_LOAD, else "default"); InputError listing
+    the valid names otherwise."""
+    wanted = name if name is not None else os.environ.get(LOAD_ENV) or "default"
+    for strategy in LOAD_STRATEGIES:
+        if strategy.name == wanted:
+            return strategy
+    where = "" if name is not None else f" (from ${LOAD_ENV})"
+    raise InputError(f"unknown inductor load strategy {wanted!r}{where}; valid: "
+                     + ", ".join(s.name for s in LOAD_STRATEGIES))
+
+
+def unpack_dir(strategy: LoadStrategy, package_bytes: int, cache_root: Path) -> Path | None:
+    """Where the loader should unpack (it extracts the package's shared library and kernels to
+    $TMPDIR): None for the system temp folder, else a folder under the cache root. The system temp
+    folder is also left when it lacks twice the package's size."""
+    import tempfile
+
+    system = Path(tempfile.gettempdir())
+    if not strategy.unpack_in_cache and free_bytes(system) >= 2 * package_bytes:
+        return None
+    return Path(cache_root) / "inductor" / ".unpack"
+
+
+def free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 0
+
+
+def loader_kwargs(strategy: LoadStrategy, device: torch.device) -> dict[str, Any]:
+    """aoti_load_package's keyword arguments for `device` under `strategy`."""
+    kwargs: dict[str, Any] = {"run_single_threaded": strategy.single_threaded}
+    if device.type == "cuda" and device.index is not None:  # cuda:N; plain "cuda" loads on the current device
+        kwargs["device_index"] = device.index
+    return kwargs
+
+
+# -- the constants given at load time ------------------------------------------------------------------
+def constants_api_missing(compiled: Any) -> str:
+    """What the loaded package lacks to take its weights at load time ("" when nothing): torch >= 2.6
+    has AOTICompiledModel.get_constant_fqns / load_constants (2.11 and 2.14 alike)."""
+    missing = [m for m in ("get_constant_fqns", "load_constants") if not hasattr(compiled, m)]
+    if not missing:
+        return ""
+    return (f"this torch ({torch.__version__}) loads AOTInductor packages without {' / '.join(missing)}, "
+            "which packages without weights need: install torch >= 2.6")
+
+
+def own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` detached, contiguous and alone in its storage. AOTInductor's update_constant_buffer
+    copies the whole storage of each tensor it is given into the constant's slot: a view into a larger
+    storage (a memory-mapped weights file, a fused QKV weight) would overflow it."""
+    tensor = tensor.detach()
+    whole = tensor.numel() * tensor.element_size()
+    if tensor.is_contiguous() and tensor.storage_offset() == 0 and tensor.untyped_storage().nbytes() == whole:
+        return tensor
+    return tensor.contiguous().clone()
+
+
+def constants_map(fqns: list[str], tensors: Mapping[str, torch.Tensor], network: str) -> dict[str, torch.Tensor]:
+    """The tensors a package asks for (`fqns`: its get_constant_fqns()), each in storage of its own;
+    InputError naming what is missing or extra when the module does not match the package."""
+    missing = [f for f in fqns if f not in tensors]
+    if missing:
+        extra = sorted(set(tensors) - set(fqns))
+        raise InputError(f"the '{network}' package needs {len(missing)} tensors the module does not have "
+                         f"(first: {missing[:3]}; the module has {len(extra)} the package does not need, first: "
+                         f"{extra[:3]}): the package was compiled for another architecture")
+    return {f: own_storage(tensors[f]) for f in fqns}
+
+
+def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by name (non-persistent buffers too: the package needs CLIP's
+    position_ids, which no state dict holds)."""
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+
+# -- max_autotune and device memory ------------------------------------------------------------------
+AUTOTUNE_HEADROOM = 3.0  # GPU memory max_autotune wants, in multiples of the network's weights (benchmarking
+# candidate kernels holds extra inputs, outputs and workspaces beside the module and its eager outputs)
+
+
+def autotune_fits(free: int, weights: int) -> tuple[bool, str]:
+    """(True, "") when `free` GPU bytes leave max_autotune room beside `weights` bytes of weights; else
+    (False, why) for the warning that precedes the fallback to the default compile."""
+    need = int(AUTOTUNE_HEADROOM * weights) + 2**30
+    if free >= need:
+        return True, ""
+    return False, (f"the GPU has {free / 2**30:.1f} GiB free and max_autotune wants about {need / 2**30:.1f} GiB "
+                   f"({AUTOTUNE_HEADROOM:g}x the {weights / 2**30:.1f} GiB of weights + 1 GiB)")
 
 
 # -- toolchain ---------------------------------------------------------------------------------------

@@ -1,0 +1,134 @@
+"""Which AOTInductor load strategy works on this machine: each one tried in its own process, in order,
+until one compiles (in its build child), loads (here, with the real weights) and runs every network.
+
+    python -m benchmarks.inductor_probe --device cuda --preset sd15-random --precision fp16
+
+The first GPU run's SD1.5-sized package died (SIGSEGV) inside AOTInductor's loader; the strategies
+(sdcn_trt.engines.inductor_plan.LOAD_STRATEGIES) each change one suspect. The packages land in the
+cache ($SDCN_TRT_CACHE), keyed without the strategy, so the benchmark that follows reuses them. The
+last line printed is `SDCN_TRT_INDUCTOR_LOAD=<name>` (exit 0), or says that none loaded (exit 1).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+PIPELINE = ["text_encoder", "control_hint", "fused_step", "vae_decoder"]
+
+
+def probe_one(args: argparse.Namespace) -> dict[str, Any]:
+    """Build (or reuse) and load each network's package under strategy `args.one`, run it once."""
+    import torch
+
+    from sdcn_trt.config import BackendConfig
+    from sdcn_trt.engines.inductor import InductorRunner
+    from sdcn_trt.engines.inductor_plan import InductorSettings
+    from sdcn_trt.export.descriptors import ShapeSpec, get_descriptor
+    from sdcn_trt.models.presets import load_preset
+
+    components = load_preset(args.preset, seed=0)
+    config = BackendConfig(backend="inductor", device=args.device, precision=args.precision)
+    settings = InductorSettings(load=args.one)
+    networks: dict[str, Any] = {}
+    for name in args.networks:
+        desc = get_descriptor(name, components)
+        runner = InductorRunner(desc, config, settings)
+        clock = time.perf_counter()
+        runner.activate()
+        activate_s = time.perf_counter() - clock
+        feed = desc.sample_inputs(ShapeSpec(), runner.device)
+        outputs = runner.infer(feed)
+        bad = sum(int((~torch.isfinite(t)).sum()) for t in outputs.values())
+        package = runner.package
+        assert package is not None
+        networks[name] = {"cached": package.cached, "build_s": package.built_seconds, "activate_s": activate_s,
+                          "size_mib": package.size_bytes / 2**20, "check": package.check, "nonfinite": bad,
+                          "notes": package.notes}
+        runner.deactivate()
+    return {"strategy": args.one, "networks": networks}
+
+
+def folder_space(path: Path) -> str:
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError as exc:
+        return f"{path}: {exc}"
+    return f"{path}: {usage.free / 2**30:.1f} GiB free of {usage.total / 2**30:.1f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--preset", default="sd15-random")
+    parser.add_argument("--precision", default="fp16")
+    parser.add_argument("--networks", nargs="+", default=PIPELINE, help="default: the pipeline's four networks")
+    parser.add_argument("--strategies", nargs="+", help="default: every strategy, in order")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds per strategy")
+    parser.add_argument("--out", nargs="*", default=[], help="folders for inductor-probe-<device>.json / .md")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # a child: this strategy only
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        Path(args.result).write_text(json.dumps(probe_one(args), indent=1, default=str))
+        return 0
+
+    from sdcn_trt.cache import cache_root
+    from sdcn_trt.engines.child import python_command, run_child
+    from sdcn_trt.engines.inductor_plan import LOAD_ENV, LOAD_STRATEGIES
+
+    names = args.strategies or [s.name for s in LOAD_STRATEGIES]
+    print("space: " + "; ".join(folder_space(p) for p in (Path(tempfile.gettempdir()), cache_root())), flush=True)
+    rows, chosen = [], None
+    for name in names:
+        with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+            cmd = python_command("benchmarks.inductor_probe", "--one", name, "--result", tmp.name, "--device",
+                                 args.device, "--preset", args.preset, "--precision", args.precision,
+                                 "--networks", *args.networks)
+            outcome = run_child(cmd, args.timeout)
+            row: dict[str, Any] = {"strategy": name, "seconds": outcome.seconds}
+            if outcome.ok:
+                row.update(json.loads(Path(tmp.name).read_text()))
+            else:
+                row.update(error=outcome.how(), details=outcome.details())
+        rows.append(row)
+        print(f"strategy {name}: " + ("loads and runs" if outcome.ok else f"failed: {row['error']}")
+              + f" ({outcome.seconds:.0f} s)", flush=True)
+        if not outcome.ok:
+            print(row["details"], flush=True)
+        if outcome.ok:
+            chosen = name
+            break
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": args.device, "preset": args.preset,
+              "precision": args.precision, "tried": rows, "chosen": chosen}
+    write(report, args.out)
+    print(f"{LOAD_ENV}={chosen}" if chosen else f"no load strategy loaded the packages (tried: {', '.join(names)})")
+    return 0 if chosen else 1
+
+
+def write(report: dict[str, Any], folders: list[str]) -> None:
+    lines = [f"# AOTInductor load strategies, {report['date']} ({report['device']}, {report['preset']}, "
+             f"{report['precision']})", "", "| strategy | result | network: build s / load s / MiB / max abs diff |",
+             "|---|---|---|"]
+    for row in report["tried"]:
+        nets = "; ".join(f"{n} {v['build_s']:.0f} / {v['activate_s']:.1f} / {v['size_mib']:.1f} / "
+                         f"{max((c['max_abs'] for c in v['check'].values()), default=float('nan')):.1e}"
+                         for n, v in row.get("networks", {}).items())
+        lines.append(f"| {row['strategy']} | {row.get('error', 'loads and runs').replace('|', '/')} | {nets or '-'} |")
+    for folder in folders:
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"inductor-probe-{report['device'].split(':')[0]}"
+        (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
+        (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

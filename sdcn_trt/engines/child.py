@@ -1,0 +1,143 @@
+"""Work in a child process, and how the child ended, in words: the signal that killed it (SIGSEGV,
+SIGKILL from the out-of-memory killer, ...), the faulthandler stack it printed, or its Python error.
+
+AOTInductor compiles and first loads, and each benchmark case, run this way: a crashing compiler or
+loader kills the child, and the user's process gets an error naming what died, where and why.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+
+def python_command(module: str, *args: str) -> list[str]:
+    """`python -X faulthandler -m module args...` with this interpreter: a fatal signal prints every
+    thread's Python stack to stderr before the child dies."""
+    return [sys.executable, "-X", "faulthandler", "-m", module, *args]
+
+
+def describe_exit(returncode: int) -> str:
+    """A child's exit status in words: 'killed by SIGSEGV (segmentation fault)', 'exit status 3'."""
+    if returncode >= 0:
+        return f"exit status {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        return f"killed by signal {-returncode}"
+    why = {"SIGSEGV": "segmentation fault", "SIGKILL": "out of memory (the kernel's OOM killer) or killed from outside",
+           "SIGABRT": "aborted", "SIGBUS": "bus error: a mapped file was truncated or the disk is full",
+           "SIGILL": "illegal instruction: code built for another CPU", "SIGTERM": "terminated"}.get(name)
+    return f"killed by {name}" + (f" ({why})" if why else "")
+
+
+def fault_stack(stderr: str, limit: int = 40) -> str:
+    """The faulthandler report in a crashed child's stderr: 'Fatal Python error: ...' and the current
+    thread's stack first (the other threads are compile workers and monitors), without the list of
+    extension modules; "" when there is none."""
+    lines = stderr.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("Fatal Python error")), None)
+    if start is None:
+        return ""
+    block = []
+    for line in lines[start:]:
+        if line.startswith("Extension modules:"):
+            break
+        if line.strip():
+            block.append(line)
+    current = next((i for i, line in enumerate(block) if line.startswith("Current thread")), None)
+    if current is not None:
+        following = next((i for i in range(current + 1, len(block)) if block[i].startswith("Thread ")), len(block))
+        block = block[:1] + block[current:following] + block[1:current] + block[following:]
+    return "\n".join(block[:limit])
+
+
+def crash_site(stack: str) -> str:
+    """The innermost frame of the crashing thread ('torch/export/pt2_archive/_package.py:1045 in _load_aoti'),
+    or ""."""
+    lines = stack.splitlines()
+    current = next((i for i, line in enumerate(lines) if line.startswith("Current thread")), None)
+    if current is None or current + 1 >= len(lines):
+        return ""
+    frame = lines[current + 1].strip()  # File "path", line N in function
+    if not frame.startswith('File "'):
+        return ""
+    path, _, rest = frame[len('File "'):].partition('", line ')
+    number, _, function = rest.partition(" in ")
+    short = "/".join(Path(path).parts[-3:])
+    return f"{short}:{number} in {function}"
+
+
+def python_error(stderr: str) -> str:
+    """The exception line of the last Python traceback in `stderr`, its type unqualified
+    ('sdcn_trt.errors.InputError: bad shape' -> 'InputError: bad shape'), else the last line that is
+    not a library warning; "" for an empty stderr."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    last = max((i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")), default=None)
+    if last is not None:
+        error = next((line for line in lines[last + 1:] if not line.startswith((" ", "\t"))), "")
+        if error:
+            return re.sub(r"^(?:[A-Za-z_]\w*\.)+(?=[A-Z]\w*:)", "", error)
+    kept = [line for line in lines if "Warning" not in line and not line.startswith((" ", "\t"))]
+    return kept[-1] if kept else ""
+
+
+@dataclass
+class ChildOutcome:
+    """How a child ended: its exit status (None when it timed out and was killed), its stderr, its time."""
+
+    returncode: int | None
+    stderr: str
+    seconds: float
+    timeout: float | None
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    @property
+    def crashed(self) -> bool:
+        """Killed by a signal it did not ask for (a timeout is not a crash)."""
+        return self.returncode is not None and self.returncode < 0
+
+    def how(self) -> str:
+        """'killed by SIGSEGV (segmentation fault) at pkg/mod.py:12 in f', 'timed out after 300 s', or the
+        Python error ('exit status 1: ValueError: ...')."""
+        if self.returncode is None:
+            return f"timed out after {self.timeout or 0:.0f} s"
+        if self.crashed:
+            site = crash_site(fault_stack(self.stderr))
+            return describe_exit(self.returncode) + (f" at {site}" if site else "")
+        error = python_error(self.stderr)
+        return describe_exit(self.returncode) + (f": {error}" if error else "")
+
+    def details(self) -> str:
+        """What to keep in the log: the faulthandler stack of a crash, else the end of stderr."""
+        stack = fault_stack(self.stderr)
+        return stack if stack else "\n".join(self.stderr.strip().splitlines()[-20:])
+
+
+def run_child(cmd: Sequence[str], timeout: float | None, env: Mapping[str, str] | None = None,
+              stdout: int | None = subprocess.DEVNULL) -> ChildOutcome:
+    """Run `cmd` in its own process group (a timeout, None for none, also ends the workers it started);
+    stderr goes to a temporary file, not a pipe, so a child that writes a lot never blocks."""
+    clock = time.perf_counter()
+    with tempfile.TemporaryFile(mode="w+", prefix="sdcn_child.", suffix=".log") as err:
+        proc = subprocess.Popen(list(cmd), stdout=stdout, stderr=err, text=True, start_new_session=True,
+                                env=dict(env) if env is not None else None)
+        try:
+            returncode: int | None = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            returncode = None
+        err.seek(0)
+        stderr = err.read()
+    return ChildOutcome(returncode, stderr, time.perf_counter() - clock, timeout)

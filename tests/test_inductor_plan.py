@@ -1,0 +1,196 @@
+"""The inductor backend's GPU-free parts: package keys by architecture, load strategies, the constants
+given at load time, max_autotune's memory check, and how a crashed child is named. No compile here."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sdcn_trt.engines.child import ChildOutcome, crash_site, describe_exit, fault_stack, python_error, run_child
+from sdcn_trt.engines.inductor_plan import (
+    LOAD_ENV, LOAD_STRATEGIES, InductorSettings, architecture, autotune_fits, constants_api_missing, constants_map,
+    load_strategy, loader_kwargs, module_tensors, network_config, own_storage, unpack_dir,
+)
+from sdcn_trt.errors import InputError
+from sdcn_trt.export.descriptors import ShapeRange, ShapeSpec, get_descriptor
+from sdcn_trt.engines.torch import FastPath
+
+CRASH = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
+
+
+# -- what a package is keyed by ----------------------------------------------------------------------
+def test_the_architecture_key_ignores_weights_and_provenance(tiny):
+    from sdcn_trt.models.presets import load_preset
+
+    other = load_preset("tiny", seed=1)
+    desc, other_desc = get_descriptor("fused_step", tiny), get_descriptor("fused_step", other)
+    assert architecture(desc) == architecture(other_desc)  # another checkpoint, same architecture
+    entry = network_config(tiny.peek("unet"))
+    assert entry["class"] == "UNet2DConditionModel" and entry["config"]["block_out_channels"] == [32, 64]
+    assert not any(k.startswith("_") for k in entry["config"])
+    clip = network_config(tiny.peek("text_encoder"))["config"]
+    assert "transformers_version" not in clip and "architectures" not in clip and clip["hidden_size"] == tiny.peek("text_encoder").config.hidden_size
+    assert set(architecture(desc)["libraries"]) == {"diffusers", "transformers"}
+
+
+def test_settings_travel_to_the_child_as_json():
+    settings = InductorSettings(ShapeRange(ShapeSpec(1, 64, 64), ShapeSpec(1, 64, 96), ShapeSpec(3, 128, 256)),
+                               max_autotune=True, fast=FastPath(sdpa=True), load="fresh-process")
+    assert InductorSettings.from_json(settings.to_json()) == settings
+    assert InductorSettings.from_json(InductorSettings().to_json()) == InductorSettings()
+    assert settings.inductor_configs() == {"max_autotune": True, "aot_inductor.package_constants_in_so": False}
+    assert settings.inductor_configs(False)["max_autotune"] is False
+
+
+# -- load strategies ---------------------------------------------------------------------------------------
+def test_load_strategies_by_name_and_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv(LOAD_ENV, raising=False)
+    assert load_strategy(None).name == "default" and load_strategy(None).single_threaded
+    assert [s.name for s in LOAD_STRATEGIES] == ["default", "multithreaded", "fresh-process", "unpack-in-cache"]
+    monkeypatch.setenv(LOAD_ENV, "multithreaded")
+    assert load_strategy(None).name == "multithreaded" and not load_strategy(None).single_threaded
+    assert InductorSettings().load is None and load_strategy(InductorSettings().load).name == "multithreaded"
+    monkeypatch.setenv(LOAD_ENV, "fastest")
+    with pytest.raises(InputError, match=r"unknown inductor load strategy 'fastest' \(from \$SDCN_TRT_INDUCTOR_LOAD\); "
+                                         r"valid: default, multithreaded, fresh-process, unpack-in-cache"):
+        load_strategy(None)
+    with pytest.raises(InputError, match="unknown inductor load strategy 'x'; valid: default"):
+        InductorSettings(load="x")
+    default, unpack = load_strategy("default"), load_strategy("unpack-in-cache")
+    assert loader_kwargs(default, torch.device("cuda:1")) == {"run_single_threaded": True, "device_index": 1}
+    assert loader_kwargs(load_strategy("multithreaded"), torch.device("cpu")) == {"run_single_threaded": False}
+    assert unpack_dir(default, 1000, tmp_path) is None  # the system temp folder has room for 1000 bytes
+    assert unpack_dir(unpack, 1000, tmp_path) == tmp_path / "inductor" / ".unpack"
+    assert unpack_dir(default, 2**62, tmp_path) == tmp_path / "inductor" / ".unpack"  # no temp folder is that big
+
+
+# -- the constants given at load time ------------------------------------------------------------------
+def test_constants_are_given_in_storage_of_their_own():
+    plain = torch.arange(6.0).reshape(2, 3)
+    assert own_storage(plain) is not plain and own_storage(plain).data_ptr() == plain.data_ptr()  # detached only
+    big = torch.arange(12.0)
+    view = big[6:].reshape(2, 3)  # what a memory-mapped file or a fused QKV weight hands out
+    owned = own_storage(view)
+    assert owned.untyped_storage().nbytes() == 6 * 4 and owned.storage_offset() == 0 and torch.equal(owned, view)
+    transposed = own_storage(plain.t())
+    assert transposed.is_contiguous() and torch.equal(transposed, plain.t())
+
+
+def test_constants_map_names_what_the_module_lacks():
+    module = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+    tensors = module_tensors(module)
+    assert sorted(tensors) == ["0.bias", "0.weight", "1.bias", "1.num_batches_tracked", "1.running_mean",
+                               "1.running_var", "1.weight"]
+    given = constants_map(["0.weight", "1.running_mean"], tensors, "toy")
+    assert sorted(given) == ["0.weight", "1.running_mean"] and torch.equal(given["0.weight"], module[0].weight)
+    with pytest.raises(InputError, match=r"the 'toy' package needs 1 tensors the module does not have \(first: "
+                                         r"\['2.weight'\]; the module has 6 the package does not need, first: "
+                                         r"\['0.bias', '1.bias', '1.num_batches_tracked'\]\): the package was "
+                                         r"compiled for another architecture"):
+        constants_map(["0.weight", "2.weight"], tensors, "toy")
+
+
+def test_a_torch_without_the_constants_api_is_named():
+    class OldLoader:
+        def __call__(self, *args):
+            return args
+
+    assert "without get_constant_fqns / load_constants" in constants_api_missing(OldLoader())
+    assert "install torch >= 2.6" in constants_api_missing(OldLoader())
+
+    class NewLoader(OldLoader):
+        def get_constant_fqns(self):
+            return []
+
+        def load_constants(self, constants, *, check_full_update):
+            pass
+
+    assert constants_api_missing(NewLoader()) == ""
+
+
+def test_max_autotune_wants_room_beside_the_weights():
+    assert autotune_fits(20 * 2**30, 2 * 2**30) == (True, "")
+    ok, why = autotune_fits(5 * 2**30, 2 * 2**30)
+    assert not ok and why == ("the GPU has 5.0 GiB free and max_autotune wants about 7.0 GiB "
+                              "(3x the 2.0 GiB of weights + 1 GiB)")
+
+
+# -- a child's end, in words ---------------------------------------------------------------------------
+def test_exit_statuses_in_words():
+    assert describe_exit(0) == "exit status 0" and describe_exit(2) == "exit status 2"
+    assert describe_exit(-11) == "killed by SIGSEGV (segmentation fault)"
+    assert describe_exit(-9) == "killed by SIGKILL (out of memory (the kernel's OOM killer) or killed from outside)"
+    assert describe_exit(-6) == "killed by SIGABRT (aborted)"
+    assert describe_exit(-200) == "killed by signal 200"
+
+
+def test_a_crashed_child_is_named_with_its_faulthandler_stack():
+    outcome = run_child([sys.executable, "-X", "faulthandler", "-c", "def crash():\n    " + CRASH + "\ncrash()"], 60)
+    assert outcome.returncode == -11 and outcome.crashed and not outcome.ok
+    assert outcome.how() == "killed by SIGSEGV (segmentation fault) at <string>:2 in crash"
+    details = outcome.details()
+    assert details.startswith("Fatal Python error: Segmentation fault\nCurrent thread")
+    assert 'File "<string>", line 2 in crash' in details and 'line 3 in <module>' in details
+    assert "Extension modules" not in details
+
+
+def test_fault_stack_puts_the_crashing_thread_first():
+    stderr = "\n".join([
+        "some warning", "Fatal Python error: Segmentation fault", "",
+        "Thread 0x1 (most recent call first):", '  File "/x/threading.py", line 359 in wait', "",
+        "Current thread 0x2 (most recent call first):",
+        '  File "/site-packages/torch/export/pt2_archive/_package.py", line 1045 in _load_aoti',
+        '  File "/w/sdcn_trt/engines/inductor.py", line 109 in load_compiled', "",
+        "Thread 0x3 (most recent call first):", '  File "/x/tqdm/_monitor.py", line 69 in run', "",
+        "Extension modules: numpy, torch._C (total: 2)"])
+    stack = fault_stack(stderr)
+    assert stack.splitlines() == [
+        "Fatal Python error: Segmentation fault", "Current thread 0x2 (most recent call first):",
+        '  File "/site-packages/torch/export/pt2_archive/_package.py", line 1045 in _load_aoti',
+        '  File "/w/sdcn_trt/engines/inductor.py", line 109 in load_compiled',
+        "Thread 0x1 (most recent call first):", '  File "/x/threading.py", line 359 in wait',
+        "Thread 0x3 (most recent call first):", '  File "/x/tqdm/_monitor.py", line 69 in run']
+    assert crash_site(stack) == "export/pt2_archive/_package.py:1045 in _load_aoti"
+    assert fault_stack("no crash here") == "" and crash_site("") == ""
+
+
+def test_a_python_error_is_the_exception_not_a_warning_line():
+    stderr = ("Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n    f()\n"
+              "sdcn_trt.errors.InputError: bad shape\nsite-packages/torch/x.py:3: UserWarning: careful\n"
+              "  warnings.warn(\n")
+    assert python_error(stderr) == "InputError: bad shape"
+    assert python_error("copyreg.py:99: FutureWarning: deprecated\n  return cls.__new__(cls)\nplain end\n") == "plain end"
+    assert python_error("") == ""
+    failed = ChildOutcome(1, stderr, 1.0, 10)
+    assert failed.how() == "exit status 1: InputError: bad shape"
+
+
+def test_a_child_past_its_time_is_killed_with_its_process_group():
+    outcome = run_child([sys.executable, "-c", "import subprocess, sys, time; "
+                         "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"], 2)
+    assert outcome.returncode is None and outcome.how() == "timed out after 2 s" and not outcome.crashed
+    assert outcome.seconds < 30
+    leftover = subprocess.run(["pgrep", "-f", "time.sleep\\(60\\)"], capture_output=True, text=True).stdout.split()
+    assert leftover == []
+
+
+def test_dynamic_shapes_are_grouped_as_forward_takes_its_inputs():
+    """The networks take hints, scales and residuals as *varargs: torch.export wants one tuple for them."""
+    from sdcn_trt.engines.inductor_plan import export_dynamic_shapes
+
+    def step(latents, timestep, *hints_and_scales):
+        return latents
+
+    def hint(*controls):
+        return controls
+
+    def text(input_ids):
+        return input_ids
+
+    assert export_dynamic_shapes(step, ("l", None, "h1", "h2", None)) == ("l", None, ("h1", "h2", None))
+    assert export_dynamic_shapes(hint, ({0: "b"},)) == (({0: "b"},),)
+    assert export_dynamic_shapes(text, ("t",)) == ("t",) and export_dynamic_shapes(text, None) is None
+    with pytest.raises(InputError, match="2 inputs do not fit the parameters of .*text"):
+        export_dynamic_shapes(text, ("t", "u"))
