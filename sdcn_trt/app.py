@@ -308,7 +308,7 @@ def build_app(pipe: ControlNetPipeline) -> gr.Blocks:
                                                label="Schedule", info="full = the reference; eps=10 etc. skip work")
                     gr.Markdown(f"Device: {pipe.backend.device}. " + " ".join(notes), elem_id="backend-notes")
             with gr.Column():
-                gallery = gr.Gallery(label="Output", show_label=False, elem_id="gallery", columns=2, height="auto",
+                gallery = gr.Gallery(label="Output", show_label=False, elem_id="gallery", columns=2, height="auto", object_fit="contain",
                                      format="png")
                 seed_used = gr.Number(label="Seed used", interactive=False, precision=0)
                 timings = gr.Markdown(elem_id="timings")

@@ -1,6 +1,7 @@
 """The web page in a real browser: Debian's headless Chromium driven by Playwright (its own browser
 download cannot work here). A person's steps: open the page, upload a scikit-image photo, type a
-prompt, ask for two images, press Run, wait for the gallery, read the timings; screenshot saved.
+prompt, ask for two images, press Run, wait for the gallery, read the timings; screenshot saved;
+in a second tab, Run without a photo shows the message.
 
 SDCN_APP_PRESET (default tiny) picks the model and SDCN_APP_SCREENSHOT where the screenshot goes:
 docs/app.png was made with SDCN_APP_PRESET=tiny-trained SDCN_APP_SCREENSHOT=docs/app.png."""
@@ -53,7 +54,7 @@ def test_a_person_generates_images_in_chromium(tmp_path):
                                  ("Seed (-1: random)", SEED)):
                 field = page.get_by_label(f"number input for {label}")
                 field.fill(str(value))
-                field.press("Enter")
+                field.press("Tab")
             page.get_by_role("button", name="Run", exact=True).click()
             page.wait_for_selector("#timings table", timeout=300_000)
             page.wait_for_function("document.querySelectorAll('#gallery img').length >= 3")
@@ -62,6 +63,10 @@ def test_a_person_generates_images_in_chromium(tmp_path):
             timings = page.inner_text("#timings")
             seed = page.get_by_label("Seed used").input_value()
             page.screenshot(path=str(screenshot), full_page=True)
+            second = context.new_page()  # a second tab: Run without a photo shows why in the page
+            second.goto(server.local_url)
+            second.get_by_role("button", name="Run", exact=True).click()
+            second.get_by_text("no image: upload a photo first").first.wait_for(timeout=30_000)
             browser.close()
     finally:
         server.close()
