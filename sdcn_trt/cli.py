@@ -448,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # third-party loggers kept to these levels unless -v
-QUIET_LOGGERS = {"transformers": logging.ERROR, "diffusers": logging.ERROR, "Polygraphy": logging.WARNING}
+QUIET_LOGGERS = {"transformers": logging.ERROR, "diffusers": logging.ERROR, "Polygraphy": logging.WARNING,
+                 "httpx": logging.WARNING}  # httpx: Gradio's start-up self-checks (sdcn-trt app)
 
 
 def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:  # warnings.showwarning
