@@ -51,28 +51,37 @@ class GenerationCancelled(SdcnError):
     """The visitor stopped the request; raised from the progress callback at a step boundary."""
 
 
-class PhotoInput(gr.Image):
-    """gr.Image whose decoding errors are messages in the page: a file that is not an image, or one
-    whose decoded size would be too large, is refused before it is decoded."""
+def check_upload(payload: Any) -> None:
+    """gr.Error (a message in the page) for an uploaded file that is not an image, or whose decoded
+    size would be too large; only the file's header is read."""
+    path = getattr(payload, "path", None)
+    if path is None or str(getattr(payload, "url", "") or "").startswith("data:"):
+        return
+    name = getattr(payload, "orig_name", None) or Path(path).name
+    try:
+        with PIL.Image.open(path) as probe:  # reads the header only
+            width, height = probe.size
+    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as exc:
+        logger.warning("refused upload %s: not an image (%s)", name, exc)
+        raise gr.Error(f"{name} is not an image this page can read; upload a PNG, JPEG, WebP or BMP photo") from None
+    if width * height > MAX_PIXELS:
+        logger.warning("refused upload %s: %dx%d pixels", name, width, height)
+        raise gr.Error(f"{name} is {width}x{height} pixels; at most {MAX_PIXELS // 1_000_000} megapixels are "
+                       "accepted: scale it down first") from None
 
-    is_template = True  # the browser draws it as a plain gr.Image
 
-    def preprocess(self, payload: Any) -> Any:
-        path = getattr(payload, "path", None)
-        if path is not None and not str(getattr(payload, "url", "") or "").startswith("data:"):
-            name = getattr(payload, "orig_name", None) or Path(path).name
-            try:
-                with PIL.Image.open(path) as probe:  # reads the header only
-                    width, height = probe.size
-            except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as exc:
-                logger.warning("refused upload %s: not an image (%s)", name, exc)
-                raise gr.Error(f"{name} is not an image this page can read; upload a PNG, JPEG, WebP or BMP "
-                               "photo") from None
-            if width * height > MAX_PIXELS:
-                logger.warning("refused upload %s: %dx%d pixels", name, width, height)
-                raise gr.Error(f"{name} is {width}x{height} pixels; at most {MAX_PIXELS // 1_000_000} megapixels "
-                               "are accepted: scale it down first") from None
-        return super().preprocess(payload)
+def photo_input(**options: Any) -> gr.Image:
+    """A gr.Image whose uploads pass check_upload before Gradio decodes them. (Not a subclass: Gradio
+    writes a .pyi stub beside any module that defines a component class.)"""
+    image = gr.Image(**options)
+    decode = image.preprocess
+
+    def preprocess(payload: Any) -> Any:
+        check_upload(payload)
+        return decode(payload)
+
+    image.preprocess = preprocess  # type: ignore[method-assign]
+    return image
 
 
 class BuildNotes(logging.Handler):
@@ -279,7 +288,7 @@ def build_app(pipe: ControlNetPipeline) -> gr.Blocks:
         gr.Markdown("## Control Stable Diffusion with Canny Edge Maps")
         with gr.Row():
             with gr.Column():
-                input_image = PhotoInput(sources=["upload"], type="numpy", label="Image")
+                input_image = photo_input(sources=["upload"], type="numpy", label="Image")
                 prompt = gr.Textbox(label="Prompt")
                 with gr.Row():
                     run_button = gr.Button("Run", variant="primary")

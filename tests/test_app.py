@@ -19,7 +19,7 @@ gr = pytest.importorskip("gradio", reason="the web page needs Gradio: pip instal
 
 from sdcn_trt import GenerationConfig  # noqa: E402
 from sdcn_trt.app import (  # noqa: E402
-    AppState, BuildNotes, GenerationCancelled, PhotoInput, build_app, launch_options, make_callback,
+    AppState, BuildNotes, GenerationCancelled, build_app, launch_options, make_callback, photo_input,
 )
 from sdcn_trt.errors import SdcnError  # noqa: E402
 
@@ -143,7 +143,7 @@ def test_uploads_that_are_not_usable_images_are_refused(tmp_path, content, messa
     path = tmp_path / "notes.png"
     path.write_bytes(content)
     with pytest.raises(gr.Error, match=message):
-        PhotoInput(type="numpy").preprocess(ImageData(path=str(path), orig_name="notes.png"))
+        photo_input(type="numpy").preprocess(ImageData(path=str(path), orig_name="notes.png"))
 
 
 def test_an_uploaded_photo_decodes_to_rgb(tmp_path, photo):
@@ -151,7 +151,7 @@ def test_an_uploaded_photo_decodes_to_rgb(tmp_path, photo):
 
     path = tmp_path / "cat.png"
     PIL.Image.fromarray(photo).save(path)
-    np.testing.assert_array_equal(PhotoInput(type="numpy").preprocess(ImageData(path=str(path))), photo)
+    np.testing.assert_array_equal(photo_input(type="numpy").preprocess(ImageData(path=str(path))), photo)
 
 
 def count_steps(pipe, monkeypatch, delay: float = 0.0) -> list[int]:
