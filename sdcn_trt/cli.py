@@ -307,6 +307,30 @@ def cmd_contest_kit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_app(args: argparse.Namespace) -> int:
+    """The canny2image web page; Gradio (the [app] extra) is imported only here."""
+    from sdcn_trt.app import serve
+
+    if not (args.preset or args.sd_dir or args.checkpoint):
+        args.preset = "tiny-trained"
+    serve(load_pipeline(args), host=args.host, port=args.port, share=args.share, max_file_size=args.max_file_size)
+    return 0
+
+
+def add_app_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("app", help="the original canny2image web page on any backend, with timings ([app] extra)",
+                       description="Serve the canny2image page (the original ControlNet Gradio app's controls) at "
+                                   "http://HOST:PORT. The model defaults to the tiny-trained preset (not SD1.5).")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes the page)")
+    p.add_argument("--port", type=int, default=7860, help="default: 7860")
+    p.add_argument("--share", action="store_true", help="ask Gradio for a public share link (off by default)")
+    p.add_argument("--max-file-size", default="20mb", help="largest upload accepted (default: 20mb)")
+    add_model_args(p)
+    add_backend_args(p)
+    p.set_defaults(func=cmd_app)
+
+
 def add_contest_kit_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("contest-kit", help="write canny2image_TRT.py so the contest's compute_score.py runs unchanged",
                        description="Write FOLDER/canny2image_TRT.py (imports sdcn_trt.contest.hackathon) and a README "
@@ -443,11 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     add_contest_kit_parser(sub)
+    add_app_parser(sub)
     return parser
 
 
 # third-party loggers kept to these levels unless -v
-QUIET_LOGGERS = {"transformers": logging.ERROR, "diffusers": logging.ERROR, "Polygraphy": logging.WARNING}
+QUIET_LOGGERS = {"transformers": logging.ERROR, "diffusers": logging.ERROR, "Polygraphy": logging.WARNING,
+                 "httpx": logging.WARNING}  # httpx: Gradio's start-up self-checks (sdcn-trt app)
 
 
 def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:  # warnings.showwarning

@@ -76,7 +76,7 @@ LAYERS = [
     ["pipeline"],
     ["scoring"],
     ["batch", "demo", "contest"],
-    ["sdcn_trt", "cli"],  # the package's own __init__ (the public API) and the command line
+    ["sdcn_trt", "cli", "app"],  # the package's own __init__ (the public API), the command line, the web page
 ]
 
 # inside a sub-package, the same rule between its modules (its __init__ may import any of them)
