@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from benchmarks.__main__ import markdown
 from benchmarks.case import in_seconds
@@ -153,3 +154,27 @@ def test_quality_table_measures_pd_with_fid_weights(tmp_path):
     with pytest.raises(WeightsError, match="FID Inception weights not found"):
         main(["--rows", "full", "--photos", "chelsea", "--fid-weights", str(tmp_path / "absent.pth"),
               "--out", str(out)])
+
+
+def test_compiled_diffusers_cases_refuse_the_cpu_and_other_backends(tiny):
+    import argparse
+
+    from benchmarks.baseline_diffusers import build_diffusers
+    from benchmarks.case import run_case
+    from sdcn_trt.errors import BackendUnavailableError
+
+    with pytest.raises(BackendUnavailableError, match="mode 'reduce-overhead' runs on CUDA only \\(device 'cpu' given\\)"):
+        build_diffusers(tiny, "cpu", torch.float32, "reduce-overhead")
+    with pytest.raises(InputError, match="unknown compile mode 'fast'; choose one of off, max-autotune-no-cudagraphs"):
+        build_diffusers(tiny, "cuda", torch.float16, "fast")
+    args = argparse.Namespace(backend="torch", compile="reduce-overhead", preset="tiny")
+    with pytest.raises(InputError, match="--compile reduce-overhead is for the diffusers baseline; backend 'torch'"):
+        run_case(args)
+
+
+def test_markdown_names_the_compiled_diffusers_cases():
+    from benchmarks.__main__ import label
+
+    assert label({"backend": "diffusers", "compile": "max-autotune-no-cudagraphs"}) == \
+        "diffusers (torch.compile max-autotune-no-cudagraphs)"
+    assert label({"backend": "diffusers", "compile": "off"}) == label({"backend": "diffusers"}) == "diffusers"
