@@ -50,26 +50,46 @@ def clip_fp16_vs_fp32(components: Any, prompts: list[str]) -> dict[str, Any]:
     return {"layers": layers, "embeddings_fp16": states[torch.float16][-1].float()}
 
 
-def image_effect(components: Any, embeddings_fp16: torch.Tensor, steps: int) -> dict[str, Any]:
-    """The torch fp32 pipeline on the contest's cat with fp32 CLIP, then with fp16 CLIP's output:
-    mean / max |difference| of the uint8 images."""
+def levels(image: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
+    """Mean / max |difference| of two uint8 images in levels."""
+    diff = np.abs(image.astype(np.int16) - reference.astype(np.int16))
+    return {"mean": float(diff.mean()), "max": int(diff.max())}
+
+
+def image_effects(components: Any, embeddings_fp16: torch.Tensor, steps: int, diffusers_fp16: bool,
+                  device: str = "cpu") -> dict[str, Any]:
+    """Images on the contest's cat against the torch fp32 pipeline's (levels): ours with fp16 CLIP's
+    output, diffusers fp32, diffusers fp16 and diffusers fp16 given fp32 CLIP's output (prompt_embeds)."""
+    from benchmarks.baseline_diffusers import build_diffusers, diffusers_image
     from sdcn_trt import BackendConfig, ControlNetPipeline, GenerationConfig
     from sdcn_trt.images import sample_photos
 
-    pipe = ControlNetPipeline(components, BackendConfig(backend="torch", device="cpu", precision="fp32"))
+    pipe = ControlNetPipeline(components, BackendConfig(backend="torch", device=device, precision="fp32"))
     photo = sample_photos(["chelsea"])["chelsea"]
     config = GenerationConfig(ddim_steps=steps)
     reference = pipe.run(photo, config).images[0]
     key = (config.positive_prompt, config.n_prompt)
     assert key in pipe._text_cache, "the pipeline caches CLIP per (positive, negative) prompt pair"
-    pipe._text_cache[key] = embeddings_fp16  # rows [negative, positive], as encode_prompts orders them
-    swapped = pipe.run(photo, config).images[0]
-    diff = np.abs(reference.astype(np.int16) - swapped.astype(np.int16))
-    return {"steps": steps, "mean": float(diff.mean()), "max": int(diff.max())}
+    embeddings_fp32 = pipe._text_cache[key]  # (2, 77, D) [negative, positive]
+    pipe._text_cache[key] = embeddings_fp16.to(embeddings_fp32.device)
+    rows = {"ours, CLIP fp16": levels(pipe.run(photo, config).images[0], reference)}
+
+    def uint8(floats: np.ndarray) -> np.ndarray:
+        return (np.nan_to_num(floats, nan=0.0).clip(0, 1) * 255).astype(np.uint8)  # truncation, as ours
+
+    for dtype in (torch.float32, torch.float16) if diffusers_fp16 else (torch.float32,):
+        name = "fp32" if dtype == torch.float32 else "fp16"
+        theirs = build_diffusers(components, device, dtype)
+        rows[f"diffusers {name}"] = levels(uint8(diffusers_image(theirs, photo, config)), reference)
+        if dtype == torch.float16:
+            given = {"negative_prompt_embeds": embeddings_fp32[:1].to(dtype), "prompt_embeds": embeddings_fp32[1:].to(dtype)}
+            rows["diffusers fp16, CLIP fp32"] = levels(uint8(diffusers_image(theirs, photo, config, **given)), reference)
+        del theirs
+    return {"steps": steps, "against": "sdcn_trt torch fp32", "rows": rows}
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [f"# CLIP in fp16 against fp32 ({report['preset']}, CPU), {report['date']}", "",
+    lines = [f"# The diffusers fp16 parity gap: CLIP in fp16 against fp32 ({report['preset']}), {report['date']}", "",
              "The contest's prompts [negative, positive] through the text encoder in each precision "
              f"(torch {report['torch']}, transformers {report['transformers']}). fp16 ends at {FP16_MAX:.0f}.", "",
              "| hidden state | fp32 max abs | fp16 NaN/Inf | max abs diff | max diff / fp32 max |", "|---|---|---|---|---|"]
@@ -77,9 +97,9 @@ def markdown(report: dict[str, Any]) -> str:
               f"{r['max_diff_over_peak']:.3g} |" for r in report["clip"]]
     effect = report.get("image")
     if effect:
-        lines += ["", f"Image effect (torch fp32 pipeline, everything else fixed, {effect['steps']} DDIM steps): fp16 "
-                  f"CLIP's embeddings move the image by **{effect['mean']:.2f} levels mean, {effect['max']} max** "
-                  "from the fp32 CLIP image."]
+        lines += ["", f"Images ({report.get('device', 'cpu')}) against sdcn_trt's torch fp32 image (the contest's cat, {effect['steps']} DDIM steps, "
+                  "same weights, seed and prompts; uint8 levels):", "", "| image | mean | max |", "|---|---|---|"]
+        lines += [f"| {name} | {v['mean']:.2f} | {v['max']} |" for name, v in effect["rows"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -87,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="sd15-random")
     parser.add_argument("--steps", type=int, default=2, help="DDIM steps of the image comparison (0: skip it)")
+    parser.add_argument("--diffusers-fp16", action="store_true",
+                        help="also diffusers in fp16 (on a CPU this takes very long: its fp16 kernels are slow)")
+    parser.add_argument("--device", default="cpu", help="where the images are made (CLIP is compared on the CPU)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
     import transformers
@@ -97,13 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     components = load_preset(args.preset, seed=0)
     config = GenerationConfig()
     clip = clip_fp16_vs_fp32(components, [config.n_prompt, config.positive_prompt])
-    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "preset": args.preset, "torch": torch.__version__,
+    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "preset": args.preset, "device": args.device,
+                              "torch": torch.__version__,
                               "transformers": transformers.__version__, "clip": clip["layers"]}
     if args.steps:
-        report["image"] = image_effect(components, clip["embeddings_fp16"], args.steps)
+        report["image"] = image_effects(components, clip["embeddings_fp16"], args.steps, args.diffusers_fp16,
+                                        args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"parity-gap-{args.preset}-cpu"
+    stem = f"parity-gap-{args.preset}-{args.device.split(':')[0]}"
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
     (out / f"{stem}.md").write_text(markdown(report))
     print(markdown(report))
