@@ -186,3 +186,28 @@ def test_markdown_names_the_compiled_diffusers_cases():
     assert label({"backend": "diffusers", "compile": "max-autotune-no-cudagraphs"}) == \
         "diffusers (torch.compile max-autotune-no-cudagraphs)"
     assert label({"backend": "diffusers", "compile": "off"}) == label({"backend": "diffusers"}) == "diffusers"
+
+
+def test_schedule_table_puts_tiny_trained_quality_beside_latency(tmp_path):
+    from benchmarks.schedules import GPU_SCHEDULES, QUALITY, WINNER_SPLIT, load_quality, markdown
+    from sdcn_trt.schedule import parse_schedule
+
+    assert parse_schedule(WINNER_SPLIT).resolve(20) == (("full",) * 8 + ("reuse_control", "full")
+                                                       + ("shallow", "full") * 5)
+    quality = load_quality([QUALITY[0], tmp_path / "absent.json"])
+    assert quality["eps=10"]["ssim_mean"] == pytest.approx(0.9946, abs=5e-5)  # the committed table's row
+    rows = []
+    for schedule, seconds in (("full", 0.2), ("eps=10", 0.1), (WINNER_SPLIT, 0.15)):
+        row = {"schedule": schedule, "steps": 20, "evaluations": {"controlnet": 1, "unet": 1, "shallow": 0},
+               "end_to_end": {"median_s": seconds}}
+        if schedule in quality:
+            row["quality"] = quality[schedule]
+        rows.append(row)
+    report = {"date": "d", "preset": "sd15-random", "machine": {"platform": "p", "torch": "t", "threads": 16, "gpu": "H200"},
+              "backend": {"backend": "torch", "precision": "fp16", "device": "cuda", "cuda_graph": "loop", "steps": 20,
+                          "repeats": 3}, "networks": {"fused_step": {"median_s": 0.005}}, "schedules": rows}
+    table = markdown(report)
+    assert "| full | 20 | 1 | 1 | 0 | 200.0 | 1.00x | 1.0000 (1.0000) | identical |" in table
+    assert "| eps=10 | 20 | 1 | 1 | 0 | 100.0 | 2.00x | 0.9946 (0.9788) | 44.21 |" in table
+    assert f"| {WINNER_SPLIT} | 20 | 1 | 1 | 0 | 150.0 | 1.33x | - | - |" in table
+    assert set(GPU_SCHEDULES) >= {"full", "eps=10", "control=10", "deepcache=3"}
