@@ -15,7 +15,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -55,9 +55,11 @@ def time_step(step: Any, device: torch.device, repeats: int) -> dict[str, Any]:
 
 
 def run(components: Any, device: str, precision: str, repeats: int, spec: ShapeSpec = ShapeSpec(),
-        variants: dict[str, FastPath] = VARIANTS, inductor: bool = False) -> dict[str, Any]:
+        variants: dict[str, FastPath] = VARIANTS, inductor: bool = False,
+        after_each: Callable[[dict[str, Any]], None] = lambda results: None) -> dict[str, Any]:
     """Per variant: step latency (ms; inside a graph on CUDA), setup seconds and max |difference| of the
-    step's latents from the plain variant's; a variant the device cannot run records why."""
+    step's latents from the plain variant's; a variant the device cannot run records why. `after_each`
+    gets the results so far after every variant (a run stopped by a time limit keeps them)."""
     from sdcn_trt.engines.torch import resolve_device
 
     dev = resolve_device(device)
@@ -72,10 +74,12 @@ def run(components: Any, device: str, precision: str, repeats: int, spec: ShapeS
             row = time_step(step, dev, repeats)
         except (InputError, RuntimeError) as exc:  # a CUDA-only switch on the CPU, a kernel that cannot run
             results[name] = {"refused": f"{type(exc).__name__}: {exc}"[:300]}
+            after_each(results)
             continue
         out = row.pop("out")
         plain = out if plain is None else plain
         results[name] = {**row, "setup_s": info["setup_s"], "max_abs_vs_plain": float((out - plain).abs().max())}
+        after_each(results)
         del step
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -116,16 +120,22 @@ def main(argv: list[str] | None = None) -> int:
     from sdcn_trt.models.presets import load_preset
 
     variants = {n: VARIANTS[n] for n in (args.variants or VARIANTS)}
-    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": args.device, "precision": args.precision,
-              "preset": args.preset, "torch": torch.__version__, "height": args.height, "width": args.width,
-              "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available() else None,
-              "variants": run(load_preset(args.preset), args.device, args.precision, args.repeats,
-                              ShapeSpec(1, args.height, args.width), variants, args.inductor)}
+    report: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M"), "device": args.device, "precision": args.precision,
+        "preset": args.preset, "torch": torch.__version__, "height": args.height, "width": args.width,
+        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available() else None,
+        "variants": {}}
     stem = f"fastpath-{args.device.split(':')[0]}-{args.preset}-{time.strftime('%Y%m%d-%H%M')}"
-    for folder in args.out:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        (Path(folder) / f"{stem}.json").write_text(json.dumps(report, indent=1))
-        (Path(folder) / f"{stem}.md").write_text(markdown(report))
+
+    def write(results: dict[str, Any]) -> None:
+        report["variants"] = results
+        for folder in args.out:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            (Path(folder) / f"{stem}.json").write_text(json.dumps(report, indent=1))
+            (Path(folder) / f"{stem}.md").write_text(markdown(report))
+
+    write(run(load_preset(args.preset), args.device, args.precision, args.repeats,
+              ShapeSpec(1, args.height, args.width), variants, args.inductor, write))
     print(markdown(report))
     return 0
 
