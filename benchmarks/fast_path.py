@@ -39,6 +39,8 @@ VARIANTS = {
     "+channels_last+gn_silu+cudnn_benchmark": dataclasses.replace(DEFAULT, channels_last=True, gn_silu=True,
                                                                   cudnn_benchmark=True),
 }
+# not FastPath switches: the loop's guidance + DDIM update compiled into one kernel (a measured candidate)
+UPDATE_VARIANTS = {"+fused_update": DEFAULT}
 INDUCTOR = {"inductor": {"max_autotune": False}, "inductor max_autotune": {"max_autotune": True}}
 
 
@@ -63,7 +65,8 @@ def run(components: Any, device: str, precision: str, repeats: int, spec: ShapeS
     from sdcn_trt.engines.torch import resolve_device
 
     dev = resolve_device(device)
-    jobs: list[tuple[str, str, dict[str, Any]]] = [(n, "torch", {"fast": f}) for n, f in variants.items()]
+    jobs: list[tuple[str, str, dict[str, Any]]] = [
+        (n, "torch", {"fast": f, "fused_update": n in UPDATE_VARIANTS}) for n, f in variants.items()]
     if inductor:
         jobs += [(n, "inductor", o) for n, o in INDUCTOR.items()]
     results: dict[str, Any] = {}
@@ -113,13 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--height", type=int, default=ShapeSpec().height)
     parser.add_argument("--width", type=int, default=ShapeSpec().width)
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="default: all")
+    parser.add_argument("--variants", nargs="+", choices=[*VARIANTS, *UPDATE_VARIANTS], help="default: all")
     parser.add_argument("--inductor", action="store_true", help="also inductor without / with max_autotune (compiles)")
     parser.add_argument("--out", nargs="+", default=[str(Path(__file__).parent / "results")])
     args = parser.parse_args(argv)
     from sdcn_trt.models.presets import load_preset
 
-    variants = {n: VARIANTS[n] for n in (args.variants or VARIANTS)}
+    every = {**VARIANTS, **UPDATE_VARIANTS}
+    variants = {n: every[n] for n in (args.variants or every)}
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "device": args.device, "precision": args.precision,
         "preset": args.preset, "torch": torch.__version__, "height": args.height, "width": args.width,

@@ -140,6 +140,15 @@ def copy_rate_gbps(device: torch.device, mib: int = 512) -> float:
     return 2 * src.numel() / (best_ms / 1000) / 1e9
 
 
+def guide_and_update(noise_pred: torch.Tensor, x: torch.Tensor, scale: float, ddim: Any) -> torch.Tensor:
+    """Classifier-free guidance then the DDIM update, as `Denoiser.step` runs them (same ops, same order):
+    (2B, 4, h, w) [uncond, cond] noise prediction and (B, 4, h, w) latents -> (B, 4, h, w) x_{t-1}."""
+    from sdcn_trt.pipeline.scheduler import classifier_free_guidance, ddim_update
+
+    eps_uncond, eps_cond = noise_pred.float().chunk(2)
+    return ddim_update(x, classifier_free_guidance(eps_uncond, eps_cond, scale), ddim, None)
+
+
 def step_function(backend: str, components: Any, device: torch.device, precision: str, spec: Any,
                   options: dict[str, Any]) -> tuple[Callable[[], Any], dict[str, Any]]:
     """One full denoising step of the contest loop on `backend` (fixed inputs, a step's DDIM constants):
@@ -173,6 +182,9 @@ def step_function(backend: str, components: Any, device: torch.device, precision
     ddim = make_ddim_schedule(20).steps[0]
     state = StepState(feed["latents"])
     info = {"setup_s": setup_s, "fast": repr(getattr(runner, "fast", None))}
+    if options.get("fused_update"):  # the candidate: guidance + DDIM update as one compiled kernel (CUDA)
+        update = torch.compile(guide_and_update) if device.type == "cuda" else guide_and_update
+        return (lambda: StepState(update(runner.infer(feed)["noise_pred"], state.x, 9.0, ddim))), info
     return (lambda: denoiser.step(state, FULL, ddim, feed["timestep"], None)), info
 
 

@@ -80,21 +80,24 @@ def test_suite_runs_cases_compares_them_with_torch_fp32_and_keeps_its_time_limit
          "error": "skipped: the run's 1 s were spent"}]
 
 
+@pytest.mark.slow
 def test_fast_path_variants_are_timed_and_compared(tmp_path):
-    from benchmarks.fast_path import VARIANTS, main
+    from benchmarks.fast_path import UPDATE_VARIANTS, VARIANTS, main
 
-    chosen = ["plain", "default (sdpa+fuse_qkv)", "+gn_silu", "+cudnn_benchmark", "+sdpa_backend=efficient"]
+    chosen = ["plain", "default (sdpa+fuse_qkv)", "+gn_silu", "+fused_update", "+cudnn_benchmark",
+              "+sdpa_backend=efficient"]
     assert main(["--device", "cpu", "--precision", "fp32", "--preset", "tiny", "--repeats", "1",
                  "--height", "64", "--width", "64", "--variants", *chosen, "--out", str(tmp_path)]) == 0
     (report_file,) = tmp_path.glob("fastpath-cpu-tiny-*.json")
     variants = json.loads(report_file.read_text())["variants"]
-    assert list(variants) == chosen and set(chosen) <= set(VARIANTS)
+    assert list(variants) == chosen and set(chosen) <= {*VARIANTS, *UPDATE_VARIANTS}
     refused = {n for n, v in variants.items() if "refused" in v}
     # CUDA-only switches and the SDPA kernels the CPU lacks say why; everything else ran and matches plain
     assert refused == {"+cudnn_benchmark", "+sdpa_backend=efficient"}
     assert "only act on CUDA, not on device 'cpu'" in variants["+cudnn_benchmark"]["refused"]
     ran = {n: v for n, v in variants.items() if n not in refused}
-    assert variants["+gn_silu"]["max_abs_vs_plain"] == variants["default (sdpa+fuse_qkv)"]["max_abs_vs_plain"]
+    default = variants["default (sdpa+fuse_qkv)"]["max_abs_vs_plain"]  # both the same ops on the CPU: bit-identical
+    assert variants["+gn_silu"]["max_abs_vs_plain"] == default == variants["+fused_update"]["max_abs_vs_plain"]
     assert all(v["eager_ms"]["n"] == 1 and v["eager_ms"]["p50"] > 0 and "graph_ms" not in v
                and v["max_abs_vs_plain"] < 1e-3 for v in ran.values())
     assert "| +gn_silu | - | - | " in report_file.with_suffix(".md").read_text()
