@@ -100,6 +100,12 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Images ({report.get('device', 'cpu')}) against sdcn_trt's torch fp32 image (the contest's cat, {effect['steps']} DDIM steps, "
                   "same weights, seed and prompts; uint8 levels):", "", "| image | mean | max |", "|---|---|---|"]
         lines += [f"| {name} | {v['mean']:.2f} | {v['max']} |" for name, v in effect["rows"].items()]
+        rows = effect["rows"]
+        if "diffusers fp16" in rows and "diffusers fp16, CLIP fp32" in rows:
+            whole, without = rows["diffusers fp16"]["mean"], rows["diffusers fp16, CLIP fp32"]["mean"]
+            lines += ["", f"CLIP in fp16 accounts for {whole - without:.2f} of diffusers fp16's {whole:.2f} levels "
+                      f"(mean); the other {without:.2f} come from its fp16 UNet / ControlNet / VAE / scheduler path "
+                      f"(ours in fp16 keeps latents and the DDIM update in fp32)."]
     return "\n".join(lines) + "\n"
 
 
