@@ -169,8 +169,10 @@ def step_function(backend: str, components: Any, device: torch.device, precision
     elif backend == "inductor":
         from sdcn_trt.engines.inductor import InductorRunner
         from sdcn_trt.engines.inductor_plan import InductorSettings
+        from sdcn_trt.export.descriptors import ShapeRange
 
-        runner = InductorRunner(desc, config, InductorSettings(max_autotune=options.get("max_autotune", False)))
+        settings = InductorSettings(ShapeRange.static(spec), max_autotune=options.get("max_autotune", False))
+        runner = InductorRunner(desc, config, settings)
     else:
         runner = create_runner(desc, config)
     clock = time.perf_counter()
