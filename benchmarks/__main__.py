@@ -3,6 +3,7 @@
     python -m benchmarks                          # CPU: torch fp32, onnxruntime, diffusers; 2 steps
     python -m benchmarks --device cuda --steps 20 # GPU: torch fp32/fp16, CUDA graphs, inductor, diffusers fp16
     python -m benchmarks --batch-sizes 1 2 4      # also B photos per call: images/s, ms/image, memory per B
+    python -m benchmarks --device cuda --cases diffusers:fp16:off:reduce-overhead  # diffusers under torch.compile
 
 Every case's image is compared with the torch fp32 case's (the contest's reference) on the same
 weights: mean and max |difference| in uint8 levels, and the NaN/Inf values each network produced.
@@ -29,8 +30,10 @@ from sdcn_trt.scoring.latency import measure
 CPU_CASES = [("torch", "fp32", "off"), ("onnxruntime", "fp32", "off"), ("diffusers", "fp32", "off")]
 # In order of value, for runs cut short by a time limit: the reference first, then the fastest candidates.
 # onnxruntime:fp16:off and tensorrt:fp16:loop run when asked for with --cases (and installed).
+# A fourth field is the diffusers baseline's torch.compile mode (benchmarks.baseline_diffusers.COMPILE_MODES).
 GPU_CASES = [("torch", "fp32", "off"), ("torch", "fp16", "loop"), ("inductor", "fp16", "loop"),
-             ("diffusers", "fp16", "off"), ("torch", "fp16", "off")]
+             ("diffusers", "fp16", "off"), ("diffusers", "fp16", "off", "max-autotune-no-cudagraphs"),
+             ("diffusers", "fp16", "off", "reduce-overhead"), ("torch", "fp16", "off")]
 
 
 def gemm_peak_tflops(device: str) -> float:
@@ -57,7 +60,8 @@ def machine(device: str) -> dict[str, str]:
 def markdown(report: dict) -> str:
     cases = report["cases"]
     ref = next((c for c in cases if c.get("backend") == "torch" and c.get("precision") == "fp32" and "error" not in c), None)
-    base = next((c for c in cases if c.get("backend") == "diffusers" and "error" not in c), None)
+    base = next((c for c in cases if c.get("backend") == "diffusers" and c.get("compile", "off") == "off"
+                 and "error" not in c), None)
     lines = [f"# Benchmark {report['date']} ({report['device']})", "",
              f"Workload: preset {report['preset']} ({'SD1.5-sized, ' if report['preset'] == 'sd15-random' else ''}"
              f"seeded random weights), 256x384, CFG batch 2, "
@@ -71,7 +75,7 @@ def markdown(report: dict) -> str:
     for c in cases:
         if "error" in c:
             error = c["error"].splitlines()[0][:240].replace("|", "/")  # the whole stack is in the JSON and the log
-            lines.append(f"| {c['backend']} | {c['precision']} | {c['cuda_graph']} | failed: {error} |" + " |" * 11)
+            lines.append(f"| {label(c)} | {c['precision']} | {c['cuda_graph']} | failed: {error} |" + " |" * 11)
             continue
         e2e = c["end_to_end"]["median_s"]
         ms = lambda k: f"{1000 * c[k]['median_s']:.1f}" if k in c else "-"  # noqa: E731
@@ -87,15 +91,16 @@ def markdown(report: dict) -> str:
             " (" + ", ".join(f"{n} {v}" for n, v in bad.items() if v) + ")" if any(bad.values()) else "")
         packages = c.get("packages")
         build = (f"{sum(p['build_s'] for p in packages.values()):.0f} / {sum(p['size_mib'] for p in packages.values()):.0f}"
-                 if packages else "-")
-        lines.append(f"| {c['backend']} | {c['precision']} | {c['cuda_graph']} | {1000 * e2e:.0f} | {ratio(ref)} | "
+                 if packages else f"{c['compile_s']:.0f} / -" if c.get("compile", "off") != "off" else "-")
+        lines.append(f"| {label(c)} | {c['precision']} | {c['cuda_graph']} | {1000 * e2e:.0f} | {ratio(ref)} | "
                      f"{ratio(base)} | {ms('text_encoder')} | {ms('fused_step')} | {ms('vae_decoder')} | {step} | "
                      f"{outside} | {memory:.1f} | {parity_text} | {bad_text} | {build} |")
     lines += ["", "'outside steps': end-to-end time not spent in the fused ControlNet+UNet evaluations "
               "(text, canny, hint, DDIM arithmetic, VAE, Python). Speed-ups are ratios of medians from this run. "
               "Parity: the case's image against the torch fp32 case's, same weights, inputs and seed. "
               "NaN/Inf: values the networks output over one image (an fp16 overflow shows here). "
-              "Build: AOTInductor compile time and package size, all networks."]
+              "Build: AOTInductor compile time and package size, all networks; for diffusers under torch.compile "
+              "(mode in brackets, UNet and ControlNet), the first call's time beyond a timed call."]
     overflowed = [f"{c['backend']} {c['precision']}" for c in cases if "error" not in c and any(c.get("nonfinite", {}).values())]
     if overflowed:
         lines += ["", f"**fp16 overflow**: {', '.join(overflowed)} produced NaN/Inf on these weights "
@@ -118,7 +123,8 @@ def main() -> int:
     parser.add_argument("--preset", default="sd15-random")
     parser.add_argument("--steps", type=int, default=2, help="DDIM steps end to end (CPU: a few; contest: 20)")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--cases", nargs="+", help="backend:precision:graph, e.g. torch:fp32:off onnxruntime:fp32:off")
+    parser.add_argument("--cases", nargs="+", help="backend:precision:graph[:compile], e.g. torch:fp32:off "
+                        "onnxruntime:fp32:off diffusers:fp16:off:reduce-overhead")
     parser.add_argument("--out", nargs="+", default=[str(Path(__file__).parent / "results")],
                         help="folders the report is written to (after every case)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per case")
@@ -136,16 +142,16 @@ def main() -> int:
     stem = f"bench-{report_name(args)}-{time.strftime('%Y%m%d-%H%M')}"
     images = Path(tempfile.mkdtemp(prefix="sdcn_bench_images."))
     reference: np.ndarray | None = None
-    for backend, precision, graph in cases:
-        case = {"backend": backend, "precision": precision, "cuda_graph": graph}
+    for backend, precision, graph, *compiled in cases:
+        case = {"backend": backend, "precision": precision, "cuda_graph": graph, "compile": compiled[0] if compiled else "off"}
         timeout = args.timeout
         if args.deadline:
             timeout = min(timeout, int(args.deadline - (time.monotonic() - started)))
         if timeout < 30:
             result: dict = {**case, "error": f"skipped: the run's {args.deadline:.0f} s were spent"}
         else:
-            print(f"case {backend} {precision} graph={graph} (limit {timeout} s) ...", flush=True)
-            result = run_one(case, args, timeout, images / f"{backend}-{precision}-{graph}.npy")
+            print(f"case {backend} {precision} graph={graph} compile={case['compile']} (limit {timeout} s) ...", flush=True)
+            result = run_one(case, args, timeout, images / f"{backend}-{precision}-{graph}-{case['compile']}.npy")
         image = result.pop("image", None)
         if image is not None and backend == "torch" and precision == "fp32" and reference is None:
             reference = image
@@ -169,6 +175,12 @@ def main() -> int:
     return 0
 
 
+def label(case: dict) -> str:
+    """The backend column: the backend, and the diffusers baseline's torch.compile mode when it has one."""
+    compiled = case.get("compile", "off")
+    return case["backend"] if compiled == "off" else f"{case['backend']} (torch.compile {compiled})"
+
+
 def report_name(args: argparse.Namespace) -> str:
     """cpu / cuda, with the preset when it is not the default sd15-random."""
     device = args.device.split(":")[0]
@@ -181,7 +193,7 @@ def case_command(case: dict[str, str], args: argparse.Namespace, out: str, image
     return python_command("benchmarks.case", "--backend", case["backend"], "--precision", case["precision"],
                           "--device", args.device, "--cuda-graph", case["cuda_graph"], "--preset", args.preset,
                           "--steps", str(args.steps), "--repeats", str(args.repeats), "--out", out,
-                          "--image-out", str(image_path))
+                          "--image-out", str(image_path), "--compile", case.get("compile", "off"))
 
 
 def run_one(case: dict[str, str], args: argparse.Namespace, timeout: int, image_path: Path) -> dict:

@@ -1,50 +1,111 @@
-"""The fast torch path, one switch at a time: fused-step milliseconds of eager torch with SDPA attention,
-fused QKV projections and channels_last added in turn, and each variant's difference from the plain
-module (the data behind FastPath's defaults).
+"""The fast torch path, one switch at a time: one full denoising step (fused ControlNet+UNet, guidance,
+DDIM update) with each FastPath switch added on its own to the default, timed inside a CUDA graph (where
+the host no longer hides the GPU's cost) and eagerly, with each variant's difference from the plain
+module (the data behind FastPath's defaults). `--inductor` adds the inductor backend's fused step
+without and with max_autotune, compile time included.
 
     python -m benchmarks.fast_path --device cuda --precision fp16      # sd15-random, contest shape
+    python -m benchmarks.fast_path --device cpu --preset tiny --precision fp32 --height 64 --width 64
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from sdcn_trt.engines.torch import FastPath, TorchRunner
-from sdcn_trt.export.descriptors import ShapeSpec, get_descriptor
+from benchmarks.profile import step_function
+from sdcn_trt.engines.torch import FastPath
+from sdcn_trt.errors import InputError
+from sdcn_trt.export.descriptors import ShapeSpec
 from sdcn_trt.scoring.latency import measure
 
+DEFAULT = FastPath(sdpa=True, fuse_qkv=True)  # FastPath.default_for(cuda, fp16)
 VARIANTS = {
     "plain": FastPath(),
-    "sdpa": FastPath(sdpa=True),
-    "sdpa+fuse_qkv": FastPath(sdpa=True, fuse_qkv=True),
-    "sdpa+fuse_qkv+channels_last": FastPath(sdpa=True, fuse_qkv=True, channels_last=True),
+    "default (sdpa+fuse_qkv)": DEFAULT,
+    "+channels_last": dataclasses.replace(DEFAULT, channels_last=True),
+    "+gn_silu": dataclasses.replace(DEFAULT, gn_silu=True),
+    "+cudnn_benchmark": dataclasses.replace(DEFAULT, cudnn_benchmark=True),
+    "+sdpa_backend=flash": dataclasses.replace(DEFAULT, sdpa_backend="flash"),
+    "+sdpa_backend=efficient": dataclasses.replace(DEFAULT, sdpa_backend="efficient"),
+    "+sdpa_backend=cudnn": dataclasses.replace(DEFAULT, sdpa_backend="cudnn"),
+    "+fp16_accumulation": dataclasses.replace(DEFAULT, fp16_accumulation=True),
+    "+channels_last+gn_silu+cudnn_benchmark": dataclasses.replace(DEFAULT, channels_last=True, gn_silu=True,
+                                                                  cudnn_benchmark=True),
 }
+# not FastPath switches: the loop's guidance + DDIM update compiled into one kernel (a measured candidate)
+UPDATE_VARIANTS = {"+fused_update": DEFAULT}
+INDUCTOR = {"inductor": {"max_autotune": False}, "inductor max_autotune": {"max_autotune": True}}
 
 
-def run(components: Any, device: str, precision: str, repeats: int, spec: ShapeSpec = ShapeSpec()) -> dict[str, Any]:
-    """Per variant: fused-step latency statistics (ms) and max |difference| from the plain variant."""
-    desc = get_descriptor("fused_step", components)
-    feed = desc.sample_inputs(spec, device)
+def time_step(step: Any, device: torch.device, repeats: int) -> dict[str, Any]:
+    """Eager and (CUDA) graph-replay latency statistics (ms) of one step, and its output latents."""
+    out = step().x.detach().clone()  # (B, 4, h, w)
+    row: dict[str, Any] = {"eager_ms": measure(step, repeats, warmup=2)}
+    if device.type == "cuda":
+        from sdcn_trt.pipeline.loop import capture
+
+        graph = capture(step, device, "the benchmarked step")
+        row["graph_ms"] = measure(graph.replay, repeats, warmup=2)
+    return {**row, "out": out}
+
+
+def run(components: Any, device: str, precision: str, repeats: int, spec: ShapeSpec = ShapeSpec(),
+        variants: dict[str, FastPath] = VARIANTS, inductor: bool = False,
+        after_each: Callable[[dict[str, Any]], None] = lambda results: None) -> dict[str, Any]:
+    """Per variant: step latency (ms; inside a graph on CUDA), setup seconds and max |difference| of the
+    step's latents from the plain variant's; a variant the device cannot run records why. `after_each`
+    gets the results so far after every variant (a run stopped by a time limit keeps them)."""
+    from sdcn_trt.engines.torch import resolve_device
+
+    dev = resolve_device(device)
+    jobs: list[tuple[str, str, dict[str, Any]]] = [
+        (n, "torch", {"fast": f, "fused_update": n in UPDATE_VARIANTS}) for n, f in variants.items()]
+    if inductor:
+        jobs += [(n, "inductor", o) for n, o in INDUCTOR.items()]
     results: dict[str, Any] = {}
     plain: torch.Tensor | None = None
-    for name, fast in VARIANTS.items():
-        runner = TorchRunner(desc, device, precision, fast=fast)
-        runner.activate()
-        out = runner.infer(feed)["noise_pred"].clone()
+    for name, backend, options in jobs:
+        try:
+            step, info = step_function(backend, components, dev, precision, spec, options)
+            row = time_step(step, dev, repeats)
+        except (InputError, RuntimeError) as exc:  # a CUDA-only switch on the CPU, a kernel that cannot run
+            results[name] = {"refused": f"{type(exc).__name__}: {exc}"[:300]}
+            after_each(results)
+            continue
+        out = row.pop("out")
         plain = out if plain is None else plain
-        results[name] = {"ms": measure(lambda r=runner: r.infer(feed), repeats, warmup=2),
-                         "max_abs_vs_plain": float((out - plain).abs().max())}
-        runner.deactivate()
-        del runner
-        if torch.cuda.is_available():
+        results[name] = {**row, "setup_s": info["setup_s"], "max_abs_vs_plain": float((out - plain).abs().max())}
+        after_each(results)
+        del step
+        if dev.type == "cuda":
             torch.cuda.empty_cache()
     return results
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Fast path, one full step ({report['preset']}, {report['device']} {report['precision']}, "
+             f"{report['height']}x{report['width']}, CFG batch 2), {report['date']}", "",
+             f"torch {report['torch']}" + (f", {report['gpu']}" if report["gpu"] else "") + ". Each switch is added "
+             "on its own to the default (SDPA + fused QKV); 'graph': the step captured in a CUDA graph and replayed "
+             "(the GPU's cost), 'eager': called from Python (host-bound on a GPU).", "",
+             "| variant | graph p50 ms | graph min ms | eager p50 ms | setup s | max abs diff vs plain (latents) |",
+             "|---|---|---|---|---|---|"]
+    for name, v in report["variants"].items():
+        if "refused" in v:
+            lines.append(f"| {name} | refused: {v['refused'][:120]} | | | | |")
+            continue
+        graph = v.get("graph_ms")
+        lines.append(f"| {name} | {graph['p50']:.2f} | {graph['min']:.2f} | " if graph else f"| {name} | - | - | ")
+        lines[-1] += f"{v['eager_ms']['p50']:.2f} | {v['setup_s']:.1f} | {v['max_abs_vs_plain']:.3g} |"
+    lines += ["", "Setup: module preparation (inductor: the AOTInductor compile, max_autotune's autotuning included)."]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,26 +116,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--height", type=int, default=ShapeSpec().height)
     parser.add_argument("--width", type=int, default=ShapeSpec().width)
+    parser.add_argument("--variants", nargs="+", choices=[*VARIANTS, *UPDATE_VARIANTS], help="default: all")
+    parser.add_argument("--inductor", action="store_true", help="also inductor without / with max_autotune (compiles)")
     parser.add_argument("--out", nargs="+", default=[str(Path(__file__).parent / "results")])
     args = parser.parse_args(argv)
     from sdcn_trt.models.presets import load_preset
 
-    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": args.device, "precision": args.precision,
-              "preset": args.preset, "torch": torch.__version__,
-              "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-              "variants": run(load_preset(args.preset), args.device, args.precision, args.repeats,
-                              ShapeSpec(1, args.height, args.width))}
-    lines = [f"# Fast path, fused step ({args.preset}, {args.device} {args.precision}, {args.height}x{args.width}, "
-             "CFG batch 2), "
-             f"{report['date']}", "", "| variant | p50 ms | min ms | max abs diff vs plain |", "|---|---|---|---|"]
-    lines += [f"| {n} | {v['ms']['p50']:.2f} | {v['ms']['min']:.2f} | {v['max_abs_vs_plain']:.3g} |"
-              for n, v in report["variants"].items()]
+    every = {**VARIANTS, **UPDATE_VARIANTS}
+    variants = {n: every[n] for n in (args.variants or every)}
+    report: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M"), "device": args.device, "precision": args.precision,
+        "preset": args.preset, "torch": torch.__version__, "height": args.height, "width": args.width,
+        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available() else None,
+        "variants": {}}
     stem = f"fastpath-{args.device.split(':')[0]}-{args.preset}-{time.strftime('%Y%m%d-%H%M')}"
-    for folder in args.out:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        (Path(folder) / f"{stem}.json").write_text(json.dumps(report, indent=1))
-        (Path(folder) / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+
+    def write(results: dict[str, Any]) -> None:
+        report["variants"] = results
+        for folder in args.out:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            (Path(folder) / f"{stem}.json").write_text(json.dumps(report, indent=1))
+            (Path(folder) / f"{stem}.md").write_text(markdown(report))
+
+    write(run(load_preset(args.preset), args.device, args.precision, args.repeats,
+              ShapeSpec(1, args.height, args.width), variants, args.inductor, write))
+    print(markdown(report))
     return 0
 
 

@@ -1,26 +1,37 @@
 #!/usr/bin/env bash
-# What only a GPU can show, in about 8 minutes: the toolchain the inductor backend needs, the GPU-marked
-# tests (CUDA graphs, fp16 on CUDA, inductor on CUDA, TensorRT when installed), then the GPU benchmark
-# on the contest workload (sd15-random, 256x384, CFG batch 2, 20 steps), each case in its own process,
-# then, with the time left, fp16 parity on the tiny preset and the fast path's switches one by one
-# (benchmarks/fast_path.py). Every step has its own time limit and the
-# whole script a budget (GPU_CHECK_BUDGET seconds, default 480); logs, JSON and Markdown go to
+# What only a GPU can show, within 9 minutes on a fresh device machine (nothing compiled is carried over),
+# steps in order of value, each with its own time limit and the whole script a budget
+# (GPU_CHECK_BUDGET seconds, default 540); a step that would start with < 20 s left is skipped:
+#   env        the GPU and the toolchain the inductor backend needs
+#   inductor   AOTInductor's load strategies, each in a child, on the SD1.5-sized text encoder; the first
+#              that loads is exported for the steps after (benchmarks/inductor_probe.py)
+#   profile    where a step's time goes: kernel table of one full step inside a CUDA graph, torch fp16
+#              plain and with GroupNorm+SiLU fused + channels_last (benchmarks/profile.py)
+#   schedules  full, eps=10, control=10, deepcache=3 and the contest winners' patterns on torch fp16 under
+#              the whole-loop graph, tiny-trained quality beside each (benchmarks/schedules.py)
+#   fastpath   each FastPath switch alone, one step inside a CUDA graph (benchmarks/fast_path.py)
+#   paritygap  diffusers fp16 against ours, with CLIP in fp32 and fp16 (benchmarks/parity_gap.py)
+#   bench      the contest workload (sd15-random, 256x384, CFG batch 2, 20 steps), each case in its own
+#              process: torch fp32 / fp16 + loop graph, diffusers fp16 eager and under torch.compile, inductor
+#   tests      the GPU-marked tests (CUDA graphs, fp16, inductor, compiled GroupNorm+SiLU, TensorRT if present)
+#   tiny       fp16 parity on the tiny preset
+# and, by name only (compiles for minutes): profile-inductor (the inductor fp16 step's kernel table),
+# fastpath-inductor (inductor without / with max_autotune, compile times). Logs, JSON and Markdown go to
 # benchmarks/results/ and, when $OUT is set (the device machine), to $OUT as they are written.
 #
 # Usage, on a machine with a CUDA GPU and this package importable (the offline device machine:
 # `source .device/env.sh` first, see ../shared/offline_gpu/prepare.sh):
-#   bash scripts/gpu_check.sh                 # env, inductor, tests, bench, tiny, fastpath
-#   bash scripts/gpu_check.sh batched         # B photos per call (benchmarks/batched.py), not in the defaults
-#   bash scripts/gpu_check.sh bench tiny      # only some steps (a second run on the same machine
-#                                             # reuses the inductor packages in .sdcn_cache/)
+#   bash scripts/gpu_check.sh                 # env inductor profile schedules fastpath paritygap bench tests tiny
+#   bash scripts/gpu_check.sh env tests tiny profile-inductor   # a second machine: what the first had no time for
+#   bash scripts/gpu_check.sh env batched     # B photos per call (benchmarks/batched.py), not in the defaults
 # The inductor step tries AOTInductor's load strategies (benchmarks/inductor_probe.py), each in its own
 # process, on the SD1.5-sized text encoder (the package that crashed the first GPU run), and exports
 # SDCN_TRT_INDUCTOR_LOAD=<the first that loads> for the steps after it; its package stays in the cache.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
-budget=${GPU_CHECK_BUDGET:-480}
-steps=${*:-env inductor tests bench tiny fastpath}
+budget=${GPU_CHECK_BUDGET:-540}
+steps=${*:-env inductor profile schedules fastpath paritygap bench tests tiny}
 results=benchmarks/results
 stamp=$(date +%Y%m%d-%H%M)
 mkdir -p "$results" ${OUT:+"$OUT"}
@@ -102,17 +113,44 @@ PY
         echo "== inductor: the steps below load packages with $chosen" | tee -a "$results/gpu-$stamp-inductor.log" ${OUT:+"$OUT/gpu-$stamp-inductor.log"}
       fi
       ;;
+    profile)
+      run profile 100 "$python" -m benchmarks.profile --device cuda --repeats 5 \
+        --backends "torch fp16" "torch fp16 + gn_silu + channels_last" --out "$results" ${OUT:+"$OUT"}
+      ;;
+    profile-inductor)
+      run profile-inductor 300 "$python" -m benchmarks.profile --device cuda --repeats 5 --backends "inductor fp16" \
+        --out "$results" ${OUT:+"$OUT"}
+      ;;
+    schedules)
+      # the fastest engine measured so far (torch fp16 + whole-loop graph: 251 ms/image on the H200)
+      run schedules 100 "$python" -m benchmarks.schedules --device cuda --precision fp16 --cuda-graph loop \
+        --steps 20 --repeats 3 --out "$results" ${OUT:+"$OUT"}
+      ;;
+    fastpath)
+      run fastpath 90 "$python" -m benchmarks.fast_path --device cuda --precision fp16 --out "$results" ${OUT:+"$OUT"}
+      ;;
+    fastpath-inductor)
+      run fastpath-inductor 420 "$python" -m benchmarks.fast_path --device cuda --precision fp16 --inductor \
+        --variants "default (sdpa+fuse_qkv)" --out "$results" ${OUT:+"$OUT"}
+      ;;
+    bench)
+      # per case at most 150 s; torch.compile and inductor cases compile, so they come after the eager ones
+      run bench 240 "$python" -m benchmarks --device cuda --steps 20 --repeats 3 --timeout 150 \
+        --cases torch:fp32:off torch:fp16:loop diffusers:fp16:off diffusers:fp16:off:reduce-overhead \
+        diffusers:fp16:off:max-autotune-no-cudagraphs inductor:fp16:loop torch:fp16:off \
+        --deadline $(($(left) - 20)) --out "$results" ${OUT:+"$OUT"}
+      ;;
+    paritygap)
+      run paritygap 60 "$python" -m benchmarks.parity_gap --device cuda --steps 20 --diffusers-fp16 \
+        --out "$results"
+      [[ -n ${OUT:-} ]] && cp "$results"/parity-gap-sd15-random-cuda.* "$OUT"/ 2>/dev/null
+      ;;
     tests)
       run tests 200 "$python" -m pytest -q -m "gpu or tensorrt" -rs -s tests/ -p no:cacheprovider
       ;;
-    bench)
-      # per case at most 300 s (the inductor case compiles four networks unless .sdcn_cache has them)
-      run bench 420 "$python" -m benchmarks --device cuda --steps 20 --repeats 3 --timeout 300 \
-        --deadline $(($(left) - 20)) --out "$results" ${OUT:+"$OUT"}
-      ;;
     tiny)
       # fp16 parity where random SD1.5-sized weights may overflow: the tiny preset, same cases
-      run tiny 240 "$python" -m benchmarks --device cuda --preset tiny --steps 20 --repeats 1 --timeout 200 \
+      run tiny 120 "$python" -m benchmarks --device cuda --preset tiny --steps 20 --repeats 1 --timeout 100 \
         --cases torch:fp32:off torch:fp16:off torch:fp16:loop inductor:fp16:loop \
         --deadline $(($(left) - 20)) --out "$results" ${OUT:+"$OUT"}
       ;;
@@ -122,11 +160,8 @@ PY
       run batched 300 "$python" -m benchmarks --device cuda --steps 20 --repeats 2 --timeout 240 \
         --cases torch:fp16:loop --batch-sizes 1 2 4 8 16 --deadline $(($(left) - 20)) --out "$results" ${OUT:+"$OUT"}
       ;;
-    fastpath)
-      # eager fp16 fused step with SDPA, fused QKV and channels_last added in turn (channels_last's default)
-      run fastpath 120 "$python" -m benchmarks.fast_path --device cuda --precision fp16 --out "$results" ${OUT:+"$OUT"}
-      ;;
-    *) echo "unknown step '$step': choose from env inductor tests bench tiny fastpath batched"; exit 2 ;;
+    *) echo "unknown step '$step': choose from env inductor profile schedules fastpath paritygap bench tests tiny" \
+         "profile-inductor fastpath-inductor batched"; exit 2 ;;
   esac
 done
 echo "gpu_check: $((SECONDS - start)) s of the $budget s budget"

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from benchmarks.__main__ import markdown
 from benchmarks.case import in_seconds
@@ -75,20 +76,31 @@ def test_suite_runs_cases_compares_them_with_torch_fp32_and_keeps_its_time_limit
     assert proc.returncode == 0, proc.stderr[-2000:]
     (report_file,) = (tmp_path / "c").glob("bench-cpu-tiny-*.json")
     assert json.loads(report_file.read_text())["cases"] == [
-        {"backend": "torch", "precision": "fp32", "cuda_graph": "off", "error": "skipped: the run's 1 s were spent"}]
+        {"backend": "torch", "precision": "fp32", "cuda_graph": "off", "compile": "off",
+         "error": "skipped: the run's 1 s were spent"}]
 
 
+@pytest.mark.slow
 def test_fast_path_variants_are_timed_and_compared(tmp_path):
-    from benchmarks.fast_path import main
+    from benchmarks.fast_path import UPDATE_VARIANTS, VARIANTS, main
 
+    chosen = ["plain", "default (sdpa+fuse_qkv)", "+gn_silu", "+fused_update", "+cudnn_benchmark",
+              "+sdpa_backend=efficient"]
     assert main(["--device", "cpu", "--precision", "fp32", "--preset", "tiny", "--repeats", "1",
-                 "--height", "64", "--width", "64", "--out", str(tmp_path)]) == 0
+                 "--height", "64", "--width", "64", "--variants", *chosen, "--out", str(tmp_path)]) == 0
     (report_file,) = tmp_path.glob("fastpath-cpu-tiny-*.json")
     variants = json.loads(report_file.read_text())["variants"]
-    assert list(variants) == ["plain", "sdpa", "sdpa+fuse_qkv", "sdpa+fuse_qkv+channels_last"]
-    assert variants["sdpa"]["max_abs_vs_plain"] == 0.0  # diffusers' default processor already calls SDPA
-    assert all(v["ms"]["n"] == 1 and v["ms"]["p50"] > 0 and v["max_abs_vs_plain"] < 1e-3 for v in variants.values())
-    assert "| sdpa+fuse_qkv | " in report_file.with_suffix(".md").read_text()
+    assert list(variants) == chosen and set(chosen) <= {*VARIANTS, *UPDATE_VARIANTS}
+    refused = {n for n, v in variants.items() if "refused" in v}
+    # CUDA-only switches and the SDPA kernels the CPU lacks say why; everything else ran and matches plain
+    assert refused == {"+cudnn_benchmark", "+sdpa_backend=efficient"}
+    assert "only act on CUDA, not on device 'cpu'" in variants["+cudnn_benchmark"]["refused"]
+    ran = {n: v for n, v in variants.items() if n not in refused}
+    default = variants["default (sdpa+fuse_qkv)"]["max_abs_vs_plain"]  # both the same ops on the CPU: bit-identical
+    assert variants["+gn_silu"]["max_abs_vs_plain"] == default == variants["+fused_update"]["max_abs_vs_plain"]
+    assert all(v["eager_ms"]["n"] == 1 and v["eager_ms"]["p50"] > 0 and "graph_ms" not in v
+               and v["max_abs_vs_plain"] < 1e-3 for v in ran.values())
+    assert "| +gn_silu | - | - | " in report_file.with_suffix(".md").read_text()
 
 
 def test_startup_cases_run_cold_then_warm(tmp_path):
@@ -210,3 +222,52 @@ def test_inductor_probe_names_the_first_load_strategy_that_works(tmp_path):
     assert report["chosen"] == "multithreaded" and not net["cached"] and net["nonfinite"] == 0
     assert net["check"]["hint"]["max_abs"] < 1e-5 and net["size_mib"] < 16
     assert "| multithreaded | loads and runs | control_hint " in (tmp_path / "inductor-probe-cpu.md").read_text()
+
+
+def test_compiled_diffusers_cases_refuse_the_cpu_and_other_backends(tiny):
+    import argparse
+
+    from benchmarks.baseline_diffusers import build_diffusers
+    from benchmarks.case import run_case
+    from sdcn_trt.errors import BackendUnavailableError
+
+    with pytest.raises(BackendUnavailableError, match="mode 'reduce-overhead' runs on CUDA only \\(device 'cpu' given\\)"):
+        build_diffusers(tiny, "cpu", torch.float32, "reduce-overhead")
+    with pytest.raises(InputError, match="unknown compile mode 'fast'; choose one of off, max-autotune-no-cudagraphs"):
+        build_diffusers(tiny, "cuda", torch.float16, "fast")
+    args = argparse.Namespace(backend="torch", compile="reduce-overhead", preset="tiny")
+    with pytest.raises(InputError, match="--compile reduce-overhead is for the diffusers baseline; backend 'torch'"):
+        run_case(args)
+
+
+def test_markdown_names_the_compiled_diffusers_cases():
+    from benchmarks.__main__ import label
+
+    assert label({"backend": "diffusers", "compile": "max-autotune-no-cudagraphs"}) == \
+        "diffusers (torch.compile max-autotune-no-cudagraphs)"
+    assert label({"backend": "diffusers", "compile": "off"}) == label({"backend": "diffusers"}) == "diffusers"
+
+
+def test_schedule_table_puts_tiny_trained_quality_beside_latency(tmp_path):
+    from benchmarks.schedules import GPU_SCHEDULES, QUALITY, WINNER_SPLIT, load_quality, markdown
+    from sdcn_trt.schedule import parse_schedule
+
+    assert parse_schedule(WINNER_SPLIT).resolve(20) == (("full",) * 8 + ("reuse_control", "full")
+                                                       + ("shallow", "full") * 5)
+    quality = load_quality([QUALITY[0], tmp_path / "absent.json"])
+    assert quality["eps=10"]["ssim_mean"] == pytest.approx(0.9946, abs=5e-5)  # the committed table's row
+    rows = []
+    for schedule, seconds in (("full", 0.2), ("eps=10", 0.1), (WINNER_SPLIT, 0.15)):
+        row = {"schedule": schedule, "steps": 20, "evaluations": {"controlnet": 1, "unet": 1, "shallow": 0},
+               "end_to_end": {"median_s": seconds}}
+        if schedule in quality:
+            row["quality"] = quality[schedule]
+        rows.append(row)
+    report = {"date": "d", "preset": "sd15-random", "machine": {"platform": "p", "torch": "t", "threads": 16, "gpu": "H200"},
+              "backend": {"backend": "torch", "precision": "fp16", "device": "cuda", "cuda_graph": "loop", "steps": 20,
+                          "repeats": 3}, "networks": {"fused_step": {"median_s": 0.005}}, "schedules": rows}
+    table = markdown(report)
+    assert "| full | 20 | 1 | 1 | 0 | 200.0 | 1.00x | 1.0000 (1.0000) | identical |" in table
+    assert "| eps=10 | 20 | 1 | 1 | 0 | 100.0 | 2.00x | 0.9946 (0.9788) | 44.21 |" in table
+    assert f"| {WINNER_SPLIT} | 20 | 1 | 1 | 0 | 150.0 | 1.33x | - | - |" in table
+    assert set(GPU_SCHEDULES) >= {"full", "eps=10", "control=10", "deepcache=3"}

@@ -1,5 +1,6 @@
 """The torch backend's runner: the descriptor's module in eager mode, fp32 or fp16, CPU or CUDA, and
-the fast CUDA path every GPU backend builds on (SDPA attention, fused QKV, channels_last)."""
+the fast CUDA path every GPU backend builds on (SDPA attention, fused QKV, channels_last, GroupNorm+SiLU
+fused, a pinned SDPA kernel, cuDNN benchmark mode, fp16 GEMM accumulation)."""
 from __future__ import annotations
 
 import copy
@@ -10,8 +11,9 @@ import torch
 from torch import nn
 
 from sdcn_trt.engines.base import Runner
+from sdcn_trt.engines.fast_ops import SDPA_CHOICES, PinnedSdpa, cuda_flags, fuse_group_norm_silu
 from sdcn_trt.config import PRECISIONS, check_choice
-from sdcn_trt.errors import BackendUnavailableError
+from sdcn_trt.errors import BackendUnavailableError, InputError
 from sdcn_trt.export.descriptors import NetworkDescriptor
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}  # keyed by config.PRECISIONS
@@ -34,12 +36,31 @@ def resolve_dtype(precision: str) -> torch.dtype:
 class FastPath:
     """Module changes for speed, applied to a private copy before it runs (or is compiled).
 
-    On by default only on CUDA in fp16, so CPU fp32 results stay bit-identical to the reference.
+    On by default only on CUDA in fp16, so CPU fp32 results stay bit-identical to the reference. The
+    switches after `channels_last` are off by default until a GPU run measures them
+    (`python -m benchmarks.fast_path`); the last two need CUDA.
     """
 
     sdpa: bool = False  # every diffusers Attention on AttnProcessor2_0 (F.scaled_dot_product_attention)
     fuse_qkv: bool = False  # one to_qkv GEMM per self-attention, one to_kv per cross-attention
-    channels_last: bool = False  # NHWC weights: cuDNN's fastest fp16 convolutions (measure before enabling)
+    channels_last: bool = False  # NHWC weights and 4-D inputs: cuDNN's fastest fp16 convolutions, no NCHW copies
+    gn_silu: bool = False  # GroupNorm + SiLU as one module; one compiled kernel on CUDA (fast_ops)
+    sdpa_backend: str = "auto"  # auto | flash | efficient | cudnn | math: the one SDPA kernel attention may use
+    cudnn_benchmark: bool = False  # cuDNN times its algorithms per shape once (the contest shape is fixed)
+    fp16_accumulation: bool = False  # cuBLAS fp16 GEMMs accumulate in fp16 (faster, less exact; CUDA only)
+
+    def __post_init__(self) -> None:
+        check_choice("sdpa_backend", self.sdpa_backend, SDPA_CHOICES)
+        if self.sdpa_backend != "auto" and not self.sdpa:
+            raise InputError(f"sdpa_backend={self.sdpa_backend!r} pins a kernel of F.scaled_dot_product_attention, "
+                             "which attention only calls with sdpa=True; set sdpa=True or sdpa_backend='auto'")
+
+    def check_device(self, device: torch.device) -> None:
+        """InputError when a CUDA-only switch is asked for on another device."""
+        cuda_only = [name for name in ("cudnn_benchmark", "fp16_accumulation") if getattr(self, name)]
+        if cuda_only and device.type != "cuda":
+            raise InputError(f"FastPath {' and '.join(cuda_only)} only act on CUDA, not on device {device.type!r}; "
+                             "switch them off for this device")
 
     @classmethod
     def default_for(cls, device: torch.device, dtype: torch.dtype) -> "FastPath":
@@ -65,9 +86,11 @@ def apply_fast_path(module: nn.Module, fast: FastPath) -> nn.Module:
             for attn in attention_modules(module):
                 if fast.fuse_qkv:
                     attn.fuse_projections(fuse=True)
-                    attn.set_processor(FusedAttnProcessor2_0())
-                else:
-                    attn.set_processor(AttnProcessor2_0())
+                processor = FusedAttnProcessor2_0() if fast.fuse_qkv else AttnProcessor2_0()
+                attn.set_processor(processor if fast.sdpa_backend == "auto" else PinnedSdpa(processor, fast.sdpa_backend))
+    if fast.gn_silu:
+        held = next((p for p in module.parameters()), None)
+        fuse_group_norm_silu(module, compiled=held is not None and held.device.type == "cuda")
     if fast.channels_last:
         module = module.to(memory_format=torch.channels_last)
     return module
@@ -79,11 +102,12 @@ def prepare_module(descriptor: NetworkDescriptor, device: torch.device, dtype: t
     components are left untouched (a copy is made whenever anything would change them: components
     already held in `dtype` on `device` are used as they are)."""
     fast = FastPath.default_for(device, dtype) if fast is None else fast
+    fast.check_device(device)
     module = descriptor.build_module()
     held = next((p for p in module.parameters() if p.is_floating_point()), None)  # fp16 components: fp16
     if held is None or held.dtype != dtype or held.device != device or fast != FastPath():
         module = copy.deepcopy(module)  # .to() and the fast path work in place
-    return apply_fast_path(module.to(device, dtype), fast)
+    return apply_fast_path(module.to(device, dtype), fast)  # on the device first: gn_silu compiles for CUDA only
 
 
 class TorchRunner(Runner):
@@ -110,7 +134,9 @@ class TorchRunner(Runner):
     def infer_impl(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         assert self.module is not None
         args = [cast_input(feed[n], self._device, self.dtype) for n in self.descriptor.input_names]
-        with torch.inference_mode():
+        if self.fast.channels_last:  # (N, C, H, W) inputs in NHWC too: no layout copy before the first conv
+            args = [a.contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a for a in args]
+        with torch.inference_mode(), cuda_flags(self.fast.cudnn_benchmark, self.fast.fp16_accumulation):
             out = self.module(*args)
         outputs = out if isinstance(out, (tuple, list)) else (out,)
         return {n: o.float() for n, o in zip(self.descriptor.output_names, outputs, strict=True)}

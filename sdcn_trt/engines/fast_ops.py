@@ -1,0 +1,134 @@
+"""Fused and pinned operations behind FastPath's switches: GroupNorm+SiLU as one module (one kernel
+when compiled on CUDA), attention pinned to one SDPA kernel, and the global CUDA flags (cuDNN
+benchmark mode, fp16 GEMM accumulation) set for the duration of a call and restored after it."""
+from __future__ import annotations
+
+import contextlib
+from functools import lru_cache
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdcn_trt.config import check_choice
+
+# FastPath.sdpa_backend names -> torch.nn.attention.SDPBackend member names
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                 "math": "MATH"}
+SDPA_CHOICES = ("auto", *SDPA_BACKENDS)
+
+
+def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                    eps: float) -> torch.Tensor:
+    """silu(group_norm(x)): (N, C, ...) -> (N, C, ...), the same ops in the same order as the two modules."""
+    return F.silu(F.group_norm(x, num_groups, weight, bias, eps))
+
+
+@lru_cache(maxsize=1)
+def compiled_group_norm_silu() -> Callable[..., torch.Tensor]:
+    """group_norm_silu compiled once by inductor (one fused Triton kernel on CUDA); dynamic shapes, so
+    every GroupNorm of the UNet shares one compiled graph instead of recompiling per shape."""
+    return torch.compile(group_norm_silu, dynamic=True, fullgraph=True)
+
+
+class GroupNormSiLU(nn.GroupNorm):
+    """A GroupNorm whose output goes through SiLU: the module pair as one, with the same parameters and
+    state_dict keys as the GroupNorm it replaces. `compiled`: run the inductor-compiled function
+    (CUDA; never while being exported or compiled, where the exporter fuses the ops itself)."""
+
+    compiled: bool = False
+
+    @classmethod
+    def replacing(cls, norm: nn.GroupNorm, compiled: bool) -> "GroupNormSiLU":
+        fused = cls.__new__(cls)
+        fused.__dict__.update(norm.__dict__)  # shares weight / bias and every GroupNorm attribute
+        fused.compiled = compiled
+        return fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+            return compiled_group_norm_silu()(x, self.num_groups, self.weight, self.bias, self.eps)
+        return group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class SiLULinear(nn.Linear):
+    """silu(x) then the Linear, with the Linear's parameters and keys: a ResnetBlock2D's time-embedding
+    projection once its shared `nonlinearity` has moved into its GroupNorms."""
+
+    @classmethod
+    def replacing(cls, linear: nn.Linear) -> "SiLULinear":
+        fused = cls.__new__(cls)
+        fused.__dict__.update(linear.__dict__)
+        return fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.silu(x))
+
+
+def fuse_group_norm_silu(module: nn.Module, compiled: bool) -> int:
+    """Rewrite every GroupNorm -> SiLU pair inside `module` in place; returns how many were fused.
+
+    diffusers' ResnetBlock2D ('default' time-embedding norm, SiLU) applies its one `nonlinearity` after
+    norm1, after norm2 and to the time embedding: norm1 and norm2 become GroupNormSiLU, the time
+    projection a SiLULinear (unless it skips the activation), `nonlinearity` the identity. A UNet's
+    or VAE decoder's `conv_norm_out` + `conv_act` (GroupNorm, SiLU) become GroupNormSiLU + identity.
+    """
+    from diffusers.models.resnet import ResnetBlock2D
+
+    fused = 0
+    for block in list(module.modules()):
+        if (isinstance(block, ResnetBlock2D) and block.time_embedding_norm == "default"
+                and type(block.nonlinearity) is nn.SiLU and type(block.norm1) is nn.GroupNorm
+                and type(block.norm2) is nn.GroupNorm):
+            block.norm1 = GroupNormSiLU.replacing(block.norm1, compiled)
+            block.norm2 = GroupNormSiLU.replacing(block.norm2, compiled)
+            if block.time_emb_proj is not None and not block.skip_time_act:
+                block.time_emb_proj = SiLULinear.replacing(block.time_emb_proj)
+            block.nonlinearity = nn.Identity()
+            fused += 2
+        norm, act = getattr(block, "conv_norm_out", None), getattr(block, "conv_act", None)
+        if type(norm) is nn.GroupNorm and type(act) is nn.SiLU:
+            block.conv_norm_out = GroupNormSiLU.replacing(norm, compiled)
+            block.conv_act = nn.Identity()
+            fused += 1
+    return fused
+
+
+def sdpa_backend(name: str) -> Any:  # -> torch.nn.attention.SDPBackend
+    """The SDPBackend member for a FastPath.sdpa_backend name other than 'auto'."""
+    check_choice("sdpa_backend", name, SDPA_CHOICES)
+    from torch.nn.attention import SDPBackend
+
+    return getattr(SDPBackend, SDPA_BACKENDS[name])
+
+
+class PinnedSdpa:
+    """A diffusers attention processor whose scaled_dot_product_attention may only use one kernel
+    (torch.nn.attention.sdpa_kernel); torch raises when that kernel cannot take the call."""
+
+    def __init__(self, inner: Any, backend: str):
+        self.inner, self.backend = inner, sdpa_backend(backend)
+
+    def __call__(self, attn: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel(self.backend):
+            return self.inner(attn, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def cuda_flags(cudnn_benchmark: bool, fp16_accumulation: bool) -> Iterator[None]:
+    """cuDNN benchmark mode and fp16 GEMM accumulation for one call; both are process-wide torch
+    settings, so they are restored afterwards (another runner's calls keep their own)."""
+    matmul = torch.backends.cuda.matmul
+    before = torch.backends.cudnn.benchmark, getattr(matmul, "allow_fp16_accumulation", False)
+    torch.backends.cudnn.benchmark = cudnn_benchmark or before[0]
+    if fp16_accumulation:
+        matmul.allow_fp16_accumulation = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before[0]
+        if fp16_accumulation:
+            matmul.allow_fp16_accumulation = before[1]

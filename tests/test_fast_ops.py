@@ -1,0 +1,107 @@
+"""FastPath's newer switches (sdcn_trt.engines.fast_ops): each against the plain module on the CPU where it
+means something there, their refusals elsewhere; the compiled CUDA kernels are GPU tests."""
+import pytest
+import torch
+from torch import nn
+
+from sdcn_trt.engines.fast_ops import GroupNormSiLU, SiLULinear, cuda_flags, fuse_group_norm_silu
+from sdcn_trt.engines.torch import FastPath, TorchRunner
+from sdcn_trt.errors import InputError
+from sdcn_trt.export.descriptors import ShapeSpec, get_descriptor
+
+
+def _outputs(runner, feed):
+    return {k: v.detach().clone() for k, v in runner.infer(feed).items()}
+
+
+@pytest.mark.parametrize("name", ["fused_step", "vae_decoder"])
+def test_group_norm_silu_fusion_is_bit_identical_on_the_cpu(tiny, name):
+    desc = get_descriptor(name, tiny)
+    feed = desc.sample_inputs(ShapeSpec(1, 64, 64))
+    expected = _outputs(TorchRunner(desc), feed)
+    fused = TorchRunner(desc, fast=FastPath(gn_silu=True))
+    actual = _outputs(fused, feed)
+    for key in expected:  # the same ops in the same order: exactly equal
+        assert torch.equal(actual[key], expected[key]), key
+    norms = [m for m in fused.module.modules() if isinstance(m, GroupNormSiLU)]
+    assert norms and not any(m.compiled for m in norms)  # compiled on CUDA only
+    plain_norms = [m for m in fused.module.modules() if type(m) is nn.GroupNorm]
+    # left alone: the transformers' input norms (no SiLU after them) and the VAE mid attention's norm
+    assert all(type(m) is not GroupNormSiLU for m in plain_norms)
+    if name == "fused_step":
+        assert any(isinstance(m, SiLULinear) for m in fused.module.modules())  # the time projections
+
+
+def test_group_norm_silu_keeps_state_dict_keys_and_counts_pairs(tiny):
+    unet = get_descriptor("fused_step", tiny).build_module()
+    import copy
+
+    module = copy.deepcopy(unet)
+    keys = set(module.state_dict())
+    count = fuse_group_norm_silu(module, compiled=False)
+    from diffusers.models.resnet import ResnetBlock2D
+
+    blocks = [m for m in unet.modules() if isinstance(m, ResnetBlock2D)]
+    assert count == 2 * len(blocks) + 1  # norm1 + norm2 per block, the UNet's conv_norm_out (ControlNet has none)
+    assert set(module.state_dict()) == keys
+
+
+def test_sdpa_backend_pinned_to_math_matches_auto_on_the_cpu(tiny):
+    desc = get_descriptor("fused_step", tiny)
+    feed = desc.sample_inputs(ShapeSpec(1, 64, 64))
+    auto = _outputs(TorchRunner(desc, fast=FastPath(sdpa=True)), feed)["noise_pred"]
+    math = _outputs(TorchRunner(desc, fast=FastPath(sdpa=True, sdpa_backend="math")), feed)["noise_pred"]
+    torch.testing.assert_close(math, auto, rtol=1e-5, atol=1e-5)
+
+
+def test_sdpa_backend_refused_where_it_cannot_run(tiny):
+    desc = get_descriptor("fused_step", tiny)
+    runner = TorchRunner(desc, fast=FastPath(sdpa=True, sdpa_backend="efficient"))  # no CPU kernel
+    with pytest.raises(RuntimeError, match="No viable backend|No available kernel"):  # torch 2.14 / 2.11
+        runner.infer(desc.sample_inputs(ShapeSpec(1, 64, 64)))
+
+
+def test_fast_path_switch_errors_say_what_is_valid():
+    with pytest.raises(InputError, match="unknown sdpa_backend 'fastest'; choose one of auto, flash, efficient, cudnn, math"):
+        FastPath(sdpa=True, sdpa_backend="fastest")
+    with pytest.raises(InputError, match="only calls with sdpa=True"):
+        FastPath(sdpa_backend="flash")
+    with pytest.raises(InputError, match="cudnn_benchmark and fp16_accumulation only act on CUDA, not on device 'cpu'"):
+        FastPath(cudnn_benchmark=True, fp16_accumulation=True).check_device(torch.device("cpu"))
+
+
+def test_cpu_runner_refuses_cuda_only_switches(tiny):
+    runner = TorchRunner(get_descriptor("vae_decoder", tiny), fast=FastPath(cudnn_benchmark=True))
+    with pytest.raises(InputError, match="cudnn_benchmark only act on CUDA"):
+        runner.activate()
+
+
+def test_cuda_flags_are_restored_after_the_call():
+    matmul = torch.backends.cuda.matmul
+    before = torch.backends.cudnn.benchmark, matmul.allow_fp16_accumulation
+    with cuda_flags(cudnn_benchmark=True, fp16_accumulation=True):
+        assert torch.backends.cudnn.benchmark and matmul.allow_fp16_accumulation
+    assert (torch.backends.cudnn.benchmark, matmul.allow_fp16_accumulation) == before
+    with pytest.raises(ValueError), cuda_flags(cudnn_benchmark=True, fp16_accumulation=False):
+        raise ValueError("restored on errors too")
+    assert torch.backends.cudnn.benchmark == before[0]
+
+
+def test_channels_last_inputs_match_plain(tiny):
+    desc = get_descriptor("fused_step", tiny)
+    feed = desc.sample_inputs(ShapeSpec(1, 64, 64))
+    expected = _outputs(TorchRunner(desc), feed)["noise_pred"]
+    actual = _outputs(TorchRunner(desc, fast=FastPath(channels_last=True, gn_silu=True)), feed)["noise_pred"]
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+def test_compiled_group_norm_silu_matches_eager_on_cuda(tiny):
+    desc = get_descriptor("fused_step", tiny)
+    feed = desc.sample_inputs(ShapeSpec(1, 64, 64))
+    expected = _outputs(TorchRunner(desc, "cuda", "fp16"), feed)["noise_pred"]
+    fused = TorchRunner(desc, "cuda", "fp16", fast=FastPath(sdpa=True, fuse_qkv=True, gn_silu=True))
+    actual = _outputs(fused, feed)["noise_pred"]
+    assert all(m.compiled for m in fused.module.modules() if isinstance(m, GroupNormSiLU))
+    torch.testing.assert_close(actual, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
