@@ -24,6 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+# Run as a script (each case's child process), Python puts this folder first on sys.path, where
+# benchmarks/profile.py would shadow the standard library's profile module (cProfile imports it).
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
 START = time.perf_counter()
 # (label, source, backend, precision, cache state): 'none' = cache=False, 'cold' = an empty cache folder,
 # 'warm' = the cache the case before left
