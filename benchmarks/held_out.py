@@ -105,6 +105,31 @@ def colour_check(pipe: ControlNetPipeline, settings: Settings) -> list[tuple[flo
     return pairs
 
 
+@torch.no_grad()
+def vae_round_trip(vae: torch.nn.Module, images: list[np.ndarray]) -> dict[str, float]:
+    """What the VAE keeps of pictures (RGB uint8, sides multiples of 8): mean |decode(encode(x)) - x|
+    in uint8 levels, and the mean HSV saturation of the reconstructions over the inputs' (1 = colours kept)."""
+    errors, saturation_in, saturation_out = [], [], []
+    for image in images:
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1.0  # (1, 3, H, W)
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample  # (1, 3, H, W)
+        out = (y[0].permute(1, 2, 0) * 127.5 + 127.5).clamp(0, 255).round().numpy().astype(np.uint8)
+        errors.append(np.abs(out.astype(int) - image).mean())
+        saturation_in.append(cv2.cvtColor(image, cv2.COLOR_RGB2HSV)[..., 1].mean())
+        saturation_out.append(cv2.cvtColor(out, cv2.COLOR_RGB2HSV)[..., 1].mean())
+    return {"mean_abs_error": float(np.mean(errors)),
+            "saturation_kept": float(np.sum(saturation_out) / max(1e-9, np.sum(saturation_in)))}
+
+
+def vae_check(vae: torch.nn.Module, settings: Settings = Settings()) -> dict[str, dict[str, float]]:
+    """vae_round_trip on the held-out scenes and on the held-out photos resized as the pipeline does."""
+    from sdcn_trt.preprocess import resize_image
+
+    scenes = [draw_scene(HELD_OUT_SEED_START + k, settings.size, settings.size).image for k in range(settings.scenes)]
+    photos = [resize_image(load_photo(name), settings.size) for name in HELD_OUT_PHOTOS]
+    return {"scenes": vae_round_trip(vae, scenes), "held_out_photos": vae_round_trip(vae, photos)}
+
+
 def evaluate(pipe: ControlNetPipeline, settings: Settings = Settings()) -> dict:
     config = GenerationConfig(image_resolution=settings.size, ddim_steps=settings.steps)
     scenes = [draw_scene(HELD_OUT_SEED_START + k, settings.size, settings.size) for k in range(settings.scenes)]
@@ -155,13 +180,21 @@ def write_table(entries: list[dict], path: Path) -> Path:
               f"{', '.join(TRAINING_CHECK_PHOTOS)} at 256x384 (mismatched = the other two's maps); {s['steps']} DDIM "
               f"steps, guidance 9. Colour: one held-out scene (seed {COLOUR_SCENE}) with every object called red, "
               f"then blue; seeds 0..{s['colour_seeds'] - 1}; passes when the red prompt's mean(R) - mean(B) is higher.",
+              "VAE round trip, decode(encode(x)): mean absolute error on the held-out scenes / photos in uint8 levels, "
+              "and the scenes' reconstructions' mean HSV saturation over the inputs' (1 = colours kept; the held-out "
+              "photos are grey).",
               "", "| model | weights sha256 | held-out scenes | held-out photos | training photos | colour check "
-              "(red > blue) | goals met |", "|---|---|---|---|---|---|---|"]
+              "(red > blue) | goals met | VAE round trip: scenes / photos |",
+              "|---|---|---|---|---|---|---|---|"]
     for e in entries:
         met = goals(e["result"])
+        vae = e.get("vae", {})
+        vae_text = (f"{vae['scenes']['mean_abs_error']:.1f} / {vae['held_out_photos']['mean_abs_error']:.1f} levels; "
+                    f"saturation {vae['scenes']['saturation_kept']:.2f}" if vae else "n/a")
         lines.append(f"| {e['label']} | `{e['sha256'][:12]}` | {fmt(e, 'scenes')} | {fmt(e, 'held_out_photos')} | "
                      f"{fmt(e, 'training_photos')} | {e['result']['colour']['passed']} of "
-                     f"{len(e['result']['colour']['red_vs_blue_redness'])} | {sum(met.values())} of {len(met)} |")
+                     f"{len(e['result']['colour']['red_vs_blue_redness'])} | {sum(met.values())} of {len(met)} | "
+                     f"{vae_text} |")
     lines += ["", "Goals (issue #24): " + "; ".join(goals(entries[0]["result"])) + ".", ""]
     for e in entries:
         lines.append(f"- {e['label']}: " + "; ".join(f"{k}: {'met' if v else 'MISSED'}"
@@ -190,12 +223,15 @@ def main(argv: list[str] | None = None) -> int:
     for label, folder in models:
         sha = json.loads((Path(folder) / "config.json").read_text())["sha256"]
         known = [e for e in previous if e["label"] == label and e["sha256"] == sha and e["settings"] == asdict(settings)]
+        components = load_trained_preset(folder, name="tiny-trained")
         if known:
             entries.append(known[0])
-            continue
-        pipe = ControlNetPipeline(load_trained_preset(folder, name="tiny-trained"), "torch")
-        entries.append({"label": label, "sha256": sha, "settings": asdict(settings), "result": evaluate(pipe, settings)})
-        pipe.close()
+        else:
+            pipe = ControlNetPipeline(components, "torch")
+            entries.append({"label": label, "sha256": sha, "settings": asdict(settings),
+                            "result": evaluate(pipe, settings)})
+            pipe.close()
+        entries[-1].setdefault("vae", vae_check(components.vae, settings))
         json_path.write_text(json.dumps(entries, indent=1))
     json_path.write_text(json.dumps(entries, indent=1))
     print(write_table(entries, args.out).read_text())

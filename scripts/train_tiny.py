@@ -1,18 +1,22 @@
 """Train the `tiny-trained` preset on the CPU: a small model with SD1.5 + ControlNet's structure that
-really denoises, trained on scikit-image's colour photos (not SD1.5; it knows only these photos).
+really denoises, trained on scikit-image's photos and drawn scenes (not SD1.5; it knows only these).
 
     python scripts/train_tiny.py             # everything, seeded: VAE ~33 min + diffusion ~33 min on 2 shared cores
     python scripts/train_tiny.py --vae-from sdcn_trt/models/tiny_trained   # reuse the shipped VAE: ~33 min
+    python scripts/train_tiny.py --init-from DIR --max-minutes 45          # fine-tune a preset, stop at 45 min
     python scripts/train_tiny.py --smoke     # a one-minute run into /tmp that checks the plumbing
 
 In order:
-  1. an AutoencoderKL (f = 8, 4 latent channels) on random 64-pixel crops of the photos (resized
-     as the reference resizes, at resolutions 256 and 320, and mirrored): L1 + a tiny KL term, the
+  0. the data (benchmarks/tiny_data.py): variants of scikit-image's photos (resized as the reference
+     resizes, at resolution 256 or 320, mirrored, colours jittered; two photos held out) and drawn
+     scenes (shapes, lines, words in named colours) whose captions name their colours;
+  1. an AutoencoderKL (f = 8, 4 latent channels) on random 64-pixel crops of the photo variants and
+     of as many scenes: L1 + a tiny KL term, the
      posterior starting nearly deterministic (log-variance bias -10); then
      its latent scale is folded into its weights so SD1.5's scaling factor 0.18215 gives unit-variance
      latents, and its weights are rounded to fp16 (what the preset file stores);
-  2. a UNet2DConditionModel + ControlNetModel on the frozen VAE's latents, with the canny maps of the
-     same crops (the reference's preprocessing) as control and short captions encoded by the tiny
+  2. a UNet2DConditionModel + ControlNetModel on the frozen VAE's latents (half of each batch whole
+     scenes, half photo crops), with the canny maps (the reference's preprocessing) as control and the captions encoded by the tiny
      preset's frozen random CLIP: DDPM epsilon objective on the reference's scaled_linear schedule
      (0.00085..0.012, 1000 steps), loss weights min(1 + 1/SNR, 20) (x0 errors count at high noise),
      half of each batch at t >= 500 (where only the control and caption tell the picture), captions
@@ -63,25 +67,6 @@ RESOLUTIONS = (256, 320)  # short side after resize_image, as the pipeline resiz
 CANNY = (100, 200)  # the contest's thresholds
 
 
-@dataclass
-class Variant:
-    """One training picture: a photo resized (and maybe mirrored) and its canny map, both uint8 HxWx3."""
-
-    name: str
-    image: np.ndarray
-    control: np.ndarray
-
-
-def make_variants() -> list[Variant]:
-    variants = []
-    for name, photo in sample_photos(list(PHOTO_PROMPTS)).items():
-        for resolution in RESOLUTIONS:
-            resized, _ = preprocess.prepare(photo, resolution, *CANNY)
-            for image in (resized, np.ascontiguousarray(resized[:, ::-1])):
-                variants.append(Variant(name, image, preprocess.canny_map(image, *CANNY)))
-    return variants
-
-
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 10 % of the peak."""
     if step < warmup:
@@ -116,7 +101,7 @@ class LossLog:
 
 
 # -- 1. VAE ------------------------------------------------------------------------------------------
-def pixel_crops(variants: list[Variant], rng: np.random.Generator, size: int, batch: int) -> torch.Tensor:
+def pixel_crops(variants: list[Picture], rng: np.random.Generator, size: int, batch: int) -> torch.Tensor:
     crops = []
     for _ in range(batch):
         v = variants[rng.integers(len(variants))]
@@ -126,7 +111,7 @@ def pixel_crops(variants: list[Variant], rng: np.random.Generator, size: int, ba
     return pixels.contiguous()
 
 
-def train_vae(vae: torch.nn.Module, variants: list[Variant], rng: np.random.Generator, args) -> LossLog:
+def train_vae(vae: torch.nn.Module, variants: list[Picture], rng: np.random.Generator, args) -> LossLog:
     vae.train().requires_grad_(True)
     with torch.no_grad():  # start nearly deterministic: early reconstructions are not drowned in sampling noise
         vae.quant_conv.bias[vae.config.latent_channels:] = -10.0
@@ -154,7 +139,7 @@ def to_pixels(image: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fold_latent_scale(vae: torch.nn.Module, variants: list[Variant]) -> float:
+def fold_latent_scale(vae: torch.nn.Module, variants: list[Picture]) -> float:
     """Scale the posterior so that latents * 0.18215 have unit variance over the training pictures:
     quant_conv's mean rows (and the log-variance bias) up, post_quant_conv's inputs down by the same."""
     means = [vae.encode(to_pixels(v.image)).latent_dist.mean for v in variants]
@@ -382,10 +367,10 @@ def sample_sheet(components: Components, path: Path, names: list[str], steps: in
 
 
 @torch.no_grad()
-def recon_sheet(vae: torch.nn.Module, variants: list[Variant], path: Path) -> tuple[Path, float]:
-    """input | VAE reconstruction for the 256-resolution pictures; returns the mean |error| in levels."""
+def recon_sheet(vae: torch.nn.Module, variants: list[Picture], path: Path) -> tuple[Path, float]:
+    """input | VAE reconstruction for about 8 of the pictures; returns the mean |error| in levels."""
     rows, errors = [], []
-    for v in variants[:: 2 * len(RESOLUTIONS)]:
+    for v in variants[:: max(1, len(variants) // 8)]:  # about 8, photos then scenes
         recon = vae.decode(vae.encode(to_pixels(v.image)).latent_dist.mean).sample
         recon = ((recon[0].permute(1, 2, 0) * 127.5 + 127.5).clamp(0, 255)).numpy().astype(np.uint8)
         errors.append(np.abs(recon.astype(int) - v.image).mean())
@@ -473,8 +458,14 @@ def main(argv: list[str] | None = None) -> int:
     components = build_from_configs(configs, args.seed, tiny.tokenizer, source="training")
     components.text_encoder = tiny.text_encoder  # the tiny preset's random CLIP, frozen
     round_to_fp16(components.text_encoder)
-    variants = make_variants()
-    print(f"{len(variants)} training pictures from {len(PHOTO_PROMPTS)} photos; parameters: "
+    # the data of both phases (benchmarks/tiny_data.py): photo variants and drawn scenes with captions
+    photos = photo_pictures(TRAINING_PHOTOS, args.per_photo, args.seed + 2)
+    scenes = scene_pictures(training_scene_seeds(args.scenes_128), 128, 128)
+    scenes += scene_pictures(training_scene_seeds(args.scenes_256, offset=args.scenes_128), 256, 256)
+    # the VAE learns from both (a VAE trained on a few photos alone turns drawn colours sepia: issue #24)
+    variants = photos + scenes[::max(1, len(scenes) // len(photos))]
+    print(f"{len(photos)} photo variants of {len(TRAINING_PHOTOS)} photos (held out: {', '.join(HELD_OUT_PHOTOS)}), "
+          f"{len(scenes)} drawn scenes; parameters: "
           + ", ".join(f"{n} {sum(p.numel() for p in m.parameters()) / 1e6:.2f} M" for n, m in components.modules().items()))
 
     clock = time.perf_counter()
@@ -507,14 +498,9 @@ def main(argv: list[str] | None = None) -> int:
         components.controlnet.load_state_dict(start_from.controlnet.state_dict())
         init_record = json.loads((Path(args.init_from) / "config.json").read_text())
         print(f"UNet + ControlNet start from {args.init_from} (sha256 {init_record['sha256'][:12]})")
-    photos = photo_pictures(TRAINING_PHOTOS, args.per_photo, args.seed + 2)
-    scenes = scene_pictures(training_scene_seeds(args.scenes_128), 128, 128)
-    scenes += scene_pictures(training_scene_seeds(args.scenes_256, offset=args.scenes_128), 256, 256)
     pictures = encode_pictures(components.vae, photos, False, "photos") + encode_pictures(components.vae, scenes, True, "scenes")
     texts = encode_texts(components, [p.caption for p in pictures])
-    print(f"training data: {len(photos)} photo variants of {len(TRAINING_PHOTOS)} photos (held out: "
-          f"{', '.join(HELD_OUT_PHOTOS)}), {args.scenes_128} + {args.scenes_256} drawn scenes, {len(texts)} prompts; "
-          f"encoded in {(time.perf_counter() - clock) / 60:.1f} min")
+    print(f"{len(pictures)} pictures and {len(texts)} prompts encoded in {(time.perf_counter() - clock) / 60:.1f} min")
     std = float(torch.cat([p.mean.flatten() for p in pictures if not p.scene]).std())
     sample_names = list(PHOTO_PROMPTS)[:1 if args.smoke else 4]
     sample_scenes = [scenes[0]] if args.smoke else [scenes[-1], scenes[-2]]
@@ -558,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
                     + f"{vae_record.get('steps')} steps x {vae_record.get('batch')} crops of {vae_record.get('crop')} "
                       f"px ({vae_record.get('wall_min')} min); latent std {vae_record.get('latent_std_before_folding')} "
                       f"before folding, {std:.3f} after x 0.18215; mean |reconstruction error| {recon_error:.1f} uint8 "
-                      "levels on the 256-resolution photos",
+                      "levels on about 8 training pictures (photos, then scenes)",
              "data": f"{len(photos)} variants of {len(TRAINING_PHOTOS)} scikit-image photos ({args.per_photo} each: "
                      f"resolution {' or '.join(map(str, RESOLUTIONS))}, mirrored half the time, colours jittered but the "
                      f"first; held out: {', '.join(HELD_OUT_PHOTOS)}) and {args.scenes_128} drawn 128-px + "
