@@ -86,3 +86,88 @@ def test_edge_f1_and_redness_on_known_maps():
     red, blue = np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4, 3), np.uint8)
     red[..., 0], blue[..., 2] = 200, 150
     assert redness(red) == 200.0 and redness(blue) == -150.0
+
+
+def _train_tiny():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_tiny.py"
+    spec = importlib.util.spec_from_file_location("train_tiny", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_tiny"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_batches_mix_whole_scenes_and_photo_crops():
+    import torch
+
+    train = _train_tiny()
+    args = train.parse_args([])
+    pictures = [train.LatentPicture(torch.full((4, 16, 16), 1.0), torch.zeros(4, 16, 16),
+                                    torch.full((1, 128, 128), 255, dtype=torch.uint8), "a red circle on a white background", True),
+                train.LatentPicture(torch.full((4, 32, 48), -1.0), torch.zeros(4, 32, 48),
+                                    torch.zeros((1, 256, 384), dtype=torch.uint8), "a cat", False)]
+    texts = {p: torch.full((77, 8), float(k)) for k, p in enumerate(
+        ["", train.N_PROMPT, *[c for p in pictures for c in (p.caption, f"{p.caption}, {train.A_PROMPT}")]])}
+    z0, control, text, keep = train.diffusion_batch(pictures, texts, np.random.default_rng(0), 16, 64, args)
+    assert z0.shape == (64, 4, 16, 16) and control.shape == (64, 3, 128, 128) and text.shape == (64, 77, 8)
+    scene = z0[:, 0, 0, 0] == 1.0  # the scene's latents are all 1, the photo's all -1
+    assert 20 < int(scene.sum()) < 44  # p_scene = 0.5
+    assert torch.all(control[scene] == 1.0) and torch.all(control[~scene] == 0.0)
+    assert set(keep.tolist()) <= {0.0, 1.0}
+    # 256-pixel crops: the 128-pixel scene does not fit, so the batch is all photo crops
+    z0, control, _, _ = train.diffusion_batch(pictures, texts, np.random.default_rng(0), 32, 8, args)
+    assert z0.shape == (8, 4, 32, 32) and torch.all(z0 == -1.0)
+
+
+@pytest.mark.slow
+def test_smoke_run_stops_at_its_wall_clock_budget_and_writes_everything(tmp_path):
+    """--smoke with a budget of a few milliseconds: the clock is read before each step, so each phase
+    stops after at most one step, and the preset, the ldm file, the sample sheets and the log are still
+    written (about 3 minutes on 2 shared cores)."""
+    import json
+    from pathlib import Path
+
+    from sdcn_trt.models.presets import TRAINED_PRESETS, load_trained_preset
+
+    train = _train_tiny()
+    preset = str(TRAINED_PRESETS["tiny-trained"])
+    assert train.main(["--smoke", "--vae-from", preset, "--init-from", preset, "--max-minutes", "0.0001"]) == 0
+    smoke = Path("/tmp/tiny_trained_smoke")
+    record = json.loads((smoke / "preset" / "config.json").read_text())["training"]
+    steps = (record["steps"]["unet_controlnet_128px"], record["steps"]["unet_controlnet_256px"])
+    assert steps[0] <= 1 and steps[1] <= 1, steps  # of 6 and 4 planned
+    assert record["max_minutes"] == 0.0001 and record["init_from"].startswith(preset)
+    assert "camera" in record["held_out_photos"] and "camera" not in record["photos"]
+    log = (smoke / "train-tiny.md").read_text()
+    assert f"{steps[0]} steps x 8 crops of 128 px, then {steps[1]} x 4 of 256 px (of 6 + 4 planned; wall-clock budget" in log
+    assert (smoke / "ldm" / "samples_final.png").is_file() and (smoke / "ldm" / "tiny_trained.safetensors").is_file()
+    load_trained_preset(smoke / "preset")  # the file and its sha256 in config.json agree
+
+
+@pytest.mark.slow
+def test_held_out_table_measures_each_model_once(tmp_path, monkeypatch):
+    import json
+
+    import benchmarks.held_out as held_out
+    from sdcn_trt.models.presets import TRAINED_PRESETS
+
+    out = tmp_path / "held-out.md"
+    argv = ["--model", f"shipped={TRAINED_PRESETS['tiny-trained']}", "--scenes", "2", "--steps", "1", "--out", str(out)]
+    assert held_out.main(argv) == 0
+    entry = json.loads(out.with_suffix(".json").read_text())[0]
+    assert entry["label"] == "shipped" and entry["settings"] == {"scenes": 2, "size": 256, "steps": 1, "colour_seeds": 5}
+    assert len(entry["result"]["scenes"]["matched"]) == 2 and len(entry["result"]["colour"]["red_vs_blue_redness"]) == 5
+    assert entry["vae"]["scenes"]["mean_abs_error"] > 0
+    assert "| shipped | `" in out.read_text() and "goals met" in out.read_text()
+
+    def no_second_measurement(*_args, **_kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(held_out, "evaluate", no_second_measurement)
+    assert held_out.main(argv) == 0  # same label, weights and settings: taken from the .json
+    with pytest.raises(AssertionError, match="measured again"):
+        held_out.main([*argv[:-4], "--steps", "2", "--out", str(out)])
