@@ -1,18 +1,22 @@
 """Train the `tiny-trained` preset on the CPU: a small model with SD1.5 + ControlNet's structure that
-really denoises, trained on scikit-image's colour photos (not SD1.5; it knows only these photos).
+really denoises, trained on scikit-image's photos and drawn scenes (not SD1.5; it knows only these).
 
     python scripts/train_tiny.py             # everything, seeded: VAE ~33 min + diffusion ~33 min on 2 shared cores
     python scripts/train_tiny.py --vae-from sdcn_trt/models/tiny_trained   # reuse the shipped VAE: ~33 min
+    python scripts/train_tiny.py --init-from DIR --max-minutes 45          # fine-tune a preset, stop at 45 min
     python scripts/train_tiny.py --smoke     # a one-minute run into /tmp that checks the plumbing
 
 In order:
-  1. an AutoencoderKL (f = 8, 4 latent channels) on random 64-pixel crops of the photos (resized
-     as the reference resizes, at resolutions 256 and 320, and mirrored): L1 + a tiny KL term, the
+  0. the data (benchmarks/tiny_data.py): variants of scikit-image's photos (resized as the reference
+     resizes, at resolution 256 or 320, mirrored, colours jittered; two photos held out) and drawn
+     scenes (shapes, lines, words in named colours) whose captions name their colours;
+  1. an AutoencoderKL (f = 8, 4 latent channels) on random 64-pixel crops of the photo variants and
+     of as many scenes: L1 + a tiny KL term, the
      posterior starting nearly deterministic (log-variance bias -10); then
      its latent scale is folded into its weights so SD1.5's scaling factor 0.18215 gives unit-variance
      latents, and its weights are rounded to fp16 (what the preset file stores);
-  2. a UNet2DConditionModel + ControlNetModel on the frozen VAE's latents, with the canny maps of the
-     same crops (the reference's preprocessing) as control and short captions encoded by the tiny
+  2. a UNet2DConditionModel + ControlNetModel on the frozen VAE's latents (half of each batch whole
+     scenes, half photo crops), with the canny maps (the reference's preprocessing) as control and the captions encoded by the tiny
      preset's frozen random CLIP: DDPM epsilon objective on the reference's scaled_linear schedule
      (0.00085..0.012, 1000 steps), loss weights min(1 + 1/SNR, 20) (x0 errors count at high noise),
      half of each batch at t >= 500 (where only the control and caption tell the picture), captions
@@ -27,6 +31,7 @@ In order:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -53,29 +58,13 @@ from sdcn_trt.images import PHOTO_PROMPTS, contact_sheet, sample_photos, save_im
 from sdcn_trt.models.presets import (  # noqa: E402
     TRAINED_PRESETS, build_from_configs, load_preset, load_trained_preset, save_trained_preset, trained_configs,
 )
+from benchmarks.tiny_data import (  # noqa: E402
+    HELD_OUT_PHOTOS, TRAINING_PHOTOS, Picture, photo_pictures, scene_pictures, training_scene_seeds,
+)
 
 A_PROMPT, N_PROMPT = GenerationConfig.a_prompt, GenerationConfig.n_prompt
 RESOLUTIONS = (256, 320)  # short side after resize_image, as the pipeline resizes at these resolutions
 CANNY = (100, 200)  # the contest's thresholds
-
-
-@dataclass
-class Variant:
-    """One training picture: a photo resized (and maybe mirrored) and its canny map, both uint8 HxWx3."""
-
-    name: str
-    image: np.ndarray
-    control: np.ndarray
-
-
-def make_variants() -> list[Variant]:
-    variants = []
-    for name, photo in sample_photos(list(PHOTO_PROMPTS)).items():
-        for resolution in RESOLUTIONS:
-            resized, _ = preprocess.prepare(photo, resolution, *CANNY)
-            for image in (resized, np.ascontiguousarray(resized[:, ::-1])):
-                variants.append(Variant(name, image, preprocess.canny_map(image, *CANNY)))
-    return variants
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -98,6 +87,7 @@ class LossLog:
 
     def __init__(self, phase: str, every: int):
         self.phase, self.every, self.window, self.rows = phase, every, [], []
+        self.stopped_at: int | None = None  # the step a wall-clock budget stopped the phase at
         self.clock = time.perf_counter()
 
     def add(self, step: int, loss: float, bar: tqdm) -> None:
@@ -111,7 +101,7 @@ class LossLog:
 
 
 # -- 1. VAE ------------------------------------------------------------------------------------------
-def pixel_crops(variants: list[Variant], rng: np.random.Generator, size: int, batch: int) -> torch.Tensor:
+def pixel_crops(variants: list[Picture], rng: np.random.Generator, size: int, batch: int) -> torch.Tensor:
     crops = []
     for _ in range(batch):
         v = variants[rng.integers(len(variants))]
@@ -121,7 +111,7 @@ def pixel_crops(variants: list[Variant], rng: np.random.Generator, size: int, ba
     return pixels.contiguous()
 
 
-def train_vae(vae: torch.nn.Module, variants: list[Variant], rng: np.random.Generator, args) -> LossLog:
+def train_vae(vae: torch.nn.Module, variants: list[Picture], rng: np.random.Generator, args) -> LossLog:
     vae.train().requires_grad_(True)
     with torch.no_grad():  # start nearly deterministic: early reconstructions are not drowned in sampling noise
         vae.quant_conv.bias[vae.config.latent_channels:] = -10.0
@@ -149,7 +139,7 @@ def to_pixels(image: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fold_latent_scale(vae: torch.nn.Module, variants: list[Variant]) -> float:
+def fold_latent_scale(vae: torch.nn.Module, variants: list[Picture]) -> float:
     """Scale the posterior so that latents * 0.18215 have unit variance over the training pictures:
     quant_conv's mean rows (and the log-variance bias) up, post_quant_conv's inputs down by the same."""
     means = [vae.encode(to_pixels(v.image)).latent_dist.mean for v in variants]
@@ -165,30 +155,46 @@ def fold_latent_scale(vae: torch.nn.Module, variants: list[Variant]) -> float:
 
 # -- 2. UNet + ControlNet ------------------------------------------------------------------------------
 @torch.no_grad()
-def encode_texts(components: Components) -> dict[str, torch.Tensor]:
+def encode_texts(components: Components, captions: list[str]) -> dict[str, torch.Tensor]:
+    """The frozen CLIP's hidden states (77, D) of "", the default negative prompt, and each caption
+    alone and with the default added prompt, as the pipeline builds them."""
     from sdcn_trt.models.tokenizer import tokenize
 
-    prompts = ["", N_PROMPT] + [p for c in PHOTO_PROMPTS.values() for p in (c, f"{c}, {A_PROMPT}")]
-    states = components.text_encoder(tokenize(components.tokenizer, prompts)).last_hidden_state  # (N, 77, D)
-    return dict(zip(prompts, states))
+    prompts = ["", N_PROMPT] + [p for c in dict.fromkeys(captions) for p in (c, f"{c}, {A_PROMPT}")]
+    states = []
+    for i in range(0, len(prompts), 64):
+        chunk = prompts[i:i + 64]
+        states.append(components.text_encoder(tokenize(components.tokenizer, chunk)).last_hidden_state)  # (n, 77, D)
+    return dict(zip(prompts, torch.cat(states)))
 
 
 @dataclass
 class LatentPicture:
     mean: torch.Tensor  # (4, h, w), already times the scaling factor
     std: torch.Tensor  # (4, h, w)
-    control: torch.Tensor  # (3, 8h, 8w) in [0, 1]
-    name: str
+    control: torch.Tensor  # (1, 8h, 8w) uint8: the canny map (its three channels are equal)
+    caption: str
+    scene: bool
 
 
 @torch.no_grad()
-def encode_pictures(vae: torch.nn.Module, variants: list[Variant]) -> list[LatentPicture]:
-    out = []
-    for v in variants:
-        dist = vae.encode(to_pixels(v.image)).latent_dist
-        out.append(LatentPicture(dist.mean[0] * SD15_SCALING_FACTOR, dist.std[0] * SD15_SCALING_FACTOR,
-                                 preprocess.control_tensor(v.control, 1)[0], v.name))
-    return out
+def encode_pictures(vae: torch.nn.Module, pictures: list[Picture], scene: bool, desc: str) -> list[LatentPicture]:
+    """The VAE posterior of each picture, encoded 16 at a time among pictures of one size."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, v in enumerate(pictures):
+        by_shape.setdefault(v.image.shape, []).append(i)
+    chunks = [ids[k:k + 16] for ids in by_shape.values() for k in range(0, len(ids), 16)]
+    out: list[LatentPicture | None] = [None] * len(pictures)
+    with tqdm(total=len(pictures), desc=f"encode {desc}", unit="picture", dynamic_ncols=True) as bar:
+        for ids in chunks:
+            dist = vae.encode(torch.cat([to_pixels(pictures[i].image) for i in ids])).latent_dist  # (n, 4, h, w)
+            for k, i in enumerate(ids):
+                v = pictures[i]
+                control = torch.from_numpy(np.ascontiguousarray(v.control[None, :, :, 0]))  # (1, H, W) uint8
+                out[i] = LatentPicture(dist.mean[k] * SD15_SCALING_FACTOR, dist.std[k] * SD15_SCALING_FACTOR,
+                                       control, v.caption, scene)
+            bar.update(len(ids))
+    return [p for p in out if p is not None]
 
 
 @torch.no_grad()
@@ -219,15 +225,21 @@ def wake_control_path(controlnet: torch.nn.Module, control: torch.Tensor, latent
 
 def diffusion_batch(pictures: list[LatentPicture], texts: dict[str, torch.Tensor], rng: np.random.Generator,
                     crop: int, batch: int, args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(latents (B, 4, c, c), control (B, 3, 8c, 8c), text (B, 77, D), keep_control (B,))."""
+    """(latents (B, 4, c, c), control (B, 3, 8c, 8c), text (B, 77, D), keep_control (B,)).
+    A share args.p_scene of the batch are whole drawn scenes of the crop's size (their captions name
+    what is drawn, so they are never cropped), the rest random crops of photo variants."""
+    photos = [p for p in pictures if not p.scene and min(p.mean.shape[1:]) >= crop]
+    scenes = [p for p in pictures if p.scene and p.mean.shape[1:] == (crop, crop)]
     latents, controls, states, keep = [], [], [], []
     for _ in range(batch):
-        p = pictures[rng.integers(len(pictures))]
+        pool = scenes if scenes and (not photos or rng.random() < args.p_scene) else photos
+        p = pool[rng.integers(len(pool))]
         y, x = rng.integers(p.mean.shape[1] - crop + 1), rng.integers(p.mean.shape[2] - crop + 1)
         window = (slice(None), slice(y, y + crop), slice(x, x + crop))
         latents.append(p.mean[window] + p.std[window] * torch.randn(p.std[window].shape))
-        controls.append(p.control[:, 8 * y:8 * (y + crop), 8 * x:8 * (x + crop)])
-        caption = PHOTO_PROMPTS[p.name]
+        control = p.control[:, 8 * y:8 * (y + crop), 8 * x:8 * (x + crop)].float() / 255.0  # (1, 8c, 8c)
+        controls.append(control.expand(3, -1, -1))
+        caption = p.caption
         if rng.random() < args.p_uncond:
             prompt = ("", N_PROMPT)[rng.integers(2)]
         else:
@@ -248,7 +260,7 @@ def train_diffusion(components: Components, pictures: list[LatentPicture], texts
     params = [*unet.parameters(), *controlnet.parameters()]
     for module in (unet, controlnet):
         module.train().requires_grad_(True)
-    if args.control_init == "lsuv":
+    if args.control_init == "lsuv" and not args.init_from:
         z0, control, _, _ = diffusion_batch(pictures, texts, rng, 16, 32, args)
         spreads = wake_control_path(controlnet, control, z0)
         tqdm.write("hint encoder: conv output spreads before rescaling " + ", ".join(f"{x:.2f}" for x in spreads))
@@ -260,14 +272,28 @@ def train_diffusion(components: Components, pictures: list[LatentPicture], texts
     phases = [("2a UNet+CN 128px", args.steps_128, args.batch_128, 16),
               ("2b UNet+CN 256px", args.steps_256, args.batch_256, 32)]
     total, step, logs = args.steps_128 + args.steps_256, 0, []
-    for desc, steps, batch, crop in phases:
+    # a wall-clock budget (--max-minutes) is shared by the phases in proportion to their pixels per
+    # step x steps; the learning rate follows whichever of steps and time is further along, so a run
+    # cut short by the clock still ends its cosine decay
+    cost = [steps * batch * crop * crop for _, steps, batch, crop in phases]
+    budgets = [args.max_minutes * 60 * c / max(1, sum(cost)) if args.max_minutes else math.inf for c in cost]
+    for (desc, steps, batch, crop), budget in zip(phases, budgets):
         if steps == 0:
             continue
         log = LossLog(desc.split()[0], args.log_every)
         bar = tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True)
+        phase_start, phase_first = time.perf_counter(), step
         for i in bar:
+            elapsed = time.perf_counter() - phase_start
+            if elapsed >= budget:
+                tqdm.write(f"[{desc.split()[0]}] wall-clock budget {budget / 60:.1f} min reached after {i} of {steps} steps")
+                log.stopped_at = i
+                break
+            # progress through this phase by steps or by time, whichever is further
+            done = max((step - phase_first) / steps, elapsed / budget)
+            virtual = int(phase_first + done * steps)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, args.lr, 100) * group["scale"]
+                group["lr"] = lr_at(virtual, total, args.lr, 100) * group["scale"]
             z0, control, text, keep = diffusion_batch(pictures, texts, rng, crop, batch, args)
             noise = torch.randn_like(z0)
             # a share of the batch at high noise, where only the control and the caption tell the picture
@@ -306,6 +332,13 @@ def train_diffusion(components: Components, pictures: list[LatentPicture], texts
     return logs
 
 
+def steps_run(logs: list[LossLog], index: int, planned: int) -> int:
+    """Steps a phase ran: all planned, or where a wall-clock budget stopped it."""
+    if index >= len(logs) or logs[index].stopped_at is None:
+        return planned
+    return logs[index].stopped_at
+
+
 def reused_vae_record(folder: Path) -> dict:
     """How the VAE of an earlier preset was trained, from its config.json (what this run's log repeats)."""
     import json
@@ -316,26 +349,28 @@ def reused_vae_record(folder: Path) -> dict:
 
 
 # -- 3. samples, files, log ----------------------------------------------------------------------------
-def sample_sheet(components: Components, path: Path, names: list[str], steps: int) -> Path:
-    """input | canny | generated (the contest call with the photo's caption) per photo."""
+def sample_sheet(components: Components, path: Path, names: list[str], steps: int,
+                 scenes: list[Picture] = ()) -> Path:
+    """input | canny | generated (the contest call with the caption) per photo, then per drawn scene."""
     from sdcn_trt import ControlNetPipeline
 
     for module in components.modules().values():
         module.eval()
     pipe = ControlNetPipeline(components, "torch")
     rows = []
-    for name, photo in sample_photos(names).items():
-        out = pipe.run(photo, GenerationConfig(prompt=PHOTO_PROMPTS[name], ddim_steps=steps))
+    inputs = [(photo, PHOTO_PROMPTS[name]) for name, photo in sample_photos(names).items()]
+    for photo, caption in inputs + [(s.image, s.caption) for s in scenes]:
+        out = pipe.run(photo, GenerationConfig(prompt=caption, ddim_steps=steps))
         rows.append([preprocess.resize_image(photo, 256), 255 - out.control, out.images[0]])
     pipe.close()
     return save_image(path, contact_sheet(rows, ["input", "canny", "tiny-trained"], tile=160))
 
 
 @torch.no_grad()
-def recon_sheet(vae: torch.nn.Module, variants: list[Variant], path: Path) -> tuple[Path, float]:
-    """input | VAE reconstruction for the 256-resolution pictures; returns the mean |error| in levels."""
+def recon_sheet(vae: torch.nn.Module, variants: list[Picture], path: Path) -> tuple[Path, float]:
+    """input | VAE reconstruction for about 8 of the pictures; returns the mean |error| in levels."""
     rows, errors = [], []
-    for v in variants[:: 2 * len(RESOLUTIONS)]:
+    for v in variants[:: max(1, len(variants) // 8)]:  # about 8, photos then scenes
         recon = vae.decode(vae.encode(to_pixels(v.image)).latent_dist.mean).sample
         recon = ((recon[0].permute(1, 2, 0) * 127.5 + 127.5).clamp(0, 255)).numpy().astype(np.uint8)
         errors.append(np.abs(recon.astype(int) - v.image).mean())
@@ -346,7 +381,7 @@ def recon_sheet(vae: torch.nn.Module, variants: list[Variant], path: Path) -> tu
 def write_summary(path: Path, args, logs: list[LossLog], times: dict[str, float], extra: dict) -> None:
     lines = ["# tiny-trained: training log", "",
              "A small model with SD1.5 + ControlNet's structure trained on this machine's CPU on scikit-image's "
-             f"{len(PHOTO_PROMPTS)} colour photos — **not SD1.5**; it knows only these photos.", "",
+             f"photos and on drawn scenes — **not SD1.5**; it knows only these.", "",
              f"Command: `{' '.join(['python', 'scripts/train_tiny.py', *sys.argv[1:]])}`  ",
              f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
              f"{args.threads} threads (the cores were shared with other work, so wall times are upper bounds)  ",
@@ -387,6 +422,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-from", type=Path, help="a preset folder whose VAE to reuse (skips phase 1)")
     p.add_argument("--p-uncond", type=float, default=0.15, help="caption dropout (classifier-free guidance)")
     p.add_argument("--p-no-control", type=float, default=0.1, help="control dropout (guess mode)")
+    p.add_argument("--init-from", type=Path,
+                   help="a preset folder whose UNet + ControlNet to start from (fine-tuning; no LSUV init)")
+    p.add_argument("--max-minutes", type=float,
+                   help="wall-clock budget of the UNet+ControlNet phases: stop there and still write everything")
+    p.add_argument("--per-photo", type=int, default=8, help="jittered variants of each training photo")
+    p.add_argument("--scenes-128", type=int, default=2000, help="drawn 128-pixel scenes (phase 2a)")
+    p.add_argument("--scenes-256", type=int, default=200, help="drawn 256-pixel scenes (phase 2b)")
+    p.add_argument("--p-scene", type=float, default=0.5, help="share of each batch that are drawn scenes")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the sample sheets")
     p.add_argument("--smoke", action="store_true", help="a few steps of everything into /tmp")
@@ -395,6 +438,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         smoke = Path("/tmp/tiny_trained_smoke")
         args.out, args.ldm_dir, args.summary = smoke / "preset", smoke / "ldm", smoke / "train-tiny.md"
         args.vae_steps, args.steps_128, args.steps_256, args.log_every, args.sample_steps = 6, 6, 4, 2, 2
+        args.per_photo, args.scenes_128, args.scenes_256 = 1, 8, 4
     return args
 
 
@@ -414,8 +458,14 @@ def main(argv: list[str] | None = None) -> int:
     components = build_from_configs(configs, args.seed, tiny.tokenizer, source="training")
     components.text_encoder = tiny.text_encoder  # the tiny preset's random CLIP, frozen
     round_to_fp16(components.text_encoder)
-    variants = make_variants()
-    print(f"{len(variants)} training pictures from {len(PHOTO_PROMPTS)} photos; parameters: "
+    # the data of both phases (benchmarks/tiny_data.py): photo variants and drawn scenes with captions
+    photos = photo_pictures(TRAINING_PHOTOS, args.per_photo, args.seed + 2)
+    scenes = scene_pictures(training_scene_seeds(args.scenes_128), 128, 128)
+    scenes += scene_pictures(training_scene_seeds(args.scenes_256, offset=args.scenes_128), 256, 256)
+    # the VAE learns from both (a VAE trained on a few photos alone turns drawn colours sepia: issue #24)
+    variants = photos + scenes[::max(1, len(scenes) // len(photos))]
+    print(f"{len(photos)} photo variants of {len(TRAINING_PHOTOS)} photos (held out: {', '.join(HELD_OUT_PHOTOS)}), "
+          f"{len(scenes)} drawn scenes; parameters: "
           + ", ".join(f"{n} {sum(p.numel() for p in m.parameters()) / 1e6:.2f} M" for n, m in components.modules().items()))
 
     clock = time.perf_counter()
@@ -442,13 +492,22 @@ def main(argv: list[str] | None = None) -> int:
     clock = time.perf_counter()
     torch.manual_seed(args.seed + 1)  # phase 2 seeded on its own: the same with a reused VAE
     rng = np.random.default_rng(args.seed + 1)
-    texts = encode_texts(components)
-    pictures = encode_pictures(components.vae, variants)
-    std = float(torch.cat([p.mean.flatten() for p in pictures]).std())
+    if args.init_from:
+        start_from = load_trained_preset(args.init_from)
+        components.unet.load_state_dict(start_from.unet.state_dict())
+        components.controlnet.load_state_dict(start_from.controlnet.state_dict())
+        init_record = json.loads((Path(args.init_from) / "config.json").read_text())
+        print(f"UNet + ControlNet start from {args.init_from} (sha256 {init_record['sha256'][:12]})")
+    pictures = encode_pictures(components.vae, photos, False, "photos") + encode_pictures(components.vae, scenes, True, "scenes")
+    texts = encode_texts(components, [p.caption for p in pictures])
+    print(f"{len(pictures)} pictures and {len(texts)} prompts encoded in {(time.perf_counter() - clock) / 60:.1f} min")
+    std = float(torch.cat([p.mean.flatten() for p in pictures if not p.scene]).std())
     sample_names = list(PHOTO_PROMPTS)[:1 if args.smoke else 4]
+    sample_scenes = [scenes[0]] if args.smoke else [scenes[-1], scenes[-2]]
 
     def on_phase_end(phase: str) -> None:
-        sheet = sample_sheet(components, args.ldm_dir / f"samples_{phase}.png", sample_names, args.sample_steps)
+        sheet = sample_sheet(components, args.ldm_dir / f"samples_{phase}.png", sample_names, args.sample_steps,
+                             sample_scenes)
         tqdm.write(f"[{phase}] samples (EMA weights): {sheet}")
 
     logs = train_diffusion(components, pictures, texts, rng, args, on_phase_end)
@@ -457,20 +516,25 @@ def main(argv: list[str] | None = None) -> int:
         round_to_fp16(module)
 
     meta = {"command": "python scripts/train_tiny.py " + " ".join(sys.argv[1:]), "seed": args.seed,
-            "photos": PHOTO_PROMPTS, "resolutions": list(RESOLUTIONS),
-            "steps": {"vae": args.vae_steps, "unet_controlnet_128px": args.steps_128,
-                      "unet_controlnet_256px": args.steps_256},
+            "photos": TRAINING_PHOTOS, "held_out_photos": HELD_OUT_PHOTOS, "resolutions": list(RESOLUTIONS),
+            "data": {"photo_variants_per_photo": args.per_photo, "scenes_128px": args.scenes_128,
+                     "scenes_256px": args.scenes_256, "p_scene": args.p_scene,
+                     "scene_seeds": f"0..{args.scenes_128 + args.scenes_256 - 1} (benchmarks/tiny_data.py)"},
+            "init_from": (f"{args.init_from} (sha256 {init_record['sha256']})" if args.init_from else None),
+            "max_minutes": args.max_minutes,
+            "steps": {"vae": args.vae_steps, "unet_controlnet_128px": steps_run(logs, 0, args.steps_128),
+                      "unet_controlnet_256px": steps_run(logs, 1, args.steps_256)},
             "final_losses": {log.phase: log.rows[-1][1] if log.rows else None for log in [vae_log, *logs]},
             "vae": vae_record,
             "diffusion": {"lr": args.lr, "controlnet_lr_scale": args.controlnet_lr_scale, "ema": args.ema,
                           "weight_cap": args.weight_cap, "p_high_noise": args.p_high_noise,
                           "p_uncond": args.p_uncond, "p_no_control": args.p_no_control,
                           "batches": {"128px": args.batch_128, "256px": args.batch_256}},
-            "note": "trained here on a handful of scikit-image photos; not SD1.5"}
+            "note": "trained here on scikit-image's photos and drawn scenes; not SD1.5"}
     weights = save_trained_preset(components, args.out, configs, meta)
     ldm = save_single_file(components, args.ldm_dir / "tiny_trained.safetensors", args.ldm_dir / "tiny_trained.yaml")
     sheet = sample_sheet(components, args.ldm_dir / "samples_final.png",
-                         sample_names if args.smoke else list(PHOTO_PROMPTS), args.sample_steps)
+                         sample_names if args.smoke else list(PHOTO_PROMPTS), args.sample_steps, sample_scenes)
     times["total"] = time.perf_counter() - start
     extra = {"preset": f"`{weights.relative_to(ROOT) if weights.is_relative_to(ROOT) else weights}` "
                        f"({weights.stat().st_size / 1e6:.1f} MB, fp16)",
@@ -480,13 +544,23 @@ def main(argv: list[str] | None = None) -> int:
                     + f"{vae_record.get('steps')} steps x {vae_record.get('batch')} crops of {vae_record.get('crop')} "
                       f"px ({vae_record.get('wall_min')} min); latent std {vae_record.get('latent_std_before_folding')} "
                       f"before folding, {std:.3f} after x 0.18215; mean |reconstruction error| {recon_error:.1f} uint8 "
-                      "levels on the 256-resolution photos",
-             "UNet+ControlNet": f"{args.steps_128} steps x {args.batch_128} crops of 128 px, then {args.steps_256} "
-                                f"x {args.batch_256} of 256 px; lr {args.lr} (ControlNet x {args.controlnet_lr_scale}), "
+                      "levels on about 8 training pictures (photos, then scenes)",
+             "data": f"{len(photos)} variants of {len(TRAINING_PHOTOS)} scikit-image photos ({args.per_photo} each: "
+                     f"resolution {' or '.join(map(str, RESOLUTIONS))}, mirrored half the time, colours jittered but the "
+                     f"first; held out: {', '.join(HELD_OUT_PHOTOS)}) and {args.scenes_128} drawn 128-px + "
+                     f"{args.scenes_256} 256-px scenes with captions naming their colours (benchmarks/tiny_data.py, "
+                     f"seeds 0..{args.scenes_128 + args.scenes_256 - 1}); {args.p_scene:.0%} of each batch are scenes",
+             "start": (f"UNet + ControlNet from `{args.init_from}` (sha256 {init_record['sha256'][:12]})"
+                       if args.init_from else "UNet + ControlNet from seeded random weights"),
+             "UNet+ControlNet": f"{steps_run(logs, 0, args.steps_128)} steps x {args.batch_128} crops of 128 px, then "
+                                f"{steps_run(logs, 1, args.steps_256)} x {args.batch_256} of 256 px"
+                                + (f" (of {args.steps_128} + {args.steps_256} planned; wall-clock budget "
+                                   f"{args.max_minutes} min)" if args.max_minutes else "")
+                                + f"; lr {args.lr} (ControlNet x {args.controlnet_lr_scale}), "
                                 f"EMA {args.ema}; {args.p_high_noise:.0%} of each batch at t in [500, 1000), the rest "
                                 f"uniform; loss weight min(1 + 1/SNR, {args.weight_cap}); caption dropout "
                                 f"{args.p_uncond:.0%}, control dropout {args.p_no_control:.0%}; ControlNet hint encoder init: "
-                                f"{args.control_init}",
+                                + ("none (fine-tuned)" if args.init_from else args.control_init),
              "parameters": ", ".join(f"{n} {sum(p.numel() for p in m.parameters()) / 1e6:.2f} M"
                                      for n, m in components.modules().items())}
     write_summary(args.summary, args, [vae_log, *logs], times, extra)

@@ -13,7 +13,8 @@ import torch
 from sdcn_trt import ControlNetPipeline, GenerationConfig, InputError, WeightsError
 from sdcn_trt.images import PHOTO_PROMPTS, sample_photos
 from sdcn_trt.models.presets import CONFIG_FILE, TRAINED_PRESETS, WEIGHTS_FILE, load_preset, load_trained_preset, trained_configs
-from sdcn_trt.preprocess import canny_map
+from benchmarks.held_out import TRAINING_CHECK_PHOTOS, Settings, colour_check, follow_scores
+from benchmarks.tiny_data import HELD_OUT_PHOTOS, HELD_OUT_SEED_START, draw_scene, load_photo
 from tests.conftest import pixel_diff
 
 PRESET_DIR = TRAINED_PRESETS["tiny-trained"]
@@ -61,33 +62,44 @@ def test_from_preset_and_the_cli(tmp_path, photo):
     assert rc == 0 and (tmp_path / "out" / "cat.png").is_file()
 
 
-def edge_f1(edges: np.ndarray, reference: np.ndarray, tolerance: int = 2) -> float:
-    """F1 of two edge maps (nonzero = edge) where an edge counts as found within `tolerance` pixels."""
-    a, b = edges[..., 0] > 0, reference[..., 0] > 0
-    kernel = np.ones((2 * tolerance + 1, 2 * tolerance + 1), np.uint8)
-    near_a = cv2.dilate(a.astype(np.uint8), kernel) > 0
-    near_b = cv2.dilate(b.astype(np.uint8), kernel) > 0
-    precision = (a & near_b).sum() / max(1, a.sum())
-    recall = (b & near_a).sum() / max(1, b.sum())
-    return float(2 * precision * recall / max(1e-9, precision + recall))
-
-
 def test_images_follow_the_control(trained_pipe):
-    """The canny map of each output matches its own control map far better than another photo's.
-    Measured (edge F1 within 2 px, 10 DDIM steps, contest size): matched 0.535 / 0.585 / 0.376,
-    the best mismatched control per output 0.366 / 0.332 / 0.234; means 0.499 vs 0.264."""
-    names = ["chelsea", "coffee", "rocket"]  # all 256x384 at resolution 256
-    controls, edges = {}, {}
-    for name, photo in sample_photos(names).items():
-        out = trained_pipe.run(photo, GenerationConfig(prompt=PHOTO_PROMPTS[name], ddim_steps=10))
-        controls[name], edges[name] = out.control, canny_map(out.images[0], 50, 100)
-    for n in names:
-        matched = edge_f1(edges[n], controls[n])
-        mismatched = [edge_f1(edges[n], controls[m]) for m in names if m != n]
-        assert matched > max(mismatched) + 0.1, (n, matched, mismatched)
-    matched = [edge_f1(edges[n], controls[n]) for n in names]
-    mismatched = [edge_f1(edges[n], controls[m]) for n in names for m in names if m != n]
+    """Training photos: the canny map of each output matches its own control map far better than
+    another photo's. Measured (edge F1 within 2 px, 10 DDIM steps, contest size): matched 0.535 / 0.585 /
+    0.376, mean of the mismatched per output 0.304 / 0.327 / 0.160; means 0.498 vs 0.264."""
+    config = GenerationConfig(ddim_steps=10)
+    inputs = [(photo, PHOTO_PROMPTS[name]) for name, photo in sample_photos(list(TRAINING_CHECK_PHOTOS)).items()]
+    matched, mismatched, _ = follow_scores(trained_pipe, inputs, config, "others")
+    assert np.mean(matched) >= 0.45, (matched, mismatched)
+    assert all(m > x + 0.1 for m, x in zip(matched, mismatched)), (matched, mismatched)
     assert np.mean(matched) > 1.6 * np.mean(mismatched), (matched, mismatched)
+
+
+HELD_OUT_FAST = Settings(scenes=4, size=128, steps=8)
+
+
+def test_images_follow_edges_never_seen(trained_pipe):
+    """Held-out drawn scenes (seeds the training never used) and the two held-out photos, small and
+    few steps. Measured on the shipped weights: scenes 0.245 vs 0.101 mismatched (2.4x), photos 0.148
+    vs 0.086 (1.7x); issue #24's goals (>= 0.30 and >= 2x at 256 px, 10 steps) are not met yet:
+    benchmarks/results/held-out-tiny-trained.md."""
+    config = GenerationConfig(image_resolution=HELD_OUT_FAST.size, ddim_steps=HELD_OUT_FAST.steps)
+    scenes = [draw_scene(HELD_OUT_SEED_START + k, HELD_OUT_FAST.size, HELD_OUT_FAST.size)
+              for k in range(HELD_OUT_FAST.scenes)]
+    matched, mismatched, _ = follow_scores(trained_pipe, [(s.image, s.caption()) for s in scenes], config, "others")
+    assert np.mean(matched) >= 0.2 and np.mean(matched) >= 2 * np.mean(mismatched), (matched, mismatched)
+    photos = [(load_photo(name), caption) for name, caption in HELD_OUT_PHOTOS.items()]
+    matched, mismatched, _ = follow_scores(trained_pipe, photos, config, "rotated")
+    assert np.mean(matched) >= 0.12 and np.mean(matched) >= 1.4 * np.mean(mismatched), (matched, mismatched)
+
+
+@pytest.mark.xfail(strict=True, reason="issue #24: the shipped VAE, trained on 8 photos, turns every colour "
+                   "sepia (mean round-trip error 47.7 levels on drawn scenes), so colour words cannot show")
+def test_colour_words_in_the_prompt_colour_the_image(trained_pipe):
+    """One held-out scene's control, every object called red, then blue: the red prompt's output is
+    the redder (mean R - mean B) on at least 4 of 5 seeds (issue #24's goal). Measured on the shipped
+    weights: the red one is the redder on 1 of 5 seeds. Strict: it fails the suite the day it passes, so the mark gets removed."""
+    pairs = colour_check(trained_pipe, HELD_OUT_FAST)
+    assert sum(red > blue for red, blue in pairs) >= 4, pairs
 
 
 def test_prompt_guidance_and_guess_mode_change_the_image(trained_pipe, small_cat):
