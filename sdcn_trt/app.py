@@ -304,8 +304,10 @@ def build_app(pipe: ControlNetPipeline) -> gr.Blocks:
                                                step=1)
                     ddim_steps = gr.Slider(label="Steps", minimum=1, maximum=100, value=20, step=1)
                     scale = gr.Slider(label="Guidance Scale", minimum=0.1, maximum=30.0, value=9.0, step=0.1)
-                    seed = gr.Slider(label="Seed (-1: random)", minimum=-1, maximum=2147483647, step=1,
-                                     randomize=True)
+                    # the original drew a random initial value on every page load (randomize=True), which
+                    # overwrote a seed typed while the page was still loading; -1 draws one per run instead,
+                    # and "Seed used" shows it
+                    seed = gr.Slider(label="Seed (-1: random)", minimum=-1, maximum=2147483647, step=1, value=-1)
                     eta = gr.Number(label="eta (DDIM)", value=0.0)
                     a_prompt = gr.Textbox(label="Added Prompt", value=GenerationConfig.a_prompt)
                     n_prompt = gr.Textbox(label="Negative Prompt", value=N_PROMPT)

@@ -23,7 +23,7 @@ from sdcn_trt.app import (  # noqa: E402
 )
 from sdcn_trt.errors import SdcnError  # noqa: E402
 
-# the original page's sliders: label -> (minimum, maximum, default, step); seed's default is random
+# the original page's sliders: label -> (minimum, maximum, default, step); the seed: see below
 ORIGINAL_SLIDERS = {
     "Images": (1, 12, 1, 1), "Image Resolution": (256, 768, 512, 64), "Control Strength": (0.0, 2.0, 1.0, 0.01),
     "Canny low threshold": (1, 255, 100, 1), "Canny high threshold": (1, 255, 200, 1), "Steps": (1, 100, 20, 1),
@@ -58,7 +58,7 @@ def test_the_page_has_the_original_controls_in_process_order(page):
                if isinstance(b, gr.Slider) and b.label in ORIGINAL_SLIDERS}
     assert sliders == ORIGINAL_SLIDERS
     seed = next(b for b in page.blocks.values() if isinstance(b, gr.Slider) and b.label.startswith("Seed"))
-    assert (seed.minimum, seed.maximum) == (-1, 2147483647)
+    assert (seed.minimum, seed.maximum, seed.value) == (-1, 2147483647, -1)  # -1: a random seed per run, shown
     gallery = next(b for b in page.blocks.values() if isinstance(b, gr.Gallery))
     assert gallery.format == "png"  # lossless: the downloaded images are the generated ones
     stop = next(d for d in page.fns.values() if d.fn is None and d.cancels)

@@ -57,7 +57,12 @@ def test_a_person_generates_images_in_chromium(tmp_path):
                 field.press("Tab")
             page.get_by_role("button", name="Run", exact=True).click()
             page.wait_for_selector("#timings table", timeout=300_000)
-            page.wait_for_function("document.querySelectorAll('#gallery img').length >= 3")
+            try:
+                page.wait_for_function("document.querySelectorAll('#gallery img').length >= 3", timeout=120_000)
+            except sync_api.TimeoutError:
+                page.screenshot(path=str(tmp_path / "timeout.png"), full_page=True)
+                raise AssertionError(f"the gallery did not show {1 + SAMPLES} images; the page says: "
+                                     + page.inner_text("body")[:3000]) from None
             sizes = page.eval_on_selector_all(
                 "#gallery img", "els => els.map(e => [e.naturalWidth, e.naturalHeight])")
             timings = page.inner_text("#timings")
