@@ -47,14 +47,22 @@ def test_a_person_generates_images_in_chromium(tmp_path):
             page = context.new_page()
             page.on("request", lambda r: None if r.url.startswith(server.local_url) else outside.append(r.url))
             page.goto(server.local_url)
+            page.wait_for_load_state("networkidle")  # the page's scripts have set its controls up
             page.set_input_files("input[type=file]", str(photo))
             page.get_by_label("Prompt", exact=True).fill("a cat")
             page.get_by_text("Advanced options").click()
-            for label, value in (("Images", SAMPLES), ("Image Resolution", RESOLUTION), ("Steps", STEPS),
-                                 ("Seed (-1: random)", SEED)):
-                field = page.get_by_label(f"number input for {label}")
-                field.fill(str(value))
-                field.press("Tab")
+            wanted = {"Images": SAMPLES, "Image Resolution": RESOLUTION, "Steps": STEPS, "Seed (-1: random)": SEED}
+            fields = {label: page.get_by_label(f"number input for {label}") for label in wanted}
+            for _ in range(5):  # as a person would: type the values again if the page has not kept them all
+                for label, value in wanted.items():
+                    fields[label].fill(str(value))
+                    fields[label].press("Tab")
+                page.wait_for_timeout(500)
+                shown = {label: fields[label].input_value() for label in wanted}
+                if shown == {label: str(value) for label, value in wanted.items()}:
+                    break
+            else:
+                raise AssertionError(f"the page did not keep the values typed: {shown}")
             page.get_by_role("button", name="Run", exact=True).click()
             page.wait_for_selector("#timings table", timeout=300_000)
             try:
