@@ -2,7 +2,13 @@
 # Installs sdcn_trt with its test/dev extras into ./.venv (about 2 minutes on a fresh machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# a fresh install takes about 6 GB (torch's wheel is a CUDA build); say so before pip fails half-way
+free_kb=$(df -Pk . | awk 'NR==2 {print $4}')
+if [ ! -d .venv/lib ] && [ "${free_kb:-0}" -lt $((7 * 1024 * 1024)) ]; then
+    echo "install.sh: only $((free_kb / 1024)) MiB free on $(df -P . | awk 'NR==2 {print $6}'); a fresh install needs about 7 GiB" >&2
+fi
 python3 -m venv .venv
+export PIP_NO_CACHE_DIR=1  # no second copy of every download: CI machines can be short of disk
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first and pinned: any other spelling pulls a multi-GB CUDA build from the index
 .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1

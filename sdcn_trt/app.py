@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable
@@ -132,6 +133,8 @@ class AppState:
         self.used: set[tuple[str, str]] = set()
         self.lock = threading.Lock()
         self.downloads = Path(tempfile.mkdtemp(prefix="sdcn_app_"))
+        # removed with the state, at the latest when the interpreter exits (the page's files live as long)
+        weakref.finalize(self, shutil.rmtree, self.downloads, True)
         self._runs: deque[Path] = deque()
         self._count = 0
 

@@ -2,10 +2,29 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+# Everything the code under test and its child processes put in the temp folder (the app's downloads,
+# Gradio's uploads, inductor's kernel cache, unpacked AOTInductor packages, pytest's own tmp_path
+# folders) goes into one folder per test run, removed when the run passes and kept, with its path
+# printed, when it fails: test runs must not fill the machine's /tmp (a full disk failed a CI install).
+RUN_TMP = Path(tempfile.mkdtemp(prefix="sdcn-tests-"))
+os.environ["TMPDIR"] = str(RUN_TMP)
+os.environ["GRADIO_TEMP_DIR"] = str(RUN_TMP / "gradio")
+tempfile.tempdir = str(RUN_TMP)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if exitstatus == 0:
+        shutil.rmtree(RUN_TMP, ignore_errors=True)
+    else:
+        print(f"\ntest run's temporary files kept in {RUN_TMP}")
 
 
 @pytest.fixture(scope="session", autouse=True)
