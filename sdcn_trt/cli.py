@@ -13,7 +13,7 @@ from typing import Sequence
 from sdcn_trt.batch.local import BatchSettings, jobs_for_paths, run_batch, write_outputs
 from sdcn_trt.models.single_file import load_single_file
 from sdcn_trt.config import (
-    BACKENDS, CONTEST_HEIGHT, CONTEST_WIDTH, GRAPH_MODES, PRECISIONS, BackendConfig, GenerationConfig,
+    BACKENDS, CONTEST_HEIGHT, CONTEST_WIDTH, GRAPH_MODES, NETWORKS, PRECISIONS, BackendConfig, GenerationConfig,
 )
 from sdcn_trt.contest import write_kit
 from sdcn_trt.demo import run_demo
@@ -74,6 +74,10 @@ def add_backend_args(parser: argparse.ArgumentParser) -> None:
                    help="most images (photos x samples) per network call; tensorrt/inductor engines are built for "
                         "1..max-batch (default: no limit on torch/onnxruntime, 1 on tensorrt/inductor; with "
                         "--batch-size: batch size x samples)")
+    g.add_argument("--compiled-networks", nargs="*", default=None, metavar="NETWORK",
+                   help="tensorrt/inductor: build only these networks and run the others on torch at the same "
+                        "device and precision, e.g. fused_step (the 20-per-image step; CLIP and the VAE run once). "
+                        f"Default: all. Valid: {', '.join(NETWORKS)}")
 
 
 def add_generation_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
@@ -112,7 +116,8 @@ def backend_config(args: argparse.Namespace) -> BackendConfig:
     if max_batch is None and getattr(args, "batch_size", None):  # engines that take the batches asked for
         max_batch = args.batch_size * getattr(args, "num_samples", 1)
     return BackendConfig(backend=args.backend, device=args.device, precision=args.precision, cache_dir=args.cache_dir,
-                         cuda_graph=args.cuda_graph, check_finite=args.check_finite, max_batch=max_batch)
+                         cuda_graph=args.cuda_graph, check_finite=args.check_finite, max_batch=max_batch,
+                         compiled_networks=args.compiled_networks)
 
 
 def usable_backend(args: argparse.Namespace) -> BackendConfig:

@@ -24,6 +24,9 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt", "inductor")  # inductor: AOTIndu
 BUILT_BACKENDS = ("tensorrt", "inductor")  # engines built for fixed shape ranges (the contest shape by default)
 PRECISIONS = ("fp32", "fp16")  # fp32 is the reference
 GRAPH_MODES = ("off", "step", "loop")  # CUDA graphs: none, one per step, the whole loop + decode
+# every network a runner can run, by name (export.descriptors has one descriptor for each, and checks it)
+NETWORKS = ("text_encoder", "control_hint", "controlnet", "unet", "fused_step", "unet_deep", "unet_shallow",
+            "vae_decoder", "vae_encoder")
 
 
 def check_choice(what: str, value: object, choices: tuple[str, ...]) -> None:
@@ -135,6 +138,22 @@ def _check_number(name: str, value: object) -> None:
         raise InputError(f"{name} must be >= 0, got {value}")
 
 
+def _network_names(what: str, value: object) -> tuple[str, ...]:
+    """`value` as a tuple of network names (duplicates dropped); InputError listing the valid names for
+    anything else: a bare string, an empty list, an unknown name."""
+    valid = ", ".join(NETWORKS)
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise InputError(f"{what} must be a list of network names, got {value!r}; e.g. ('fused_step',) "
+                         f"(None: all); valid names: {valid}")
+    if not value:
+        raise InputError(f"{what} is empty: name at least one network, or give None for all; valid names: {valid}")
+    unknown = [name for name in value if name not in NETWORKS]
+    if unknown:
+        raise InputError(f"unknown network{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} in "
+                         f"{what}; valid names: {valid}")
+    return tuple(dict.fromkeys(value))
+
+
 def _check_int(config: GenerationConfig, name: str, minimum: int) -> None:
     value = getattr(config, name)
     if isinstance(value, bool) or not isinstance(value, int):
@@ -155,9 +174,13 @@ class BackendConfig:
     check_finite: bool = False  # raise NonFiniteOutputError naming the network that produced NaN/Inf
     max_batch: int | None = None  # most images (photos x samples) per network call; None: no limit on torch and
     # onnxruntime, 1 on tensorrt and inductor (engines built for the contest shape); > 1 builds those for 1..max_batch
+    compiled_networks: tuple[str, ...] | None = None  # the networks a built backend (tensorrt, inductor) builds;
+    # the others run on torch at the same device and precision. None: all of them. torch/onnxruntime ignore it
 
     def __post_init__(self) -> None:
         check_choice("backend", self.backend, BACKENDS)
+        if self.compiled_networks is not None:
+            object.__setattr__(self, "compiled_networks", _network_names("compiled_networks", self.compiled_networks))
         if self.max_batch is not None and (isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int)
                                            or self.max_batch < 1):
             raise InputError(f"max_batch must be an integer >= 1 or None (the backend's default), got {self.max_batch!r}")
@@ -170,6 +193,10 @@ class BackendConfig:
 
     def cache_path(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else cache_root()
+
+    def builds(self, network: str) -> bool:
+        """Whether this backend builds `network` (an engine, a package), or runs it on torch instead."""
+        return self.backend in BUILT_BACKENDS and (self.compiled_networks is None or network in self.compiled_networks)
 
     @property
     def batch_limit(self) -> int | None:

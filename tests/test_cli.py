@@ -89,6 +89,34 @@ def test_flags_equal_config_fields():
     assert (args.schedule, args.max_side) == ("eps=10", 1024)
 
 
+def test_backend_flags_equal_backend_config_fields():
+    from dataclasses import fields
+
+    from sdcn_trt import BackendConfig
+    from sdcn_trt.cli import backend_config
+
+    args = build_parser().parse_args(["generate", "x.png"])
+    assert backend_config(args) == BackendConfig()
+    for f in fields(BackendConfig):
+        assert getattr(args, f.name) == f.default
+    args = build_parser().parse_args(["generate", "x.png", "--backend", "inductor", "--compiled-networks", "fused_step",
+                                      "vae_decoder"])
+    assert backend_config(args) == BackendConfig(backend="inductor", compiled_networks=("fused_step", "vae_decoder"))
+
+
+@pytest.mark.parametrize("names,message", [
+    (["fused_step", "clip"], "error: unknown network 'clip' in compiled_networks; valid names: text_encoder, "
+                             "control_hint, controlnet, unet, fused_step, unet_deep, unet_shallow, vae_decoder, "
+                             "vae_encoder\n"),
+    ([], "error: compiled_networks is empty: name at least one network, or give None for all; valid names: "
+         "text_encoder, "),
+])
+def test_bad_compiled_networks_are_one_clear_error(photo_file, capsys, names, message):
+    rc = main(["generate", str(photo_file), "--backend", "inductor", "--compiled-networks", *names])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(message) and "Traceback" not in err
+
+
 def test_export_command(tmp_path, capsys):
     rc = main(["export", "--networks", "vae_decoder", "--height", "64", "--width", "64", "-o", str(tmp_path / "onnx"),
                "--cache-dir", str(tmp_path / "cache")])

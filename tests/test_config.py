@@ -50,3 +50,33 @@ def test_control_scales_match_the_original_formula():
     assert cond[-1] == 2.0 and cond[0] == pytest.approx(0.19882792412674247753620147705078125, rel=1e-12)
     # a smaller model has fewer residuals: the original's zip() takes the first ones
     assert GenerationConfig(guess_mode=True).control_scales(5)[1] == pytest.approx(powers[:5], rel=1e-12)
+
+
+def test_compiled_networks_name_what_a_built_backend_builds():
+    from sdcn_trt import BackendConfig
+    from sdcn_trt.config import NETWORKS
+
+    assert BackendConfig(backend="inductor").compiled_networks is None  # the default: everything is built
+    config = BackendConfig(backend="inductor", compiled_networks=["fused_step", "vae_decoder", "fused_step"])
+    assert config.compiled_networks == ("fused_step", "vae_decoder")  # a tuple, duplicates dropped
+    assert [n for n in NETWORKS if config.builds(n)] == ["fused_step", "vae_decoder"]
+    assert all(BackendConfig(backend=b).builds(n) for b in ("inductor", "tensorrt") for n in NETWORKS)
+    for backend in ("torch", "onnxruntime"):  # build nothing, with or without the field
+        assert not any(BackendConfig(backend=backend, compiled_networks=("fused_step",)).builds(n) for n in NETWORKS)
+
+
+@pytest.mark.parametrize("value,message", [
+    (("fused_step", "unet2"), "unknown network 'unet2' in compiled_networks; valid names: text_encoder, "
+                              "control_hint, controlnet, unet, fused_step, unet_deep, unet_shallow, vae_decoder, "
+                              "vae_encoder"),
+    (["clip", "vae"], "unknown networks 'clip', 'vae' in compiled_networks; valid names: text_encoder, "),
+    ((), "compiled_networks is empty: name at least one network, or give None for all; valid names: text_encoder, "),
+    ("fused_step", "compiled_networks must be a list of network names, got 'fused_step'; e.g. ('fused_step',) "
+                   "(None: all); valid names: text_encoder, "),
+])
+def test_bad_compiled_networks_raise_one_error_naming_the_valid_names(value, message):
+    from sdcn_trt import BackendConfig
+
+    with pytest.raises(InputError) as raised:
+        BackendConfig(backend="inductor", compiled_networks=value)
+    assert str(raised.value).startswith(message)

@@ -64,6 +64,30 @@ def test_gpu_requirements_are_named(monkeypatch):
     assert not ok and "cuda_runtime_api.h was not found (looked in: /opt/nowhere/include)" in why
 
 
+def test_networks_left_out_of_compiled_networks_get_torch_runners(tiny, monkeypatch):
+    """Runner creation decides (the pipeline never asks): a built backend's networks outside
+    compiled_networks run on torch, same device and precision; nothing is built for them."""
+    from sdcn_trt import engines
+    from sdcn_trt.engines.tensorrt import TensorRTRunner
+    from sdcn_trt.engines.torch import resolve_dtype
+    from sdcn_trt.export.descriptors import PIPELINE_NETWORKS
+
+    config = BackendConfig(backend="inductor", precision="fp16", check_finite=True, compiled_networks=("fused_step",))
+    runners = {n: create_runner(get_descriptor(n, tiny), config) for n in PIPELINE_NETWORKS}
+    assert type(runners["fused_step"]) is InductorRunner
+    for name in ("text_encoder", "control_hint", "vae_decoder"):
+        runner = runners[name]
+        assert type(runner) is TorchRunner and runner.device == torch.device("cpu") and runner.check_finite
+        assert runner.dtype == resolve_dtype(runner.descriptor.precision_for("fp16"))
+    assert runners["vae_decoder"].dtype == torch.float16 and runners["text_encoder"].dtype == torch.float32
+    monkeypatch.setattr(engines, "require_backend", lambda config: None)  # TensorRT is not installed here,
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # nor a GPU: runners are made, never run
+    trt = BackendConfig(backend="tensorrt", device="cuda", precision="fp16", compiled_networks=("fused_step",))
+    assert type(create_runner(get_descriptor("fused_step", tiny), trt)) is TensorRTRunner
+    vae = create_runner(get_descriptor("vae_decoder", tiny), trt)
+    assert type(vae) is TorchRunner and vae.device == torch.device("cuda") and vae.dtype == torch.float16
+
+
 def test_rebuild_reasons_say_what_changed(tiny):
     desc = get_descriptor("control_hint", tiny)
     cpu = Target("2.14.1", "cpu", "Some CPU", "avx2")
@@ -251,6 +275,32 @@ def test_second_runner_reuses_the_package_without_compiling(tiny, fused_runner, 
     assert torch.equal(_outputs(again, feed)["noise_pred"], _outputs(fused_runner, feed)["noise_pred"])
 
 
+def test_compiled_networks_fused_step_builds_that_package_only(tiny, photo, fused_runner, isolated_cache,
+                                                              monkeypatch):
+    """compiled_networks=("fused_step",): one build call, for the fused step, whose package is the one
+    the all-networks backend uses (same key, same folder: the field is not part of the key); CLIP, hint
+    and VAE run on torch; the images match eager torch as the all-compiled pipeline's do."""
+    from sdcn_trt.engines import inductor
+
+    built: list[str] = []
+    real_build = inductor.build_package
+    monkeypatch.setattr(inductor, "build_package", lambda d, *a, **k: built.append(d.name) or real_build(d, *a, **k))
+    folders = sorted((isolated_cache / "inductor").iterdir())
+    config = GenerationConfig(image_resolution=256, ddim_steps=4, eta=0.5, guess_mode=True)
+    reference = ControlNetPipeline(tiny).run(photo, config).images[0]
+    pipe = ControlNetPipeline(tiny, BackendConfig(backend="inductor", cuda_graph="loop",
+                                                  compiled_networks=("fused_step",)))
+    image = pipe.run(photo, config).images[0]
+    assert built == ["fused_step"] and sorted((isolated_cache / "inductor").iterdir()) == folders
+    package = pipe.runners["fused_step"].package
+    assert package.cached and (package.key, package.path) == (fused_runner.package.key, fused_runner.package.path)
+    assert {n: type(r).__name__ for n, r in pipe.runners.items()} == {
+        "text_encoder": "TorchRunner", "control_hint": "TorchRunner", "fused_step": "InductorRunner",
+        "vae_decoder": "TorchRunner"}
+    diff = pixel_diff(image, reference)
+    assert image.shape == (256, 384, 3) and diff.max() <= 1 and diff.mean() < 0.01
+
+
 @pytest.fixture(scope="module")
 def hint_build(tiny, tmp_path_factory):
     """control_hint at 64x64 built through `sdcn-trt build --backend inductor`: (cache folder, output)."""
@@ -395,7 +445,8 @@ def test_changed_shapes_rebuild_and_dynamic_ranges_run(hint_build, tiny):
 @pytest.mark.slow
 def test_inductor_pipeline_matches_torch_end_to_end(tiny, photo, fused_runner, monkeypatch):
     """All four networks compiled for the contest shape, the whole loop on static buffers: uint8 images
-    within 1 level of eager torch; a second pipeline compiles nothing."""
+    within 1 level of eager torch; a second pipeline compiles nothing; with compiled_networks=
+    ("fused_step",) the image is the all-compiled one's within 1 level."""
     config = GenerationConfig(image_resolution=256, ddim_steps=4, eta=0.5, guess_mode=True)
     reference = ControlNetPipeline(tiny).run(photo, config).images[0]
     pipe = ControlNetPipeline(tiny, BackendConfig(backend="inductor", cuda_graph="loop"))
@@ -410,6 +461,13 @@ def test_inductor_pipeline_matches_torch_end_to_end(tiny, photo, fused_runner, m
     again = ControlNetPipeline(tiny, BackendConfig(backend="inductor"))
     assert np.array_equal(again.run(photo, config).images[0], image)
     assert all(r.package.cached for r in again.runners.values())
+    # only the fused step compiled (its package reused), the rest on torch: the all-compiled image, within 1 level
+    step_only = ControlNetPipeline(tiny, BackendConfig(backend="inductor", cuda_graph="loop",
+                                                       compiled_networks=("fused_step",)))
+    partial = step_only.run(photo, config).images[0]
+    diff = pixel_diff(partial, image)
+    assert diff.max() <= 1 and diff.mean() < 0.01
+    assert [n for n, r in step_only.runners.items() if isinstance(r, InductorRunner)] == ["fused_step"]
 
 
 # -- on a GPU -------------------------------------------------------------------------------------------

@@ -70,16 +70,18 @@ def require_backend(config: BackendConfig) -> None:
 
 
 def create_runner(descriptor: NetworkDescriptor, config: BackendConfig) -> Runner:
-    """The runner of `config.backend` for one network; unavailable backends raise with a fix."""
+    """The runner of `config.backend` for one network; unavailable backends raise with a fix. A built
+    backend's network left out of `config.compiled_networks` gets a torch runner on the same device and
+    in the same precision (nothing is built for it): the choice is made here, never in the pipeline."""
     require_backend(config)
-    if config.backend == "torch":
-        from sdcn_trt.engines.torch import TorchRunner
-
-        runner: Runner = TorchRunner(descriptor, device=config.device, precision=config.precision)
-    elif config.backend == "onnxruntime":
+    if config.backend == "onnxruntime":
         from sdcn_trt.engines.onnxruntime import OnnxRuntimeRunner
 
-        runner = OnnxRuntimeRunner(descriptor, config)
+        runner: Runner = OnnxRuntimeRunner(descriptor, config)
+    elif not config.builds(descriptor.name):  # the torch backend, or a network a built backend leaves to torch
+        from sdcn_trt.engines.torch import TorchRunner
+
+        runner = TorchRunner(descriptor, device=config.device, precision=config.precision)
     elif config.backend == "inductor":
         from sdcn_trt.engines.inductor import InductorRunner
         from sdcn_trt.engines.inductor_plan import InductorSettings

@@ -13,7 +13,7 @@ from torch import nn
 
 from sdcn_trt.models import networks
 from sdcn_trt.models.components import Components
-from sdcn_trt.config import CONTEST_HEIGHT, CONTEST_WIDTH
+from sdcn_trt.config import CONTEST_HEIGHT, CONTEST_WIDTH, NETWORKS
 from sdcn_trt.errors import InputError
 
 Shape = tuple[int, ...]
@@ -414,6 +414,7 @@ DESCRIPTORS: dict[str, type[NetworkDescriptor]] = {
                         FusedStepDescriptor, UNetDeepDescriptor, UNetShallowDescriptor, VaeDecoderDescriptor,
                         VaeEncoderDescriptor)
 }
+assert tuple(DESCRIPTORS) == NETWORKS, f"config.NETWORKS {NETWORKS} must name these descriptors: {tuple(DESCRIPTORS)}"
 PIPELINE_NETWORKS = ("text_encoder", "control_hint", "fused_step", "vae_decoder")  # what ControlNetPipeline runs
 
 
