@@ -4,6 +4,7 @@
     python -m benchmarks --device cuda --steps 20 # GPU: torch fp32/fp16, CUDA graphs, inductor, diffusers fp16
     python -m benchmarks --batch-sizes 1 2 4      # also B photos per call: images/s, ms/image, memory per B
     python -m benchmarks --device cuda --cases diffusers:fp16:off:reduce-overhead  # diffusers under torch.compile
+    python -m benchmarks --device cuda --cases inductor:fp16:loop:compiled_networks=fused_step  # compile the step only
 
 Every case's image is compared with the torch fp32 case's (the contest's reference) on the same
 weights: mean and max |difference| in uint8 levels, and the NaN/Inf values each network produced.
@@ -19,21 +20,47 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from benchmarks.batched import batched_markdown, run_batched_case
 from sdcn_trt.engines.child import python_command, run_child
+from sdcn_trt.errors import InputError
 from sdcn_trt.scoring.latency import measure
 
-CPU_CASES = [("torch", "fp32", "off"), ("onnxruntime", "fp32", "off"), ("diffusers", "fp32", "off")]
+# A case is backend:precision:graph[:option...]; an option is compile=MODE (the diffusers baseline's
+# torch.compile mode, benchmarks.baseline_diffusers.COMPILE_MODES; also a bare fourth field) or
+# compiled_networks=NAME[,NAME...] (tensorrt/inductor build only those networks, the others run on torch).
+CPU_CASES = ["torch:fp32:off", "onnxruntime:fp32:off", "diffusers:fp32:off"]
 # In order of value, for runs cut short by a time limit: the reference first, then the fastest candidates.
-# onnxruntime:fp16:off and tensorrt:fp16:loop run when asked for with --cases (and installed).
-# A fourth field is the diffusers baseline's torch.compile mode (benchmarks.baseline_diffusers.COMPILE_MODES).
-GPU_CASES = [("torch", "fp32", "off"), ("torch", "fp16", "loop"), ("inductor", "fp16", "loop"),
-             ("diffusers", "fp16", "off"), ("diffusers", "fp16", "off", "max-autotune-no-cudagraphs"),
-             ("diffusers", "fp16", "off", "reduce-overhead"), ("torch", "fp16", "off")]
+# onnxruntime:fp16:off and tensorrt:fp16:loop run when asked for with --cases (and installed). The inductor
+# case compiles only the fused ControlNet+UNet step (20 per image; CLIP and the VAE run once, on torch fp16):
+# each SD1.5-sized compile takes minutes on a GPU.
+GPU_CASES = ["torch:fp32:off", "torch:fp16:loop", "inductor:fp16:loop:compiled_networks=fused_step",
+             "diffusers:fp16:off", "diffusers:fp16:off:max-autotune-no-cudagraphs", "diffusers:fp16:off:reduce-overhead",
+             "torch:fp16:off"]
+CASE_OPTIONS = ("compile", "compiled_networks")
+
+
+def parse_case(text: str) -> dict[str, Any]:
+    """'backend:precision:graph[:option...]' -> the case's settings (InputError saying what is wrong):
+    backend, precision, cuda_graph, compile ("off" unless given) and compiled_networks (only when given)."""
+    fields = text.split(":")
+    if len(fields) < 3:
+        raise InputError(f"case {text!r}: expected backend:precision:graph[:option...], e.g. torch:fp16:loop or "
+                         "inductor:fp16:loop:compiled_networks=fused_step")
+    case: dict[str, Any] = {"backend": fields[0], "precision": fields[1], "cuda_graph": fields[2], "compile": "off"}
+    for k, option in enumerate(fields[3:]):
+        name, equals, value = option.partition("=")
+        if not equals and k == 0:  # the bare fourth field: the diffusers baseline's compile mode
+            name, value = "compile", option
+        if name not in CASE_OPTIONS or not value:
+            raise InputError(f"case {text!r}: bad option {option!r}; options: compile=MODE, "
+                             "compiled_networks=NAME[,NAME...]")
+        case[name] = value.split(",") if name == "compiled_networks" else value
+    return case
 
 
 def gemm_peak_tflops(device: str) -> float:
@@ -70,7 +97,7 @@ def markdown(report: dict) -> str:
              "Machine: " + ", ".join(f"{k} {v}" for k, v in report["machine"].items()), "",
              "| backend | precision | CUDA graph | ms/image | vs torch fp32 | vs diffusers | CLIP ms | fused step ms | "
              "VAE decode ms | step TFLOP/s (% of GEMM peak) | outside steps | peak memory GiB | "
-             "vs torch fp32: mean / max abs diff (uint8) | NaN/Inf | build s / package MiB |",
+             "vs torch fp32: mean / max abs diff (uint8) | NaN/Inf | build s / package MiB (networks built) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cases:
         if "error" in c:
@@ -91,7 +118,8 @@ def markdown(report: dict) -> str:
             " (" + ", ".join(f"{n} {v}" for n, v in bad.items() if v) + ")" if any(bad.values()) else "")
         packages = c.get("packages")
         build = (f"{sum(p['build_s'] for p in packages.values()):.0f} / {sum(p['size_mib'] for p in packages.values()):.0f}"
-                 if packages else f"{c['compile_s']:.0f} / -" if c.get("compile", "off") != "off" else "-")
+                 f" ({', '.join(packages)})" if packages  # the networks built: the others ran on torch
+                 else f"{c['compile_s']:.0f} / -" if c.get("compile", "off") != "off" else "-")
         lines.append(f"| {label(c)} | {c['precision']} | {c['cuda_graph']} | {1000 * e2e:.0f} | {ratio(ref)} | "
                      f"{ratio(base)} | {ms('text_encoder')} | {ms('fused_step')} | {ms('vae_decoder')} | {step} | "
                      f"{outside} | {memory:.1f} | {parity_text} | {bad_text} | {build} |")
@@ -99,7 +127,9 @@ def markdown(report: dict) -> str:
               "(text, canny, hint, DDIM arithmetic, VAE, Python). Speed-ups are ratios of medians from this run. "
               "Parity: the case's image against the torch fp32 case's, same weights, inputs and seed. "
               "NaN/Inf: values the networks output over one image (an fp16 overflow shows here). "
-              "Build: AOTInductor compile time and package size, all networks; for diffusers under torch.compile "
+              "Build: AOTInductor compile time and package size of the networks the case built (named; with "
+              "'builds ...' in the backend column the other networks ran on torch, same device and precision); "
+              "for diffusers under torch.compile "
               "(mode in brackets, UNet and ControlNet), the first call's time beyond a timed call."]
     overflowed = [f"{c['backend']} {c['precision']}" for c in cases if "error" not in c and any(c.get("nonfinite", {}).values())]
     if overflowed:
@@ -134,24 +164,26 @@ def main() -> int:
                         help="after the cases, each case (but diffusers) with B photos per call for every B given")
     args = parser.parse_args()
     started = time.monotonic()
-    cases = ([tuple(c.split(":")) for c in args.cases] if args.cases
-             else CPU_CASES if args.device == "cpu" else GPU_CASES)
+    try:
+        cases = [parse_case(c) for c in args.cases or (CPU_CASES if args.device == "cpu" else GPU_CASES)]
+    except InputError as exc:
+        parser.error(str(exc))
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": args.device, "preset": args.preset,
               "steps": args.steps, "repeats": args.repeats, "machine": machine(args.device),
               "gemm_peak_tflops": gemm_peak_tflops(args.device), "cases": []}
     stem = f"bench-{report_name(args)}-{time.strftime('%Y%m%d-%H%M')}"
     images = Path(tempfile.mkdtemp(prefix="sdcn_bench_images."))
     reference: np.ndarray | None = None
-    for backend, precision, graph, *compiled in cases:
-        case = {"backend": backend, "precision": precision, "cuda_graph": graph, "compile": compiled[0] if compiled else "off"}
+    for case in cases:
+        backend, precision, graph = case["backend"], case["precision"], case["cuda_graph"]
         timeout = args.timeout
         if args.deadline:
             timeout = min(timeout, int(args.deadline - (time.monotonic() - started)))
         if timeout < 30:
             result: dict = {**case, "error": f"skipped: the run's {args.deadline:.0f} s were spent"}
         else:
-            print(f"case {backend} {precision} graph={graph} compile={case['compile']} (limit {timeout} s) ...", flush=True)
-            result = run_one(case, args, timeout, images / f"{backend}-{precision}-{graph}-{case['compile']}.npy")
+            print(f"case {label(case)} {precision} graph={graph} (limit {timeout} s) ...", flush=True)
+            result = run_one(case, args, timeout, images / f"{len(report['cases'])}.npy")
         image = result.pop("image", None)
         if image is not None and backend == "torch" and precision == "fp32" and reference is None:
             reference = image
@@ -161,10 +193,11 @@ def main() -> int:
         report["cases"].append(result)
         print(json.dumps(result)[:400], flush=True)
         write_report(report, args, stem)
-    for (backend, precision, graph), batch in ((c, b) for c in cases if c[0] != "diffusers" for b in args.batch_sizes):
+    for full, batch in ((c, b) for c in cases if c["backend"] != "diffusers" for b in args.batch_sizes):
         timeout = min(args.timeout, int(args.deadline - (time.monotonic() - started))) if args.deadline else args.timeout
-        case = {"backend": backend, "precision": precision, "cuda_graph": graph}
-        print(f"batched {backend} {precision} graph={graph} B={batch} (limit {timeout} s) ...", flush=True)
+        case = {k: v for k, v in full.items() if k != "compile"}
+        print(f"batched {label(case)} {case['precision']} graph={case['cuda_graph']} B={batch} (limit {timeout} s) ...",
+              flush=True)
         result = (run_batched_case(case, batch, args, timeout) if timeout >= 30 else
                   {**case, "batch_size": batch, "error": f"skipped: the run's {args.deadline:.0f} s were spent"})
         report.setdefault("batched", []).append(result)
@@ -176,8 +209,11 @@ def main() -> int:
 
 
 def label(case: dict) -> str:
-    """The backend column: the backend, and the diffusers baseline's torch.compile mode when it has one."""
-    compiled = case.get("compile", "off")
+    """The backend column: the backend, with the diffusers baseline's torch.compile mode when it has one,
+    or the networks a built backend was told to build (the others ran on torch)."""
+    compiled, built = case.get("compile", "off"), case.get("compiled_networks")
+    if built:
+        return f"{case['backend']} (builds {', '.join(built)})"
     return case["backend"] if compiled == "off" else f"{case['backend']} (torch.compile {compiled})"
 
 
@@ -187,16 +223,18 @@ def report_name(args: argparse.Namespace) -> str:
     return device if args.preset == "sd15-random" else f"{device}-{args.preset}"
 
 
-def case_command(case: dict[str, str], args: argparse.Namespace, out: str, image_path: Path) -> list[str]:
+def case_command(case: dict[str, Any], args: argparse.Namespace, out: str, image_path: Path) -> list[str]:
     """The command running one case: `python -X faulthandler -m benchmarks.case ...` (a crash prints
     the Python stack of every thread before the process dies)."""
+    built = case.get("compiled_networks")
     return python_command("benchmarks.case", "--backend", case["backend"], "--precision", case["precision"],
                           "--device", args.device, "--cuda-graph", case["cuda_graph"], "--preset", args.preset,
                           "--steps", str(args.steps), "--repeats", str(args.repeats), "--out", out,
-                          "--image-out", str(image_path), "--compile", case.get("compile", "off"))
+                          "--image-out", str(image_path), "--compile", case.get("compile", "off"),
+                          *(["--compiled-networks", *built] if built else []))
 
 
-def run_one(case: dict[str, str], args: argparse.Namespace, timeout: int, image_path: Path) -> dict:
+def run_one(case: dict[str, Any], args: argparse.Namespace, timeout: int, image_path: Path) -> dict:
     """One case in its own process (and process group: a timeout also ends the compile workers
     inductor starts): its result (with its image, when it made one), or the error in words — the
     signal that killed it and where ('killed by SIGSEGV (segmentation fault) at ...'), or its Python

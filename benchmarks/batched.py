@@ -41,7 +41,7 @@ def run_batched(args: argparse.Namespace) -> dict[str, Any]:
 
     batch = args.batch_size
     backend = BackendConfig(backend=args.backend, device=args.device, precision=args.precision,
-                            cuda_graph=args.cuda_graph, max_batch=batch)
+                            cuda_graph=args.cuda_graph, max_batch=batch, compiled_networks=args.compiled_networks)
     pipe = ControlNetPipeline(load_preset(args.preset, seed=0), backend)
     config = GenerationConfig(ddim_steps=args.steps)
     items = [BatchItem(p, prompt=f"a photo, number {i}", seed=1000 + i) for i, p in enumerate(photos(batch))]
@@ -57,19 +57,22 @@ def run_batched(args: argparse.Namespace) -> dict[str, Any]:
               "batch_size": batch, "steps": args.steps, "preset": args.preset, "median_s": seconds,
               "min_s": stats["min"] / 1000.0, "repeats": int(stats["n"]), "images_per_s": batch / seconds,
               "ms_per_image": 1000.0 * seconds / batch, "max_diff_vs_single": worst,
-              "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+              "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+              "compiled_networks": args.compiled_networks}
     if args.device.startswith("cuda"):
         result["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return result
 
 
-def run_batched_case(case: dict[str, str], batch_size: int, args: argparse.Namespace, timeout: int) -> dict[str, Any]:
+def run_batched_case(case: dict[str, Any], batch_size: int, args: argparse.Namespace, timeout: int) -> dict[str, Any]:
     """One (case, B) in its own process (its own peak memory): the result, or the error."""
     with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
         cmd = [sys.executable, "-m", "benchmarks.batched", "--backend", case["backend"], "--precision",
                case["precision"], "--device", args.device, "--cuda-graph", case["cuda_graph"], "--preset", args.preset,
                "--steps", str(args.steps), "--repeats", str(args.repeats), "--batch-size", str(batch_size),
                "--out", tmp.name]
+        if case.get("compiled_networks"):
+            cmd += ["--compiled-networks", *case["compiled_networks"]]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             _, stderr = proc.communicate(timeout=timeout)
@@ -94,12 +97,13 @@ def batched_markdown(report: dict[str, Any]) -> str:
              "| backend | precision | CUDA graph | B | images/s | ms/image | per image vs B=1 | peak memory GiB | "
              "max diff vs single call (uint8) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        head = f"| {r['backend']} | {r['precision']} | {r['cuda_graph']} | {r['batch_size']} |"
+        built = f" (builds {', '.join(r['compiled_networks'])})" if r.get("compiled_networks") else ""
+        head = f"| {r['backend']}{built} | {r['precision']} | {r['cuda_graph']} | {r['batch_size']} |"
         if "error" in r:
             lines.append(f"{head} failed: {r['error'][:80]} |" + " |" * 4)
             continue
         one = next((o for o in rows if "error" not in o and o["batch_size"] == 1 and
-                    (o["backend"], o["precision"], o["cuda_graph"]) == (r["backend"], r["precision"], r["cuda_graph"])),
+                    all(o.get(k) == r.get(k) for k in ("backend", "precision", "cuda_graph", "compiled_networks"))),
                    None)
         speedup = f"{one['ms_per_image'] / r['ms_per_image']:.2f}x" if one else "-"
         memory = r.get("peak_gpu_memory_gib", r["peak_rss_gib"])
@@ -116,6 +120,8 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cuda-graph", default="off")
+    parser.add_argument("--compiled-networks", nargs="*", default=None, metavar="NETWORK",
+                        help="tensorrt/inductor: build only these networks, the others run on torch (default: all)")
     parser.add_argument("--preset", default="sd15-random")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from benchmarks.baseline_diffusers import COMPILE_MODES, diffusers_end_to_end
+from sdcn_trt.config import BUILT_BACKENDS
 from sdcn_trt.errors import InputError
 from sdcn_trt.scoring.latency import measure
 
@@ -76,6 +77,10 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
     if args.compile != "off" and args.backend != "diffusers":
         raise InputError(f"--compile {args.compile} is for the diffusers baseline; backend {args.backend!r} "
                          "compiles through its own settings (inductor)")
+    compiled = getattr(args, "compiled_networks", None)
+    if compiled is not None and args.backend not in BUILT_BACKENDS:
+        raise InputError(f"--compiled-networks is for the backends that build networks ({', '.join(BUILT_BACKENDS)}); "
+                         f"backend {args.backend!r} builds none")
     clock = time.perf_counter()
     components = load_preset(args.preset, seed=0)
     load_s = time.perf_counter() - clock
@@ -93,7 +98,10 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
         result["nonfinite"] = {"images": int((~np.isfinite(floats)).sum())}
         image = (np.nan_to_num(floats, nan=0.0).clip(0, 1) * 255).astype(np.uint8)  # truncation, as ours
     else:
-        backend = BackendConfig(backend=args.backend, device=args.device, precision=args.precision, cuda_graph=args.cuda_graph)
+        backend = BackendConfig(backend=args.backend, device=args.device, precision=args.precision,
+                                cuda_graph=args.cuda_graph, compiled_networks=compiled)
+        # what this backend built and what ran on torch (compiled_networks None: everything it runs was built)
+        result["compiled_networks"] = list(backend.compiled_networks) if backend.compiled_networks else None
         pipe = ControlNetPipeline(components, backend)
         clock = time.perf_counter()
         for runner in pipe.runners.values():
@@ -142,6 +150,8 @@ def main() -> None:
     parser.add_argument("--cuda-graph", default="off")
     parser.add_argument("--compile", default="off", choices=COMPILE_MODES,
                         help="diffusers baseline only: torch.compile mode of its UNet and ControlNet (CUDA)")
+    parser.add_argument("--compiled-networks", nargs="*", default=None, metavar="NETWORK",
+                        help="tensorrt/inductor: build only these networks, the others run on torch (default: all)")
     parser.add_argument("--preset", default="sd15-random")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)

@@ -1,5 +1,6 @@
 """The benchmark suite's plumbing on the tiny preset (speed goals live in benchmarks/results, not here)."""
 import json
+import re
 import subprocess
 import sys
 
@@ -43,7 +44,13 @@ def test_markdown_ratios_come_from_the_same_run():
     assert "| torch | fp32 | off | 20000 | 1.00x | 2.00x | - | 8000.0 | - | 0.050 (50%) | 20.0% | 1.0 | - | - | - |" in table
     assert "| onnxruntime | fp32 | off | 10000 | 2.00x | 4.00x | - | - | - | - | - | 1.0 |" in table
     assert "| tensorrt | fp16 | loop | failed: no GPU |" in table
-    assert "| inductor | fp32 | off | 5000 | 4.00x | 8.00x | - | - | - | - | - | 1.0 | 0.25 / 3 | 0 | 120 / 2160 |" in table
+    assert ("| inductor | fp32 | off | 5000 | 4.00x | 8.00x | - | - | - | - | - | 1.0 | 0.25 / 3 | 0 | "
+            "120 / 2160 (fused_step, vae_decoder) |") in table
+    report["cases"].append(case("inductor", 6.0, compiled_networks=["fused_step"],
+                                packages={"fused_step": {"build_s": 100.4, "size_mib": 2.2}}))
+    assert ("| inductor (builds fused_step) | fp32 | off | 6000 | 3.33x | 6.67x | - | - | - | - | - | 1.0 | - | - | "
+            "100 / 2 (fused_step) |") in markdown(report)
+    report["cases"].pop()
     assert "SD1.5-sized" in table and "**2 DDIM steps**" in table and "**fp16 overflow**" not in table
     report["cases"].append({**case("torch", 4.0), "precision": "fp16", "nonfinite": {"fused_step": 5, "vae_decoder": 7}})
     table = markdown(report)
@@ -271,3 +278,62 @@ def test_schedule_table_puts_tiny_trained_quality_beside_latency(tmp_path):
     assert "| eps=10 | 20 | 1 | 1 | 0 | 100.0 | 2.00x | 0.9946 (0.9788) | 44.21 |" in table
     assert f"| {WINNER_SPLIT} | 20 | 1 | 1 | 0 | 150.0 | 1.33x | - | - |" in table
     assert set(GPU_SCHEDULES) >= {"full", "eps=10", "control=10", "deepcache=3"}
+
+
+def test_cases_parse_with_their_options_and_bad_ones_say_what_is_valid(monkeypatch, capsys):
+    """backend:precision:graph[:option...]: the diffusers compile mode (bare or compile=), and
+    compiled_networks= for the built backends; the default GPU inductor case compiles the fused step only."""
+    import argparse
+
+    from benchmarks.__main__ import GPU_CASES, case_command, main, parse_case
+
+    assert parse_case("torch:fp16:loop") == {"backend": "torch", "precision": "fp16", "cuda_graph": "loop",
+                                             "compile": "off"}
+    assert parse_case("diffusers:fp16:off:reduce-overhead")["compile"] == "reduce-overhead"
+    assert parse_case("diffusers:fp16:off:compile=reduce-overhead")["compile"] == "reduce-overhead"
+    case = parse_case("inductor:fp16:loop:compiled_networks=fused_step,vae_decoder")
+    assert case == {"backend": "inductor", "precision": "fp16", "cuda_graph": "loop", "compile": "off",
+                    "compiled_networks": ["fused_step", "vae_decoder"]}
+    inductor = [parse_case(c) for c in GPU_CASES if c.startswith("inductor")]
+    assert inductor == [{**case, "compiled_networks": ["fused_step"]}]
+    args = argparse.Namespace(device="cuda", preset="sd15-random", steps=20, repeats=3)
+    command = case_command(case, args, "out.json", "image.npy")
+    assert command[-3:] == ["--compiled-networks", "fused_step", "vae_decoder"]
+    assert "--compiled-networks" not in case_command(parse_case("torch:fp16:loop"), args, "out.json", "image.npy")
+    for text, message in (("torch:fp16", "case 'torch:fp16': expected backend:precision:graph[:option...]"),
+                          ("inductor:fp16:loop:networks=fused_step", "case 'inductor:fp16:loop:networks=fused_step': "
+                           "bad option 'networks=fused_step'; options: compile=MODE, compiled_networks=NAME[,NAME...]"),
+                          ("inductor:fp16:loop:compiled_networks=", "bad option 'compiled_networks='")):
+        with pytest.raises(InputError, match=re.escape(message)):
+            parse_case(text)
+    monkeypatch.setattr(sys, "argv", ["benchmarks", "--cases", "torch:fp32:off", "torch:fp16"])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 2 and "expected backend:precision:graph[:option...]" in capsys.readouterr().err
+
+
+def test_compiled_networks_are_refused_where_nothing_is_built():
+    import argparse
+
+    from benchmarks.case import run_case
+
+    args = argparse.Namespace(backend="torch", compile="off", compiled_networks=["fused_step"], preset="tiny")
+    with pytest.raises(InputError, match=re.escape("--compiled-networks is for the backends that build networks "
+                                                   "(tensorrt, inductor); backend 'torch' builds none")):
+        run_case(args)
+
+
+@pytest.mark.slow  # compiles the tiny fused step (about 80 s on the 2-core machine) unless the cache holds it
+def test_an_inductor_case_compiles_only_the_networks_it_is_told(tmp_path):
+    """The suite's inductor case with compiled_networks=fused_step: one package, the other networks on
+    torch, recorded in the JSON and named in the table."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--preset", "tiny", "--steps", "1", "--repeats", "1",
+                           "--cases", "inductor:fp32:off:compiled_networks=fused_step", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (report_file,) = tmp_path.glob("bench-cpu-tiny-*.json")
+    (case,) = json.loads(report_file.read_text())["cases"]
+    assert "error" not in case and case["compiled_networks"] == ["fused_step"] and list(case["packages"]) == ["fused_step"]
+    assert case["packages"]["fused_step"]["size_mib"] < 16 and case["nonfinite"]["fused_step"] == 0
+    assert "| inductor (builds fused_step) | fp32 | off | " in report_file.with_suffix(".md").read_text()
+    assert " (fused_step) |" in report_file.with_suffix(".md").read_text()
