@@ -115,8 +115,8 @@ def write_markdown(path: Path, results: dict, preset: str, base: GenerationConfi
     full_ms = results["rows"]["full"]["ms_per_image"]
     lines = [
         f"# Schedules on `{preset}`: quality against latency ({time.strftime('%Y-%m-%d')})", "",
-        f"**Model: `{preset}`, a small model trained on this machine's CPU on {len(PHOTO_PROMPTS)} of scikit-image's "
-        "photos (scripts/train_tiny.py) — not SD1.5.** It has SD1.5 + ControlNet's structure and code paths and it "
+        f"**Model: `{preset}`, a small model trained on this machine's CPU on scikit-image's photos and drawn "
+        "scenes (scripts/train_tiny.py) — not SD1.5.** It has SD1.5 + ControlNet's structure and code paths and it "
         "denoises, so unlike the random presets its trajectories converge; the numbers show how schedules trade "
         "quality for time on a denoising model, not what they do to SD1.5's images.", "",
         f"Every row against the full fp32 schedule ({base.ddim_steps} DDIM steps), same seed, per photo: "

@@ -11,6 +11,7 @@ Two sources (scripts/train_tiny.py mixes them, benchmarks/held_out.py evaluates 
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import cv2
@@ -109,6 +110,7 @@ class Scene:
     objects: list[tuple[str, str]] = field(default_factory=list)
     background: str = ""  # "a white background", "red and blue stripes", ...
     background_colours: tuple[str, ...] = ()
+    mask: np.ndarray | None = None  # (H, W) bool: the pixels the objects were drawn on (what their words colour)
 
     def caption(self, colour: str | None = None) -> str:
         """'a red circle, a blue square and black text on a white background'; `colour` names every
@@ -191,13 +193,17 @@ def draw_scene(seed: int, height: int = 256, width: int = 256) -> Scene:
     rng = np.random.default_rng(seed)
     image, background, background_colours = _background(rng, height, width)
     image = np.ascontiguousarray(image)
+    mask = np.zeros(image.shape, np.uint8)  # (H, W, 3): the objects drawn again, in white
     objects = []
     for _ in range(int(rng.integers(1, 5))):
         shape = str(rng.choice(SHAPES))
         word = str(rng.choice([c for c in COLOURS if c not in background_colours]))
+        replay = copy.deepcopy(rng)  # the same draws again, on the mask: the same shape in the same place
         _draw(image, rng, shape, _rgb(rng, word))
+        _rgb(replay, word)
+        _draw(mask, replay, shape, (255, 255, 255))
         objects.append((shape, word))
-    return Scene(seed, image, objects, background, background_colours)
+    return Scene(seed, image, objects, background, background_colours, mask=mask[..., 0] > 127)
 
 
 def scene_pictures(seeds: range | list[int], height: int, width: int) -> list[Picture]:

@@ -44,6 +44,11 @@ def test_captions_name_the_colours_drawn(seed):
     assert {w.strip(",") for w in caption.split() if w.strip(",") in COLOURS} == scene.colours
     recoloured = scene.caption("red")
     assert {w.strip(",") for w in recoloured.split(" on ")[0].split() if w.strip(",") in COLOURS} == {"red"}
+    # the mask covers what was drawn on top of the background: the last object's pixels, not the background's
+    top = np.abs(scene.image.astype(int) - COLOURS[scene.objects[-1][1]]).max(axis=2) <= 20
+    assert scene.mask.shape == scene.image.shape[:2] and scene.mask[top].mean() > 0.95
+    back = np.abs(scene.image.astype(int) - COLOURS[scene.background_colours[0]]).max(axis=2) <= 20
+    assert scene.mask[back].mean() < 0.05
 
 
 def test_held_out_photos_and_seeds_are_never_training_data():
@@ -129,6 +134,7 @@ def test_smoke_run_stops_at_its_wall_clock_budget_and_writes_everything(tmp_path
     stops after at most one step, and the preset, the ldm file, the sample sheets and the log are still
     written (about 3 minutes on 2 shared cores)."""
     import json
+    import tempfile
     from pathlib import Path
 
     from sdcn_trt.models.presets import TRAINED_PRESETS, load_trained_preset
@@ -136,7 +142,7 @@ def test_smoke_run_stops_at_its_wall_clock_budget_and_writes_everything(tmp_path
     train = _train_tiny()
     preset = str(TRAINED_PRESETS["tiny-trained"])
     assert train.main(["--smoke", "--vae-from", preset, "--init-from", preset, "--max-minutes", "0.0001"]) == 0
-    smoke = Path("/tmp/tiny_trained_smoke")
+    smoke = Path(tempfile.gettempdir()) / "tiny_trained_smoke"
     record = json.loads((smoke / "preset" / "config.json").read_text())["training"]
     steps = (record["steps"]["unet_controlnet_128px"], record["steps"]["unet_controlnet_256px"])
     assert steps[0] <= 1 and steps[1] <= 1, steps  # of 6 and 4 planned
@@ -161,6 +167,9 @@ def test_held_out_table_measures_each_model_once(tmp_path, monkeypatch):
     entry = json.loads(out.with_suffix(".json").read_text())[0]
     assert entry["label"] == "shipped" and entry["settings"] == {"scenes": 2, "size": 256, "steps": 1, "colour_seeds": 5}
     assert len(entry["result"]["scenes"]["matched"]) == 2 and len(entry["result"]["colour"]["red_vs_blue_redness"]) == 5
+    colour = entry["result"]["colour"]
+    assert colour["measured_on"] == "objects" and len(colour["whole_image_red_vs_blue_redness"]) == 5
+    assert colour["passed"] == sum(r > b for r, b in colour["red_vs_blue_redness"])
     assert entry["vae"]["scenes"]["mean_abs_error"] > 0
     assert "| shipped | `" in out.read_text() and "goals met" in out.read_text()
 
@@ -171,3 +180,7 @@ def test_held_out_table_measures_each_model_once(tmp_path, monkeypatch):
     assert held_out.main(argv) == 0  # same label, weights and settings: taken from the .json
     with pytest.raises(AssertionError, match="measured again"):
         held_out.main([*argv[:-4], "--steps", "2", "--out", str(out)])
+    # another model's row is added; the rows of models not given this time stay
+    monkeypatch.setattr(held_out, "evaluate", lambda pipe, settings: entry["result"])
+    assert held_out.main(["--model", f"again={TRAINED_PRESETS['tiny-trained']}", *argv[2:]]) == 0
+    assert [e["label"] for e in json.loads(out.with_suffix(".json").read_text())] == ["shipped", "again"]
