@@ -7,6 +7,8 @@
 #              that loads is exported for the steps after (benchmarks/inductor_probe.py)
 #   profile    where a step's time goes: kernel table of one full step inside a CUDA graph, torch fp16
 #              plain and with GroupNorm+SiLU fused + channels_last (benchmarks/profile.py)
+#   sdpa       each SDPA kernel (flash, efficient, cudnn, math, auto) alone at every attention shape of the
+#              step, the fastest per head size 40 / 80 / 160 (benchmarks/sdpa.py; seconds)
 #   schedules  full, eps=10, control=10, deepcache=3 and the contest winners' patterns on torch fp16 under
 #              the whole-loop graph, tiny-trained quality beside each (benchmarks/schedules.py)
 #   fastpath   each FastPath switch alone, one step inside a CUDA graph (benchmarks/fast_path.py)
@@ -24,7 +26,7 @@
 #
 # Usage, on a machine with a CUDA GPU and this package importable (the offline device machine:
 # `source .device/env.sh` first, see ../shared/offline_gpu/prepare.sh):
-#   bash scripts/gpu_check.sh                 # env inductor profile schedules fastpath paritygap bench tests tiny
+#   bash scripts/gpu_check.sh                 # env inductor profile sdpa schedules fastpath paritygap bench tests tiny
 #   bash scripts/gpu_check.sh env tests tiny profile-inductor   # a second machine: what the first had no time for
 #   bash scripts/gpu_check.sh env batched     # B photos per call (benchmarks/batched.py), not in the defaults
 # The inductor step tries AOTInductor's load strategies (benchmarks/inductor_probe.py), each in its own
@@ -34,7 +36,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 budget=${GPU_CHECK_BUDGET:-540}
-steps=${*:-env inductor profile schedules fastpath paritygap bench tests tiny}
+steps=${*:-env inductor profile sdpa schedules fastpath paritygap bench tests tiny}
 results=benchmarks/results
 stamp=$(date +%Y%m%d-%H%M)
 mkdir -p "$results" ${OUT:+"$OUT"}
@@ -124,6 +126,9 @@ PY
       run profile-inductor 300 "$python" -m benchmarks.profile --device cuda --repeats 5 --backends "inductor fp16" \
         --out "$results" ${OUT:+"$OUT"}
       ;;
+    sdpa)
+      run sdpa 60 "$python" -m benchmarks.sdpa --device cuda --dtype fp16 --out "$results" ${OUT:+"$OUT"}
+      ;;
     schedules)
       # the fastest engine measured so far (torch fp16 + whole-loop graph: 251 ms/image on the H200)
       run schedules 100 "$python" -m benchmarks.schedules --device cuda --precision fp16 --cuda-graph loop \
@@ -164,7 +169,7 @@ PY
       run batched 300 "$python" -m benchmarks --device cuda --steps 20 --repeats 2 --timeout 240 \
         --cases torch:fp16:loop --batch-sizes 1 2 4 8 16 --deadline $(($(left) - 20)) --out "$results" ${OUT:+"$OUT"}
       ;;
-    *) echo "unknown step '$step': choose from env inductor profile schedules fastpath paritygap bench tests tiny" \
+    *) echo "unknown step '$step': choose from env inductor profile sdpa schedules fastpath paritygap bench tests tiny" \
          "profile-inductor fastpath-inductor batched"; exit 2 ;;
   esac
 done

@@ -337,3 +337,41 @@ def test_an_inductor_case_compiles_only_the_networks_it_is_told(tmp_path):
     assert case["packages"]["fused_step"]["size_mib"] < 16 and case["nonfinite"]["fused_step"] == 0
     assert "| inductor (builds fused_step) | fp32 | off | " in report_file.with_suffix(".md").read_text()
     assert " (fused_step) |" in report_file.with_suffix(".md").read_text()
+
+
+def test_sdpa_benchmark_times_each_kernel_or_keeps_why_it_refused(tmp_path):
+    """benchmarks.sdpa: SD1.5's attention shapes at the contest size, and on the CPU every kernel either
+    measured or refused with torch's reason (cuDNN attention has no CPU kernel); the fastest per shape
+    and per head size are the measured minima."""
+    import json
+
+    from benchmarks.sdpa import KERNELS, main, sd15_attention_shapes
+
+    shapes = sd15_attention_shapes()  # 256x384 -> 32x48 latents
+    assert [(s.q_len, s.kv_len, s.head_dim) for s in shapes[:2]] == [(1536, 1536, 40), (1536, 77, 40)]
+    assert [(s.name, s.q_len, s.head_dim) for s in shapes[-2:]] == [("middle self", 24, 160), ("middle cross", 24, 160)]
+    assert sum(s.count for s in shapes) == 2 * (7 * 3 + 2)  # a self- and a cross-attention per transformer block
+    assert main(["--device", "cpu", "--dtype", "fp32", "--height", "64", "--width", "64", "--repeats", "1",
+                 "--out", str(tmp_path)]) == 0
+    report = json.loads(next(tmp_path.glob("sdpa-cpu-fp32-*.json")).read_text())
+    for row in report["rows"]:
+        times = row["times"]
+        assert set(times) == set(KERNELS) and "ms" in times["math"]  # math takes every shape
+        assert all(t["ms"]["p50"] > 0 if "ms" in t else t["refused"] for t in times.values())
+        measured = {k: t["ms"]["p50"] for k, t in times.items() if "ms" in t and k != "auto"}
+        assert row["best"] == min(measured, key=measured.__getitem__)
+        assert "ms" not in times["cudnn"] and times["cudnn"]["refused"]
+    math_40 = sum(r["times"]["math"]["ms"]["p50"] * r["shape"]["count"] for r in report["rows"]
+                  if r["shape"]["head_dim"] == 40)
+    assert report["per_head_size"]["40"]["ms_per_step"]["math"] == pytest.approx(math_40)
+    assert "cudnn" not in report["per_head_size"]["40"]["ms_per_step"]  # refused somewhere: no total
+    table = next(tmp_path.glob("sdpa-cpu-fp32-*.md")).read_text()
+    assert "| level 0 self | 64 x 64 | 40 | 7 |" in table and "Refused (torch's reason" in table
+
+
+def test_sdpa_benchmark_refuses_an_image_size_whose_latents_do_not_halve(capsys):
+    from benchmarks.sdpa import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--device", "cpu", "--height", "100", "--width", "64"])
+    assert exc.value.code == 2 and "multiples of 64" in capsys.readouterr().err
