@@ -115,18 +115,10 @@ def batched_markdown(report: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--backend", required=True)
-    parser.add_argument("--precision", default="fp32")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--cuda-graph", default="off")
-    parser.add_argument("--compiled-networks", nargs="*", default=None, metavar="NETWORK",
-                        help="tensorrt/inductor: build only these networks, the others run on torch (default: all)")
-    parser.add_argument("--preset", default="sd15-random")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3)
+    from benchmarks.case import case_parser
+
+    parser = case_parser()
     parser.add_argument("--batch-size", type=int, required=True)
-    parser.add_argument("--out", required=True)
     args = parser.parse_args()
     Path(args.out).write_text(json.dumps(run_batched(args), indent=1))
 

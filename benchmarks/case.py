@@ -142,20 +142,27 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def main() -> None:
+def case_parser() -> argparse.ArgumentParser:
+    """The arguments every benchmark child takes (this one and benchmarks.batched): the backend, the
+    model, the workload and the JSON it writes."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--backend", required=True)
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cuda-graph", default="off")
-    parser.add_argument("--compile", default="off", choices=COMPILE_MODES,
-                        help="diffusers baseline only: torch.compile mode of its UNet and ControlNet (CUDA)")
     parser.add_argument("--compiled-networks", nargs="*", default=None, metavar="NETWORK",
                         help="tensorrt/inductor: build only these networks, the others run on torch (default: all)")
     parser.add_argument("--preset", default="sd15-random")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", required=True)
+    return parser
+
+
+def main() -> None:
+    parser = case_parser()
+    parser.add_argument("--compile", default="off", choices=COMPILE_MODES,
+                        help="diffusers baseline only: torch.compile mode of its UNet and ControlNet (CUDA)")
     parser.add_argument("--image-out", help="save the case's uint8 image (.npy) for parity checks")
     args = parser.parse_args()
     with open(args.out, "w") as f:
