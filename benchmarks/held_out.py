@@ -240,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     models = [m.split("=", 1) for m in (args.model or [f"tiny-trained={TRAINED_PRESETS['tiny-trained']}"])]
     json_path = args.out.with_suffix(".json")
     previous = json.loads(json_path.read_text()) if json_path.is_file() else []
+    # rows of models not measured this time stay (earlier weights, kept as a record), in their order
+    labels = {label for label, _ in models}
+    kept = [e for e in previous if e["label"] not in labels and e["settings"] == asdict(settings)]
     entries = []
     for label, folder in models:
         sha = json.loads((Path(folder) / "config.json").read_text())["sha256"]
@@ -253,11 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                             "result": evaluate(pipe, settings)})
             pipe.close()
         entries[-1].setdefault("vae", vae_check(components.vae, settings))
-        json_path.write_text(json.dumps(entries, indent=1))
-    # rows of models not measured this time stay (earlier weights, kept as a record), in their order
-    measured = {e["label"] for e in entries}
-    entries = [e for e in previous if e["label"] not in measured and e["settings"] == asdict(settings)] + entries
-    json_path.write_text(json.dumps(entries, indent=1))
+        json_path.write_text(json.dumps(kept + entries, indent=1))  # after each model: nothing measured is lost
+    entries = kept + entries
     print(write_table(entries, args.out).read_text())
     return 0
 
