@@ -5,6 +5,7 @@ module (the data behind FastPath's defaults). `--inductor` adds the inductor bac
 without and with max_autotune, compile time included.
 
     python -m benchmarks.fast_path --device cuda --precision fp16      # sd15-random, contest shape
+    python -m benchmarks.fast_path --device cuda --sdpa-table benchmarks/results/sdpa-cuda-fp16-....json
     python -m benchmarks.fast_path --device cpu --preset tiny --precision fp32 --height 64 --width 64
 """
 from __future__ import annotations
@@ -42,6 +43,25 @@ VARIANTS = {
 # not FastPath switches: the loop's guidance + DDIM update compiled into one kernel (a measured candidate)
 UPDATE_VARIANTS = {"+fused_update": DEFAULT}
 INDUCTOR = {"inductor": {"max_autotune": False}, "inductor max_autotune": {"max_autotune": True}}
+
+
+def per_head_size_variant(table: str | Path, precision: str) -> tuple[str, FastPath]:
+    """The default with attention pinned, per head size, to the kernel a benchmarks.sdpa report (its JSON)
+    found fastest there: the one-kernel-for-all variants' rival, measured in the same run."""
+    try:
+        report = json.loads(Path(table).read_text())
+        fastest = {int(size): row["best"] for size, row in report["per_head_size"].items() if row["best"]}
+        dtype = report["dtype"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"--sdpa-table {table}: not a benchmarks.sdpa report ({type(exc).__name__}: {exc})") from exc
+    if dtype != precision:
+        raise InputError(f"--sdpa-table {table} timed the kernels in {dtype}; this run is {precision}: "
+                         f"run `python -m benchmarks.sdpa --dtype {precision}` first")
+    if not fastest:
+        raise InputError(f"--sdpa-table {table}: every pinnable kernel refused some shape at every head size; "
+                         "nothing to pin")
+    spelling = ",".join(f"{size}={kernel}" for size, kernel in sorted(fastest.items()))
+    return f"+sdpa_backend={spelling}", dataclasses.replace(DEFAULT, sdpa_backend=spelling)
 
 
 def time_step(step: Any, device: torch.device, repeats: int) -> dict[str, Any]:
@@ -118,12 +138,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=ShapeSpec().width)
     parser.add_argument("--variants", nargs="+", choices=[*VARIANTS, *UPDATE_VARIANTS], help="default: all")
     parser.add_argument("--inductor", action="store_true", help="also inductor without / with max_autotune (compiles)")
+    parser.add_argument("--sdpa-table", metavar="JSON", help="a benchmarks.sdpa report: adds the variant pinning "
+                        "each head size to the kernel it found fastest there")
     parser.add_argument("--out", nargs="+", default=[str(Path(__file__).parent / "results")])
     args = parser.parse_args(argv)
     from sdcn_trt.models.presets import load_preset
 
     every = {**VARIANTS, **UPDATE_VARIANTS}
     variants = {n: every[n] for n in (args.variants or every)}
+    if args.sdpa_table:
+        try:
+            name, fast = per_head_size_variant(args.sdpa_table, args.precision)
+        except InputError as exc:
+            parser.error(str(exc))
+        variants[name] = fast
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "device": args.device, "precision": args.precision,
         "preset": args.preset, "torch": torch.__version__, "height": args.height, "width": args.width,

@@ -11,7 +11,8 @@
 #              step, the fastest per head size 40 / 80 / 160 (benchmarks/sdpa.py; seconds)
 #   schedules  full, eps=10, control=10, deepcache=3 and the contest winners' patterns on torch fp16 under
 #              the whole-loop graph, tiny-trained quality beside each (benchmarks/schedules.py)
-#   fastpath   each FastPath switch alone, one step inside a CUDA graph (benchmarks/fast_path.py)
+#   fastpath   each FastPath switch alone, one step inside a CUDA graph (benchmarks/fast_path.py), and the
+#              SDPA kernel pinned per head size to the sdpa step's fastest (when that step ran)
 #   paritygap  diffusers fp16 against ours, with CLIP in fp32 and fp16 (benchmarks/parity_gap.py)
 #   bench      the contest workload (sd15-random, 256x384, CFG batch 2, 20 steps), each case in its own
 #              process: torch fp32 / fp16 + loop graph, diffusers fp16 eager and under torch.compile, inductor
@@ -43,6 +44,8 @@ mkdir -p "$results" ${OUT:+"$OUT"}
 # compiled packages outlive this script on a warm machine (git-ignored), so a second run skips compiles
 export SDCN_TRT_CACHE=${SDCN_TRT_CACHE:-$PWD/.sdcn_cache} PYTHONUNBUFFERED=1
 start=$SECONDS
+started=$(mktemp)  # its time stamp tells this run's result files from earlier ones
+trap 'rm -f "$started"' EXIT
 
 left() { echo $((budget - (SECONDS - start))); }
 
@@ -135,7 +138,10 @@ PY
         --steps 20 --repeats 3 --out "$results" ${OUT:+"$OUT"}
       ;;
     fastpath)
-      run fastpath 90 "$python" -m benchmarks.fast_path --device cuda --precision fp16 --out "$results" ${OUT:+"$OUT"}
+      # with the sdpa step's table from this run: also the variant pinning each head size to its fastest kernel
+      table=$(find "$results" -maxdepth 1 -name 'sdpa-cuda-fp16-*.json' -newer "$started" 2>/dev/null | sort | tail -1)
+      run fastpath 90 "$python" -m benchmarks.fast_path --device cuda --precision fp16 \
+        ${table:+--sdpa-table "$table"} --out "$results" ${OUT:+"$OUT"}
       ;;
     fastpath-inductor)
       run fastpath-inductor 420 "$python" -m benchmarks.fast_path --device cuda --precision fp16 --inductor \

@@ -1,4 +1,5 @@
 """The benchmark suite's plumbing on the tiny preset (speed goals live in benchmarks/results, not here)."""
+import dataclasses
 import json
 import re
 import subprocess
@@ -367,6 +368,53 @@ def test_sdpa_benchmark_times_each_kernel_or_keeps_why_it_refused(tmp_path):
     assert "cudnn" not in report["per_head_size"]["40"]["ms_per_step"]  # refused somewhere: no total
     table = next(tmp_path.glob("sdpa-cpu-fp32-*.md")).read_text()
     assert "| level 0 self | 64 x 64 | 40 | 7 |" in table and "Refused (torch's reason" in table
+
+
+def test_fast_path_pins_each_head_size_to_the_sdpa_tables_fastest(tmp_path):
+    """benchmarks.fast_path --sdpa-table: the variant pins each head size to the kernel a benchmarks.sdpa
+    report found fastest there (here a CPU report for the tiny preset's head sizes 4 and 8), runs beside
+    the others and matches plain."""
+    from benchmarks.fast_path import DEFAULT, main, per_head_size_variant
+    from benchmarks.sdpa import run
+
+    report = run("cpu", "fp32", 64, 64, repeats=1)
+    report["per_head_size"] = {"4": {"best": "math"}, "8": {"best": "flash"}, "40": {"best": None}}
+    table = tmp_path / "sdpa.json"
+    table.write_text(json.dumps(report))
+    name, fast = per_head_size_variant(table, "fp32")
+    assert name == "+sdpa_backend=4=math,8=flash" and fast == dataclasses.replace(DEFAULT, sdpa_backend="4=math,8=flash")
+    assert main(["--device", "cpu", "--precision", "fp32", "--preset", "tiny", "--repeats", "1", "--height", "64",
+                 "--width", "64", "--variants", "plain", "--sdpa-table", str(table), "--out", str(tmp_path)]) == 0
+    (report_file,) = tmp_path.glob("fastpath-cpu-tiny-*.json")
+    variants = json.loads(report_file.read_text())["variants"]
+    assert list(variants) == ["plain", name] and variants[name]["max_abs_vs_plain"] < 1e-4
+    # the real CPU report names a fastest kernel for each SD1.5 head size, and the variant pins exactly those
+    real = run("cpu", "fp32", 64, 64, repeats=1)
+    table.write_text(json.dumps(real))
+    expected = ",".join(f"{h}={row['best']}" for h, row in sorted(real["per_head_size"].items()))
+    assert per_head_size_variant(table, "fp32")[1].sdpa_backend == expected and "40=" in expected
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: {**r, "dtype": "fp16"}, "timed the kernels in fp16; this run is fp32: run `python -m benchmarks.sdpa "
+                                       "--dtype fp32` first"),
+    (lambda r: {**r, "per_head_size": {"40": {"best": None}}}, "every pinnable kernel refused some shape"),
+    (lambda r: {"rows": []}, "not a benchmarks.sdpa report (KeyError"),
+    (None, "not a benchmarks.sdpa report (JSONDecodeError"),
+])
+def test_fast_path_sdpa_table_errors(tmp_path, capsys, edit, message):
+    from benchmarks.fast_path import main
+
+    table = tmp_path / "sdpa.json"
+    base = {"dtype": "fp32", "per_head_size": {"40": {"best": "math"}}}
+    table.write_text("{not json" if edit is None else json.dumps(edit(base)))
+    with pytest.raises(SystemExit) as exc:
+        main(["--device", "cpu", "--precision", "fp32", "--sdpa-table", str(table), "--out", str(tmp_path)])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--precision", "fp32", "--sdpa-table", str(tmp_path / "missing.json")])
+    assert "missing.json: not a benchmarks.sdpa report (FileNotFoundError" in capsys.readouterr().err
+    assert not list(tmp_path.glob("fastpath-*"))  # refused before anything ran or was written
 
 
 def test_sdpa_benchmark_refuses_an_image_size_whose_latents_do_not_halve(capsys):

@@ -1,11 +1,14 @@
 """FastPath's newer switches (sdcn_trt.engines.fast_ops): each against the plain module on the CPU where it
 means something there, their refusals elsewhere; the compiled CUDA kernels are GPU tests."""
+import re
+
 import pytest
 import torch
 from torch import nn
 
-from sdcn_trt.engines.fast_ops import GroupNormSiLU, SiLULinear, cuda_flags, fuse_group_norm_silu
-from sdcn_trt.engines.torch import FastPath, TorchRunner
+from sdcn_trt.engines.fast_ops import (GroupNormSiLU, SiLULinear, cuda_flags, fuse_group_norm_silu, parse_sdpa_kernels,
+                                       sdpa_kernels_spelling)
+from sdcn_trt.engines.torch import FastPath, TorchRunner, attention_modules
 from sdcn_trt.errors import InputError
 from sdcn_trt.export.descriptors import ShapeSpec, get_descriptor
 
@@ -59,6 +62,55 @@ def test_sdpa_backend_refused_where_it_cannot_run(tiny):
     runner = TorchRunner(desc, fast=FastPath(sdpa=True, sdpa_backend="efficient"))  # no CPU kernel
     with pytest.raises(RuntimeError, match="No viable backend|No available kernel"):  # torch 2.14 / 2.11
         runner.infer(desc.sample_inputs(ShapeSpec(1, 64, 64)))
+
+
+@pytest.mark.parametrize("spelling, kernels, canonical", [
+    ("auto", {}, "auto"),
+    ("flash", {None: "flash"}, "flash"),
+    (" 160 = math , 40=flash", {160: "math", 40: "flash"}, "40=flash,160=math"),
+    ("80=efficient,flash", {80: "efficient", None: "flash"}, "flash,80=efficient"),
+    ("auto,40=flash", {40: "flash"}, "40=flash"),  # 'auto' for the rest: torch chooses, as unnamed sizes do
+    ("40=auto,80=math", {80: "math"}, "80=math"),
+    ("cudnn,40=auto", {None: "cudnn", 40: "auto"}, "cudnn,40=auto"),  # 40 left to torch, the rest cuDNN
+])
+def test_sdpa_kernels_per_head_size_are_parsed_and_spelled_one_way(spelling, kernels, canonical):
+    assert parse_sdpa_kernels(spelling) == kernels
+    assert sdpa_kernels_spelling(kernels) == canonical
+    assert FastPath(sdpa=True, sdpa_backend=spelling) == FastPath(sdpa=True, sdpa_backend=canonical)
+    assert FastPath(sdpa=True, sdpa_backend=spelling).sdpa_backend == canonical
+
+
+@pytest.mark.parametrize("spelling, message", [
+    ("x=flash", "head size 'x' in 'x=flash' is not a positive whole number; write head=kernel"),
+    ("0=flash", "head size '0' in '0=flash' is not a positive whole number"),
+    ("40=flash,40=math", "sdpa_backend '40=flash,40=math' names head size 40 twice"),
+    ("flash,math", "names a kernel for the other head sizes twice"),
+    ("40=fastest", "unknown sdpa_backend kernel for head size 40 'fastest'; choose one of auto, flash, efficient"),
+    ("40=flash,", "unknown sdpa_backend ''; choose one of auto"),
+])
+def test_sdpa_kernels_per_head_size_errors_name_the_entry(spelling, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        FastPath(sdpa=True, sdpa_backend=spelling)
+
+
+def test_sdpa_kernel_pinned_per_head_size(tiny):
+    """The tiny fused step has attention at head sizes 4 and 8: '4=math' pins those at 4 and leaves 8 to
+    torch; the images match auto; pinning 8 to a kernel the CPU lacks fails naming kernel and head size."""
+    desc = get_descriptor("fused_step", tiny)
+    feed = desc.sample_inputs(ShapeSpec(1, 64, 64))
+    runner = TorchRunner(desc, fast=FastPath(sdpa=True, fuse_qkv=True, sdpa_backend="4=math"))
+    pinned = _outputs(runner, feed)["noise_pred"]
+    processors = {}
+    for attn in attention_modules(runner.module):
+        processors.setdefault(attn.inner_dim // attn.heads, set()).add(
+            (type(attn.processor).__name__, getattr(attn.processor, "kernel", None)))
+    assert processors == {4: {("PinnedSdpa", "math")}, 8: {("FusedAttnProcessor2_0", None)}}
+    auto = _outputs(TorchRunner(desc, fast=FastPath(sdpa=True, fuse_qkv=True)), feed)["noise_pred"]
+    torch.testing.assert_close(pinned, auto, rtol=1e-5, atol=1e-5)
+    refusing = TorchRunner(desc, fast=FastPath(sdpa=True, sdpa_backend="4=math,8=efficient"))
+    with pytest.raises(RuntimeError, match=r"pinned to the 'efficient' SDPA kernel \(head size 8, "
+                                           r"FastPath.sdpa_backend\) cannot run here: .*(No viable backend|No available kernel)"):
+        refusing.infer(feed)
 
 
 def test_fast_path_switch_errors_say_what_is_valid():

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdcn_trt.config import check_choice
+from sdcn_trt.errors import InputError
 
 # FastPath.sdpa_backend names -> torch.nn.attention.SDPBackend member names
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
@@ -96,25 +97,71 @@ def fuse_group_norm_silu(module: nn.Module, compiled: bool) -> int:
 
 
 def sdpa_backend(name: str) -> Any:  # -> torch.nn.attention.SDPBackend
-    """The SDPBackend member for a FastPath.sdpa_backend name other than 'auto'."""
+    """The SDPBackend member for a kernel name other than 'auto'."""
     check_choice("sdpa_backend", name, SDPA_CHOICES)
     from torch.nn.attention import SDPBackend
 
     return getattr(SDPBackend, SDPA_BACKENDS[name])
 
 
+def parse_sdpa_kernels(spec: str) -> dict[int | None, str]:
+    """FastPath.sdpa_backend -> {head size: kernel}, None keying the kernel for every other head size.
+
+    'auto' -> {} (torch chooses per call); 'flash' -> {None: 'flash'} (one kernel for all); per head size:
+    '40=flash,80=efficient,160=cudnn' (head sizes not named: torch chooses), or with a kernel for the rest
+    first: 'efficient,40=flash'. An InputError names the bad entry and what is valid."""
+    kernels: dict[int | None, str] = {}
+    for entry in (part.strip() for part in spec.split(",")):
+        size_text, _, kernel = entry.rpartition("=")
+        size: int | None = None
+        if size_text:
+            if not size_text.strip().isdigit() or int(size_text) == 0:
+                raise InputError(f"sdpa_backend {spec!r}: head size {size_text.strip()!r} in {entry!r} is not a "
+                                 "positive whole number; write head=kernel, e.g. '40=flash,80=efficient'")
+            size = int(size_text)
+        kernel = kernel.strip()
+        where = "sdpa_backend" if size is None else f"sdpa_backend kernel for head size {size}"
+        check_choice(where, kernel, SDPA_CHOICES)
+        if size in kernels:
+            raise InputError(f"sdpa_backend {spec!r} names " + ("a kernel for the other head sizes" if size is None
+                             else f"head size {size}") + " twice")
+        kernels[size] = kernel
+    if kernels.get(None) == "auto":
+        del kernels[None]
+    return {size: kernel for size, kernel in kernels.items() if kernel != "auto" or None in kernels}
+
+
+def sdpa_kernels_spelling(kernels: dict[int | None, str]) -> str:
+    """The canonical FastPath.sdpa_backend for parse_sdpa_kernels' result: the kernel for other head sizes
+    first, then head sizes in increasing order ('auto' for none), so equal choices compare and key equal."""
+    entries = [kernels[None]] if None in kernels else []
+    entries += [f"{size}={kernels[size]}" for size in sorted(s for s in kernels if s is not None)]
+    return ",".join(entries) or "auto"
+
+
+def sdpa_kernel_for(kernels: dict[int | None, str], head_size: int) -> str:
+    """The kernel an attention of `head_size` is pinned to ('auto': none, torch chooses)."""
+    return kernels.get(head_size, kernels.get(None, "auto"))
+
+
 class PinnedSdpa:
     """A diffusers attention processor whose scaled_dot_product_attention may only use one kernel
-    (torch.nn.attention.sdpa_kernel); torch raises when that kernel cannot take the call."""
+    (torch.nn.attention.sdpa_kernel). When that kernel cannot take the call, torch's RuntimeError comes
+    with the kernel and the head size in front."""
 
-    def __init__(self, inner: Any, backend: str):
-        self.inner, self.backend = inner, sdpa_backend(backend)
+    def __init__(self, inner: Any, kernel: str, head_size: int):
+        self.inner, self.kernel, self.head_size = inner, kernel, head_size
+        self.backend = sdpa_backend(kernel)
 
     def __call__(self, attn: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         from torch.nn.attention import sdpa_kernel
 
-        with sdpa_kernel(self.backend):
-            return self.inner(attn, *args, **kwargs)
+        try:
+            with sdpa_kernel(self.backend):
+                return self.inner(attn, *args, **kwargs)
+        except RuntimeError as exc:
+            raise RuntimeError(f"attention pinned to the {self.kernel!r} SDPA kernel (head size {self.head_size}, "
+                               f"FastPath.sdpa_backend) cannot run here: {exc}") from exc
 
 
 @contextlib.contextmanager

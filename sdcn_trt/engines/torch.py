@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from sdcn_trt.engines.base import Runner
-from sdcn_trt.engines.fast_ops import SDPA_CHOICES, PinnedSdpa, cuda_flags, fuse_group_norm_silu
+from sdcn_trt.engines.fast_ops import (PinnedSdpa, cuda_flags, fuse_group_norm_silu, parse_sdpa_kernels,
+                                       sdpa_kernel_for, sdpa_kernels_spelling)
 from sdcn_trt.config import PRECISIONS, check_choice
 from sdcn_trt.errors import BackendUnavailableError, InputError
 from sdcn_trt.export.descriptors import NetworkDescriptor
@@ -45,12 +46,14 @@ class FastPath:
     fuse_qkv: bool = False  # one to_qkv GEMM per self-attention, one to_kv per cross-attention
     channels_last: bool = False  # NHWC weights and 4-D inputs: cuDNN's fastest fp16 convolutions, no NCHW copies
     gn_silu: bool = False  # GroupNorm + SiLU as one module; one compiled kernel on CUDA (fast_ops)
-    sdpa_backend: str = "auto"  # auto | flash | efficient | cudnn | math: the one SDPA kernel attention may use
+    # the SDPA kernel attention may use: auto (torch chooses per call) | flash | efficient | cudnn | math, or one
+    # per head size ('40=flash,80=efficient,160=cudnn'; fast_ops.parse_sdpa_kernels); kept in canonical spelling
+    sdpa_backend: str = "auto"
     cudnn_benchmark: bool = False  # cuDNN times its algorithms per shape once (the contest shape is fixed)
     fp16_accumulation: bool = False  # cuBLAS fp16 GEMMs accumulate in fp16 (faster, less exact; CUDA only)
 
     def __post_init__(self) -> None:
-        check_choice("sdpa_backend", self.sdpa_backend, SDPA_CHOICES)
+        object.__setattr__(self, "sdpa_backend", sdpa_kernels_spelling(parse_sdpa_kernels(self.sdpa_backend)))
         if self.sdpa_backend != "auto" and not self.sdpa:
             raise InputError(f"sdpa_backend={self.sdpa_backend!r} pins a kernel of F.scaled_dot_product_attention, "
                              "which attention only calls with sdpa=True; set sdpa=True or sdpa_backend='auto'")
@@ -80,6 +83,7 @@ def apply_fast_path(module: nn.Module, fast: FastPath) -> nn.Module:
     """Apply `fast` to `module` in place (call it on a copy) and return it. diffusers' own
     `fuse_qkv_projections` exists on the UNet and the VAE only; this reaches the ControlNet too."""
     if fast.sdpa or fast.fuse_qkv:
+        kernels = parse_sdpa_kernels(fast.sdpa_backend)
         from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
 
         with torch.no_grad():
@@ -87,7 +91,9 @@ def apply_fast_path(module: nn.Module, fast: FastPath) -> nn.Module:
                 if fast.fuse_qkv:
                     attn.fuse_projections(fuse=True)
                 processor = FusedAttnProcessor2_0() if fast.fuse_qkv else AttnProcessor2_0()
-                attn.set_processor(processor if fast.sdpa_backend == "auto" else PinnedSdpa(processor, fast.sdpa_backend))
+                head_size = attn.inner_dim // attn.heads  # as SDPA sees it
+                kernel = sdpa_kernel_for(kernels, head_size)
+                attn.set_processor(processor if kernel == "auto" else PinnedSdpa(processor, kernel, head_size))
     if fast.gn_silu:
         held = next((p for p in module.parameters()), None)
         fuse_group_norm_silu(module, compiled=held is not None and held.device.type == "cuda")
