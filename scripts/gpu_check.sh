@@ -38,7 +38,7 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 budget=${GPU_CHECK_BUDGET:-540}
 steps=${*:-env inductor profile sdpa schedules fastpath paritygap bench tests tiny}
-results=benchmarks/results
+results=${GPU_CHECK_RESULTS:-benchmarks/results}  # the tests point it elsewhere
 stamp=$(date +%Y%m%d-%H%M)
 mkdir -p "$results" ${OUT:+"$OUT"}
 # compiled packages outlive this script on a warm machine (git-ignored), so a second run skips compiles
@@ -72,7 +72,7 @@ run() {
 # image with torch's pip CUDA but no toolkit, point CUDA_HOME at a folder holding the pip headers and
 # the driver's libcuda (nothing is installed; the folder is git-ignored).
 cuda_home_from_pip() {
-  local found inc lib home=$PWD/.sdcn_cache/cuda_home
+  local found inc lib home=$SDCN_TRT_CACHE/cuda_home
   found=$("$python" -c "from sdcn_trt.engines.inductor_plan import cuda_headers_found as f; print(f()[0])" 2>/dev/null)
   [[ $found == True ]] && { echo "CUDA headers: found where torch looks (CUDA_HOME=${CUDA_HOME:-unset})"; return 0; }
   inc=$("$python" - <<'PY'
