@@ -153,8 +153,10 @@ def main() -> int:
     parser.add_argument("--preset", default="sd15-random")
     parser.add_argument("--steps", type=int, default=2, help="DDIM steps end to end (CPU: a few; contest: 20)")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--cases", nargs="+", help="backend:precision:graph[:compile], e.g. torch:fp32:off "
-                        "onnxruntime:fp32:off diffusers:fp16:off:reduce-overhead")
+    parser.add_argument("--cases", nargs="+", help="backend:precision:graph[:option...]; options: compile=MODE "
+                        "(diffusers; also a bare fourth field), compiled_networks=NAME[,NAME...] (tensorrt/inductor), "
+                        "e.g. torch:fp32:off diffusers:fp16:off:reduce-overhead "
+                        "inductor:fp16:loop:compiled_networks=fused_step")
     parser.add_argument("--out", nargs="+", default=[str(Path(__file__).parent / "results")],
                         help="folders the report is written to (after every case)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per case")

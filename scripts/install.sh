@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs sdcn_trt with its test/dev extras into ./.venv (about 2 minutes on a fresh machine).
+# Installs sdcn_trt with its test/dev extras into ./.venv (about 3-4 minutes on a fresh machine, as README says).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # a fresh install takes about 6 GB (torch's wheel is a CUDA build); say so before pip fails half-way

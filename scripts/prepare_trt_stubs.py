@@ -6,12 +6,15 @@ with defaults) so that mypy can check sdcn_trt's TensorRT layer against them.
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import re
 import shutil
 import sys
 import sysconfig
 from pathlib import Path
+
+PACKAGES = ("tensorrt", "tensorrt_bindings")  # what the output folder holds, and all it may hold
 
 
 def split_params(params: str) -> list[str]:
@@ -44,8 +47,13 @@ def mend_def(line: str) -> str:
 def main(out: Path) -> None:
     site = Path(sysconfig.get_paths()["purelib"])
     if out.exists():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in PACKAGES) if out.is_dir() else [out.name]
+        if foreign:  # not an earlier output of this script: never delete it
+            raise SystemExit(f"prepare_trt_stubs.py: {out} holds {', '.join(foreign[:5])}, not only "
+                             f"{' and '.join(PACKAGES)}; give a new folder or one this script wrote "
+                             f"(e.g. .venv/trt-stubs)")
         shutil.rmtree(out)
-    for package in ("tensorrt", "tensorrt_bindings"):
+    for package in PACKAGES:
         shutil.copytree(site / package, out / package)
     for stub in out.rglob("*.pyi"):
         text = "".join(mend_def(line) for line in stub.read_text().splitlines(keepends=True))
@@ -53,5 +61,12 @@ def main(out: Path) -> None:
         stub.write_text(text)
 
 
+def parse_args(argv: list[str]) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path,
+                        help="folder for the mended stubs, replaced when this script wrote it (e.g. .venv/trt-stubs)")
+    return parser.parse_args(argv).out
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(parse_args(sys.argv[1:]))

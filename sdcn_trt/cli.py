@@ -40,11 +40,12 @@ logger = logging.getLogger("sdcn_trt")
 
 
 # -- shared option groups ------------------------------------------------------------------------
-def add_model_args(parser: argparse.ArgumentParser) -> None:
+def add_model_args(parser: argparse.ArgumentParser, default_preset: str = "tiny") -> None:
+    """The model flags; `default_preset`: the preset the command loads when no model flag is given (help text)."""
     g = parser.add_argument_group("model (one of: --preset, --sd-dir + --controlnet, --checkpoint)")
     g.add_argument("--preset", default=None,
                    help="built-in model: tiny-trained (trained here on scikit-image's photos, not SD1.5), or "
-                        "seeded random weights: tiny | sd15-random (default: tiny)")
+                        f"seeded random weights: tiny | sd15-random (default: {default_preset})")
     g.add_argument("--preset-seed", type=int, default=0, help="seed of a random preset's weights")
     g.add_argument("--sd-dir", help="diffusers SD1.5 folder (tokenizer/, text_encoder/, unet/, vae/)")
     g.add_argument("--controlnet", action="append", default=[],
@@ -312,12 +313,15 @@ def cmd_contest_kit(args: argparse.Namespace) -> int:
     return 0
 
 
+APP_PRESET = "tiny-trained"  # the web page's model when no model flag is given
+
+
 def cmd_app(args: argparse.Namespace) -> int:
     """The canny2image web page; Gradio (the [app] extra) is imported only here."""
     from sdcn_trt.app import serve
 
     if not (args.preset or args.sd_dir or args.checkpoint):
-        args.preset = "tiny-trained"
+        args.preset = APP_PRESET
     serve(load_pipeline(args), host=args.host, port=args.port, share=args.share, max_file_size=args.max_file_size)
     return 0
 
@@ -331,7 +335,7 @@ def add_app_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=7860, help="default: 7860")
     p.add_argument("--share", action="store_true", help="ask Gradio for a public share link (off by default)")
     p.add_argument("--max-file-size", default="20mb", help="largest upload accepted (default: 20mb)")
-    add_model_args(p)
+    add_model_args(p, default_preset=APP_PRESET)
     add_backend_args(p)
     p.set_defaults(func=cmd_app)
 
@@ -465,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny-trained", choices=preset_names(),
                    help="tiny-trained: trained here on scikit-image's photos (not SD1.5); tiny: random weights")
     p.add_argument("-o", "--output", default="sdcn_demo", help="output folder (default: sdcn_demo)")
-    p.add_argument("--backends", nargs="+", default=["torch", "onnxruntime"], choices=BACKENDS)
+    p.add_argument("--backends", nargs="+", default=["torch", "onnxruntime"], choices=BACKENDS,
+                   help="torch (always, the reference) and these, where available (default: torch onnxruntime)")
     p.add_argument("--ddim-steps", type=int, default=20)
     p.add_argument("--samples", nargs="+", default=None, help="skimage.data names (default: four photos)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

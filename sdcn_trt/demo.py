@@ -1,5 +1,6 @@
 """The offline main job: a built-in preset (tiny-trained: a small model trained here), scikit-image's
-photos with their captions as prompts, every available backend, parity with torch fp32."""
+photos with their captions as prompts, torch and the backends asked for (skipped with the reason where
+unavailable), parity with torch fp32."""
 from __future__ import annotations
 
 import json

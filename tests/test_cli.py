@@ -104,6 +104,26 @@ def test_backend_flags_equal_backend_config_fields():
     assert backend_config(args) == BackendConfig(backend="inductor", compiled_networks=("fused_step", "vae_decoder"))
 
 
+def test_preset_help_names_the_preset_each_command_loads(monkeypatch):
+    from sdcn_trt import cli
+
+    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+
+    def preset_help(command: str) -> str:
+        return next(a.help for a in commands[command]._actions if a.dest == "preset")
+
+    loaded = []
+    monkeypatch.setattr(cli, "load_preset", lambda name, **kw: loaded.append(name) or "components")
+    monkeypatch.setattr(cli, "with_controlnets", lambda components, controlnets: components)
+    for command in ("generate", "export", "build", "score", "tune", "batch"):
+        args = build_parser().parse_args([command] + {"generate": ["x.png"], "batch": ["in", "out"]}.get(command, []))
+        cli.load_base_components(args)
+        assert preset_help(command).endswith(f"(default: {loaded[-1]})"), (command, loaded[-1])
+    assert loaded == ["tiny"] * 6
+    # the web page loads tiny-trained without a model flag (test_app.py checks cmd_app), and its help says so
+    assert preset_help("app").endswith("(default: tiny-trained)") and cli.APP_PRESET == "tiny-trained"
+
+
 @pytest.mark.parametrize("names,message", [
     (["fused_step", "clip"], "error: unknown network 'clip' in compiled_networks; valid names: text_encoder, "
                              "control_hint, controlnet, unet, fused_step, unet_deep, unet_shallow, vae_decoder, "

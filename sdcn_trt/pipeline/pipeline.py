@@ -98,8 +98,9 @@ class ControlNetPipeline:
     @classmethod
     def from_preset(cls, name: str = "tiny", seed: int = 0, backend: BackendConfig | str = "torch", cache: bool = True,
                     **backend_options: Any) -> "ControlNetPipeline":
-        """Built-in architecture with seeded random weights: 'tiny' or 'sd15-random' (drawn once, then
-        mapped from the weights cache unless `cache` is False), held in the backend's precision."""
+        """Built-in model: 'tiny-trained' (small, trained here, not SD1.5), or an architecture with seeded
+        random weights, 'tiny' or 'sd15-random' (drawn once, then mapped from the weights cache unless
+        `cache` is False); held in the backend's precision."""
         lora = backend_options.pop("lora", ())
         config = _backend_config(backend, backend_options)
         return cls(load_preset(name, seed, precision=config.precision, cache=cache, cache_dir=config.cache_dir), config,
