@@ -5,6 +5,7 @@
     python -m benchmarks --batch-sizes 1 2 4      # also B photos per call: images/s, ms/image, memory per B
     python -m benchmarks --device cuda --cases diffusers:fp16:off:reduce-overhead  # diffusers under torch.compile
     python -m benchmarks --device cuda --cases inductor:fp16:loop:compiled_networks=fused_step  # compile the step only
+    python -m benchmarks --device cuda --cases torch:fp16:loop:compile=default:compiled_networks=fused_step  # torch.compile
 
 Every case's image is compared with the torch fp32 case's (the contest's reference) on the same
 weights: mean and max |difference| in uint8 levels, and the NaN/Inf values each network produced.
@@ -30,15 +31,18 @@ from sdcn_trt.engines.child import python_command, run_child
 from sdcn_trt.errors import InputError
 from sdcn_trt.scoring.latency import measure
 
-# A case is backend:precision:graph[:option...]; an option is compile=MODE (the diffusers baseline's
-# torch.compile mode, benchmarks.baseline_diffusers.COMPILE_MODES; also a bare fourth field) or
-# compiled_networks=NAME[,NAME...] (tensorrt/inductor build only those networks, the others run on torch).
+# A case is backend:precision:graph[:option...]; an option is compile=MODE (torch.compile's mode for the
+# diffusers baseline or the torch backend, benchmarks.baseline_diffusers.COMPILE_MODES; also a bare fourth
+# field) or compiled_networks=NAME[,NAME...] (tensorrt/inductor build only those networks, torch with
+# compile= compiles only those; the others run on eager torch).
 CPU_CASES = ["torch:fp32:off", "onnxruntime:fp32:off", "diffusers:fp32:off"]
 # In order of value, for runs cut short by a time limit: the reference first, then the fastest candidates.
-# onnxruntime:fp16:off and tensorrt:fp16:loop run when asked for with --cases (and installed). The inductor
-# case compiles only the fused ControlNet+UNet step (20 per image; CLIP and the VAE run once, on torch fp16):
-# each SD1.5-sized compile takes minutes on a GPU.
-GPU_CASES = ["torch:fp32:off", "torch:fp16:loop", "inductor:fp16:loop:compiled_networks=fused_step",
+# onnxruntime:fp16:off and tensorrt:fp16:loop run when asked for with --cases (and installed). The torch.compile
+# and inductor cases compile only the fused ControlNet+UNet step (20 per image; CLIP and the VAE run once, on
+# eager torch fp16): each SD1.5-sized compile takes minutes on a GPU. torch.compile (JIT inductor, nothing
+# loaded from a package) is the route around AOTInductor's package-load crash of the first GPU run.
+GPU_CASES = ["torch:fp32:off", "torch:fp16:loop", "torch:fp16:loop:compile=default:compiled_networks=fused_step",
+             "inductor:fp16:loop:compiled_networks=fused_step",
              "diffusers:fp16:off", "diffusers:fp16:off:max-autotune-no-cudagraphs", "diffusers:fp16:off:reduce-overhead",
              "torch:fp16:off"]
 CASE_OPTIONS = ("compile", "compiled_networks")
@@ -129,8 +133,8 @@ def markdown(report: dict) -> str:
               "NaN/Inf: values the networks output over one image (an fp16 overflow shows here). "
               "Build: AOTInductor compile time and package size of the networks the case built (named; with "
               "'builds ...' in the backend column the other networks ran on torch, same device and precision); "
-              "for diffusers under torch.compile "
-              "(mode in brackets, UNet and ControlNet), the first call's time beyond a timed call."]
+              "under torch.compile (mode in brackets; diffusers: UNet and ControlNet; torch: the networks named, "
+              "else all), the first calls' time beyond a timed call."]
     overflowed = [f"{c['backend']} {c['precision']}" for c in cases if "error" not in c and any(c.get("nonfinite", {}).values())]
     if overflowed:
         lines += ["", f"**fp16 overflow**: {', '.join(overflowed)} produced NaN/Inf on these weights "
@@ -154,8 +158,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=2, help="DDIM steps end to end (CPU: a few; contest: 20)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--cases", nargs="+", help="backend:precision:graph[:option...]; options: compile=MODE "
-                        "(diffusers; also a bare fourth field), compiled_networks=NAME[,NAME...] (tensorrt/inductor), "
+                        "(diffusers or torch; also a bare fourth field), compiled_networks=NAME[,NAME...] "
+                        "(tensorrt/inductor build, torch with compile= compiles only these), "
                         "e.g. torch:fp32:off diffusers:fp16:off:reduce-overhead "
+                        "torch:fp16:loop:compile=default:compiled_networks=fused_step "
                         "inductor:fp16:loop:compiled_networks=fused_step")
     parser.add_argument("--out", nargs="+", default=[str(Path(__file__).parent / "results")],
                         help="folders the report is written to (after every case)")
@@ -197,7 +203,9 @@ def main() -> int:
         write_report(report, args, stem)
     for full, batch in ((c, b) for c in cases if c["backend"] != "diffusers" for b in args.batch_sizes):
         timeout = min(args.timeout, int(args.deadline - (time.monotonic() - started))) if args.deadline else args.timeout
-        case = {k: v for k, v in full.items() if k != "compile"}
+        # batched cases run uncompiled: the torch.compile cases' networks then run eagerly, all of them
+        case = {k: v for k, v in full.items() if k != "compile" and not (k == "compiled_networks"
+                                                                          and full.get("compile", "off") != "off")}
         print(f"batched {label(case)} {case['precision']} graph={case['cuda_graph']} B={batch} (limit {timeout} s) ...",
               flush=True)
         result = (run_batched_case(case, batch, args, timeout) if timeout >= 30 else
@@ -214,9 +222,9 @@ def label(case: dict) -> str:
     """The backend column: the backend, with the diffusers baseline's torch.compile mode when it has one,
     or the networks a built backend was told to build (the others ran on torch)."""
     compiled, built = case.get("compile", "off"), case.get("compiled_networks")
-    if built:
-        return f"{case['backend']} (builds {', '.join(built)})"
-    return case["backend"] if compiled == "off" else f"{case['backend']} (torch.compile {compiled})"
+    if compiled != "off":  # diffusers (UNet and ControlNet) or torch (its compiled_networks, else every network)
+        return f"{case['backend']} (torch.compile {compiled}" + (f": {', '.join(built)})" if built else ")")
+    return f"{case['backend']} (builds {', '.join(built)})" if built else case["backend"]
 
 
 def report_name(args: argparse.Namespace) -> str:

@@ -1,8 +1,9 @@
 """The fast torch path, one switch at a time: one full denoising step (fused ControlNet+UNet, guidance,
 DDIM update) with each FastPath switch added on its own to the default, timed inside a CUDA graph (where
 the host no longer hides the GPU's cost) and eagerly, with each variant's difference from the plain
-module (the data behind FastPath's defaults). `--inductor` adds the inductor backend's fused step
-without and with max_autotune, compile time included.
+module (the data behind FastPath's defaults). `--inductor` adds the compiled steps, compile time included:
+the inductor backend's without and with max_autotune, and the default under torch.compile (default and
+max-autotune-no-cudagraphs modes).
 
     python -m benchmarks.fast_path --device cuda --precision fp16      # sd15-random, contest shape
     python -m benchmarks.fast_path --device cuda --sdpa-table benchmarks/results/sdpa-cuda-fp16-....json
@@ -43,6 +44,9 @@ VARIANTS = {
 # not FastPath switches: the loop's guidance + DDIM update compiled into one kernel (a measured candidate)
 UPDATE_VARIANTS = {"+fused_update": DEFAULT}
 INDUCTOR = {"inductor": {"max_autotune": False}, "inductor max_autotune": {"max_autotune": True}}
+# the default under torch.compile (JIT inductor: no package to load), compiled at the first call
+COMPILED = {"torch.compile": {"fast": DEFAULT, "compile": "default"},
+            "torch.compile max-autotune-no-cudagraphs": {"fast": DEFAULT, "compile": "max-autotune-no-cudagraphs"}}
 
 
 def per_head_size_variant(table: str | Path, precision: str) -> tuple[str, FastPath]:
@@ -66,8 +70,10 @@ def per_head_size_variant(table: str | Path, precision: str) -> tuple[str, FastP
 
 def time_step(step: Any, device: torch.device, repeats: int) -> dict[str, Any]:
     """Eager and (CUDA) graph-replay latency statistics (ms) of one step, and its output latents."""
-    out = step().x.detach().clone()  # (B, 4, h, w)
-    row: dict[str, Any] = {"eager_ms": measure(step, repeats, warmup=2)}
+    clock = time.perf_counter()
+    out = step().x.detach().clone()  # (B, 4, h, w); the first call: torch.compile compiles here
+    first_call_s = time.perf_counter() - clock  # .clone() after the step: its kernels have run
+    row: dict[str, Any] = {"first_call_s": first_call_s, "eager_ms": measure(step, repeats, warmup=2)}
     if device.type == "cuda":
         from sdcn_trt.pipeline.loop import capture
 
@@ -88,7 +94,7 @@ def run(components: Any, device: str, precision: str, repeats: int, spec: ShapeS
     jobs: list[tuple[str, str, dict[str, Any]]] = [
         (n, "torch", {"fast": f, "fused_update": n in UPDATE_VARIANTS}) for n, f in variants.items()]
     if inductor:
-        jobs += [(n, "inductor", o) for n, o in INDUCTOR.items()]
+        jobs += [(n, "inductor", o) for n, o in INDUCTOR.items()] + [(n, "torch", o) for n, o in COMPILED.items()]
     results: dict[str, Any] = {}
     plain: torch.Tensor | None = None
     for name, backend, options in jobs:
@@ -115,16 +121,18 @@ def markdown(report: dict[str, Any]) -> str:
              f"torch {report['torch']}" + (f", {report['gpu']}" if report["gpu"] else "") + ". Each switch is added "
              "on its own to the default (SDPA + fused QKV); 'graph': the step captured in a CUDA graph and replayed "
              "(the GPU's cost), 'eager': called from Python (host-bound on a GPU).", "",
-             "| variant | graph p50 ms | graph min ms | eager p50 ms | setup s | max abs diff vs plain (latents) |",
-             "|---|---|---|---|---|---|"]
+             "| variant | graph p50 ms | graph min ms | eager p50 ms | setup s | first call s | max abs diff vs plain "
+             "(latents) |", "|---|---|---|---|---|---|---|"]
     for name, v in report["variants"].items():
         if "refused" in v:
-            lines.append(f"| {name} | refused: {v['refused'][:120]} | | | | |")
+            lines.append(f"| {name} | refused: {v['refused'][:120]} | | | | | |")
             continue
         graph = v.get("graph_ms")
         lines.append(f"| {name} | {graph['p50']:.2f} | {graph['min']:.2f} | " if graph else f"| {name} | - | - | ")
-        lines[-1] += f"{v['eager_ms']['p50']:.2f} | {v['setup_s']:.1f} | {v['max_abs_vs_plain']:.3g} |"
-    lines += ["", "Setup: module preparation (inductor: the AOTInductor compile, max_autotune's autotuning included)."]
+        lines[-1] += (f"{v['eager_ms']['p50']:.2f} | {v['setup_s']:.1f} | {v.get('first_call_s', float('nan')):.1f} | "
+                      f"{v['max_abs_vs_plain']:.3g} |")
+    lines += ["", "Setup: module preparation (inductor: the AOTInductor compile, max_autotune's autotuning included). "
+              "First call: the step's first run (torch.compile: its compile)."]
     return "\n".join(lines) + "\n"
 
 
@@ -137,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--height", type=int, default=ShapeSpec().height)
     parser.add_argument("--width", type=int, default=ShapeSpec().width)
     parser.add_argument("--variants", nargs="+", choices=[*VARIANTS, *UPDATE_VARIANTS], help="default: all")
-    parser.add_argument("--inductor", action="store_true", help="also inductor without / with max_autotune (compiles)")
+    parser.add_argument("--inductor", action="store_true", help="also the compiled steps (minutes on a GPU): AOTInductor "
+                        "without / with max_autotune, torch.compile default / max-autotune-no-cudagraphs")
     parser.add_argument("--sdpa-table", metavar="JSON", help="a benchmarks.sdpa report: adds the variant pinning "
                         "each head size to the kernel it found fastest there")
     parser.add_argument("--out", nargs="+", default=[str(Path(__file__).parent / "results")])

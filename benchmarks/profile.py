@@ -161,11 +161,12 @@ def step_function(backend: str, components: Any, device: torch.device, precision
     from sdcn_trt.schedule import FULL
 
     desc = get_descriptor("fused_step", components)
-    config = BackendConfig(backend=backend, device=str(device), precision=precision)
+    config = BackendConfig(backend=backend, device=str(device), precision=precision,
+                           compile=options.get("compile", "off"))
     if backend == "torch" and "fast" in options:
         from sdcn_trt.engines.torch import TorchRunner
 
-        runner = TorchRunner(desc, device, precision, fast=options["fast"])
+        runner = TorchRunner(desc, device, precision, fast=options["fast"], compile=options.get("compile", "off"))
     elif backend == "inductor":
         from sdcn_trt.engines.inductor import InductorRunner
         from sdcn_trt.engines.inductor_plan import InductorSettings
@@ -286,6 +287,8 @@ BACKENDS = {  # label -> (backend, options)
     "torch fp16": ("torch", {}),
     "torch fp16 + gn_silu + channels_last": ("torch", {"fast": "tuned"}),
     "inductor fp16": ("inductor", {}),
+    "torch fp16 + torch.compile": ("torch", {"compile": "default"}),
+    "torch fp16 + torch.compile max-autotune": ("torch", {"compile": "max-autotune-no-cudagraphs"}),
     "torch fp32": ("torch", {"precision": "fp32"}),
 }
 

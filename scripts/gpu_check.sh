@@ -15,14 +15,16 @@
 #              SDPA kernel pinned per head size to the sdpa step's fastest (when that step ran)
 #   paritygap  diffusers fp16 against ours, with CLIP in fp32 and fp16 (benchmarks/parity_gap.py)
 #   bench      the contest workload (sd15-random, 256x384, CFG batch 2, 20 steps), each case in its own
-#              process: torch fp32 / fp16 + loop graph, diffusers fp16 eager and under torch.compile, inductor
+#              process: torch fp32 / fp16 + loop graph, torch fp16 + loop graph with the fused step under
+#              torch.compile (JIT inductor: no package load), diffusers fp16 eager and under torch.compile, inductor
 #              fp16 + loop graph compiling only the fused ControlNet+UNet step (compiled_networks=fused_step:
 #              the step runs 20 times per image, CLIP and the VAE once, on torch fp16; each SD1.5-sized compile
 #              takes minutes, and the 150 s per case cannot hold four)
 #   tests      the GPU-marked tests (CUDA graphs, fp16, inductor, compiled GroupNorm+SiLU, TensorRT if present)
 #   tiny       fp16 parity on the tiny preset (the inductor case again compiles the fused step only)
-# and, by name only (compiles for minutes): profile-inductor (the inductor fp16 step's kernel table),
-# fastpath-inductor (inductor without / with max_autotune, compile times). Logs, JSON and Markdown go to
+# and, by name only (compiles for minutes): profile-inductor and profile-compile (the kernel table of the
+# inductor fp16 step and of the torch.compile'd one), fastpath-inductor (inductor without / with max_autotune,
+# torch.compile default / max-autotune-no-cudagraphs, compile times). Logs, JSON and Markdown go to
 # benchmarks/results/ and, when $OUT is set (the device machine), to $OUT as they are written.
 #
 # Usage, on a machine with a CUDA GPU and this package importable (the offline device machine:
@@ -125,6 +127,10 @@ PY
       run profile 100 "$python" -m benchmarks.profile --device cuda --repeats 5 \
         --backends "torch fp16" "torch fp16 + gn_silu + channels_last" --out "$results" ${OUT:+"$OUT"}
       ;;
+    profile-compile)
+      run profile-compile 300 "$python" -m benchmarks.profile --device cuda --repeats 5 \
+        --backends "torch fp16 + torch.compile" --out "$results" ${OUT:+"$OUT"}
+      ;;
     profile-inductor)
       run profile-inductor 300 "$python" -m benchmarks.profile --device cuda --repeats 5 --backends "inductor fp16" \
         --out "$results" ${OUT:+"$OUT"}
@@ -151,7 +157,8 @@ PY
       # per case at most 150 s; torch.compile and inductor cases compile, so they come after the eager ones;
       # the inductor case compiles what it measures, the fused step, and runs CLIP and the VAE on torch fp16
       run bench 240 "$python" -m benchmarks --device cuda --steps 20 --repeats 3 --timeout 150 \
-        --cases torch:fp32:off torch:fp16:loop diffusers:fp16:off diffusers:fp16:off:reduce-overhead \
+        --cases torch:fp32:off torch:fp16:loop torch:fp16:loop:compile=default:compiled_networks=fused_step \
+        diffusers:fp16:off diffusers:fp16:off:reduce-overhead \
         diffusers:fp16:off:max-autotune-no-cudagraphs inductor:fp16:loop:compiled_networks=fused_step torch:fp16:off \
         --deadline $(($(left) - 20)) --out "$results" ${OUT:+"$OUT"}
       ;;
@@ -166,7 +173,8 @@ PY
     tiny)
       # fp16 parity where random SD1.5-sized weights may overflow: the tiny preset, same cases
       run tiny 120 "$python" -m benchmarks --device cuda --preset tiny --steps 20 --repeats 1 --timeout 100 \
-        --cases torch:fp32:off torch:fp16:off torch:fp16:loop inductor:fp16:loop:compiled_networks=fused_step \
+        --cases torch:fp32:off torch:fp16:off torch:fp16:loop torch:fp16:loop:compile=default:compiled_networks=fused_step \
+        inductor:fp16:loop:compiled_networks=fused_step \
         --deadline $(($(left) - 20)) --out "$results" ${OUT:+"$OUT"}
       ;;
     batched)
@@ -176,7 +184,7 @@ PY
         --cases torch:fp16:loop --batch-sizes 1 2 4 8 16 --deadline $(($(left) - 20)) --out "$results" ${OUT:+"$OUT"}
       ;;
     *) echo "unknown step '$step': choose from env inductor profile sdpa schedules fastpath paritygap bench tests tiny" \
-         "profile-inductor fastpath-inductor batched"; exit 2 ;;
+         "profile-inductor profile-compile fastpath-inductor batched"; exit 2 ;;
   esac
 done
 echo "gpu_check: $((SECONDS - start)) s of the $budget s budget"

@@ -13,7 +13,8 @@ from typing import Sequence
 from sdcn_trt.batch.local import BatchSettings, jobs_for_paths, run_batch, write_outputs
 from sdcn_trt.models.single_file import load_single_file
 from sdcn_trt.config import (
-    BACKENDS, CONTEST_HEIGHT, CONTEST_WIDTH, GRAPH_MODES, NETWORKS, PRECISIONS, BackendConfig, GenerationConfig,
+    BACKENDS, COMPILE_MODES, CONTEST_HEIGHT, CONTEST_WIDTH, GRAPH_MODES, NETWORKS, PRECISIONS, BackendConfig,
+    GenerationConfig,
 )
 from sdcn_trt.contest import write_kit
 from sdcn_trt.demo import run_demo
@@ -76,9 +77,14 @@ def add_backend_args(parser: argparse.ArgumentParser) -> None:
                         "1..max-batch (default: no limit on torch/onnxruntime, 1 on tensorrt/inductor; with "
                         "--batch-size: batch size x samples)")
     g.add_argument("--compiled-networks", nargs="*", default=None, metavar="NETWORK",
-                   help="tensorrt/inductor: build only these networks and run the others on torch at the same "
+                   help="tensorrt/inductor (torch with --compile): build (compile) only these networks and run the "
+                        "others on eager torch at the same "
                         "device and precision, e.g. fused_step (the 20-per-image step; CLIP and the VAE run once). "
                         f"Default: all. Valid: {', '.join(NETWORKS)}")
+    g.add_argument("--compile", default="off", choices=COMPILE_MODES,
+                   help="torch backend: run the networks (--compiled-networks: these only) through torch.compile in "
+                        "this mode; they compile at the first image (the tiny preset's fused step: about a minute "
+                        "on a 2-core CPU); with --cuda-graph loop the loop is captured around the compiled kernels")
 
 
 def add_generation_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
@@ -118,7 +124,7 @@ def backend_config(args: argparse.Namespace) -> BackendConfig:
         max_batch = args.batch_size * getattr(args, "num_samples", 1)
     return BackendConfig(backend=args.backend, device=args.device, precision=args.precision, cache_dir=args.cache_dir,
                          cuda_graph=args.cuda_graph, check_finite=args.check_finite, max_batch=max_batch,
-                         compiled_networks=args.compiled_networks)
+                         compiled_networks=args.compiled_networks, compile=args.compile)
 
 
 def usable_backend(args: argparse.Namespace) -> BackendConfig:

@@ -24,6 +24,10 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt", "inductor")  # inductor: AOTIndu
 BUILT_BACKENDS = ("tensorrt", "inductor")  # engines built for fixed shape ranges (the contest shape by default)
 PRECISIONS = ("fp32", "fp16")  # fp32 is the reference
 GRAPH_MODES = ("off", "step", "loop")  # CUDA graphs: none, one per step, the whole loop + decode
+# the torch backend's torch.compile modes (JIT inductor: fused Triton kernels on CUDA, C++ on the CPU). The
+# modes with CUDA graph trees of their own (reduce-overhead, max-autotune) are left out: cuda_graph captures
+# the whole loop instead, around the compiled kernels.
+COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs")
 # every network a runner can run, by name (export.descriptors has one descriptor for each, and checks it)
 NETWORKS = ("text_encoder", "control_hint", "controlnet", "unet", "fused_step", "unet_deep", "unet_shallow",
             "vae_decoder", "vae_encoder")
@@ -174,8 +178,10 @@ class BackendConfig:
     check_finite: bool = False  # raise NonFiniteOutputError naming the network that produced NaN/Inf
     max_batch: int | None = None  # most images (photos x samples) per network call; None: no limit on torch and
     # onnxruntime, 1 on tensorrt and inductor (engines built for the contest shape); > 1 builds those for 1..max_batch
-    compiled_networks: tuple[str, ...] | None = None  # the networks a built backend (tensorrt, inductor) builds;
-    # the others run on torch at the same device and precision. None: all of them. torch/onnxruntime ignore it
+    compiled_networks: tuple[str, ...] | None = None  # the networks a built backend (tensorrt, inductor) builds,
+    # or the torch backend compiles when `compile` is on; the others run on eager torch at the same device and
+    # precision. None: all of them. onnxruntime, and torch without `compile`, ignore it
+    compile: str = "off"  # torch backend: torch.compile mode (COMPILE_MODES) of the compiled_networks
 
     def __post_init__(self) -> None:
         check_choice("backend", self.backend, BACKENDS)
@@ -188,6 +194,16 @@ class BackendConfig:
         if not isinstance(self.device, str) or not (self.device == "cpu" or self.device.startswith("cuda")):
             raise InputError(f"unknown device {self.device!r}; use 'cpu' or 'cuda[:N]'")
         check_choice("cuda_graph mode", self.cuda_graph, GRAPH_MODES)
+        if self.compile in ("reduce-overhead", "max-autotune"):
+            raise InputError(f"compile={self.compile!r} captures CUDA graphs of its own, which cannot sit inside the "
+                             "loop's; use compile='max-autotune-no-cudagraphs' (or 'default') with cuda_graph='loop', "
+                             "which captures the whole loop around the compiled kernels")
+        check_choice("compile mode", self.compile, COMPILE_MODES)
+        if self.compile != "off" and self.backend != "torch":
+            raise InputError(f"compile={self.compile!r} is the torch backend's torch.compile; backend "
+                             f"{self.backend!r} " + ("builds AOTInductor packages of its own (compiled_networks "
+                             "chooses which)" if self.backend == "inductor" else "compiles nothing with it")
+                             + ": use backend='torch' or compile='off'")
         if self.cuda_graph == "step" and not self.device.startswith("cuda"):
             raise InputError("cuda_graph='step' needs device='cuda'")
 
@@ -197,6 +213,11 @@ class BackendConfig:
     def builds(self, network: str) -> bool:
         """Whether this backend builds `network` (an engine, a package), or runs it on torch instead."""
         return self.backend in BUILT_BACKENDS and (self.compiled_networks is None or network in self.compiled_networks)
+
+    def compiles(self, network: str) -> bool:
+        """Whether the torch backend runs `network` through torch.compile (`compile` on, network chosen)."""
+        return self.backend == "torch" and self.compile != "off" and (
+            self.compiled_networks is None or network in self.compiled_networks)
 
     @property
     def batch_limit(self) -> int | None:

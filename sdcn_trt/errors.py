@@ -19,3 +19,7 @@ class BackendUnavailableError(SdcnError, RuntimeError):
 
 class DeviceMemoryError(SdcnError, RuntimeError):
     """The GPU ran out of memory building or capturing something; the message says what and at which shape."""
+
+
+class CompileError(SdcnError, RuntimeError):
+    """torch.compile failed on a network; the message names the network, the mode and the cause."""

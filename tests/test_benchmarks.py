@@ -243,8 +243,13 @@ def test_compiled_diffusers_cases_refuse_the_cpu_and_other_backends(tiny):
         build_diffusers(tiny, "cpu", torch.float32, "reduce-overhead")
     with pytest.raises(InputError, match="unknown compile mode 'fast'; choose one of off, max-autotune-no-cudagraphs"):
         build_diffusers(tiny, "cuda", torch.float16, "fast")
-    args = argparse.Namespace(backend="torch", compile="reduce-overhead", preset="tiny")
-    with pytest.raises(InputError, match="--compile reduce-overhead is for the diffusers baseline; backend 'torch'"):
+    args = argparse.Namespace(backend="torch", compile="reduce-overhead", compiled_networks=None, preset="tiny",
+                              device="cpu", precision="fp32", cuda_graph="loop")
+    with pytest.raises(InputError, match="compile='reduce-overhead' captures CUDA graphs of its own"):
+        run_case(args)
+    args.backend = "onnxruntime"
+    with pytest.raises(InputError, match="--compile reduce-overhead is for the diffusers baseline and the torch "
+                                         "backend; backend 'onnxruntime'"):
         run_case(args)
 
 
@@ -320,8 +325,19 @@ def test_compiled_networks_are_refused_where_nothing_is_built():
 
     args = argparse.Namespace(backend="torch", compile="off", compiled_networks=["fused_step"], preset="tiny")
     with pytest.raises(InputError, match=re.escape("--compiled-networks is for the backends that build networks "
-                                                   "(tensorrt, inductor); backend 'torch' builds none")):
+                                                   "(tensorrt, inductor) and torch with --compile; backend 'torch' "
+                                                   "builds none")):
         run_case(args)
+
+
+def test_case_labels_name_what_was_compiled_or_built():
+    from benchmarks.__main__ import label, parse_case
+
+    assert [label(parse_case(c)) for c in (
+        "torch:fp16:loop:compile=default:compiled_networks=fused_step", "torch:fp16:loop:compile=default",
+        "diffusers:fp16:off:reduce-overhead", "inductor:fp16:loop:compiled_networks=fused_step", "torch:fp16:loop")] == [
+        "torch (torch.compile default: fused_step)", "torch (torch.compile default)",
+        "diffusers (torch.compile reduce-overhead)", "inductor (builds fused_step)", "torch"]
 
 
 @pytest.mark.slow  # compiles the tiny fused step (about 80 s on the 2-core machine) unless the cache holds it
@@ -338,6 +354,21 @@ def test_an_inductor_case_compiles_only_the_networks_it_is_told(tmp_path):
     assert case["packages"]["fused_step"]["size_mib"] < 16 and case["nonfinite"]["fused_step"] == 0
     assert "| inductor (builds fused_step) | fp32 | off | " in report_file.with_suffix(".md").read_text()
     assert " (fused_step) |" in report_file.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow  # torch.compile compiles the tiny fused step: about a minute on the 2-core machine
+def test_a_torch_compile_case_compiles_the_step_it_is_told(tmp_path):
+    """torch:fp32:loop:compile=default:compiled_networks=fused_step: the step through torch.compile inside
+    the static loop, its compile time recorded, the image within a level of the reference case's."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--preset", "tiny", "--steps", "1", "--repeats", "1",
+                           "--cases", "torch:fp32:off", "torch:fp32:loop:compile=default:compiled_networks=fused_step",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (report_file,) = tmp_path.glob("bench-cpu-tiny-*.json")
+    reference, case = json.loads(report_file.read_text())["cases"]
+    assert "error" not in case and case["compile"] == "default" and case["compiled_networks"] == ["fused_step"]
+    assert case["compile_s"] > 1.0 and case["parity"]["max"] <= 1 and "packages" not in case
+    assert "| torch (torch.compile default: fused_step) | fp32 | loop | " in report_file.with_suffix(".md").read_text()
 
 
 def test_sdpa_benchmark_times_each_kernel_or_keeps_why_it_refused(tmp_path):

@@ -16,7 +16,7 @@ from benchmarks.__main__ import parse_case
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 DEFAULT_STEPS = "env inductor profile sdpa schedules fastpath paritygap bench tests tiny".split()
-BY_NAME = ["profile-inductor", "fastpath-inductor", "batched"]
+BY_NAME = ["profile-inductor", "profile-compile", "fastpath-inductor", "batched"]
 
 
 def _run(tmp_path: Path, *steps: str, keep_python: bool = False) -> tuple[subprocess.CompletedProcess, Path, list[dict]]:
@@ -43,7 +43,7 @@ def test_every_gpu_check_step_passes_arguments_the_code_takes(tmp_path):
     modules = [c["module"] for c in calls]
     assert modules == ["benchmarks.inductor_probe", "benchmarks.profile", "benchmarks.sdpa", "benchmarks.schedules",
                        "benchmarks.fast_path", "benchmarks.parity_gap", "benchmarks", "pytest", "benchmarks",
-                       "benchmarks.profile", "benchmarks.fast_path", "benchmarks"]
+                       "benchmarks.profile", "benchmarks.profile", "benchmarks.fast_path", "benchmarks"]
     assert out.count("arguments parsed") == len(modules) - 1  # pytest collected instead
     for call in (c for c in calls if c["module"] == "benchmarks"):  # each --cases entry is a case the runner reads
         cases = call["args"][call["args"].index("--cases") + 1:]

@@ -67,12 +67,19 @@ def require_backend(config: BackendConfig) -> None:
     ok, why = backend_available(config.backend, config.device)
     if not ok:
         raise BackendUnavailableError(f"backend {config.backend!r} is unavailable: {why}")
+    if config.compile != "off":
+        from sdcn_trt.engines.torch import compile_status
+
+        ok, why = compile_status(config.device.split(":")[0])
+        if not ok:
+            raise BackendUnavailableError(f"compile={config.compile!r} is unavailable: {why}")
 
 
 def create_runner(descriptor: NetworkDescriptor, config: BackendConfig) -> Runner:
     """The runner of `config.backend` for one network; unavailable backends raise with a fix. A built
     backend's network left out of `config.compiled_networks` gets a torch runner on the same device and
-    in the same precision (nothing is built for it): the choice is made here, never in the pipeline."""
+    in the same precision (nothing is built for it), and so does a network the torch backend does not
+    torch.compile: the choice is made here, never in the pipeline."""
     require_backend(config)
     if config.backend == "onnxruntime":
         from sdcn_trt.engines.onnxruntime import OnnxRuntimeRunner
@@ -81,7 +88,8 @@ def create_runner(descriptor: NetworkDescriptor, config: BackendConfig) -> Runne
     elif not config.builds(descriptor.name):  # the torch backend, or a network a built backend leaves to torch
         from sdcn_trt.engines.torch import TorchRunner
 
-        runner = TorchRunner(descriptor, device=config.device, precision=config.precision)
+        runner = TorchRunner(descriptor, device=config.device, precision=config.precision,
+                             compile=config.compile if config.compiles(descriptor.name) else "off")
     elif config.backend == "inductor":
         from sdcn_trt.engines.inductor import InductorRunner
         from sdcn_trt.engines.inductor_plan import InductorSettings

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import torch
 
-from sdcn_trt.engines.torch import FastPath
+from sdcn_trt.engines.torch import FastPath, cpp_compiler
 from sdcn_trt.errors import InputError
 from sdcn_trt.export.descriptors import NetworkDescriptor, ShapeRange, ShapeSpec
 
@@ -349,11 +349,6 @@ def autotune_fits(free: int, weights: int) -> tuple[bool, str]:
 
 
 # -- toolchain ---------------------------------------------------------------------------------------
-def cpp_compiler() -> str:
-    """The C++ compiler inductor calls: $CXX, else g++."""
-    return os.environ.get("CXX") or "g++"
-
-
 def cuda_headers_found() -> tuple[bool, str]:
     """(found, where looked): cuda_runtime_api.h in the include folders AOTInductor compiles against."""
     try:

@@ -4,6 +4,10 @@ fused, a pinned SDPA kernel, cuDNN benchmark mode, fp16 GEMM accumulation)."""
 from __future__ import annotations
 
 import copy
+import importlib
+import importlib.util
+import os
+import shutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,8 +17,8 @@ from torch import nn
 from sdcn_trt.engines.base import Runner
 from sdcn_trt.engines.fast_ops import (PinnedSdpa, cuda_flags, fuse_group_norm_silu, parse_sdpa_kernels,
                                        sdpa_kernel_for, sdpa_kernels_spelling)
-from sdcn_trt.config import PRECISIONS, check_choice
-from sdcn_trt.errors import BackendUnavailableError, InputError
+from sdcn_trt.config import COMPILE_MODES, PRECISIONS, check_choice
+from sdcn_trt.errors import BackendUnavailableError, CompileError, InputError
 from sdcn_trt.export.descriptors import NetworkDescriptor
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}  # keyed by config.PRECISIONS
@@ -116,23 +120,57 @@ def prepare_module(descriptor: NetworkDescriptor, device: torch.device, dtype: t
     return apply_fast_path(module.to(device, dtype), fast)  # on the device first: gn_silu compiles for CUDA only
 
 
+def cpp_compiler() -> str:
+    """The C++ compiler inductor calls: $CXX, else g++."""
+    return os.environ.get("CXX") or "g++"
+
+
+def compile_status(device_type: str) -> tuple[bool, str]:
+    """(usable, what is missing) for torch.compile's inductor: a C++ compiler for CPU kernels, Triton for
+    CUDA kernels (a missing one only shows at the first call otherwise, minutes into a run)."""
+    if device_type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            return False, "torch.compile on a GPU needs Triton, which is not installed: pip install triton"
+        return True, ""
+    if shutil.which(cpp_compiler()) is None:
+        return False, (f"torch.compile on the CPU needs a C++ compiler and '{cpp_compiler()}' was not found on PATH: "
+                       "install g++ (apt-get install g++) or set CXX to one")
+    return True, ""
+
+
+def _compile_failures() -> tuple[type[BaseException], ...]:
+    """The exception types torch.compile raises when dynamo or inductor fail (present in torch 2.11 .. 2.14)."""
+    import torch._dynamo.exc as dynamo_exc
+
+    found: list[type[BaseException]] = [dynamo_exc.TorchDynamoException]
+    inductor = getattr(importlib.import_module("torch._inductor.exc"), "InductorError", None)
+    return (*found, inductor) if inductor is not None else tuple(found)
+
+
 class TorchRunner(Runner):
-    """Eager torch. Float inputs are cast to the runner's dtype; float outputs come back float32."""
+    """Torch, eager or through torch.compile (`compile`: a COMPILE_MODES mode; it compiles at the first call
+    and again for a new input shape). Float inputs are cast to the runner's dtype; float outputs come back
+    float32."""
 
     def __init__(self, descriptor: NetworkDescriptor, device: str | torch.device = "cpu", precision: str = "fp32",
-                 fast: FastPath | None = None):
+                 fast: FastPath | None = None, compile: str = "off"):
         super().__init__(descriptor)
+        check_choice("compile mode", compile, COMPILE_MODES)
         self._device = resolve_device(device)
         self.dtype = resolve_dtype(descriptor.precision_for(precision))
         self.fast = FastPath.default_for(self._device, self.dtype) if fast is None else fast
-        self.module: torch.nn.Module | None = None
+        self.compile = compile
+        self.module: Any = None  # the prepared nn.Module, or torch.compile's wrapper of it
 
     @property
     def device(self) -> torch.device:
         return self._device
 
     def activate_impl(self) -> None:
-        self.module = prepare_module(self.descriptor, self._device, self.dtype, self.fast)
+        module: Any = prepare_module(self.descriptor, self._device, self.dtype, self.fast)
+        if self.compile != "off":  # compiled at the first call, where the input shapes are known
+            module = torch.compile(module, mode=None if self.compile == "default" else self.compile)
+        self.module = module
 
     def deactivate_impl(self) -> None:
         self.module = None
@@ -143,9 +181,19 @@ class TorchRunner(Runner):
         if self.fast.channels_last:  # (N, C, H, W) inputs in NHWC too: no layout copy before the first conv
             args = [a.contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a for a in args]
         with torch.inference_mode(), cuda_flags(self.fast.cudnn_benchmark, self.fast.fp16_accumulation):
-            out = self.module(*args)
+            out = self.module(*args) if self.compile == "off" else self._compiled_call(args)
         outputs = out if isinstance(out, (tuple, list)) else (out,)
         return {n: o.float() for n, o in zip(self.descriptor.output_names, outputs, strict=True)}
+
+
+    def _compiled_call(self, args: list[torch.Tensor]) -> Any:
+        try:
+            return self.module(*args)
+        except _compile_failures() as exc:
+            shapes = ", ".join(f"{n} {tuple(a.shape)}" for n, a in zip(self.descriptor.input_names, args, strict=True))
+            cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CompileError(f"torch.compile (mode {self.compile!r}) failed on network '{self.name}' for inputs "
+                               f"{shapes}: {type(exc).__name__}: {cause[:500]}; compile='off' runs it eagerly") from exc
 
 
 def cast_input(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

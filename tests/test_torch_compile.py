@@ -1,0 +1,140 @@
+"""The torch backend through torch.compile (BackendConfig.compile): settings and their errors, which
+networks compile, compiled outputs against eager on the CPU, a compiler that fails, the CLI flag; the
+CUDA path (compiled kernels inside the whole-loop graph) is a GPU test."""
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from sdcn_trt import BackendConfig, ControlNetPipeline, GenerationConfig, InputError
+from sdcn_trt.cli import main
+from sdcn_trt.engines import create_runner
+from sdcn_trt.engines.torch import TorchRunner, compile_status
+from sdcn_trt.errors import BackendUnavailableError
+from sdcn_trt.export.descriptors import ShapeSpec, get_descriptor
+from tests.conftest import replay_without_host_sync
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(compile="reduce-overhead"), "compile='reduce-overhead' captures CUDA graphs of its own, which cannot sit "
+                                      "inside the loop's; use compile='max-autotune-no-cudagraphs' (or 'default')"),
+    (dict(compile="max-autotune"), "compile='max-autotune' captures CUDA graphs of its own"),
+    (dict(compile="fast"), "unknown compile mode 'fast'; choose one of off, default, max-autotune-no-cudagraphs"),
+    (dict(backend="inductor", compile="default"), "compile='default' is the torch backend's torch.compile; backend "
+                                                  "'inductor' builds AOTInductor packages of its own"),
+    (dict(backend="onnxruntime", compile="default"), "backend 'onnxruntime' compiles nothing with it: use "
+                                                     "backend='torch' or compile='off'"),
+])
+def test_compile_settings_are_checked(options, message):
+    with pytest.raises(InputError) as exc:
+        BackendConfig(**options)
+    assert message in str(exc.value)
+
+
+def test_compile_chooses_the_networks_and_create_runner_follows(tiny):
+    config = BackendConfig(compile="default", compiled_networks=("fused_step",))
+    assert config.compiles("fused_step") and not config.compiles("vae_decoder")
+    assert BackendConfig(compile="default").compiles("vae_decoder")
+    assert not BackendConfig(compiled_networks=("fused_step",)).compiles("fused_step")  # compile off: eager
+    assert not BackendConfig(backend="inductor").compiles("fused_step")  # inductor builds, it does not torch.compile
+    runners = {n: create_runner(get_descriptor(n, tiny), config) for n in ("fused_step", "vae_decoder")}
+    assert all(type(r) is TorchRunner for r in runners.values())
+    assert (runners["fused_step"].compile, runners["vae_decoder"].compile) == ("default", "off")
+    with pytest.raises(InputError, match="unknown compile mode 'fast'"):
+        TorchRunner(get_descriptor("vae_decoder", tiny), compile="fast")
+
+
+def test_compiled_network_matches_eager_on_the_cpu(tiny):
+    desc = get_descriptor("text_encoder", tiny)
+    feed = desc.sample_inputs(ShapeSpec(1, 64, 64))
+    eager = TorchRunner(desc).infer(feed)["text_embeddings"].clone()
+    compiled = TorchRunner(desc, compile="default")
+    out = compiled.infer(feed)["text_embeddings"]
+    assert isinstance(compiled.module, torch._dynamo.eval_frame.OptimizedModule)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_missing_compiler_is_named_before_any_weights_run(tiny, monkeypatch):
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    assert compile_status("cpu") == (False, "torch.compile on the CPU needs a C++ compiler and '/nonexistent/g++' "
+                                            "was not found on PATH: install g++ (apt-get install g++) or set CXX to one")
+    with pytest.raises(BackendUnavailableError, match=re.escape("compile='default' is unavailable: torch.compile on "
+                                                                "the CPU needs a C++ compiler")):
+        create_runner(get_descriptor("vae_decoder", tiny), BackendConfig(compile="default"))
+    create_runner(get_descriptor("vae_decoder", tiny), BackendConfig())  # eager needs none
+
+
+def test_a_failing_compiler_is_one_error_naming_network_mode_and_inputs(tmp_path):
+    """A compiler that exists but fails (here /bin/false as CXX), in a fresh process (inductor remembers
+    the compiler it found): CompileError naming the network, the mode, the inputs and the cause."""
+    code = ("from sdcn_trt.models.presets import load_preset\n"
+            "from sdcn_trt.export.descriptors import ShapeSpec, get_descriptor\n"
+            "from sdcn_trt.engines.torch import TorchRunner\n"
+            "from sdcn_trt.errors import CompileError\n"
+            "d = get_descriptor('text_encoder', load_preset('tiny'))\n"
+            "try:\n"
+            "    TorchRunner(d, compile='default').infer(d.sample_inputs(ShapeSpec(1, 64, 64)))\n"
+            "except CompileError as exc:\n"
+            "    print('CompileError:', exc)\n")
+    env = {**os.environ, "CXX": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("CompileError: torch.compile (mode 'default') failed on network 'text_encoder' "
+                                  "for inputs input_ids (2, 77): InductorError: InvalidCxxCompiler"), proc.stdout
+    assert proc.stdout.rstrip().endswith("compile='off' runs it eagerly")
+
+
+@pytest.fixture
+def photo_file(tmp_path, photo):
+    import cv2
+
+    path = tmp_path / "cat.png"
+    cv2.imwrite(str(path), photo[:, :, ::-1])
+    return path
+
+
+def test_cli_compile_flag_maps_onto_the_backend(photo_file, capsys):
+    rc = main(["generate", str(photo_file), "--preset", "tiny", "--backend", "onnxruntime", "--compile", "default",
+               "-o", str(photo_file.parent / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: compile='default' is the torch backend's torch.compile" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["generate", str(photo_file), "--compile", "reduce-overhead"])
+    assert "argument --compile: invalid choice: 'reduce-overhead'" in capsys.readouterr().err
+    assert not (photo_file.parent / "out").exists()
+
+
+@pytest.mark.slow
+def test_pipeline_with_the_compiled_step_matches_eager(tiny, photo):
+    """The static loop (what cuda_graph='loop' captures) with only the fused step compiled: images within
+    1 level of eager torch (inductor's CPU kernels sum in another order)."""
+    config = GenerationConfig(image_resolution=64, ddim_steps=4)
+    eager = ControlNetPipeline(tiny).run(photo, config).images[0]
+    pipe = ControlNetPipeline(tiny, BackendConfig(cuda_graph="loop", compile="default", compiled_networks=("fused_step",)))
+    compiled = pipe.run(photo, config).images[0]
+    assert np.abs(compiled.astype(int) - eager).max() <= 1
+    assert pipe.runners["fused_step"].compile == "default" and pipe.runners["vae_decoder"].compile == "off"
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs"])
+def test_compiled_step_inside_the_loop_graph_on_cuda(tiny, photo, mode):
+    """fp16 on CUDA: the compiled fused step captured in the whole-loop graph; replays equal the first run,
+    never wait for the host, and stay within 1 level of the eager fp16 loop."""
+    config = GenerationConfig(image_resolution=64, ddim_steps=4)
+    eager = ControlNetPipeline(tiny, BackendConfig(device="cuda", precision="fp16")).run(photo, config).images[0]
+    pipe = ControlNetPipeline(tiny, BackendConfig(device="cuda", precision="fp16", cuda_graph="loop", compile=mode,
+                                                  compiled_networks=("fused_step",)))
+    first = pipe.run(photo, config).images[0]
+    assert np.array_equal(pipe.run(photo, config).images[0], first)
+    assert np.abs(first.astype(int) - eager).max() <= 1
+    (loop,) = pipe._loops.values()
+    replay_without_host_sync(loop)
