@@ -29,6 +29,7 @@ from sdcn_trt.export.descriptors import DESCRIPTORS, PIPELINE_NETWORKS, ShapeRan
 from sdcn_trt.models.lora import apply_loras, parse_lora_arg
 from sdcn_trt.models.presets import load_diffusers, load_preset, preset_names, with_controlnets
 from sdcn_trt.pipeline.pipeline import ControlNetPipeline
+from sdcn_trt.images import check_output_folder
 from sdcn_trt.preprocess import load_image, read_image
 from sdcn_trt.progress import RunProgress
 from sdcn_trt.schedule import SPELLINGS, load_schedule_file
@@ -175,6 +176,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     images = [(root, job, read_image(root / job.source)) for root, job in jobs]  # a bad file fails before any work
     # further ControlNets' control maps, the same for every input (the first ControlNet gets each photo's edges)
     controls = [None] + [load_image(p) for p in args.control_image] if args.control_image else None
+    check_output_folder(args.output, "--output")
     pipe = load_pipeline(args)
     out_dir = Path(args.output)
     with RunProgress(len(images), "generate", enabled=not args.quiet) as bar:
@@ -192,6 +194,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     settings = ExportSettings(precision=args.precision, opset=args.opset,
                               sample=ShapeSpec(args.batch, args.height, args.width), dynamic=not args.static,
                               simplify=not args.no_simplify)
+    if args.output:
+        check_output_folder(args.output, "--output")
+    if args.cache_dir:  # a read-only cache of earlier exports is fine; a file in its place is not
+        check_output_folder(args.cache_dir, "--cache-dir", writable=False)
     results = export_networks(load_components(args), args.networks, settings, args.cache_dir, args.output)
     for name, r in results.items():
         state = "cached" if r.cached else f"exported in {r.seconds:.1f} s"
@@ -255,6 +261,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                              image_format=args.image_format, reference_dir=args.reference_dir,
                              fid_weights=args.fid_weights, random_fid=args.random_fid, warmup=args.warmup,
                              generation=generation_config(args), batch_size=args.batch_size)
+    check_output_folder(args.output, "--output")
     backend = usable_backend(args)
     summary = run_score(load_components(args), backend, settings)
     print(summary_table(summary))
@@ -268,6 +275,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                             greedy_kinds=tuple(args.greedy_kinds), greedy_budget=args.greedy_budget,
                             max_pd=args.max_pd, min_ssim=args.min_ssim, fid_weights=args.fid_weights,
                             random_fid=args.random_fid, warmup=args.warmup, generation=generation_config(args))
+    check_output_folder(args.output, "--output")
     backend = usable_backend(args)
     summary = tune(load_components(args), backend, settings, progress=not args.quiet)
     print(frontier_table(summary))
@@ -285,6 +293,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     settings = BatchSettings(args.input_dir, args.output_dir, args.prompts, args.save_control, not args.no_recursive,
                              generation_config(args), batch_size=args.batch_size)
     backend_config(args)  # validate the backend flags before any work
+    check_output_folder(args.output_dir, "output_dir")
     runner = None
     if args.ray or args.ray_address:
         runner = RayRunner(functools.partial(load_pipeline, args), address=args.ray_address, workers=args.workers,
@@ -299,12 +308,14 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    check_output_folder(args.output, "--output")
     run_demo(Path(args.output), backends=args.backends, steps=args.ddim_steps, samples=args.samples,
              progress=not args.quiet, preset=args.preset)
     return 0
 
 
 def cmd_contest_kit(args: argparse.Namespace) -> int:
+    check_output_folder(args.folder, "folder")
     for path in write_kit(args.folder, force=args.force):
         print(f"wrote {path}")
     print(f"copy the contest's compute_score.py into {args.folder} and run it there (settings: SDCN_* variables, "
@@ -507,6 +518,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except SdcnError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file the system refused (permissions, a full disk) that no check caught first
+        logger.debug("traceback of the error below", exc_info=True)
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where} (-v shows where it happened)", file=sys.stderr)
         return 2
 
 

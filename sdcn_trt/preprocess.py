@@ -105,7 +105,10 @@ def read_image(path: str | os.PathLike[str]) -> LoadedImage:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"image file not found: {path}")
-    data = np.fromfile(path, dtype=np.uint8)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:  # no read permission, an I/O error
+        raise InputError(f"cannot read image file {path}: {exc.strerror or exc}") from exc
     if data.size == 0:
         raise InputError(f"image file is empty: {path}")
     with native_stderr() as messages:

@@ -1,0 +1,111 @@
+"""Bad input on the command line: one `error: ...` line naming what was wrong and what is valid, exit
+code 2, no traceback, and nothing written (checked before any weights load where the flags tell)."""
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+from sdcn_trt import InputError
+from sdcn_trt.cli import main
+
+
+@pytest.fixture
+def photo_file(tmp_path, photo):
+    path = tmp_path / "in" / "cat.jpg"
+    path.parent.mkdir()
+    cv2.imwrite(str(path), photo[:, :, ::-1])
+    return path
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fails the test if a command loads a model: the error it checks must come before that."""
+    import sdcn_trt.cli as cli
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(cli, "load_base_components", refuse)
+
+
+def one_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("error: ") and err.count("\n") == 1, err
+    return err.strip()
+
+
+# -- output folders ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", [
+    ["generate", "{photo}", "-o", "{out}"],
+    ["batch", "{photos}", "{out}"],
+    ["score", "{photos}", "-o", "{out}", "--random-fid"],
+    ["tune", "{photos}", "-o", "{out}", "--random-fid"],
+    ["export", "--networks", "vae_decoder", "-o", "{out}"],
+    ["demo", "-o", "{out}", "--preset", "tiny"],
+    ["contest-kit", "{out}"],
+])
+def test_an_output_folder_that_is_a_file_is_refused_before_any_work(tmp_path, photo_file, capsys, no_weights,
+                                                                     command):
+    blocker = tmp_path / "taken"
+    blocker.write_text("keep me")
+    args = [a.format(photo=photo_file, photos=photo_file.parent, out=blocker / "sub") for a in command]
+    assert main(args) == 2
+    flag = "folder" if command[0] == "contest-kit" else "output_dir" if command[0] == "batch" else "--output"
+    assert one_error(capsys) == (f"error: {flag} {blocker / 'sub'} is not a folder ({blocker} is a file); "
+                                 "give a folder (created if missing)")
+    assert blocker.read_text() == "keep me"
+
+
+def test_a_read_only_output_folder_is_refused_before_any_work(tmp_path, photo_file, capsys, no_weights, monkeypatch):
+    import sdcn_trt.images
+
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    real_access = os.access  # root may write anywhere: say no for this folder as a read-only mount would
+    monkeypatch.setattr(sdcn_trt.images.os, "access", lambda p, mode: False if p == read_only else real_access(p, mode))
+    assert main(["generate", str(photo_file), "-o", str(read_only / "out")]) == 2
+    assert one_error(capsys) == (f"error: --output {read_only / 'out'} is not writable ({read_only} is read-only); "
+                                 "give a folder you can write into")
+    assert list(read_only.iterdir()) == []
+
+
+def test_a_cache_dir_that_is_a_file_is_refused(tmp_path, capsys, no_weights):
+    blocker = tmp_path / "cache"
+    blocker.write_text("")
+    assert main(["export", "--networks", "vae_decoder", "--cache-dir", str(blocker)]) == 2
+    assert one_error(capsys) == f"error: --cache-dir {blocker} is not a folder; give a folder (created if missing)"
+
+
+def test_an_image_that_cannot_be_written_is_an_input_error_naming_it(tmp_path):
+    from sdcn_trt.images import save_image, write_contest_image
+
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(InputError) as raised:
+        save_image(tmp_path / "taken" / "cat.png", np.zeros((8, 8, 3), np.uint8))
+    assert str(raised.value) == f"cannot write {tmp_path / 'taken' / 'cat.png'}: File exists ({tmp_path / 'taken'})"
+    with pytest.raises(InputError, match="cannot write .*cat.jpg: File exists"):
+        write_contest_image(tmp_path / "taken" / "cat.jpg", np.zeros((8, 8, 3), np.uint8))
+    assert (tmp_path / "taken").read_text() == ""
+
+
+def test_an_os_error_no_check_caught_is_one_line_and_exit_code_2(tmp_path, photo_file, capsys, monkeypatch):
+    import sdcn_trt.cli as cli
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "out" / "cat.png"))
+
+    monkeypatch.setattr(cli, "load_pipeline", full_disk)
+    assert main(["generate", str(photo_file), "-o", str(tmp_path / "out")]) == 2
+    assert one_error(capsys) == (f"error: No space left on device: {tmp_path / 'out' / 'cat.png'} "
+                                 "(-v shows where it happened)")
+
+
+# -- input files ---------------------------------------------------------------------------------------
+def test_an_unreadable_image_is_one_clear_error(photo_file, capsys, no_weights, monkeypatch):
+    def denied(path, dtype):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(np, "fromfile", denied)  # (chmod 000 does not stop root)
+    assert main(["generate", str(photo_file)]) == 2
+    assert one_error(capsys) == f"error: cannot read image file {photo_file}: Permission denied"
