@@ -10,7 +10,9 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from sdcn_trt.batch.local import BatchSettings, jobs_for_paths, run_batch, write_outputs
+from sdcn_trt.batch.local import (
+    BatchSettings, check_inputs_kept, jobs_for_paths, plan_batch, run_batch, write_outputs,
+)
 from sdcn_trt.models.single_file import load_single_file
 from sdcn_trt.config import (
     BACKENDS, CONTEST_HEIGHT, CONTEST_WIDTH, GRAPH_MODES, NETWORKS, PRECISIONS, BackendConfig, GenerationConfig,
@@ -173,6 +175,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     and <input>_canny.png, folders' images under their relative paths."""
 
     jobs = jobs_for_paths(args.inputs, generation_config(args))  # clashing output names fail here
+    check_inputs_kept(jobs, Path(args.output))
     images = [(root, job, read_image(root / job.source)) for root, job in jobs]  # a bad file fails before any work
     # further ControlNets' control maps, the same for every input (the first ControlNet gets each photo's edges)
     controls = [None] + [load_image(p) for p in args.control_image] if args.control_image else None
@@ -294,6 +297,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
                              generation_config(args), batch_size=args.batch_size)
     backend_config(args)  # validate the backend flags before any work
     check_output_folder(args.output_dir, "output_dir")
+    plan_batch(settings)  # the input folder, the prompt file and clashing names, before the weights load
     runner = None
     if args.ray or args.ray_address:
         runner = RayRunner(functools.partial(load_pipeline, args), address=args.ray_address, workers=args.workers,

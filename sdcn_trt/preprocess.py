@@ -177,7 +177,8 @@ def scan_folder(folder: str | os.PathLike[str], recursive: bool = True) -> list[
     looping link, unreadable). Links are followed; a linked folder already listed is not entered again."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise InputError(f"input folder not found: {folder}")
+        what = "is a file, not a folder" if folder.exists() else "not found"
+        raise InputError(f"input folder {folder} {what}; give a folder of images")
     entries: list[FolderEntry] = []
     entered = {os.path.realpath(folder)}
 

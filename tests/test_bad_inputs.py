@@ -109,3 +109,59 @@ def test_an_unreadable_image_is_one_clear_error(photo_file, capsys, no_weights, 
     monkeypatch.setattr(np, "fromfile", denied)  # (chmod 000 does not stop root)
     assert main(["generate", str(photo_file)]) == 2
     assert one_error(capsys) == f"error: cannot read image file {photo_file}: Permission denied"
+
+
+def test_generate_on_a_folder_without_images_is_an_error_not_a_no_op(tmp_path, capsys, no_weights):
+    (tmp_path / "empty").mkdir()
+    assert main(["generate", str(tmp_path / "empty"), "-o", str(tmp_path / "out")]) == 2
+    assert one_error(capsys) == f"error: no images found in {tmp_path / 'empty'}"
+    (tmp_path / "empty" / "notes.txt").write_text("")
+    assert main(["generate", str(tmp_path / "empty"), "-o", str(tmp_path / "out")]) == 2
+    assert one_error(capsys).startswith(f"error: no images found in {tmp_path / 'empty'} (1 other entries: "
+                                        "notes.txt: not an image file name (extension '.txt'; images end in .png")
+    assert not (tmp_path / "out").exists()
+
+
+def test_generate_refuses_to_write_an_output_over_its_input(tmp_path, photo_file, capsys, no_weights):
+    png = photo_file.with_suffix(".png")
+    png.write_bytes(photo_file.read_bytes())
+    before = png.read_bytes()
+    assert main(["generate", str(png), "-o", str(png.parent)]) == 2
+    assert one_error(capsys) == (f"error: the output of {png} would be written over the input itself "
+                                 f"({png.parent} is its folder); give another output folder")
+    assert png.read_bytes() == before
+
+
+# -- batch ---------------------------------------------------------------------------------------------
+def test_batch_refuses_an_output_folder_that_is_or_is_inside_the_input_folder(photo_file, capsys, no_weights):
+    photos = photo_file.parent
+    assert main(["batch", str(photos), str(photos)]) == 2
+    assert one_error(capsys) == (f"error: output folder {photos} is the input folder: an input .png would be "
+                                 "overwritten by its own output, and the outputs read as inputs by the next run; "
+                                 "give another output folder")
+    assert main(["batch", str(photos), str(photos / "out")]) == 2
+    assert one_error(capsys) == (f"error: output folder {photos / 'out'} is inside the input folder {photos}: the next "
+                                 "run would read its outputs as inputs; give an output folder outside it, or pass "
+                                 "--no-recursive")
+    assert sorted(p.name for p in photos.iterdir()) == ["cat.jpg"]
+
+
+def test_batch_refuses_files_that_would_write_one_output(photo_file, capsys, no_weights, tmp_path):
+    other = photo_file.with_suffix(".png")
+    other.write_bytes(photo_file.read_bytes())
+    assert main(["batch", str(photo_file.parent), str(tmp_path / "out")]) == 2
+    assert one_error(capsys) == (f"error: inputs would overwrite each other's outputs: {photo_file}, {other} -> "
+                                 "cat.png; rename them or run them apart")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["{file}", "{out}"], "error: input folder {file} is a file, not a folder; give a folder of images"),
+    (["{missing}", "{out}"], "error: input folder {missing} not found; give a folder of images"),
+    (["{photos}", "{out}", "--prompts", "{missing}.csv"], "error: prompt file not found: {missing}.csv"),
+])
+def test_batch_checks_its_inputs_before_the_weights_load(photo_file, capsys, no_weights, tmp_path, flags, message):
+    names = dict(file=photo_file, missing=tmp_path / "missing", photos=photo_file.parent, out=tmp_path / "out")
+    assert main(["batch", *[f.format(**names) for f in flags]]) == 2
+    assert one_error(capsys) == message.format(**names)
+    assert not (tmp_path / "out").exists()
