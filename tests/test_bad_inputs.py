@@ -165,3 +165,33 @@ def test_batch_checks_its_inputs_before_the_weights_load(photo_file, capsys, no_
     assert main(["batch", *[f.format(**names) for f in flags]]) == 2
     assert one_error(capsys) == message.format(**names)
     assert not (tmp_path / "out").exists()
+
+
+# -- score and tune ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["score", "tune"])
+@pytest.mark.parametrize("flags,message", [
+    (["{empty}"], "error: no images found in {empty}"),
+    (["{file}"], "error: input folder {file} is a file, not a folder; give a folder of images"),
+    (["{photos}", "--random-fid", "--fid-weights", "{file}"],
+     "error: give fid_weights (the contest's PD) or random_fid (plumbing only, PD not the contest's), not both"),
+])
+def test_score_and_tune_check_inputs_and_fid_choice_before_the_weights_load(photo_file, capsys, no_weights, tmp_path,
+                                                                            command, flags, message):
+    (tmp_path / "empty").mkdir()
+    names = dict(empty=tmp_path / "empty", file=photo_file, photos=photo_file.parent)
+    assert main([command, *[f.format(**names) for f in flags], "-o", str(tmp_path / "out")]) == 2
+    assert one_error(capsys) == message.format(**names)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--warmup", "-1"], "error: warmup must be an integer >= 0, got -1"),
+    (["--reference-dir", "{missing}"], "error: reference_dir {missing} is not a folder; give the folder of precomputed "
+                                       "reference images (matched by file stem), or leave it out to make them here"),
+])
+def test_score_refuses_bad_settings_that_it_used_to_run_with(photo_file, capsys, no_weights, tmp_path, flags, message):
+    """--warmup -1 ran with no warm-up; a missing --reference-dir failed every image one by one, exit code 1."""
+    flags = [f.format(missing=tmp_path / "missing") for f in flags]
+    assert main(["score", str(photo_file.parent), "-o", str(tmp_path / "out"), "--random-fid", *flags]) == 2
+    assert one_error(capsys) == message.format(missing=tmp_path / "missing")
+    assert not (tmp_path / "out").exists()
