@@ -329,8 +329,9 @@ def cmd_contest_kit(args: argparse.Namespace) -> int:
 
 def cmd_app(args: argparse.Namespace) -> int:
     """The canny2image web page; Gradio (the [app] extra) is imported only here."""
-    from sdcn_trt.app import serve
+    from sdcn_trt.app import check_launch_settings, serve
 
+    check_launch_settings(args.port, args.max_file_size)  # before the model loads
     if not (args.preset or args.sd_dir or args.checkpoint):
         args.preset = "tiny-trained"
     serve(load_pipeline(args), host=args.host, port=args.port, share=args.share, max_file_size=args.max_file_size)

@@ -195,3 +195,28 @@ def test_score_refuses_bad_settings_that_it_used_to_run_with(photo_file, capsys,
     assert main(["score", str(photo_file.parent), "-o", str(tmp_path / "out"), "--random-fid", *flags]) == 2
     assert one_error(capsys) == message.format(missing=tmp_path / "missing")
     assert not (tmp_path / "out").exists()
+
+
+# -- app -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags,message", [
+    (["--port", "99999"], "error: port must be in 1..65535, got 99999"),
+    (["--max-file-size", "lots"], "error: max_file_size must be a whole number with a unit b, kb, mb, gb or tb "
+                                  "(e.g. 20mb), got 'lots'"),
+])
+def test_app_settings_gradio_would_fail_on_are_refused_before_the_model_loads(capsys, no_weights, flags, message):
+    pytest.importorskip("gradio", reason="the web page needs Gradio: pip install 'sdcn_trt[app]'")
+    assert main(["app", "--preset", "tiny", *flags]) == 2
+    assert one_error(capsys) == message
+
+
+def test_app_on_a_taken_port_is_one_clear_error(capsys):
+    import socket
+
+    pytest.importorskip("gradio", reason="the web page needs Gradio: pip install 'sdcn_trt[app]'")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["app", "--preset", "tiny", "--port", str(port)]) == 2
+    assert one_error(capsys).startswith(f"error: cannot serve the page on 127.0.0.1:{port}: the port is taken or cannot "
+                                        f"be opened here (Cannot find empty port in range: {port}-{port}")
