@@ -220,3 +220,14 @@ def test_app_on_a_taken_port_is_one_clear_error(capsys):
         assert main(["app", "--preset", "tiny", "--port", str(port)]) == 2
     assert one_error(capsys).startswith(f"error: cannot serve the page on 127.0.0.1:{port}: the port is taken or cannot "
                                         f"be opened here (Cannot find empty port in range: {port}-{port}")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--workers", "0"], "error: workers must be an integer >= 1 or None (one per GPU, else one per CPU), got 0"),
+    (["--chunk-size", "0"], "error: chunk_size must be an integer >= 1, got 0"),
+])
+def test_ray_worker_and_chunk_counts_below_one_are_refused(photo_file, capsys, no_weights, tmp_path, flags, message):
+    """Both ran before: 0 workers meant the default count, a chunk of 0 meant 1."""
+    assert main(["batch", str(photo_file.parent), str(tmp_path / "out"), "--ray", *flags]) == 2
+    assert one_error(capsys) == message
+    assert not (tmp_path / "out").exists()

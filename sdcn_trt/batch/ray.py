@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from sdcn_trt.batch.local import Job, run_jobs
-from sdcn_trt.errors import BackendUnavailableError
+from sdcn_trt.errors import BackendUnavailableError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,10 @@ class RayRunner:
                  threads: int | None = None):
         """`threads`: torch CPU threads per worker; by default the driver's own count, because CPU
         kernels split their sums by thread count and only equal counts give bit-identical images."""
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise InputError(f"workers must be an integer >= 1 or None (one per GPU, else one per CPU), got {workers!r}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise InputError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
         try:
             import ray
         except ImportError as exc:
