@@ -135,6 +135,7 @@ def load_components(args: argparse.Namespace, precision: str = "fp32"):  # -> Co
     """The model named by the model flags, with the --lora files merged in; its weights in `precision`
     (single files and presets: fp16 holds the UNet, ControlNet and VAE in fp16, CLIP stays fp32)."""
 
+    check_model_flags(args)
     loras = [parse_lora_arg(text) for text in getattr(args, "lora", [])]  # bad strengths fail before loading
     components = load_base_components(args, precision)
     if loras:
@@ -142,12 +143,26 @@ def load_components(args: argparse.Namespace, precision: str = "fp32"):  # -> Co
     return components
 
 
-def load_base_components(args: argparse.Namespace, precision: str = "fp32"):  # -> Components
-    """The model named by the model flags: a preset, diffusers folders, or one ldm checkpoint."""
-
+def check_model_flags(args: argparse.Namespace) -> None:
+    """One model source, and no flag of one source that another would ignore without a word."""
     chosen = [n for n, v in (("--preset", args.preset), ("--sd-dir", args.sd_dir), ("--checkpoint", args.checkpoint)) if v]
     if len(chosen) > 1:
         raise InputError(f"choose one model source, got {' and '.join(chosen)}")
+    if args.sd_dir and not args.controlnet:
+        raise InputError("--sd-dir needs --controlnet (a ControlNet folder or checkpoint file)")
+    unused = [flag for flag, value, used in (
+        ("--original-config", args.original_config, args.checkpoint),
+        ("--text-encoder-config", args.text_encoder_config, args.checkpoint),
+        ("--preset-seed", args.preset_seed, not (args.checkpoint or args.sd_dir))) if value and not used]
+    if unused:
+        source = chosen[0] if chosen else "--preset"
+        raise InputError(f"{' and '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect with {source}: "
+                         "--original-config and --text-encoder-config go with --checkpoint, --preset-seed with a "
+                         "random --preset")
+
+
+def load_base_components(args: argparse.Namespace, precision: str = "fp32"):  # -> Components
+    """The model named by the model flags: a preset, diffusers folders, or one ldm checkpoint."""
 
     if args.checkpoint:
         components = load_single_file(args.checkpoint, args.original_config, args.tokenizer, args.text_encoder_config,
@@ -155,11 +170,10 @@ def load_base_components(args: argparse.Namespace, precision: str = "fp32"):  # 
                                       cache_dir=getattr(args, "cache_dir", None))
         return with_controlnets(components, args.controlnet)
     if args.sd_dir:
-        if not args.controlnet:
-            raise InputError("--sd-dir needs --controlnet (a ControlNet folder or checkpoint file)")
         return load_diffusers(args.sd_dir, args.controlnet, args.tokenizer)
-    return with_controlnets(load_preset(args.preset or "tiny", seed=args.preset_seed, precision=precision,
-                                        cache=not getattr(args, "no_cache", False), cache_dir=getattr(args, "cache_dir", None)),
+    return with_controlnets(load_preset(args.preset or "tiny", seed=args.preset_seed, tokenizer=args.tokenizer,
+                                        precision=precision, cache=not getattr(args, "no_cache", False),
+                                        cache_dir=getattr(args, "cache_dir", None)),
                             args.controlnet)
 
 

@@ -231,3 +231,25 @@ def test_ray_worker_and_chunk_counts_below_one_are_refused(photo_file, capsys, n
     assert main(["batch", str(photo_file.parent), str(tmp_path / "out"), "--ray", *flags]) == 2
     assert one_error(capsys) == message
     assert not (tmp_path / "out").exists()
+
+
+# -- model flags ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags,message", [
+    (["--preset", "tiny", "--original-config", "x.yaml"], "error: --original-config has no effect with --preset: "),
+    (["--text-encoder-config", "x.json"], "error: --text-encoder-config has no effect with --preset: "),
+    (["--checkpoint", "x.pth", "--preset-seed", "3"], "error: --preset-seed has no effect with --checkpoint: "),
+])
+def test_model_flags_another_source_would_ignore_are_refused(photo_file, capsys, no_weights, flags, message):
+    assert main(["generate", str(photo_file), *flags]) == 2
+    assert one_error(capsys) == message + ("--original-config and --text-encoder-config go with --checkpoint, "
+                                           "--preset-seed with a random --preset")
+
+
+def test_a_presets_tokenizer_flag_is_read_not_ignored(photo_file, tmp_path, capsys):
+    """--tokenizer with a preset was dropped: an empty folder ran with the bundled vocabulary, exit code 0."""
+    (tmp_path / "empty").mkdir()
+    assert main(["generate", str(photo_file), "--preset", "tiny", "--tokenizer", str(tmp_path / "empty"),
+                 "-o", str(tmp_path / "out")]) == 2
+    assert one_error(capsys) == (f"error: tokenizer folder {tmp_path / 'empty'} must hold vocab.json and merges.txt "
+                                 "(or tokenizer.json)")
+    assert not (tmp_path / "out").exists()
