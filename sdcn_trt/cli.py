@@ -32,7 +32,7 @@ from sdcn_trt.models.lora import apply_loras, parse_lora_arg
 from sdcn_trt.models.presets import load_diffusers, load_preset, preset_names, with_controlnets
 from sdcn_trt.pipeline.pipeline import ControlNetPipeline
 from sdcn_trt.images import check_output_folder
-from sdcn_trt.preprocess import load_image, read_image
+from sdcn_trt.preprocess import check_side, load_image, read_image, resize_shape
 from sdcn_trt.progress import RunProgress
 from sdcn_trt.schedule import SPELLINGS, load_schedule_file
 from sdcn_trt.scoring.report import summary_table
@@ -137,6 +137,11 @@ def load_components(args: argparse.Namespace, precision: str = "fp32"):  # -> Co
 
     check_model_flags(args)
     loras = [parse_lora_arg(text) for text in getattr(args, "lora", [])]  # bad strengths fail before loading
+    for path, _ in loras:
+        if not Path(path).is_file():
+            what = "is a folder" if Path(path).is_dir() else "not found"
+            raise InputError(f"LoRA file {path} {what}; --lora takes PATH[:STRENGTH], a .safetensors file and a "
+                             "strength in -4..4")
     components = load_base_components(args, precision)
     if loras:
         apply_loras(components, loras)
@@ -150,6 +155,10 @@ def check_model_flags(args: argparse.Namespace) -> None:
         raise InputError(f"choose one model source, got {' and '.join(chosen)}")
     if args.sd_dir and not args.controlnet:
         raise InputError("--sd-dir needs --controlnet (a ControlNet folder or checkpoint file)")
+    for path in args.controlnet:
+        if not Path(path).exists():
+            raise InputError(f"ControlNet not found: {path}; --controlnet takes a diffusers ControlNet folder or a "
+                             "ControlNet checkpoint file")
     unused = [flag for flag, value, used in (
         ("--original-config", args.original_config, args.checkpoint),
         ("--text-encoder-config", args.text_encoder_config, args.checkpoint),
@@ -191,6 +200,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     jobs = jobs_for_paths(args.inputs, generation_config(args))  # clashing output names fail here
     check_inputs_kept(jobs, Path(args.output))
     images = [(root, job, read_image(root / job.source)) for root, job in jobs]  # a bad file fails before any work
+    for root, job, loaded in images:  # the pipeline's size guard, before the weights load
+        height, width, _ = resize_shape(*loaded.image.shape[:2], job.config.image_resolution)
+        try:
+            check_side(height, width, job.config.max_side, original=loaded.image.shape[:2])
+        except InputError as exc:
+            raise InputError(f"{root / job.source}: {exc}") from None
     # further ControlNets' control maps, the same for every input (the first ControlNet gets each photo's edges)
     controls = [None] + [load_image(p) for p in args.control_image] if args.control_image else None
     check_output_folder(args.output, "--output")

@@ -253,3 +253,31 @@ def test_a_presets_tokenizer_flag_is_read_not_ignored(photo_file, tmp_path, caps
     assert one_error(capsys) == (f"error: tokenizer folder {tmp_path / 'empty'} must hold vocab.json and merges.txt "
                                  "(or tokenizer.json)")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lora", "{missing}.safetensors"], "error: LoRA file {missing}.safetensors not found; --lora takes "
+                                          "PATH[:STRENGTH], a .safetensors file and a strength in -4..4"),
+    (["--lora", "{missing}.safetensors:strong"], "error: LoRA file {missing}.safetensors:strong not found; --lora "
+                                                 "takes PATH[:STRENGTH], a .safetensors file and a strength in -4..4"),
+    (["--controlnet", "{missing}"], "error: ControlNet not found: {missing}; --controlnet takes a diffusers ControlNet "
+                                    "folder or a ControlNet checkpoint file"),
+])
+def test_missing_lora_and_controlnet_files_fail_before_the_base_weights_load(photo_file, capsys, no_weights, tmp_path,
+                                                                             flags, message):
+    missing = tmp_path / "missing"
+    assert main(["generate", str(photo_file), "--preset", "tiny", *[f.format(missing=missing) for f in flags]]) == 2
+    assert one_error(capsys) == message.format(missing=missing)
+
+
+def test_a_checkpoint_path_that_is_a_folder_says_so(photo_file, capsys, tmp_path):
+    assert main(["generate", str(photo_file), "--checkpoint", str(tmp_path)]) == 2
+    assert one_error(capsys) == f"error: checkpoint file {tmp_path} is a folder; give the .pth/.ckpt/.safetensors file itself"
+
+
+def test_generate_applies_the_size_guard_before_the_weights_load(photo_file, capsys, no_weights):
+    assert main(["generate", str(photo_file), "--image-resolution", "100000"]) == 2
+    err = one_error(capsys)
+    h, w = cv2.imread(str(photo_file)).shape[:2]
+    assert err.startswith(f"error: {photo_file}: image {h}x{w} resizes to ") and err.endswith(
+        ": its long side exceeds max_side=2048; crop it, lower image_resolution, or raise max_side")
