@@ -281,3 +281,13 @@ def test_generate_applies_the_size_guard_before_the_weights_load(photo_file, cap
     h, w = cv2.imread(str(photo_file)).shape[:2]
     assert err.startswith(f"error: {photo_file}: image {h}x{w} resizes to ") and err.endswith(
         ": its long side exceeds max_side=2048; crop it, lower image_resolution, or raise max_side")
+
+
+def test_a_corrupt_fid_weights_file_is_named_with_what_it_looks_like(tmp_path, capsys, photo_file):
+    """It printed torch's pages about weights_only=True."""
+    bad = tmp_path / "inception.pth"
+    bad.write_text("not weights")
+    assert main(["score", str(photo_file.parent), "-o", str(tmp_path / "out"), "--fid-weights", str(bad)]) == 2
+    assert one_error(capsys) == (f"error: cannot read FID weights {bad} (looks like a text file); expected "
+                                 "pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
+    assert not (tmp_path / "out").exists()

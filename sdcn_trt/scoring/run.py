@@ -119,8 +119,8 @@ def run_score(components: Components, backend: BackendConfig, settings: ScoreSet
               progress: bool = True) -> dict[str, Any]:
     """Generate, time and score every input under every schedule; write rows, summary and report."""
     out = Path(settings.output)
-    out.mkdir(parents=True, exist_ok=True)
     scorer = PDScorer(settings.fid_weights, random_seed=0 if settings.random_fid else None)  # fails early if absent
+    out.mkdir(parents=True, exist_ok=True)  # (after: a bad weights file leaves no empty report folder)
     inputs = collect_inputs(settings, out / "inputs")
     reference_pipe = ControlNetPipeline(components, BackendConfig(device=backend.device, cache_dir=backend.cache_dir))
     pipe = ControlNetPipeline(components, backend)
