@@ -155,6 +155,14 @@ def check_model_flags(args: argparse.Namespace) -> None:
         raise InputError(f"choose one model source, got {' and '.join(chosen)}")
     if args.sd_dir and not args.controlnet:
         raise InputError("--sd-dir needs --controlnet (a ControlNet folder or checkpoint file)")
+    nets = len(args.controlnet) + (0 if args.sd_dir else 1)  # --sd-dir: the first --controlnet is the canny one
+    strengths, controls = getattr(args, "controlnet_strengths", ()), getattr(args, "control_image", [])
+    if strengths and len(strengths) != nets:
+        raise InputError(f"{len(strengths)} --controlnet-strengths for {nets} ControlNet{'s' if nets > 1 else ''}; "
+                         "give one per ControlNet")
+    if controls and len(controls) != nets - 1:
+        raise InputError(f"{len(controls)} --control-image for {nets - 1} further ControlNets: the first ControlNet "
+                         "takes each photo's edges, and each one after it (--controlnet) one --control-image")
     for path in args.controlnet:
         if not Path(path).exists():
             raise InputError(f"ControlNet not found: {path}; --controlnet takes a diffusers ControlNet folder or a "

@@ -291,3 +291,13 @@ def test_a_corrupt_fid_weights_file_is_named_with_what_it_looks_like(tmp_path, c
     assert one_error(capsys) == (f"error: cannot read FID weights {bad} (looks like a text file); expected "
                                  "pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--controlnet-strengths", "1", "0.5"], "error: 2 --controlnet-strengths for 1 ControlNet; give one per ControlNet"),
+    (["--control-image", "{photo}"], "error: 1 --control-image for 0 further ControlNets: the first ControlNet takes "
+                                     "each photo's edges, and each one after it (--controlnet) one --control-image"),
+])
+def test_controlnet_counts_are_checked_before_the_weights_load(photo_file, capsys, no_weights, flags, message):
+    assert main(["generate", str(photo_file), *[f.format(photo=photo_file) for f in flags]]) == 2
+    assert one_error(capsys) == message
