@@ -301,3 +301,10 @@ def test_a_corrupt_fid_weights_file_is_named_with_what_it_looks_like(tmp_path, c
 def test_controlnet_counts_are_checked_before_the_weights_load(photo_file, capsys, no_weights, flags, message):
     assert main(["generate", str(photo_file), *[f.format(photo=photo_file) for f in flags]]) == 2
     assert one_error(capsys) == message
+
+
+@pytest.mark.parametrize("device", ["cudafoo", "cuda:-1", "cuda:", "gpu"])
+def test_a_misspelt_device_is_refused_by_name(device, capsys, photo_file, no_weights):
+    """'cudafoo' and 'cuda:-1' passed as CUDA devices (the error then said no GPU, or torch raised on a GPU)."""
+    assert main(["generate", str(photo_file), "--device", device]) == 2
+    assert one_error(capsys) == f"error: unknown device {device!r}; use 'cpu' or 'cuda[:N]'"
