@@ -308,3 +308,20 @@ def test_a_misspelt_device_is_refused_by_name(device, capsys, photo_file, no_wei
     """'cudafoo' and 'cuda:-1' passed as CUDA devices (the error then said no GPU, or torch raised on a GPU)."""
     assert main(["generate", str(photo_file), "--device", device]) == 2
     assert one_error(capsys) == f"error: unknown device {device!r}; use 'cpu' or 'cuda[:N]'"
+
+
+def test_batch_clears_its_own_stale_writes_only(tiny_pipe, photo_file, tmp_path):
+    """The output folder may hold the user's files: only atomic_path's temporaries beside output PNGs go
+    (a folder named like `.cache.tmp` made the clean-up fail with IsADirectoryError)."""
+    from sdcn_trt import GenerationConfig
+    from sdcn_trt.batch.local import BatchSettings, run_batch
+
+    out = tmp_path / "out"
+    (out / ".cache.tmp").mkdir(parents=True)
+    (out / ".notes.tmp").write_text("mine")
+    (out / ".cat.png.k2j4_x9a.tmp").write_bytes(b"half a png")  # what a killed run leaves
+    summary = run_batch(tiny_pipe, BatchSettings(str(photo_file.parent), str(out),
+                                                 generation=GenerationConfig(image_resolution=64, ddim_steps=1)))
+    assert summary.done == 1
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == [".cache.tmp", ".notes.tmp"]
+    assert (out / ".notes.tmp").read_text() == "mine"

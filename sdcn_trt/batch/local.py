@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.jsonl"
 LOCK = ".sdcn_batch.lock"
 LOCK_OWNER = ".sdcn_batch.owner"  # "pid N" of the run holding LOCK, for the refusal message
+STALE_WRITE = re.compile(r"\..+\.png\.[a-z0-9_]{8}\.tmp")  # cache.atomic_path's temporary beside an output PNG
 
 
 @dataclass
@@ -388,8 +390,9 @@ def run_batch(pipe: Any, settings: BatchSettings, runner: Any = None) -> BatchSu
     jobs, not_run = plan_batch(settings)  # bad prompt files fail here, before anything is written
     output_root, input_root = Path(settings.output_dir), Path(settings.input_dir)
     lock = OutputLock(output_root)
-    for stale in output_root.rglob(".*.tmp"):  # atomic writes a killed run left half-done
-        stale.unlink()
+    for stale in output_root.rglob(".*.tmp"):  # atomic writes a killed run left half-done, and nothing else:
+        if STALE_WRITE.fullmatch(stale.name) and stale.is_file() and not stale.is_symlink():  # a user's .notes.tmp
+            stale.unlink()  # or a folder named like one stays
     manifest = Manifest(output_root / MANIFEST)
     try:
         pending = [j for j in jobs if not manifest.done(j, output_root)]
