@@ -284,6 +284,8 @@ def cmd_build_inductor(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    if args.cache_dir:  # engines and packages are written there
+        check_output_folder(args.cache_dir, "--cache-dir")
     if args.backend == "inductor":
         return cmd_build_inductor(args)
 

@@ -325,3 +325,18 @@ def test_batch_clears_its_own_stale_writes_only(tiny_pipe, photo_file, tmp_path)
     assert summary.done == 1
     assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == [".cache.tmp", ".notes.tmp"]
     assert (out / ".notes.tmp").read_text() == "mine"
+
+
+@pytest.mark.parametrize("backend", ["tensorrt", "inductor"])
+def test_build_refuses_a_cache_dir_that_is_a_file_before_any_work(tmp_path, capsys, no_weights, backend):
+    blocker = tmp_path / "engines"
+    blocker.write_text("")
+    assert main(["build", "--backend", backend, "--device", "cpu", "--cache-dir", str(blocker)]) == 2
+    assert one_error(capsys) == f"error: --cache-dir {blocker} is not a folder; give a folder (created if missing)"
+
+
+def test_an_export_size_off_the_vae_grid_names_a_size_that_fits(tmp_path, capsys):
+    assert main(["export", "--networks", "vae_decoder", "--height", "100", "--width", "64",
+                 "--cache-dir", str(tmp_path)]) == 2
+    assert one_error(capsys) == ("error: image size 100x64 (height x width) is not a multiple of the VAE's 8 on both "
+                                 "sides; e.g. 96x64")
