@@ -340,3 +340,14 @@ def test_an_export_size_off_the_vae_grid_names_a_size_that_fits(tmp_path, capsys
                  "--cache-dir", str(tmp_path)]) == 2
     assert one_error(capsys) == ("error: image size 100x64 (height x width) is not a multiple of the VAE's 8 on both "
                                  "sides; e.g. 96x64")
+
+
+def test_an_unreachable_ray_address_is_one_error_not_minutes_of_retries(photo_file, capsys, no_weights, tmp_path):
+    import socket
+
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    assert main(["batch", str(photo_file.parent), str(tmp_path / "out"), "--ray-address", f"127.0.0.1:{port}"]) == 2
+    assert one_error(capsys) == (f"error: no Ray cluster answers at 127.0.0.1:{port} (Connection refused); start one "
+                                 "there (ray start --head) or leave out --ray-address for a local cluster")

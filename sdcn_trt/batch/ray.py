@@ -10,6 +10,8 @@ still fails after `max_retries` has its jobs recorded as failed.
 from __future__ import annotations
 
 import logging
+import re
+import socket
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -35,6 +37,19 @@ class BatchWorker:
         return list(run_jobs(self.pipe, jobs, Path(input_root), Path(output_root), save_control, batch_size))
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """InputError when a cluster address (HOST:PORT or ray://HOST:PORT) takes no connection: Ray itself
+    retries such an address for minutes. Other spellings ("auto", "local") are left to Ray."""
+    match = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)", address)
+    if not match:
+        return
+    try:
+        socket.create_connection((match[1], int(match[2])), timeout=timeout).close()
+    except OSError as exc:
+        raise InputError(f"no Ray cluster answers at {address} ({exc.strerror or exc}); start one there "
+                         "(ray start --head) or leave out --ray-address for a local cluster") from exc
+
+
 class RayRunner:
     """Feeds chunks of jobs to a pool of actors and yields their records as they finish."""
 
@@ -52,6 +67,8 @@ class RayRunner:
         except ImportError as exc:
             raise BackendUnavailableError("Ray is not installed: pip install 'sdcn_trt[ray]'") from exc
         self.ray = ray
+        if address and not ray.is_initialized():
+            check_reachable(address)
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
                      log_to_driver=False, configure_logging=False)
