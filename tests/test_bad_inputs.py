@@ -351,3 +351,45 @@ def test_an_unreachable_ray_address_is_one_error_not_minutes_of_retries(photo_fi
     assert main(["batch", str(photo_file.parent), str(tmp_path / "out"), "--ray-address", f"127.0.0.1:{port}"]) == 2
     assert one_error(capsys) == (f"error: no Ray cluster answers at 127.0.0.1:{port} (Connection refused); start one "
                                  "there (ray start --head) or leave out --ray-address for a local cluster")
+
+
+# -- settings that turned into NaN images --------------------------------------------------------------
+def test_an_eta_ddim_has_no_room_for_is_refused_with_the_largest_that_works():
+    """eta > ~1 made sqrt(1 - a_prev - sigma^2) the root of a negative number: NaN latents, a black image, exit 0."""
+    from sdcn_trt.pipeline.scheduler import make_ddim_schedule
+
+    with pytest.raises(InputError) as raised:
+        make_ddim_schedule(20, 1.5)
+    assert str(raised.value) == ("eta=1.5 is too large for 20 DDIM steps: the noise it adds exceeds what the step's "
+                                 "direction term leaves room for (sqrt(1 - a_prev - sigma^2) of a negative number: NaN "
+                                 "images); use eta in 0..1.016 (1.0 is DDPM-like, 0 the default)")
+    for eta in (0.0, 1.0, 1.016):  # the named largest works, and so does 1.0 at any step count
+        assert all(np.isfinite(s.dir_coef) for s in make_ddim_schedule(20, eta).steps)
+    assert all(np.isfinite(s.dir_coef) for steps in (1, 2, 50, 100) for s in make_ddim_schedule(steps, 1.0).steps)
+
+
+def test_generate_with_a_too_large_eta_writes_nothing(photo_file, tmp_path, capsys):
+    assert main(["generate", str(photo_file), "-o", str(tmp_path / "out"), "--eta", "50", "--ddim-steps", "2",
+                 "--image-resolution", "64", "-q"]) == 2
+    assert one_error(capsys).startswith("error: eta=50.0 is too large for 2 DDIM steps: ")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.png"))
+
+
+def test_a_non_finite_fp32_output_does_not_blame_fp16(tiny, photo, monkeypatch):
+    from sdcn_trt import BackendConfig, ControlNetPipeline, GenerationConfig
+    from sdcn_trt.engines.base import NonFiniteOutputError
+
+    pipe = ControlNetPipeline(tiny, BackendConfig(check_finite=True))
+    runner = pipe.runners["fused_step"]
+    runner.activate()
+    real = runner.module.forward
+
+    def overflow(*args):
+        out = real(*args)
+        out[0, 0, 0, 0] = float("inf")
+        return out
+
+    monkeypatch.setattr(runner.module, "forward", overflow)
+    with pytest.raises(NonFiniteOutputError) as raised:
+        pipe.run(photo, GenerationConfig(image_resolution=64, ddim_steps=1))
+    assert str(raised.value).endswith("; in torch.float32, look at the inputs: an extreme scale or eta, or broken weights")
