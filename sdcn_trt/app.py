@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -335,10 +336,24 @@ def build_app(pipe: ControlNetPipeline) -> gr.Blocks:
     return page
 
 
+FILE_SIZE = re.compile(r"\s*(\d+)\s*(b|kb|mb|gb|tb)\s*", re.IGNORECASE)  # what Gradio's max_file_size reads
+
+
+def check_launch_settings(port: int, max_file_size: str) -> None:
+    """InputError for a port or an upload limit Gradio would fail on with a traceback after the model
+    loaded; the CLI calls this before loading it."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise InputError(f"port must be in 1..65535, got {port!r}")
+    if not isinstance(max_file_size, str) or not FILE_SIZE.fullmatch(max_file_size):
+        raise InputError(f"max_file_size must be a whole number with a unit b, kb, mb, gb or tb (e.g. 20mb), "
+                         f"got {max_file_size!r}")
+
+
 def launch_options(host: str = "127.0.0.1", port: int = 7860, share: bool = False,
                    max_file_size: str = "20mb") -> dict[str, Any]:
     """Gradio launch() arguments: loopback unless told otherwise (warned), no share link unless asked,
     an upload limit, no tracebacks in the page, system fonts (nothing fetched from the internet)."""
+    check_launch_settings(port, max_file_size)
     if host not in LOCAL_HOSTS:
         logger.warning("app: listening on %s: anyone who can reach this machine can use the page and its device",
                        host)
@@ -355,5 +370,9 @@ def serve(pipe: ControlNetPipeline, host: str = "127.0.0.1", port: int = 7860, s
     """Build the page, queue its requests (one generation at a time) and serve it."""
     options = launch_options(host, port, share, max_file_size)
     page = build_app(pipe).queue(max_size=max_queue)
-    page.launch(prevent_thread_lock=not block, **options)
+    try:
+        page.launch(prevent_thread_lock=not block, **options)
+    except OSError as exc:  # Gradio's "Cannot find empty port in range: P-P" names its own settings, not ours
+        raise InputError(f"cannot serve the page on {host}:{port}: the port is taken or cannot be opened here "
+                         f"({exc}); choose another port") from exc
     return page

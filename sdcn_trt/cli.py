@@ -10,7 +10,9 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from sdcn_trt.batch.local import BatchSettings, jobs_for_paths, run_batch, write_outputs
+from sdcn_trt.batch.local import (
+    BatchSettings, check_inputs_kept, jobs_for_paths, plan_batch, run_batch, write_outputs,
+)
 from sdcn_trt.models.single_file import load_single_file
 from sdcn_trt.config import (
     BACKENDS, COMPILE_MODES, CONTEST_HEIGHT, CONTEST_WIDTH, GRAPH_MODES, NETWORKS, PRECISIONS, BackendConfig,
@@ -30,7 +32,8 @@ from sdcn_trt.export.descriptors import DESCRIPTORS, PIPELINE_NETWORKS, ShapeRan
 from sdcn_trt.models.lora import apply_loras, parse_lora_arg
 from sdcn_trt.models.presets import load_diffusers, load_preset, preset_names, with_controlnets
 from sdcn_trt.pipeline.pipeline import ControlNetPipeline
-from sdcn_trt.preprocess import load_image, read_image
+from sdcn_trt.images import check_output_folder
+from sdcn_trt.preprocess import check_side, load_image, read_image, resize_shape
 from sdcn_trt.progress import RunProgress
 from sdcn_trt.schedule import SPELLINGS, load_schedule_file
 from sdcn_trt.scoring.report import summary_table
@@ -139,19 +142,51 @@ def load_components(args: argparse.Namespace, precision: str = "fp32"):  # -> Co
     """The model named by the model flags, with the --lora files merged in; its weights in `precision`
     (single files and presets: fp16 holds the UNet, ControlNet and VAE in fp16, CLIP stays fp32)."""
 
+    check_model_flags(args)
     loras = [parse_lora_arg(text) for text in getattr(args, "lora", [])]  # bad strengths fail before loading
+    for path, _ in loras:
+        if not Path(path).is_file():
+            what = "is a folder" if Path(path).is_dir() else "not found"
+            raise InputError(f"LoRA file {path} {what}; --lora takes PATH[:STRENGTH], a .safetensors file and a "
+                             "strength in -4..4")
     components = load_base_components(args, precision)
     if loras:
         apply_loras(components, loras)
     return components
 
 
-def load_base_components(args: argparse.Namespace, precision: str = "fp32"):  # -> Components
-    """The model named by the model flags: a preset, diffusers folders, or one ldm checkpoint."""
-
+def check_model_flags(args: argparse.Namespace) -> None:
+    """One model source, and no flag of one source that another would ignore without a word."""
     chosen = [n for n, v in (("--preset", args.preset), ("--sd-dir", args.sd_dir), ("--checkpoint", args.checkpoint)) if v]
     if len(chosen) > 1:
         raise InputError(f"choose one model source, got {' and '.join(chosen)}")
+    if args.sd_dir and not args.controlnet:
+        raise InputError("--sd-dir needs --controlnet (a ControlNet folder or checkpoint file)")
+    nets = len(args.controlnet) + (0 if args.sd_dir else 1)  # --sd-dir: the first --controlnet is the canny one
+    strengths, controls = getattr(args, "controlnet_strengths", ()), getattr(args, "control_image", [])
+    if strengths and len(strengths) != nets:
+        raise InputError(f"{len(strengths)} --controlnet-strengths for {nets} ControlNet{'s' if nets > 1 else ''}; "
+                         "give one per ControlNet")
+    if controls and len(controls) != nets - 1:
+        raise InputError(f"{len(controls)} --control-image for {nets - 1} further ControlNets: the first ControlNet "
+                         "takes each photo's edges, and each one after it (--controlnet) one --control-image")
+    for path in args.controlnet:
+        if not Path(path).exists():
+            raise InputError(f"ControlNet not found: {path}; --controlnet takes a diffusers ControlNet folder or a "
+                             "ControlNet checkpoint file")
+    unused = [flag for flag, value, used in (
+        ("--original-config", args.original_config, args.checkpoint),
+        ("--text-encoder-config", args.text_encoder_config, args.checkpoint),
+        ("--preset-seed", args.preset_seed, not (args.checkpoint or args.sd_dir))) if value and not used]
+    if unused:
+        source = chosen[0] if chosen else "--preset"
+        raise InputError(f"{' and '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect with {source}: "
+                         "--original-config and --text-encoder-config go with --checkpoint, --preset-seed with a "
+                         "random --preset")
+
+
+def load_base_components(args: argparse.Namespace, precision: str = "fp32"):  # -> Components
+    """The model named by the model flags: a preset, diffusers folders, or one ldm checkpoint."""
 
     if args.checkpoint:
         components = load_single_file(args.checkpoint, args.original_config, args.tokenizer, args.text_encoder_config,
@@ -159,11 +194,10 @@ def load_base_components(args: argparse.Namespace, precision: str = "fp32"):  # 
                                       cache_dir=getattr(args, "cache_dir", None))
         return with_controlnets(components, args.controlnet)
     if args.sd_dir:
-        if not args.controlnet:
-            raise InputError("--sd-dir needs --controlnet (a ControlNet folder or checkpoint file)")
         return load_diffusers(args.sd_dir, args.controlnet, args.tokenizer)
-    return with_controlnets(load_preset(args.preset or "tiny", seed=args.preset_seed, precision=precision,
-                                        cache=not getattr(args, "no_cache", False), cache_dir=getattr(args, "cache_dir", None)),
+    return with_controlnets(load_preset(args.preset or "tiny", seed=args.preset_seed, tokenizer=args.tokenizer,
+                                        precision=precision, cache=not getattr(args, "no_cache", False),
+                                        cache_dir=getattr(args, "cache_dir", None)),
                             args.controlnet)
 
 
@@ -179,9 +213,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     and <input>_canny.png, folders' images under their relative paths."""
 
     jobs = jobs_for_paths(args.inputs, generation_config(args))  # clashing output names fail here
+    check_inputs_kept(jobs, Path(args.output))
     images = [(root, job, read_image(root / job.source)) for root, job in jobs]  # a bad file fails before any work
+    for root, job, loaded in images:  # the pipeline's size guard, before the weights load
+        height, width, _ = resize_shape(*loaded.image.shape[:2], job.config.image_resolution)
+        try:
+            check_side(height, width, job.config.max_side, original=loaded.image.shape[:2])
+        except InputError as exc:
+            raise InputError(f"{root / job.source}: {exc}") from None
     # further ControlNets' control maps, the same for every input (the first ControlNet gets each photo's edges)
     controls = [None] + [load_image(p) for p in args.control_image] if args.control_image else None
+    check_output_folder(args.output, "--output")
     pipe = load_pipeline(args)
     out_dir = Path(args.output)
     with RunProgress(len(images), "generate", enabled=not args.quiet) as bar:
@@ -199,6 +241,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     settings = ExportSettings(precision=args.precision, opset=args.opset,
                               sample=ShapeSpec(args.batch, args.height, args.width), dynamic=not args.static,
                               simplify=not args.no_simplify)
+    if args.output:
+        check_output_folder(args.output, "--output")
+    if args.cache_dir:  # a read-only cache of earlier exports is fine; a file in its place is not
+        check_output_folder(args.cache_dir, "--cache-dir", writable=False)
     results = export_networks(load_components(args), args.networks, settings, args.cache_dir, args.output)
     for name, r in results.items():
         state = "cached" if r.cached else f"exported in {r.seconds:.1f} s"
@@ -245,6 +291,8 @@ def cmd_build_inductor(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    if args.cache_dir:  # engines and packages are written there
+        check_output_folder(args.cache_dir, "--cache-dir")
     if args.backend == "inductor":
         return cmd_build_inductor(args)
 
@@ -262,6 +310,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                              image_format=args.image_format, reference_dir=args.reference_dir,
                              fid_weights=args.fid_weights, random_fid=args.random_fid, warmup=args.warmup,
                              generation=generation_config(args), batch_size=args.batch_size)
+    check_output_folder(args.output, "--output")
     backend = usable_backend(args)
     summary = run_score(load_components(args), backend, settings)
     print(summary_table(summary))
@@ -275,6 +324,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                             greedy_kinds=tuple(args.greedy_kinds), greedy_budget=args.greedy_budget,
                             max_pd=args.max_pd, min_ssim=args.min_ssim, fid_weights=args.fid_weights,
                             random_fid=args.random_fid, warmup=args.warmup, generation=generation_config(args))
+    check_output_folder(args.output, "--output")
     backend = usable_backend(args)
     summary = tune(load_components(args), backend, settings, progress=not args.quiet)
     print(frontier_table(summary))
@@ -292,6 +342,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     settings = BatchSettings(args.input_dir, args.output_dir, args.prompts, args.save_control, not args.no_recursive,
                              generation_config(args), batch_size=args.batch_size)
     backend_config(args)  # validate the backend flags before any work
+    check_output_folder(args.output_dir, "output_dir")
+    plan_batch(settings)  # the input folder, the prompt file and clashing names, before the weights load
     runner = None
     if args.ray or args.ray_address:
         runner = RayRunner(functools.partial(load_pipeline, args), address=args.ray_address, workers=args.workers,
@@ -306,12 +358,14 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    check_output_folder(args.output, "--output")
     run_demo(Path(args.output), backends=args.backends, steps=args.ddim_steps, samples=args.samples,
              progress=not args.quiet, preset=args.preset)
     return 0
 
 
 def cmd_contest_kit(args: argparse.Namespace) -> int:
+    check_output_folder(args.folder, "folder")
     for path in write_kit(args.folder, force=args.force):
         print(f"wrote {path}")
     print(f"copy the contest's compute_score.py into {args.folder} and run it there (settings: SDCN_* variables, "
@@ -324,8 +378,9 @@ APP_PRESET = "tiny-trained"  # the web page's model when no model flag is given
 
 def cmd_app(args: argparse.Namespace) -> int:
     """The canny2image web page; Gradio (the [app] extra) is imported only here."""
-    from sdcn_trt.app import serve
+    from sdcn_trt.app import check_launch_settings, serve
 
+    check_launch_settings(args.port, args.max_file_size)  # before the model loads
     if not (args.preset or args.sd_dir or args.checkpoint):
         args.preset = APP_PRESET
     serve(load_pipeline(args), host=args.host, port=args.port, share=args.share, max_file_size=args.max_file_size)
@@ -518,6 +573,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except SdcnError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file the system refused (permissions, a full disk) that no check caught first
+        logger.debug("traceback of the error below", exc_info=True)
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where} (-v shows where it happened)", file=sys.stderr)
         return 2
 
 

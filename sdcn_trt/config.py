@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,7 +192,7 @@ class BackendConfig:
                                            or self.max_batch < 1):
             raise InputError(f"max_batch must be an integer >= 1 or None (the backend's default), got {self.max_batch!r}")
         check_choice("precision", self.precision, PRECISIONS)
-        if not isinstance(self.device, str) or not (self.device == "cpu" or self.device.startswith("cuda")):
+        if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):  # not cudafoo
             raise InputError(f"unknown device {self.device!r}; use 'cpu' or 'cuda[:N]'")
         check_choice("cuda_graph mode", self.cuda_graph, GRAPH_MODES)
         if self.compile in ("reduce-overhead", "max-autotune"):

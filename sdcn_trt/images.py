@@ -1,6 +1,8 @@
-"""Writing images: atomic PNG/JPEG writes and labelled contact sheets people can look at."""
+"""Writing images: atomic PNG/JPEG writes, output folders checked before any work, and labelled contact
+sheets people can look at."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -25,9 +27,33 @@ def save_image(path: str | Path, image: np.ndarray) -> Path:
     """Write an RGB uint8 image; the file appears complete or not at all."""
     path = Path(path)
     data = encode_image(image, path.suffix.lower() or ".png")
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+    except OSError as exc:  # a file where a folder should be, a read-only folder, a full disk
+        raise InputError(write_error(path, exc)) from exc
     return path
+
+
+def check_output_folder(folder: str | Path, what: str, writable: bool = True) -> None:
+    """InputError, before any work and without creating anything, for an output folder that cannot be
+    made or written: a file in its place or in a parent's, or (with `writable`) a nearest existing
+    folder this user cannot write into. `what` names the setting (a flag) in the message."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        where = "" if existing == folder else f" ({existing} is a file)"
+        raise InputError(f"{what} {folder} is not a folder{where}; give a folder (created if missing)")
+    if writable and not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == folder else f" ({existing} is read-only)"
+        raise InputError(f"{what} {folder} is not writable{where}; give a folder you can write into")
+
+
+def write_error(path: Path, exc: OSError) -> str:
+    """Why `path` could not be written, naming the path the system refused when it is another one
+    (a file standing where a parent folder should be)."""
+    where = f" ({exc.filename})" if exc.filename and Path(exc.filename) != path else ""
+    return f"cannot write {path}: {exc.strerror or exc}{where}"
 
 
 def _label(tile: np.ndarray, text: str) -> np.ndarray:
@@ -71,7 +97,10 @@ def read_contest_image(path: str | Path) -> np.ndarray:
 def write_contest_image(path: Path, image: np.ndarray) -> Path:
     """cv2.imwrite of the array as it is, as the contest's scorer did (an RGB array written as BGR):
     reference and accelerated images take the same path, so PD compares like with like."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(write_error(path, exc)) from exc
     if not cv2.imwrite(str(path), image):
         raise InputError(f"cannot write image {path}")
     return path

@@ -105,7 +105,10 @@ def read_image(path: str | os.PathLike[str]) -> LoadedImage:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"image file not found: {path}")
-    data = np.fromfile(path, dtype=np.uint8)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:  # no read permission, an I/O error
+        raise InputError(f"cannot read image file {path}: {exc.strerror or exc}") from exc
     if data.size == 0:
         raise InputError(f"image file is empty: {path}")
     with native_stderr() as messages:
@@ -174,7 +177,8 @@ def scan_folder(folder: str | os.PathLike[str], recursive: bool = True) -> list[
     looping link, unreadable). Links are followed; a linked folder already listed is not entered again."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise InputError(f"input folder not found: {folder}")
+        what = "is a file, not a folder" if folder.exists() else "not found"
+        raise InputError(f"input folder {folder} {what}; give a folder of images")
     entries: list[FolderEntry] = []
     entered = {os.path.realpath(folder)}
 

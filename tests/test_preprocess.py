@@ -239,5 +239,5 @@ def test_find_images(tmp_path):
     for name in ("b.JPG", "a.png", "sub/c.webp", "notes.txt"):
         (tmp_path / name).write_bytes(b"x")
     assert [p.name for p in pp.find_images(tmp_path)] == ["a.png", "b.JPG", "c.webp"]
-    with pytest.raises(InputError, match="input folder not found"):
+    with pytest.raises(InputError, match=r"input folder .*missing not found; give a folder of images"):
         pp.find_images(tmp_path / "missing")

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.jsonl"
 LOCK = ".sdcn_batch.lock"
 LOCK_OWNER = ".sdcn_batch.owner"  # "pid N" of the run holding LOCK, for the refusal message
+STALE_WRITE = re.compile(r"\..+\.png\.[a-z0-9_]{8}\.tmp")  # cache.atomic_path's temporary beside an output PNG
 
 
 @dataclass
@@ -122,14 +124,14 @@ def plan_batch(settings: BatchSettings) -> tuple[list[Job], list[FolderEntry]]:
     """(one job per image under input_dir with its prompt-file row applied, the other entries and why
     each is skipped). A folder with no image at all is an error naming what it holds instead."""
     root = Path(settings.input_dir)
+    check_folders_apart(root, Path(settings.output_dir), settings.recursive)
     entries = scan_folder(root, recursive=settings.recursive)
     files = [e.path for e in entries if e.skip is None]
     skipped = [e for e in entries if e.skip is not None]
     if not files:
-        held = "; ".join(f"{e.path.relative_to(root)}: {e.skip}" for e in skipped[:5])
-        raise InputError(f"no images found in {root}" + (f" ({len(skipped)} other entries: {held}"
-                                                           f"{' ...' if len(skipped) > 5 else ''})" if skipped else ""))
+        raise no_images_error(root, skipped)
     relative = [str(p.relative_to(root)) for p in files]
+    check_clashes([(root, Job(rel, settings.generation)) for rel in relative])
     overrides = read_prompts(settings.prompts) if settings.prompts else {}
     missing = sorted(set(overrides) - set(relative) - {Path(r).name for r in relative})
     if missing:
@@ -139,6 +141,25 @@ def plan_batch(settings: BatchSettings) -> tuple[list[Job], list[FolderEntry]]:
         row = overrides.get(rel, overrides.get(Path(rel).name, {}))
         jobs.append(Job(rel, settings.generation.replace(**row)))
     return jobs, skipped
+
+
+def no_images_error(root: Path, skipped: list[FolderEntry]) -> InputError:
+    """The error for a folder with no image to run, naming (up to five of) the entries it holds instead."""
+    held = "; ".join(f"{e.path.relative_to(root)}: {e.skip}" for e in skipped[:5])
+    return InputError(f"no images found in {root}" + (f" ({len(skipped)} other entries: {held}"
+                                                        f"{' ...' if len(skipped) > 5 else ''})" if skipped else ""))
+
+
+def check_folders_apart(input_root: Path, output_root: Path, recursive: bool) -> None:
+    """InputError for an output folder that is the input folder or (recursive) inside it: its images
+    would be read as inputs by the next run, and an input `x.png` would be overwritten by its own output."""
+    inputs, outputs = input_root.resolve(), output_root.resolve()
+    if outputs == inputs:
+        raise InputError(f"output folder {output_root} is the input folder: an input .png would be overwritten by "
+                         "its own output, and the outputs read as inputs by the next run; give another output folder")
+    if recursive and inputs in outputs.parents:
+        raise InputError(f"output folder {output_root} is inside the input folder {input_root}: the next run would "
+                         "read its outputs as inputs; give an output folder outside it, or pass --no-recursive")
 
 
 def skipped_record(entry: FolderEntry, input_root: Path) -> dict[str, Any]:
@@ -230,12 +251,30 @@ def jobs_for_paths(paths: list[str] | list[Path], config: GenerationConfig) -> l
         path = Path(item)
         if path.is_dir():
             entries = scan_folder(path)
+            images = [(path, Job(str(e.path.relative_to(path)), config)) for e in entries if e.skip is None]
+            if not images:  # a folder named on the command line with nothing to run is a mistake, not a no-op
+                raise no_images_error(path, [e for e in entries if e.skip is not None])
             for entry in entries:
                 if entry.skip is not None:
                     logger.warning("skipped %s: %s", entry.path, entry.skip)
-            planned += [(path, Job(str(e.path.relative_to(path)), config)) for e in entries if e.skip is None]
+            planned += images
         else:
             planned.append((path.parent, Job(path.name, config)))
+    check_clashes(planned)
+    return planned
+
+
+def check_inputs_kept(planned: list[tuple[Path, Job]], output_root: Path) -> None:
+    """InputError, before any work, for an input whose output would be written over it (`cat.png -o .`)."""
+    overwritten = [str(root / job.source) for root, job in planned
+                   if job.output(output_root).resolve() == (root / job.source).resolve()]
+    if overwritten:
+        raise InputError(f"the output of {', '.join(overwritten)} would be written over the input itself "
+                         f"({output_root} is its folder); give another output folder")
+
+
+def check_clashes(planned: list[tuple[Path, Job]]) -> None:
+    """InputError, before any work, for inputs that would write the same output (cat.jpg and cat.png)."""
     sources: dict[Path, list[str]] = {}
     for root, job in planned:
         sources.setdefault(job.output(Path()), []).append(str(root / job.source))
@@ -243,7 +282,6 @@ def jobs_for_paths(paths: list[str] | list[Path], config: GenerationConfig) -> l
     if clashes:
         raise InputError("inputs would overwrite each other's outputs: " + "; ".join(
             f"{', '.join(names)} -> {out}" for out, names in clashes.items()) + "; rename them or run them apart")
-    return planned
 
 
 def run_job(pipe: Any, job: Job, input_root: Path, output_root: Path, save_control: bool) -> dict[str, Any]:
@@ -352,8 +390,9 @@ def run_batch(pipe: Any, settings: BatchSettings, runner: Any = None) -> BatchSu
     jobs, not_run = plan_batch(settings)  # bad prompt files fail here, before anything is written
     output_root, input_root = Path(settings.output_dir), Path(settings.input_dir)
     lock = OutputLock(output_root)
-    for stale in output_root.rglob(".*.tmp"):  # atomic writes a killed run left half-done
-        stale.unlink()
+    for stale in output_root.rglob(".*.tmp"):  # atomic writes a killed run left half-done, and nothing else:
+        if STALE_WRITE.fullmatch(stale.name) and stale.is_file() and not stale.is_symlink():  # a user's .notes.tmp
+            stale.unlink()  # or a folder named like one stays
     manifest = Manifest(output_root / MANIFEST)
     try:
         pending = [j for j in jobs if not manifest.done(j, output_root)]

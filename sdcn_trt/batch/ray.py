@@ -10,11 +10,13 @@ still fails after `max_retries` has its jobs recorded as failed.
 from __future__ import annotations
 
 import logging
+import re
+import socket
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from sdcn_trt.batch.local import Job, run_jobs
-from sdcn_trt.errors import BackendUnavailableError
+from sdcn_trt.errors import BackendUnavailableError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,19 @@ class BatchWorker:
         return list(run_jobs(self.pipe, jobs, Path(input_root), Path(output_root), save_control, batch_size))
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """InputError when a cluster address (HOST:PORT or ray://HOST:PORT) takes no connection: Ray itself
+    retries such an address for minutes. Other spellings ("auto", "local") are left to Ray."""
+    match = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)", address)
+    if not match:
+        return
+    try:
+        socket.create_connection((match[1], int(match[2])), timeout=timeout).close()
+    except OSError as exc:
+        raise InputError(f"no Ray cluster answers at {address} ({exc.strerror or exc}); start one there "
+                         "(ray start --head) or leave out --ray-address for a local cluster") from exc
+
+
 class RayRunner:
     """Feeds chunks of jobs to a pool of actors and yields their records as they finish."""
 
@@ -43,11 +58,17 @@ class RayRunner:
                  threads: int | None = None):
         """`threads`: torch CPU threads per worker; by default the driver's own count, because CPU
         kernels split their sums by thread count and only equal counts give bit-identical images."""
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise InputError(f"workers must be an integer >= 1 or None (one per GPU, else one per CPU), got {workers!r}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise InputError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
         try:
             import ray
         except ImportError as exc:
             raise BackendUnavailableError("Ray is not installed: pip install 'sdcn_trt[ray]'") from exc
         self.ray = ray
+        if address and not ray.is_initialized():
+            check_reachable(address)
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
                      log_to_driver=False, configure_logging=False)

@@ -46,9 +46,10 @@ class Runner(abc.ABC):
             for name, tensor in outputs.items():
                 bad = int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
                 if bad:
-                    raise NonFiniteOutputError(
-                        f"network '{self.name}' produced {bad} NaN/Inf values in '{name}' "
-                        f"(of {tensor.numel()}); fp16 overflow is the usual cause: try precision='fp32'")
+                    why = ("fp16 overflow is the usual cause: try precision='fp32'" if tensor.dtype == torch.float16
+                           else f"in {tensor.dtype}, look at the inputs: an extreme scale or eta, or broken weights")
+                    raise NonFiniteOutputError(f"network '{self.name}' produced {bad} NaN/Inf values in '{name}' "
+                                               f"(of {tensor.numel()}); {why}")
         return outputs
 
     def __enter__(self) -> "Runner":

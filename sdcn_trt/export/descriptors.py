@@ -103,7 +103,10 @@ class ModelDims:
 
     def latent_size(self, spec: ShapeSpec) -> tuple[int, int]:
         if spec.height % self.vae_scale or spec.width % self.vae_scale:
-            raise InputError(f"{spec.height}x{spec.width} is not a multiple of the VAE's {self.vae_scale}")
+            s = self.vae_scale
+            near = f"{max(s, round(spec.height / s) * s)}x{max(s, round(spec.width / s) * s)}"
+            raise InputError(f"image size {spec.height}x{spec.width} (height x width) is not a multiple of the VAE's "
+                             f"{s} on both sides; e.g. {near}")
         return spec.height // self.vae_scale, spec.width // self.vae_scale
 
 

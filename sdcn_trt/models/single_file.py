@@ -22,7 +22,7 @@ from sdcn_trt.models.components import SD15_SCALING_FACTOR, Components
 from sdcn_trt.config import PRECISIONS, check_choice
 from sdcn_trt.errors import WeightsError
 from sdcn_trt.models.tokenizer import load_tokenizer, special_token_ids
-from sdcn_trt.models.weights import assign_weights, check_weights, empty_init, read_tensors
+from sdcn_trt.models.weights import assign_weights, check_weights, empty_init, missing_checkpoint, read_tensors
 from sdcn_trt.models.weights_cache import (
     build_empty, cache_dir_for, find_entry, lazy_components, network_dtype, plain, weights_key, write_entry,
 )
@@ -261,7 +261,7 @@ def load_single_file(
     check_choice("precision", precision, PRECISIONS)
     path = Path(checkpoint)
     if not path.is_file():
-        raise WeightsError(f"checkpoint file not found: {path}")
+        raise missing_checkpoint(path)
     given_config = load_original_config(original_config) if original_config else None
     clip_config = None
     if text_encoder_config is not None:

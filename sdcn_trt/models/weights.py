@@ -79,6 +79,13 @@ def sniff(path: Path) -> tuple[str, str]:
     return "other", "a text file"
 
 
+def missing_checkpoint(path: Path) -> WeightsError:
+    """The error for a checkpoint path with no file: not found, or a folder where the file should be."""
+    if path.is_dir():
+        return WeightsError(f"checkpoint file {path} is a folder; give the .pth/.ckpt/.safetensors file itself")
+    return WeightsError(f"checkpoint file not found: {path}")
+
+
 def not_a_checkpoint(path: Path, description: str) -> WeightsError:
     return WeightsError(f"not a PyTorch checkpoint or safetensors file: {path} (looks like: {description}); "
                         "expected a zip-format torch.save file (.pth/.ckpt) or a .safetensors file")
@@ -88,7 +95,7 @@ def read_tensors(path: Path) -> dict[str, Any]:
     """The object a checkpoint holds, memory-mapped: tensors are read from disk when first used.
     Zip-format torch files load with weights_only=True; anything else is refused, named."""
     if not path.is_file():
-        raise WeightsError(f"checkpoint file not found: {path}")
+        raise missing_checkpoint(path)
     kind, description = sniff(path)
     if kind == "other":
         raise not_a_checkpoint(path, description)

@@ -1,6 +1,7 @@
 """DDIM exactly as ldm's `ddim_hacked` sampler: timesteps, float32 tables, and the update step."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,6 +91,12 @@ def make_ddim_schedule(steps: int, eta: float = 0.0, num_train_timesteps: int = 
     sigmas = _f32(eta * np.sqrt((1 - alphas_prev) / (1 - a64) * (1 - a64 / alphas_prev)))
     alphas_prev32 = _f32(alphas_prev)
     one = np.float32(1.0)
+    room = one - alphas_prev32 - sigmas * sigmas  # under dir_coef's square root: negative -> NaN latents
+    if (room < 0).any():  # only for eta > 1: at eta = 1 the room is (1 - a_prev) * a * (1 / a_prev - 1) / (1 - a) >= 0
+        largest = float(np.min(np.sqrt((1 - alphas_prev) / ((1 - alphas_prev) / (1 - a64) * (1 - a64 / alphas_prev)))))
+        raise InputError(f"eta={eta} is too large for {steps} DDIM steps: the noise it adds exceeds what the "
+                         f"step's direction term leaves room for (sqrt(1 - a_prev - sigma^2) of a negative number: NaN "
+                         f"images); use eta in 0..{math.floor(largest * 1000) / 1000} (1.0 is DDPM-like, 0 the default)")
     table = []
     for i in range(len(ts)):
         a, ap, sg = alphas[i], alphas_prev32[i], sigmas[i]

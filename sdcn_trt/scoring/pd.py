@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from sdcn_trt.errors import InputError, WeightsError
+from sdcn_trt.models.weights import sniff
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_ENV = "SDCN_FID_WEIGHTS"
@@ -52,7 +53,10 @@ class PDScorer:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as exc:
-                raise WeightsError(f"cannot read FID weights {path}: {exc}") from exc
+                kind, description = sniff(path)  # torch's own message is pages about weights_only
+                said = f"looks like {description}" if kind == "other" else str(exc).strip().splitlines()[0]
+                raise WeightsError(f"cannot read FID weights {path} ({said}); expected pytorch-fid's "
+                                   f"{FID_WEIGHTS_FILE}") from exc
             self.weights = str(path)
         original = inception.load_state_dict_from_url
         inception.load_state_dict_from_url = lambda *args, **kwargs: state  # pytorch-fid would download

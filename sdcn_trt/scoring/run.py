@@ -49,6 +49,26 @@ class ScoreSettings:
         if self.image_format not in ("jpg", "png"):
             raise InputError(f"image_format must be jpg or png, got {self.image_format!r}")
         self.schedules = tuple(parse_schedule(schedule).spec for schedule in self.schedules)
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise InputError(f"warmup must be an integer >= 0, got {self.warmup!r}")
+        check_fid_choice(self.fid_weights, self.random_fid)
+        if self.reference_dir is not None and not Path(self.reference_dir).is_dir():
+            raise InputError(f"reference_dir {self.reference_dir} is not a folder; give the folder of precomputed "
+                             "reference images (matched by file stem), or leave it out to make them here")
+        check_input_folder(self.inputs)
+
+
+def check_fid_choice(fid_weights: str | None, random_fid: bool) -> None:
+    """InputError for both FID choices at once: random weights would silently replace the file given."""
+    if fid_weights and random_fid:
+        raise InputError("give fid_weights (the contest's PD) or random_fid (plumbing only, PD not the contest's), "
+                         "not both")
+
+
+def check_input_folder(inputs: str | None) -> None:
+    """InputError, before any model loads, for an input folder that is missing or holds no image."""
+    if inputs is not None and not find_images(inputs):
+        raise InputError(f"no images found in {inputs}")
 
 
 def collect_inputs(settings: ScoreSettings, folder: Path) -> list[Path]:
@@ -99,8 +119,8 @@ def run_score(components: Components, backend: BackendConfig, settings: ScoreSet
               progress: bool = True) -> dict[str, Any]:
     """Generate, time and score every input under every schedule; write rows, summary and report."""
     out = Path(settings.output)
-    out.mkdir(parents=True, exist_ok=True)
     scorer = PDScorer(settings.fid_weights, random_seed=0 if settings.random_fid else None)  # fails early if absent
+    out.mkdir(parents=True, exist_ok=True)  # (after: a bad weights file leaves no empty report folder)
     inputs = collect_inputs(settings, out / "inputs")
     reference_pipe = ControlNetPipeline(components, BackendConfig(device=backend.device, cache_dir=backend.cache_dir))
     pipe = ControlNetPipeline(components, backend)

@@ -40,6 +40,8 @@ from sdcn_trt.scoring.metrics import image_metrics
 from sdcn_trt.scoring.pd import PDScorer
 from sdcn_trt.scoring.run import (
     ScoreSettings,
+    check_fid_choice,
+    check_input_folder,
     collect_inputs,
     reference_image,
     weights_hash,
@@ -76,9 +78,11 @@ class TuneSettings:
             raise InputError(f"greedy_kinds {unknown} are not step kinds a full step can become; "
                              f"valid: {REUSE_EPS}, {REUSE_CONTROL}, {SHALLOW}")
         if self.greedy_budget < 0 or self.warmup < 0:
-            raise InputError("greedy_budget and warmup must be >= 0")
+            raise InputError(f"greedy_budget and warmup must be >= 0, got {self.greedy_budget}, {self.warmup}")
         if not 0 < self.min_ssim <= 1 or self.max_pd <= 0:
             raise InputError(f"min_ssim must be in (0, 1] and max_pd > 0, got {self.min_ssim}, {self.max_pd}")
+        check_fid_choice(self.fid_weights, self.random_fid)
+        check_input_folder(self.inputs)
 
 
 def default_candidates(steps: int) -> list[str]:
