@@ -1,8 +1,8 @@
-"""`sdcn-trt`: sub-commands that map 1:1 onto the Python API (flag names = field names)."""
+"""`sdcn-trt`: sub-commands that map 1:1 onto the Python API (flag names = field names); the flag groups
+they share and their checks are in cli_options."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
@@ -13,15 +13,14 @@ from typing import Sequence
 from sdcn_trt.batch.local import (
     BatchSettings, check_inputs_kept, jobs_for_paths, plan_batch, run_batch, write_outputs,
 )
-from sdcn_trt.models.single_file import load_single_file
-from sdcn_trt.config import (
-    BACKENDS, COMPILE_MODES, CONTEST_HEIGHT, CONTEST_WIDTH, GRAPH_MODES, NETWORKS, PRECISIONS, BackendConfig,
-    GenerationConfig,
-)
+from sdcn_trt.config import BACKENDS, PRECISIONS, BackendConfig
 from sdcn_trt.contest import write_kit
 from sdcn_trt.demo import run_demo
 from sdcn_trt.batch.ray import RayRunner
-from sdcn_trt.engines import require_backend
+from sdcn_trt.cli_options import (
+    add_backend_args, add_generation_args, add_model_args, add_shape_args, backend_config, generation_config,
+    load_components, load_pipeline, usable_backend,
+)
 from sdcn_trt.engines.inductor import build_packages, require_inductor
 from sdcn_trt.engines.inductor_plan import InductorSettings
 from sdcn_trt.engines.tensorrt import build_engines, require_tensorrt
@@ -29,9 +28,7 @@ from sdcn_trt.engines.trt_plan import BuildSettings
 from sdcn_trt.errors import InputError, SdcnError
 from sdcn_trt.export import ExportSettings, export_networks
 from sdcn_trt.export.descriptors import DESCRIPTORS, PIPELINE_NETWORKS, ShapeRange, ShapeSpec
-from sdcn_trt.models.lora import apply_loras, parse_lora_arg
-from sdcn_trt.models.presets import load_diffusers, load_preset, preset_names, with_controlnets
-from sdcn_trt.pipeline.pipeline import ControlNetPipeline
+from sdcn_trt.models.presets import preset_names
 from sdcn_trt.images import check_output_folder
 from sdcn_trt.preprocess import check_side, load_image, read_image, resize_shape
 from sdcn_trt.progress import RunProgress
@@ -41,170 +38,6 @@ from sdcn_trt.scoring.run import ScoreSettings, run_score
 from sdcn_trt.scoring.tune import TuneSettings, frontier_table, tune
 
 logger = logging.getLogger("sdcn_trt")
-
-
-# -- shared option groups ------------------------------------------------------------------------
-def add_model_args(parser: argparse.ArgumentParser, default_preset: str = "tiny") -> None:
-    """The model flags; `default_preset`: the preset the command loads when no model flag is given (help text)."""
-    g = parser.add_argument_group("model (one of: --preset, --sd-dir + --controlnet, --checkpoint)")
-    g.add_argument("--preset", default=None,
-                   help="built-in model: tiny-trained (trained here on scikit-image's photos, not SD1.5), or "
-                        f"seeded random weights: tiny | sd15-random (default: {default_preset})")
-    g.add_argument("--preset-seed", type=int, default=0, help="seed of a random preset's weights")
-    g.add_argument("--sd-dir", help="diffusers SD1.5 folder (tokenizer/, text_encoder/, unet/, vae/)")
-    g.add_argument("--controlnet", action="append", default=[],
-                   help="diffusers ControlNet folder or ControlNet checkpoint file; repeat for several ControlNets "
-                        "(with --sd-dir the first is the canny one; with --checkpoint/--preset each adds one)")
-    g.add_argument("--checkpoint", help="single ldm-layout file with SD + ControlNet (control_sd15_canny.pth)")
-    g.add_argument("--original-config", help="ldm YAML for --checkpoint (default: read off the tensor shapes)")
-    g.add_argument("--text-encoder-config", help="CLIPTextConfig json for --checkpoint (default: from shapes)")
-    g.add_argument("--tokenizer", help="folder with vocab.json + merges.txt (default: bundled CLIP vocabulary)")
-    g.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
-                   help="LoRA file (kohya or diffusers/PEFT safetensors) merged into the UNet and text encoder at "
-                        "STRENGTH (default 1.0, -4..4); repeat for several")
-    g.add_argument("--no-cache", action="store_true",
-                   help="neither read nor write converted weights in the weights cache (--checkpoint, --preset)")
-
-
-def add_backend_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("backend")
-    g.add_argument("--backend", default="torch", choices=BACKENDS)
-    g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    g.add_argument("--precision", default="fp32", choices=PRECISIONS, help="fp16: CLIP stays fp32")
-    g.add_argument("--cache-dir", help="where exported ONNX and engines go (default: $SDCN_TRT_CACHE)")
-    g.add_argument("--cuda-graph", default="off", choices=GRAPH_MODES,
-                   help="replay each step (step) or the whole loop + decode (loop) from CUDA graphs")
-    g.add_argument("--check-finite", action="store_true", help="fail naming the network that outputs NaN/Inf")
-    g.add_argument("--max-batch", type=int, default=None,
-                   help="most images (photos x samples) per network call; tensorrt/inductor engines are built for "
-                        "1..max-batch (default: no limit on torch/onnxruntime, 1 on tensorrt/inductor; with "
-                        "--batch-size: batch size x samples)")
-    g.add_argument("--compiled-networks", nargs="*", default=None, metavar="NETWORK",
-                   help="tensorrt/inductor (torch with --compile): build (compile) only these networks and run the "
-                        "others on eager torch at the same "
-                        "device and precision, e.g. fused_step (the 20-per-image step; CLIP and the VAE run once). "
-                        f"Default: all. Valid: {', '.join(NETWORKS)}")
-    g.add_argument("--compile", default="off", choices=COMPILE_MODES,
-                   help="torch backend: run the networks (--compiled-networks: these only) through torch.compile in "
-                        "this mode; they compile at the first image (the tiny preset's fused step: about a minute "
-                        "on a 2-core CPU); with --cuda-graph loop the loop is captured around the compiled kernels")
-
-
-def add_generation_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
-    g = parser.add_argument_group("generation (the contest's process() arguments, a schedule, a size guard)")
-    for f in dataclasses.fields(GenerationConfig):
-        if f.name in exclude or f.name == "eps_steps":  # eps_steps: the API's old spelling of --schedule eps=N
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "controlnet_strengths":
-            g.add_argument(flag, dest=f.name, type=float, nargs="+", default=(),
-                           help="one strength per ControlNet, 0..2 (default: --strength for all)")
-        elif f.type in ("bool", bool):
-            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            kind = {"int": int, "float": float, "str": str}[str(f.type)]
-            g.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f"default: {f.default!r}")
-    if "schedule" not in exclude:
-        g.add_argument("--schedule-file", help="JSON schedule (as `sdcn-trt tune` writes it); overrides --schedule")
-
-
-def add_shape_args(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument("--batch", type=int, default=1, help=f"{what}: images per call")
-    parser.add_argument("--height", type=int, default=CONTEST_HEIGHT, help=f"{what}: image height in pixels")
-    parser.add_argument("--width", type=int, default=CONTEST_WIDTH, help=f"{what}: image width in pixels")
-
-
-def generation_config(args: argparse.Namespace) -> GenerationConfig:
-    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationConfig) if hasattr(args, f.name)}
-    if getattr(args, "schedule_file", None):
-        fields["schedule"] = load_schedule_file(args.schedule_file)
-    return GenerationConfig(**fields)
-
-
-def backend_config(args: argparse.Namespace) -> BackendConfig:
-    max_batch = getattr(args, "max_batch", None)
-    if max_batch is None and getattr(args, "batch_size", None):  # engines that take the batches asked for
-        max_batch = args.batch_size * getattr(args, "num_samples", 1)
-    return BackendConfig(backend=args.backend, device=args.device, precision=args.precision, cache_dir=args.cache_dir,
-                         cuda_graph=args.cuda_graph, check_finite=args.check_finite, max_batch=max_batch,
-                         compiled_networks=args.compiled_networks, compile=args.compile)
-
-
-def usable_backend(args: argparse.Namespace) -> BackendConfig:
-    """The backend flags, checked before any weights load: BackendUnavailableError saying what this machine
-    lacks for that backend on that device (e.g. onnxruntime's CUDA execution provider)."""
-    config = backend_config(args)
-    require_backend(config)
-    return config
-
-
-def load_components(args: argparse.Namespace, precision: str = "fp32"):  # -> Components
-    """The model named by the model flags, with the --lora files merged in; its weights in `precision`
-    (single files and presets: fp16 holds the UNet, ControlNet and VAE in fp16, CLIP stays fp32)."""
-
-    check_model_flags(args)
-    loras = [parse_lora_arg(text) for text in getattr(args, "lora", [])]  # bad strengths fail before loading
-    for path, _ in loras:
-        if not Path(path).is_file():
-            what = "is a folder" if Path(path).is_dir() else "not found"
-            raise InputError(f"LoRA file {path} {what}; --lora takes PATH[:STRENGTH], a .safetensors file and a "
-                             "strength in -4..4")
-    components = load_base_components(args, precision)
-    if loras:
-        apply_loras(components, loras)
-    return components
-
-
-def check_model_flags(args: argparse.Namespace) -> None:
-    """One model source, and no flag of one source that another would ignore without a word."""
-    chosen = [n for n, v in (("--preset", args.preset), ("--sd-dir", args.sd_dir), ("--checkpoint", args.checkpoint)) if v]
-    if len(chosen) > 1:
-        raise InputError(f"choose one model source, got {' and '.join(chosen)}")
-    if args.sd_dir and not args.controlnet:
-        raise InputError("--sd-dir needs --controlnet (a ControlNet folder or checkpoint file)")
-    nets = len(args.controlnet) + (0 if args.sd_dir else 1)  # --sd-dir: the first --controlnet is the canny one
-    strengths, controls = getattr(args, "controlnet_strengths", ()), getattr(args, "control_image", [])
-    if strengths and len(strengths) != nets:
-        raise InputError(f"{len(strengths)} --controlnet-strengths for {nets} ControlNet{'s' if nets > 1 else ''}; "
-                         "give one per ControlNet")
-    if controls and len(controls) != nets - 1:
-        raise InputError(f"{len(controls)} --control-image for {nets - 1} further ControlNets: the first ControlNet "
-                         "takes each photo's edges, and each one after it (--controlnet) one --control-image")
-    for path in args.controlnet:
-        if not Path(path).exists():
-            raise InputError(f"ControlNet not found: {path}; --controlnet takes a diffusers ControlNet folder or a "
-                             "ControlNet checkpoint file")
-    unused = [flag for flag, value, used in (
-        ("--original-config", args.original_config, args.checkpoint),
-        ("--text-encoder-config", args.text_encoder_config, args.checkpoint),
-        ("--preset-seed", args.preset_seed, not (args.checkpoint or args.sd_dir))) if value and not used]
-    if unused:
-        source = chosen[0] if chosen else "--preset"
-        raise InputError(f"{' and '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect with {source}: "
-                         "--original-config and --text-encoder-config go with --checkpoint, --preset-seed with a "
-                         "random --preset")
-
-
-def load_base_components(args: argparse.Namespace, precision: str = "fp32"):  # -> Components
-    """The model named by the model flags: a preset, diffusers folders, or one ldm checkpoint."""
-
-    if args.checkpoint:
-        components = load_single_file(args.checkpoint, args.original_config, args.tokenizer, args.text_encoder_config,
-                                      precision=precision, cache=not getattr(args, "no_cache", False),
-                                      cache_dir=getattr(args, "cache_dir", None))
-        return with_controlnets(components, args.controlnet)
-    if args.sd_dir:
-        return load_diffusers(args.sd_dir, args.controlnet, args.tokenizer)
-    return with_controlnets(load_preset(args.preset or "tiny", seed=args.preset_seed, tokenizer=args.tokenizer,
-                                        precision=precision, cache=not getattr(args, "no_cache", False),
-                                        cache_dir=getattr(args, "cache_dir", None)),
-                            args.controlnet)
-
-
-def load_pipeline(args: argparse.Namespace):  # -> ControlNetPipeline
-
-    backend = usable_backend(args)  # validated before the weights load
-    return ControlNetPipeline(load_components(args, backend.precision), backend)
 
 
 # -- sub-commands ----------------------------------------------------------------------------------

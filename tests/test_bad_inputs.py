@@ -21,12 +21,12 @@ def photo_file(tmp_path, photo):
 @pytest.fixture
 def no_weights(monkeypatch):
     """Fails the test if a command loads a model: the error it checks must come before that."""
-    import sdcn_trt.cli as cli
+    import sdcn_trt.cli_options as cli_options
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was refused")
 
-    monkeypatch.setattr(cli, "load_base_components", refuse)
+    monkeypatch.setattr(cli_options, "load_base_components", refuse)
 
 
 def one_error(capsys) -> str:

@@ -105,7 +105,7 @@ def test_backend_flags_equal_backend_config_fields():
 
 
 def test_preset_help_names_the_preset_each_command_loads(monkeypatch):
-    from sdcn_trt import cli
+    from sdcn_trt import cli, cli_options
 
     commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
 
@@ -113,11 +113,11 @@ def test_preset_help_names_the_preset_each_command_loads(monkeypatch):
         return next(a.help for a in commands[command]._actions if a.dest == "preset")
 
     loaded = []
-    monkeypatch.setattr(cli, "load_preset", lambda name, **kw: loaded.append(name) or "components")
-    monkeypatch.setattr(cli, "with_controlnets", lambda components, controlnets: components)
+    monkeypatch.setattr(cli_options, "load_preset", lambda name, **kw: loaded.append(name) or "components")
+    monkeypatch.setattr(cli_options, "with_controlnets", lambda components, controlnets: components)
     for command in ("generate", "export", "build", "score", "tune", "batch"):
         args = build_parser().parse_args([command] + {"generate": ["x.png"], "batch": ["in", "out"]}.get(command, []))
-        cli.load_base_components(args)
+        cli_options.load_base_components(args)
         assert preset_help(command).endswith(f"(default: {loaded[-1]})"), (command, loaded[-1])
     assert loaded == ["tiny"] * 6
     # the web page loads tiny-trained without a model flag (test_app.py checks cmd_app), and its help says so

@@ -76,7 +76,8 @@ LAYERS = [
     ["pipeline"],
     ["scoring"],
     ["batch", "demo", "contest"],
-    ["sdcn_trt", "cli", "app"],  # the package's own __init__ (the public API), the command line, the web page
+    ["sdcn_trt", "cli", "cli_options", "app"],  # the package's own __init__ (the public API), the command line
+    # (cli_options: its shared flag groups), the web page
 ]
 
 # inside a sub-package, the same rule between its modules (its __init__ may import any of them)
