@@ -15,7 +15,7 @@ from sdcn_trt.batch.local import (
 )
 from sdcn_trt.config import BACKENDS, PRECISIONS, BackendConfig
 from sdcn_trt.contest import write_kit
-from sdcn_trt.demo import run_demo
+from sdcn_trt.demo import report_lines, run_demo
 from sdcn_trt.batch.ray import RayRunner
 from sdcn_trt.cli_options import (
     add_backend_args, add_generation_args, add_model_args, add_shape_args, backend_config, generation_config,
@@ -192,8 +192,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     check_output_folder(args.output, "--output")
-    run_demo(Path(args.output), backends=args.backends, steps=args.ddim_steps, samples=args.samples,
-             progress=not args.quiet, preset=args.preset)
+    summary = run_demo(Path(args.output), backends=args.backends, steps=args.ddim_steps, samples=args.samples,
+                       progress=not args.quiet, preset=args.preset)
+    print("\n".join(report_lines(summary)))
     return 0
 
 

@@ -80,9 +80,25 @@ def run_demo(out_dir: Path, backends: list[str] | None = None, steps: int = 20,
                 for b in ran if b != "torch"]
         rows.append(row)
     sheet = save_image(out_dir / "demo_sheet.png", contact_sheet(rows, labels))
+    summary["files"] = {"images": len(photos) * len(ran), "sheet": str(sheet),
+                        "summary": str(out_dir / "demo_summary.json")}
     (out_dir / "demo_summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"wrote {len(photos) * len(ran)} images, {sheet} and {out_dir / 'demo_summary.json'}")
     return summary
+
+
+def report_lines(summary: dict) -> list[str]:
+    """What `sdcn-trt demo` prints after the run: PD and contest score per backend, the files written."""
+    lines = []
+    if summary.get("pd_weights") == "random":
+        lines.append("PD: no FID Inception weights here (see `sdcn-trt score --help`); random Inception weights, "
+                     "so PD below checks the plumbing, not the contest's numbers")
+    for backend, entry in summary["backends"].items():
+        if "mean_pd" in entry:
+            lines.append(f"[{backend}] PD vs torch fp32: mean {entry['mean_pd']:.3f}, max {entry['max_pd']:.3f}; "
+                         f"contest score {entry['contest_score']:.1f} at {1000 * entry['mean_s_per_image']:.0f} ms/image")
+    files = summary["files"]
+    lines.append(f"wrote {files['images']} images, {files['sheet']} and {files['summary']}")
+    return lines
 
 
 def _score(out_dir: Path, results: dict[str, dict[str, np.ndarray]], summary: dict) -> None:
@@ -90,10 +106,10 @@ def _score(out_dir: Path, results: dict[str, dict[str, np.ndarray]], summary: di
     contest score from the measured latency. Real FID weights when they are found, else random ones."""
     try:
         scorer = PDScorer()
+        summary["pd_weights"] = "fid"
     except WeightsError:
         scorer = PDScorer(random_seed=0)
-        print("PD: no FID Inception weights here (see `sdcn-trt score --help`); random Inception weights, "
-              "so PD below checks the plumbing, not the contest's numbers")
+        summary["pd_weights"] = "random"  # PD checks the plumbing, not the contest's numbers
     files = {b: {n: write_contest_image(out_dir / "jpg" / b / f"{n}.jpg", im) for n, im in imgs.items()}
              for b, imgs in results.items()}
     for backend in results:
@@ -103,5 +119,3 @@ def _score(out_dir: Path, results: dict[str, dict[str, np.ndarray]], summary: di
         entry = summary["backends"][backend]
         entry.update(mean_pd=float(np.mean(pds)), max_pd=float(np.max(pds)),
                      contest_score=contest_score(float(np.mean(pds)), 1000 * entry["mean_s_per_image"]))
-        print(f"[{backend}] PD vs torch fp32: mean {entry['mean_pd']:.3f}, max {entry['max_pd']:.3f}; "
-              f"contest score {entry['contest_score']:.1f} at {1000 * entry['mean_s_per_image']:.0f} ms/image")

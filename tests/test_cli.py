@@ -156,6 +156,11 @@ def test_demo_runs_as_a_console_script(tmp_path):
     summary = json.loads((tmp_path / "demo_summary.json").read_text())
     assert summary["backends"]["onnxruntime"]["mean_abs_diff"] <= 1.0
     assert "vs torch fp32: max |diff|" in proc.stdout
+    # after the run: PD (random Inception weights here, said so), contest score, the files written
+    assert "random Inception weights" in proc.stdout and summary["pd_weights"] == "random"
+    assert re.search(r"\[onnxruntime\] PD vs torch fp32: mean \d+\.\d+, max \d+\.\d+; contest score", proc.stdout)
+    assert proc.stdout.rstrip().endswith(f"wrote 2 images, {tmp_path / 'demo_sheet.png'} and "
+                                         f"{tmp_path / 'demo_summary.json'}")
     # one bar over the run's two images (one photo, two backends); no bar per image
     assert re.search(r"demo onnxruntime: 100%.*\| 2/2 \[", proc.stderr), proc.stderr[-2000:]
     assert not re.search(r"\| 1/1 \[", proc.stderr), proc.stderr[-2000:]
