@@ -41,9 +41,10 @@ CPU_CASES = ["torch:fp32:off", "onnxruntime:fp32:off", "diffusers:fp32:off"]
 # and inductor cases compile only the fused ControlNet+UNet step (20 per image; CLIP and the VAE run once, on
 # eager torch fp16): each SD1.5-sized compile takes minutes on a GPU. torch.compile (JIT inductor, nothing
 # loaded from a package) is the route around AOTInductor's package-load crash of the first GPU run.
-GPU_CASES = ["torch:fp32:off", "torch:fp16:loop", "torch:fp16:loop:compile=default:compiled_networks=fused_step",
-             "inductor:fp16:loop:compiled_networks=fused_step",
-             "diffusers:fp16:off", "diffusers:fp16:off:max-autotune-no-cudagraphs", "diffusers:fp16:off:reduce-overhead",
+GPU_CASES = ["torch:fp32:off", "torch:fp16:loop", "diffusers:fp16:off",
+             "torch:fp16:loop:compile=default:compiled_networks=fused_step",
+             "inductor:fp16:loop:compiled_networks=fused_step", "diffusers:fp16:off:max-autotune-no-cudagraphs",
+             "diffusers:fp16:off:reduce-overhead",
              "torch:fp16:off"]
 CASE_OPTIONS = ("compile", "compiled_networks")
 

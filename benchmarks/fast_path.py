@@ -25,7 +25,7 @@ from benchmarks.profile import step_function
 from sdcn_trt.engines.torch import FastPath
 from sdcn_trt.errors import InputError
 from sdcn_trt.export.descriptors import ShapeSpec
-from sdcn_trt.scoring.latency import measure
+from sdcn_trt.scoring.latency import measure, synchronize
 
 DEFAULT = FastPath(sdpa=True, fuse_qkv=True)  # FastPath.default_for(cuda, fp16)
 VARIANTS = {
@@ -49,15 +49,18 @@ COMPILED = {"torch.compile": {"fast": DEFAULT, "compile": "default"},
             "torch.compile max-autotune-no-cudagraphs": {"fast": DEFAULT, "compile": "max-autotune-no-cudagraphs"}}
 
 
-def per_head_size_variant(table: str | Path, precision: str) -> tuple[str, FastPath]:
+def per_head_size_variant(table: str | Path, precision: str, device: str) -> tuple[str, FastPath]:
     """The default with attention pinned, per head size, to the kernel a benchmarks.sdpa report (its JSON)
     found fastest there: the one-kernel-for-all variants' rival, measured in the same run."""
     try:
         report = json.loads(Path(table).read_text())
         fastest = {int(size): row["best"] for size, row in report["per_head_size"].items() if row["best"]}
-        dtype = report["dtype"]
+        dtype, timed_on = report["dtype"], str(report["device"]).split(":")[0]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise InputError(f"--sdpa-table {table}: not a benchmarks.sdpa report ({type(exc).__name__}: {exc})") from exc
+    if timed_on != device.split(":")[0]:
+        raise InputError(f"--sdpa-table {table} timed the kernels on {timed_on}; this run is on {device}: the fastest "
+                         f"kernel differs by device, run `python -m benchmarks.sdpa --device {device}` first")
     if dtype != precision:
         raise InputError(f"--sdpa-table {table} timed the kernels in {dtype}; this run is {precision}: "
                          f"run `python -m benchmarks.sdpa --dtype {precision}` first")
@@ -72,7 +75,8 @@ def time_step(step: Any, device: torch.device, repeats: int) -> dict[str, Any]:
     """Eager and (CUDA) graph-replay latency statistics (ms) of one step, and its output latents."""
     clock = time.perf_counter()
     out = step().x.detach().clone()  # (B, 4, h, w); the first call: torch.compile compiles here
-    first_call_s = time.perf_counter() - clock  # .clone() after the step: its kernels have run
+    synchronize()  # the GPU's queued kernels finish inside the first call's time
+    first_call_s = time.perf_counter() - clock
     row: dict[str, Any] = {"first_call_s": first_call_s, "eager_ms": measure(step, repeats, warmup=2)}
     if device.type == "cuda":
         from sdcn_trt.pipeline.loop import capture
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = {n: every[n] for n in (args.variants or every)}
     if args.sdpa_table:
         try:
-            name, fast = per_head_size_variant(args.sdpa_table, args.precision)
+            name, fast = per_head_size_variant(args.sdpa_table, args.precision, args.device)
         except InputError as exc:
             parser.error(str(exc))
         variants[name] = fast

@@ -157,8 +157,8 @@ PY
       # per case at most 150 s; torch.compile and inductor cases compile, so they come after the eager ones;
       # the inductor case compiles what it measures, the fused step, and runs CLIP and the VAE on torch fp16
       run bench 240 "$python" -m benchmarks --device cuda --steps 20 --repeats 3 --timeout 150 \
-        --cases torch:fp32:off torch:fp16:loop torch:fp16:loop:compile=default:compiled_networks=fused_step \
-        diffusers:fp16:off diffusers:fp16:off:reduce-overhead \
+        --cases torch:fp32:off torch:fp16:loop diffusers:fp16:off \
+        torch:fp16:loop:compile=default:compiled_networks=fused_step diffusers:fp16:off:reduce-overhead \
         diffusers:fp16:off:max-autotune-no-cudagraphs inductor:fp16:loop:compiled_networks=fused_step torch:fp16:off \
         --deadline $(($(left) - 20)) --out "$results" ${OUT:+"$OUT"}
       ;;

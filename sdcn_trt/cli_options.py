@@ -18,6 +18,7 @@ from sdcn_trt.models.presets import load_diffusers, load_preset, with_controlnet
 from sdcn_trt.pipeline.pipeline import ControlNetPipeline
 from sdcn_trt.schedule import load_schedule_file
 
+
 # -- shared option groups ------------------------------------------------------------------------
 def add_model_args(parser: argparse.ArgumentParser, default_preset: str = "tiny") -> None:
     """The model flags; `default_preset`: the preset the command loads when no model flag is given (help text)."""
@@ -62,7 +63,8 @@ def add_backend_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", default="off", choices=COMPILE_MODES,
                    help="torch backend: run the networks (--compiled-networks: these only) through torch.compile in "
                         "this mode; they compile at the first image (the tiny preset's fused step: about a minute "
-                        "on a 2-core CPU); with --cuda-graph loop the loop is captured around the compiled kernels")
+                        "on a 2-core CPU); with --cuda-graph loop the loop is captured around the compiled kernels (torch.compile's "
+                        "reduce-overhead and max-autotune modes are not offered: they capture CUDA graphs of their own)")
 
 
 def add_generation_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:

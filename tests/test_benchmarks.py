@@ -412,7 +412,7 @@ def test_fast_path_pins_each_head_size_to_the_sdpa_tables_fastest(tmp_path):
     report["per_head_size"] = {"4": {"best": "math"}, "8": {"best": "flash"}, "40": {"best": None}}
     table = tmp_path / "sdpa.json"
     table.write_text(json.dumps(report))
-    name, fast = per_head_size_variant(table, "fp32")
+    name, fast = per_head_size_variant(table, "fp32", "cpu")
     assert name == "+sdpa_backend=4=math,8=flash" and fast == dataclasses.replace(DEFAULT, sdpa_backend="4=math,8=flash")
     assert main(["--device", "cpu", "--precision", "fp32", "--preset", "tiny", "--repeats", "1", "--height", "64",
                  "--width", "64", "--variants", "plain", "--sdpa-table", str(table), "--out", str(tmp_path)]) == 0
@@ -423,13 +423,15 @@ def test_fast_path_pins_each_head_size_to_the_sdpa_tables_fastest(tmp_path):
     real = run("cpu", "fp32", 64, 64, repeats=1)
     table.write_text(json.dumps(real))
     expected = ",".join(f"{h}={row['best']}" for h, row in sorted(real["per_head_size"].items()))
-    assert per_head_size_variant(table, "fp32")[1].sdpa_backend == expected and "40=" in expected
+    assert per_head_size_variant(table, "fp32", "cpu")[1].sdpa_backend == expected and "40=" in expected
 
 
 @pytest.mark.parametrize("edit, message", [
     (lambda r: {**r, "dtype": "fp16"}, "timed the kernels in fp16; this run is fp32: run `python -m benchmarks.sdpa "
                                        "--dtype fp32` first"),
     (lambda r: {**r, "per_head_size": {"40": {"best": None}}}, "every pinnable kernel refused some shape"),
+    (lambda r: {**r, "device": "cuda:0"}, "timed the kernels on cuda; this run is on cpu: the fastest kernel differs "
+                                          "by device, run `python -m benchmarks.sdpa --device cpu` first"),
     (lambda r: {"rows": []}, "not a benchmarks.sdpa report (KeyError"),
     (None, "not a benchmarks.sdpa report (JSONDecodeError"),
 ])
@@ -437,7 +439,7 @@ def test_fast_path_sdpa_table_errors(tmp_path, capsys, edit, message):
     from benchmarks.fast_path import main
 
     table = tmp_path / "sdpa.json"
-    base = {"dtype": "fp32", "per_head_size": {"40": {"best": "math"}}}
+    base = {"dtype": "fp32", "device": "cpu", "per_head_size": {"40": {"best": "math"}}}
     table.write_text("{not json" if edit is None else json.dumps(edit(base)))
     with pytest.raises(SystemExit) as exc:
         main(["--device", "cpu", "--precision", "fp32", "--sdpa-table", str(table), "--out", str(tmp_path)])

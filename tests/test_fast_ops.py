@@ -87,6 +87,7 @@ def test_sdpa_kernels_per_head_size_are_parsed_and_spelled_one_way(spelling, ker
     ("flash,math", "names a kernel for the other head sizes twice"),
     ("40=fastest", "unknown sdpa_backend kernel for head size 40 'fastest'; choose one of auto, flash, efficient"),
     ("40=flash,", "unknown sdpa_backend ''; choose one of auto"),
+    ("\u00b2=flash", "head size '\u00b2' in '\u00b2=flash' is not a positive whole number"),
 ])
 def test_sdpa_kernels_per_head_size_errors_name_the_entry(spelling, message):
     with pytest.raises(InputError, match=re.escape(message)):
@@ -111,6 +112,24 @@ def test_sdpa_kernel_pinned_per_head_size(tiny):
     with pytest.raises(RuntimeError, match=r"pinned to the 'efficient' SDPA kernel \(head size 8, "
                                            r"FastPath.sdpa_backend\) cannot run here: .*(No viable backend|No available kernel)"):
         refusing.infer(feed)
+
+
+def test_pinned_sdpa_leaves_other_errors_as_they_are():
+    """Only a kernel's refusal gets the pinned kernel's name: out of memory stays torch.OutOfMemoryError
+    (the loop's capture turns it into DeviceMemoryError) and any other error passes unchanged."""
+    from sdcn_trt.engines.fast_ops import PinnedSdpa
+
+    def failing(error):
+        def processor(attn, *args, **kwargs):
+            raise error
+        return PinnedSdpa(processor, "math", 40)
+
+    with pytest.raises(torch.OutOfMemoryError, match="^CUDA out of memory$"):
+        failing(torch.OutOfMemoryError("CUDA out of memory"))(None)
+    with pytest.raises(RuntimeError, match="^operation not permitted when stream is capturing$"):
+        failing(RuntimeError("operation not permitted when stream is capturing"))(None)
+    with pytest.raises(RuntimeError, match=r"pinned to the 'math' SDPA kernel \(head size 40.*No available kernel"):
+        failing(RuntimeError("No available kernel. Aborting execution."))(None)
 
 
 def test_fast_path_switch_errors_say_what_is_valid():

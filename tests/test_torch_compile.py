@@ -68,6 +68,29 @@ def test_missing_compiler_is_named_before_any_weights_run(tiny, monkeypatch):
     create_runner(get_descriptor("vae_decoder", tiny), BackendConfig())  # eager needs none
 
 
+def test_gpu_toolchain_for_torch_compile_is_checked(monkeypatch):
+    """On CUDA torch.compile needs Triton and a C compiler for Triton's launcher (gcc, clang or $CC)."""
+    import importlib.util
+    import shutil
+
+    from sdcn_trt.engines import torch as torch_engine
+
+    found = {"triton": True, "gcc": "/usr/bin/gcc", "clang": None, "cc-x": None}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if found.get(name) else None)
+    monkeypatch.setattr(shutil, "which", lambda name: found.get(name))
+    monkeypatch.delenv("CC", raising=False)
+    assert torch_engine.compile_status("cuda") == (True, "")
+    found["gcc"] = None
+    assert torch_engine.compile_status("cuda") == (False, "torch.compile on a GPU needs a C compiler for Triton's "
+                                                          "launcher and neither gcc nor clang is on PATH: install "
+                                                          "gcc (apt-get install gcc) or set CC to one")
+    monkeypatch.setenv("CC", "cc-x")
+    assert "and 'cc-x' was not found on PATH" in torch_engine.compile_status("cuda")[1]
+    found["triton"] = None
+    assert torch_engine.compile_status("cuda") == (False, "torch.compile on a GPU needs Triton, which is not "
+                                                          "installed: pip install triton")
+
+
 def test_a_failing_compiler_is_one_error_naming_network_mode_and_inputs(tmp_path):
     """A compiler that exists but fails (here /bin/false as CXX), in a fresh process (inductor remembers
     the compiler it found): CompileError naming the network, the mode, the inputs and the cause."""
@@ -85,7 +108,7 @@ def test_a_failing_compiler_is_one_error_naming_network_mode_and_inputs(tmp_path
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("CompileError: torch.compile (mode 'default') failed on network 'text_encoder' "
                                   "for inputs input_ids (2, 77): InductorError: InvalidCxxCompiler"), proc.stdout
-    assert proc.stdout.rstrip().endswith("compile='off' runs it eagerly")
+    assert proc.stdout.rstrip().endswith("compile='off' runs it without torch.compile")
 
 
 @pytest.fixture

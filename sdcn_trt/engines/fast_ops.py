@@ -18,6 +18,7 @@ from sdcn_trt.errors import InputError
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
                  "math": "MATH"}
 SDPA_CHOICES = ("auto", *SDPA_BACKENDS)
+KERNEL_REFUSALS = ("No available kernel", "No viable backend")  # torch 2.11 / 2.14's words for a refused kernel
 
 
 def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -115,7 +116,7 @@ def parse_sdpa_kernels(spec: str) -> dict[int | None, str]:
         size_text, _, kernel = entry.rpartition("=")
         size: int | None = None
         if size_text:
-            if not size_text.strip().isdigit() or int(size_text) == 0:
+            if not size_text.strip().isdecimal() or int(size_text) == 0:
                 raise InputError(f"sdpa_backend {spec!r}: head size {size_text.strip()!r} in {entry!r} is not a "
                                  "positive whole number; write head=kernel, e.g. '40=flash,80=efficient'")
             size = int(size_text)
@@ -159,7 +160,11 @@ class PinnedSdpa:
         try:
             with sdpa_kernel(self.backend):
                 return self.inner(attn, *args, **kwargs)
+        except torch.OutOfMemoryError:
+            raise  # not the kernel's refusal: callers turn it into DeviceMemoryError
         except RuntimeError as exc:
+            if not any(refusal in str(exc) for refusal in KERNEL_REFUSALS):
+                raise
             raise RuntimeError(f"attention pinned to the {self.kernel!r} SDPA kernel (head size {self.head_size}, "
                                f"FastPath.sdpa_backend) cannot run here: {exc}") from exc
 

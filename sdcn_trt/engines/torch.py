@@ -1,10 +1,9 @@
-"""The torch backend's runner: the descriptor's module in eager mode, fp32 or fp16, CPU or CUDA, and
-the fast CUDA path every GPU backend builds on (SDPA attention, fused QKV, channels_last, GroupNorm+SiLU
-fused, a pinned SDPA kernel, cuDNN benchmark mode, fp16 GEMM accumulation)."""
+"""The torch backend's runner: the descriptor's module, eager or through torch.compile, fp32 or fp16, CPU
+or CUDA, and the fast CUDA path every GPU backend builds on (SDPA attention, fused QKV, channels_last,
+GroupNorm+SiLU fused, a pinned SDPA kernel, cuDNN benchmark mode, fp16 GEMM accumulation)."""
 from __future__ import annotations
 
 import copy
-import importlib
 import importlib.util
 import os
 import shutil
@@ -131,20 +130,16 @@ def compile_status(device_type: str) -> tuple[bool, str]:
     if device_type == "cuda":
         if importlib.util.find_spec("triton") is None:
             return False, "torch.compile on a GPU needs Triton, which is not installed: pip install triton"
+        c_compiler = os.environ.get("CC") or next((c for c in ("gcc", "clang") if shutil.which(c)), None)
+        if c_compiler is None or shutil.which(c_compiler) is None:  # Triton builds its launcher with one
+            missing = f"{c_compiler!r} was not found on PATH" if c_compiler else "neither gcc nor clang is on PATH"
+            return False, (f"torch.compile on a GPU needs a C compiler for Triton's launcher and {missing}: "
+                           "install gcc (apt-get install gcc) or set CC to one")
         return True, ""
     if shutil.which(cpp_compiler()) is None:
         return False, (f"torch.compile on the CPU needs a C++ compiler and '{cpp_compiler()}' was not found on PATH: "
                        "install g++ (apt-get install g++) or set CXX to one")
     return True, ""
-
-
-def _compile_failures() -> tuple[type[BaseException], ...]:
-    """The exception types torch.compile raises when dynamo or inductor fail (present in torch 2.11 .. 2.14)."""
-    import torch._dynamo.exc as dynamo_exc
-
-    found: list[type[BaseException]] = [dynamo_exc.TorchDynamoException]
-    inductor = getattr(importlib.import_module("torch._inductor.exc"), "InductorError", None)
-    return (*found, inductor) if inductor is not None else tuple(found)
 
 
 class TorchRunner(Runner):
@@ -185,15 +180,18 @@ class TorchRunner(Runner):
         outputs = out if isinstance(out, (tuple, list)) else (out,)
         return {n: o.float() for n, o in zip(self.descriptor.output_names, outputs, strict=True)}
 
-
     def _compiled_call(self, args: list[torch.Tensor]) -> Any:
+        """The torch.compile'd module's call; a failure of dynamo or inductor (compiling at a first call or a
+        new shape; inductor's InductorError is a TorchDynamoException too) becomes one CompileError."""
+        import torch._dynamo.exc
+
         try:
             return self.module(*args)
-        except _compile_failures() as exc:
+        except torch._dynamo.exc.TorchDynamoException as exc:
             shapes = ", ".join(f"{n} {tuple(a.shape)}" for n, a in zip(self.descriptor.input_names, args, strict=True))
             cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CompileError(f"torch.compile (mode {self.compile!r}) failed on network '{self.name}' for inputs "
-                               f"{shapes}: {type(exc).__name__}: {cause[:500]}; compile='off' runs it eagerly") from exc
+                               f"{shapes}: {type(exc).__name__}: {cause[:500]}; compile='off' runs it without torch.compile") from exc
 
 
 def cast_input(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
