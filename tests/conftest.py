@@ -64,6 +64,17 @@ def photo():
 
 
 @pytest.fixture
+def photo_file(tmp_path, photo):
+    """The photo as a JPEG file, alone in a folder (tmp_path/in/cat.jpg), as the command line reads photos."""
+    import cv2
+
+    path = tmp_path / "in" / "cat.jpg"
+    path.parent.mkdir()
+    cv2.imwrite(str(path), photo[:, :, ::-1])
+    return path
+
+
+@pytest.fixture
 def fast_config():
     from sdcn_trt import GenerationConfig
 

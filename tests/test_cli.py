@@ -11,14 +11,6 @@ from sdcn_trt import backend_available
 from sdcn_trt.cli import build_parser, main
 
 
-@pytest.fixture
-def photo_file(tmp_path, photo):
-    path = tmp_path / "in" / "cat.jpg"
-    path.parent.mkdir()
-    cv2.imwrite(str(path), photo[:, :, ::-1])
-    return path
-
-
 def test_generate_writes_images_and_canny(tmp_path, photo_file, capsys):
     out = tmp_path / "out"
     rc = main(["generate", str(photo_file.parent), "-o", str(out), "--image-resolution", "64", "--ddim-steps", "2",

@@ -56,8 +56,11 @@ def test_nonfinite_outputs_name_the_network(tiny, photo, monkeypatch):
         return out
 
     monkeypatch.setattr(runner.module, "forward", overflow)
-    with pytest.raises(NonFiniteOutputError, match="network 'fused_step' produced 1 NaN/Inf values in 'noise_pred'"):
+    with pytest.raises(NonFiniteOutputError,
+                       match="network 'fused_step' produced 1 NaN/Inf values in 'noise_pred'") as raised:
         pipe.run(photo, GenerationConfig(image_resolution=64, ddim_steps=1))
+    # fp32: not an fp16 overflow, so the message does not blame fp16
+    assert str(raised.value).endswith("; in torch.float32, look at the inputs: an extreme scale or eta, or broken weights")
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")

@@ -111,24 +111,15 @@ def test_a_failing_compiler_is_one_error_naming_network_mode_and_inputs(tmp_path
     assert proc.stdout.rstrip().endswith("compile='off' runs it without torch.compile")
 
 
-@pytest.fixture
-def photo_file(tmp_path, photo):
-    import cv2
-
-    path = tmp_path / "cat.png"
-    cv2.imwrite(str(path), photo[:, :, ::-1])
-    return path
-
-
-def test_cli_compile_flag_maps_onto_the_backend(photo_file, capsys):
+def test_cli_compile_flag_maps_onto_the_backend(photo_file, tmp_path, capsys):
     rc = main(["generate", str(photo_file), "--preset", "tiny", "--backend", "onnxruntime", "--compile", "default",
-               "-o", str(photo_file.parent / "out")])
+               "-o", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 2 and "error: compile='default' is the torch backend's torch.compile" in err and "Traceback" not in err
     with pytest.raises(SystemExit):
         main(["generate", str(photo_file), "--compile", "reduce-overhead"])
     assert "argument --compile: invalid choice: 'reduce-overhead'" in capsys.readouterr().err
-    assert not (photo_file.parent / "out").exists()
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
