@@ -22,6 +22,10 @@ The harness passes no arguments, so settings come from environment variables:
                       there (onnxruntime: its CUDA execution provider), else cpu (the log says why)
     SDCN_PRECISION    fp32 | fp16; default: fp16 on CUDA, fp32 on the CPU
     SDCN_CUDA_GRAPH   off | step | loop; default: loop on CUDA, off on the CPU
+    SDCN_COMPILE      off | default | max-autotune-no-cudagraphs: the torch backend through torch.compile
+                      (BackendConfig.compile); default: off
+    SDCN_COMPILED_NETWORKS  networks, comma-separated (e.g. fused_step), a built backend builds or
+                      torch.compile compiles (BackendConfig.compiled_networks); default: all
     SDCN_SCHEDULE     a schedule (sdcn_trt.schedule: full, steps=N, eps=N, control=N, deepcache=N,
                       full@i,j,..., kinds=...); default: full (the reference's 20 network evaluations)
     SDCN_TRT_CACHE    where exported ONNX and engines are cached (default ~/.cache/sdcn_trt)
@@ -43,7 +47,8 @@ import numpy as np
 import torch
 
 from sdcn_trt.config import (
-    BACKENDS, CONTEST_HEIGHT, CONTEST_WIDTH, GRAPH_MODES, PRECISIONS, BackendConfig, GenerationConfig,
+    BACKENDS, COMPILE_MODES, CONTEST_HEIGHT, CONTEST_WIDTH, GRAPH_MODES, PRECISIONS, BackendConfig,
+    GenerationConfig,
 )
 from sdcn_trt.engines import backend_available, require_backend
 from sdcn_trt.errors import BackendUnavailableError, InputError, SdcnError, WeightsError
@@ -69,6 +74,9 @@ ENV_VARS = {
     "SDCN_DEVICE": "cpu | cuda | cuda:N (default: cuda when a GPU is visible and the backend can run there)",
     "SDCN_PRECISION": f"{' | '.join(PRECISIONS)} (default: fp16 on CUDA, fp32 on the CPU)",
     "SDCN_CUDA_GRAPH": f"{' | '.join(GRAPH_MODES)} (default: loop on CUDA, off on the CPU)",
+    "SDCN_COMPILE": f"{' | '.join(COMPILE_MODES)}: the torch backend through torch.compile (default: off)",
+    "SDCN_COMPILED_NETWORKS": "networks, comma-separated (e.g. fused_step), that a built backend builds or torch.compile "
+                              "compiles (default: all)",
     "SDCN_SCHEDULE": "full | steps=N | eps=N | control=N | deepcache=N | full@i,j,... | kinds=... (default: full)",
     "SDCN_TRT_CACHE": "cache of exported ONNX and engines (default: ~/.cache/sdcn_trt)",
 }
@@ -169,6 +177,9 @@ class ContestSettings:
         backend = _env_choice(env, "SDCN_BACKEND", BACKENDS)
         precision = _env_choice(env, "SDCN_PRECISION", PRECISIONS)
         graph = _env_choice(env, "SDCN_CUDA_GRAPH", GRAPH_MODES)
+        compile_mode = _env_choice(env, "SDCN_COMPILE", COMPILE_MODES) or "off"
+        networks = env.get("SDCN_COMPILED_NETWORKS") or None
+        compiled = None if networks is None else tuple(n.strip() for n in networks.split(","))
         schedule = env.get("SDCN_SCHEDULE") or "full"
         try:
             schedule = parse_schedule(schedule).spec
@@ -186,10 +197,12 @@ class ContestSettings:
             on_gpu = device.startswith("cuda")
             precision, graph = precision or ("fp16" if on_gpu else "fp32"), graph or ("loop" if on_gpu else "off")
         try:
-            config = BackendConfig(backend=backend, device=device, precision=precision, cuda_graph=graph)
+            config = BackendConfig(backend=backend, device=device, precision=precision, cuda_graph=graph,
+                                   compile=compile_mode, compiled_networks=compiled)
         except InputError as exc:
             raise InputError(f"SDCN_* settings do not fit together: {exc}") from exc
-        reason = f"{backend} on {device}, {precision}, CUDA graph {graph}: {reason}"
+        compiled_text = "" if compile_mode == "off" else f", torch.compile {compile_mode}"
+        reason = f"{backend} on {device}, {precision}, CUDA graph {graph}{compiled_text}: {reason}"
         return cls(config, reason, preset, env.get("SDCN_CHECKPOINT") or None, schedule)
 
 

@@ -72,6 +72,10 @@ def test_settings_from_the_environment(monkeypatch):
     s = ContestSettings.from_env({"SDCN_BACKEND": "onnxruntime", "SDCN_DEVICE": "cpu", "SDCN_SCHEDULE": "steps=10"})
     assert (s.backend.backend, s.backend.precision, s.backend.cuda_graph, s.schedule) == ("onnxruntime", "fp32", "off", "steps=10")
     assert s.reason == "onnxruntime on cpu, fp32, CUDA graph off: set by SDCN_BACKEND"
+    s = ContestSettings.from_env({"SDCN_BACKEND": "torch", "SDCN_COMPILE": "default",
+                                  "SDCN_COMPILED_NETWORKS": "fused_step, vae_decoder"})
+    assert (s.backend.compile, s.backend.compiled_networks) == ("default", ("fused_step", "vae_decoder"))
+    assert s.reason.startswith("torch on cuda, fp16, CUDA graph loop, torch.compile default: ")
 
 
 @pytest.mark.parametrize("env,error,message", [
@@ -85,6 +89,12 @@ def test_settings_from_the_environment(monkeypatch):
     ({"SDCN_DEVICE": "cuda"}, BackendUnavailableError, "SDCN_DEVICE='cuda' but torch sees no CUDA GPU"),
     ({"SDCN_BACKEND": "torch", "SDCN_CUDA_GRAPH": "step"}, InputError,
      "SDCN_\\* settings do not fit together: cuda_graph='step' needs device='cuda'"),
+    ({"SDCN_COMPILE": "reduce-overhead"}, InputError,
+     "SDCN_COMPILE='reduce-overhead' is not valid; use one of off, default, max-autotune-no-cudagraphs"),
+    ({"SDCN_BACKEND": "onnxruntime", "SDCN_COMPILE": "default"}, InputError,
+     "SDCN_\\* settings do not fit together: compile='default' is the torch backend's torch.compile"),
+    ({"SDCN_BACKEND": "inductor", "SDCN_COMPILED_NETWORKS": "fused_step,clip"}, InputError,
+     "SDCN_\\* settings do not fit together: unknown network 'clip' in compiled_networks"),
 ])
 def test_bad_settings_name_the_variable(monkeypatch, env, error, message):
     _availability(monkeypatch, False, {"torch", "onnxruntime"})
