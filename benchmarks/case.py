@@ -124,23 +124,24 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
         descs, runners = pipe.descriptors, pipe.runners
         feeds = {name: {k: v.to(runners[name].device) for k, v in descs[name].sample_inputs(spec).items()}
                  for name in descs}
-        first_calls = {}
-        for name in ("text_encoder", "fused_step", "vae_decoder"):
+        def first_call_s(name: str) -> float:  # torch.compile (--compile) compiles in a network's first call
             clock = time.perf_counter()
-            runners[name].infer(feeds[name])  # the first call: torch.compile compiles here (--compile)
+            runners[name].infer(feeds[name])
             synchronize()
-            first_calls[name] = time.perf_counter() - clock
+            return time.perf_counter() - clock
+
+        timed = ("text_encoder", "fused_step", "vae_decoder")
+        first_calls = {name: first_call_s(name) for name in timed}
+        medians = {}
+        for name in timed:
             result[name] = timings(lambda n=name: runners[n].infer(feeds[n]), args.repeats, 1)
-        if args.compile != "off":  # torch.compile: the first calls' time beyond a timed call
+            medians[name] = result[name]["median_s"]
+        if args.compile != "off":  # torch.compile: every compiled network's first call beyond a timed call
+            for name in (n for n in runners if n not in timed and backend.compiles(n)):  # e.g. the hint encoder
+                first_calls[name] = first_call_s(name)
+                medians[name] = timings(lambda n=name: runners[n].infer(feeds[n]), 1, 0)["median_s"]
             result["compile"] = args.compile
-            result["compile_s"] = sum(max(0.0, first_calls[n] - result[n]["median_s"]) for n in first_calls)
-            for name in (n for n in pipe.runners if n not in first_calls and backend.compiles(n)):
-                clock = time.perf_counter()  # the other compiled networks (the hint encoder): compile, then a call
-                runners[name].infer(feeds[name])
-                synchronize()
-                first = time.perf_counter() - clock
-                again = timings(lambda n=name: runners[n].infer(feeds[n]), 1, 0)["median_s"]
-                result["compile_s"] += max(0.0, first - again)
+            result["compile_s"] = sum(max(0.0, first_calls[n] - medians[n]) for n in first_calls)
         result["end_to_end"] = timings(lambda: pipe.run(photo, config), args.repeats, 1)
         e2e, step = result["end_to_end"]["median_s"], result["fused_step"]["median_s"]
         loop_steps = len(make_ddim_schedule(args.steps))

@@ -50,15 +50,17 @@ def test_inductor_is_a_backend_and_names_what_is_missing(monkeypatch, tiny):
 
 
 def test_gpu_requirements_are_named(monkeypatch):
+    import importlib.util
+
     from sdcn_trt.engines import inductor_plan
 
-    real_find_spec = inductor_plan.importlib.util.find_spec
+    real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(inductor_plan.importlib.util, "find_spec",
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "triton" else real_find_spec(name, *a))
     ok, why = inductor_plan.inductor_status("cuda")
     assert not ok and why == "AOTInductor on a GPU needs Triton, which is not installed: pip install triton"
-    monkeypatch.setattr(inductor_plan.importlib.util, "find_spec", real_find_spec)
+    monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
     monkeypatch.setattr(inductor_plan, "cuda_headers_found", lambda: (False, "/opt/nowhere/include"))
     ok, why = inductor_plan.inductor_status("cuda")
     assert not ok and "cuda_runtime_api.h was not found (looked in: /opt/nowhere/include)" in why

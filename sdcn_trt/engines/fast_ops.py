@@ -127,8 +127,9 @@ def parse_sdpa_kernels(spec: str) -> dict[int | None, str]:
             raise InputError(f"sdpa_backend {spec!r} names " + ("a kernel for the other head sizes" if size is None
                              else f"head size {size}") + " twice")
         kernels[size] = kernel
-    if kernels.get(None) == "auto":
+    if kernels.get(None) == "auto":  # 'auto' for the other sizes is what naming no kernel for them means
         del kernels[None]
+    # '40=auto' says something only beside a kernel for the other sizes (then 40 alone is left to torch)
     return {size: kernel for size, kernel in kernels.items() if kernel != "auto" or None in kernels}
 
 

@@ -5,7 +5,6 @@ memory check, and the toolchain check."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import platform
@@ -16,7 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
-from sdcn_trt.engines.torch import FastPath, cpp_compiler
+from sdcn_trt.engines.torch import FastPath, cpp_compiler_missing, triton_missing
 from sdcn_trt.errors import InputError
 from sdcn_trt.export.descriptors import NetworkDescriptor, ShapeRange, ShapeSpec
 
@@ -367,16 +366,16 @@ def inductor_status(device_type: str | None = None) -> tuple[bool, str]:
     version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
     if version < MIN_TORCH:
         return False, f"torch {torch.__version__} has no AOTInductor packages: install torch >= 2.6"
-    cxx = cpp_compiler()
-    if shutil.which(cxx) is None:
-        return False, (f"AOTInductor needs a C++ compiler and '{cxx}' was not found on PATH: install g++ "
-                       "(apt-get install g++) or set CXX to one")
+    missing = cpp_compiler_missing("AOTInductor")
+    if missing:
+        return False, missing
     if device_type != "cuda":
         return True, ""
     if not torch.cuda.is_available():
         return False, "device 'cuda' was asked for but torch sees no CUDA GPU here"
-    if importlib.util.find_spec("triton") is None:
-        return False, "AOTInductor on a GPU needs Triton, which is not installed: pip install triton"
+    missing = triton_missing("AOTInductor on a GPU")
+    if missing:
+        return False, missing
     found, where = cuda_headers_found()
     if not found:
         return False, (f"AOTInductor on a GPU compiles against the CUDA runtime headers and cuda_runtime_api.h "

@@ -124,22 +124,37 @@ def cpp_compiler() -> str:
     return os.environ.get("CXX") or "g++"
 
 
+def cpp_compiler_missing(who: str) -> str:
+    """'' when the C++ compiler inductor calls is on PATH, else what is missing, for `who` (the inductor
+    backend and torch.compile share this check)."""
+    if shutil.which(cpp_compiler()) is not None:
+        return ""
+    return (f"{who} needs a C++ compiler and '{cpp_compiler()}' was not found on PATH: install g++ "
+            "(apt-get install g++) or set CXX to one")
+
+
+def triton_missing(who: str) -> str:
+    """'' when Triton (inductor's GPU kernels) is installed, else what is missing, for `who`."""
+    return "" if importlib.util.find_spec("triton") is not None else (
+        f"{who} needs Triton, which is not installed: pip install triton")
+
+
 def compile_status(device_type: str) -> tuple[bool, str]:
-    """(usable, what is missing) for torch.compile's inductor: a C++ compiler for CPU kernels, Triton for
-    CUDA kernels (a missing one only shows at the first call otherwise, minutes into a run)."""
+    """(usable, what is missing) for torch.compile's inductor: a C++ compiler for CPU kernels, Triton and
+    the C compiler its launcher is built with for CUDA kernels (a missing one only shows at the first
+    call otherwise, minutes into a run)."""
     if device_type == "cuda":
-        if importlib.util.find_spec("triton") is None:
-            return False, "torch.compile on a GPU needs Triton, which is not installed: pip install triton"
+        missing = triton_missing("torch.compile on a GPU")
+        if missing:
+            return False, missing
         c_compiler = os.environ.get("CC") or next((c for c in ("gcc", "clang") if shutil.which(c)), None)
         if c_compiler is None or shutil.which(c_compiler) is None:  # Triton builds its launcher with one
             missing = f"{c_compiler!r} was not found on PATH" if c_compiler else "neither gcc nor clang is on PATH"
             return False, (f"torch.compile on a GPU needs a C compiler for Triton's launcher and {missing}: "
                            "install gcc (apt-get install gcc) or set CC to one")
         return True, ""
-    if shutil.which(cpp_compiler()) is None:
-        return False, (f"torch.compile on the CPU needs a C++ compiler and '{cpp_compiler()}' was not found on PATH: "
-                       "install g++ (apt-get install g++) or set CXX to one")
-    return True, ""
+    missing = cpp_compiler_missing("torch.compile on the CPU")
+    return not missing, missing
 
 
 class TorchRunner(Runner):
