@@ -121,6 +121,9 @@ def write(report: dict[str, Any], folders: list[str]) -> None:
                          f"{max((c['max_abs'] for c in v['check'].values()), default=float('nan')):.1e}"
                          for n, v in row.get("networks", {}).items())
         lines.append(f"| {row['strategy']} | {row.get('error', 'loads and runs').replace('|', '/')} | {nets or '-'} |")
+    notes = [f"- {row['strategy']}, {n}: {note}" for row in report["tried"]
+             for n, v in row.get("networks", {}).items() for note in v.get("notes", [])]
+    lines += ["", "Notes (max_autotune skipped, a loader that ignored TMPDIR):", *notes] if notes else []
     for folder in folders:
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)

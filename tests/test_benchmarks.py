@@ -232,6 +232,23 @@ def test_inductor_probe_names_the_first_load_strategy_that_works(tmp_path):
     assert "| multithreaded | loads and runs | control_hint " in (tmp_path / "inductor-probe-cpu.md").read_text()
 
 
+def test_inductor_probe_table_carries_the_packages_notes(tmp_path):
+    """A note a build left (max_autotune skipped, a loader that ignored TMPDIR) is in the .md, not only the .json."""
+    from benchmarks.inductor_probe import write
+
+    net = {"build_s": 3.0, "activate_s": 0.5, "size_mib": 1.0, "check": {"hint": {"max_abs": 1e-6}},
+           "notes": ["torch 2.11.0's AOTInductor loader ignores TMPDIR: ..."]}
+    report = {"date": "d", "device": "cuda:0", "preset": "tiny", "precision": "fp16",
+              "tried": [{"strategy": "unpack-in-cache", "networks": {"control_hint": net}}]}
+    write(report, [str(tmp_path)])
+    text = (tmp_path / "inductor-probe-cuda.md").read_text()
+    assert "| unpack-in-cache | loads and runs | control_hint 3 / 0.5 / 1.0 / 1.0e-06 |" in text
+    assert text.endswith("- unpack-in-cache, control_hint: torch 2.11.0's AOTInductor loader ignores TMPDIR: ...\n")
+    net["notes"] = []
+    write(report, [str(tmp_path)])
+    assert "Notes" not in (tmp_path / "inductor-probe-cuda.md").read_text()
+
+
 def test_compiled_diffusers_cases_refuse_the_cpu_and_other_backends(tiny):
     import argparse
 

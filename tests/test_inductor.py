@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -350,23 +352,50 @@ def test_other_weights_load_the_same_package_and_equal_eager_torch(hint_build, t
     assert runner.package.size_bytes < 2**24  # kernels only: no weights inside
 
 
-def test_the_unpack_strategy_unpacks_where_it_is_told(hint_build, tiny, tmp_path):
+def test_the_unpack_strategy_unpacks_where_it_is_told_or_says_it_could_not(hint_build, tiny, tmp_path, caplog):
     """torch 2.14's loader unpacks into $TMPDIR/aotinductor_XXXXXX (what 'unpack-in-cache' points at the
-    cache); whether the device image's torch 2.11 honours TMPDIR waits for a GPU run."""
+    cache); torch 2.11's (the device image's) unpacks into /tmp/XXXXXX whatever TMPDIR says (seen on the
+    CPU with torch 2.11.0), and the load then says so instead of pretending it unpacked in the cache."""
     import gc
-    import os
 
-    from sdcn_trt.engines.inductor_build import load_compiled
+    from sdcn_trt.engines.inductor_build import load_compiled, unpack_ignored
     from sdcn_trt.engines.inductor_plan import load_strategy
 
     cache, _ = hint_build
     package = build_package(get_descriptor("control_hint", tiny), "cpu", "fp32", SMALL, cache)
-    before = os.environ.get("TMPDIR")
-    compiled = load_compiled(package.path, torch.device("cpu"), load_strategy("unpack-in-cache"), tmp_path / "unpack")
-    assert [p.name.startswith("aotinductor_") for p in (tmp_path / "unpack").iterdir()] == [True]
+    before, folder, notes = os.environ.get("TMPDIR"), tmp_path / "unpack", []
+    compiled = load_compiled(package.path, torch.device("cpu"), load_strategy("unpack-in-cache"), folder, notes)
+    unpacked = [p.name for p in folder.iterdir()]
+    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    if version >= (2, 14) or unpacked:
+        assert len(unpacked) == 1 and unpacked[0].startswith("aotinductor_") and notes == []
+    else:
+        assert version <= (2, 13) and notes == [unpack_ignored(folder)] and unpack_ignored(folder) in caplog.text
     assert os.environ.get("TMPDIR") == before
     del compiled
     gc.collect()
+
+
+def test_a_loader_that_ignores_tmpdir_is_named(tmp_path, monkeypatch, caplog):
+    """The torch 2.11 behaviour, on any torch: a loader that unpacks nowhere near the folder it was given
+    leaves a note (the build child's notes reach the package's meta.json and the probe's report)."""
+    import torch._inductor
+
+    from sdcn_trt.engines.inductor_build import load_compiled
+    from sdcn_trt.engines.inductor_plan import load_strategy
+
+    seen = []
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda path, **kw: seen.append(os.environ["TMPDIR"]) or "model")
+    notes: list[str] = []
+    folder = tmp_path / "unpack"
+    assert load_compiled(tmp_path / "m.pt2", torch.device("cpu"), load_strategy("unpack-in-cache"), folder, notes) == "model"
+    assert seen == [str(folder)] and len(notes) == 1
+    assert f"ignores TMPDIR: the package was not unpacked in {folder}" in notes[0] and notes[0] in caplog.text
+    notes.clear()  # a loader that does unpack there: no note
+    monkeypatch.setattr(torch._inductor, "aoti_load_package",
+                        lambda path, **kw: (Path(os.environ["TMPDIR"]) / "aotinductor_x").mkdir() or "model")
+    load_compiled(tmp_path / "m.pt2", torch.device("cpu"), load_strategy("unpack-in-cache"), folder, notes)
+    assert notes == []
 
 
 def test_a_corrupt_package_is_compiled_again(hint_build, tiny, monkeypatch, caplog):

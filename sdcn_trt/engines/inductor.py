@@ -121,7 +121,7 @@ def build_package(descriptor: NetworkDescriptor, device: str | torch.device, pre
     try:
         result = build_in_child(descriptor, device, precision, settings, fast, work, Path(cache_dir), timeout)
         seconds = result.get("compile_s", 0.0) + result.get("load_s", 0.0)
-        notes = [n for n in (result.get("autotune_note"),) if n]
+        notes = [n for n in (result.get("autotune_note"), *result.get("load_notes", [])) if n]
         size = (work / PACKAGE_FILE).stat().st_size
         meta = {"key": key, "network": descriptor.name, "parts": parts, "size_bytes": size, "seconds": seconds,
                 "check": result["check"], "check_weights": "seeded random weights of the same architecture",

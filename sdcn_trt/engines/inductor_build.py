@@ -69,12 +69,28 @@ def unpack_env(folder: Path | None) -> Iterator[None]:
             os.environ["TMPDIR"] = old
 
 
-def load_compiled(path: Path, device: torch.device, strategy: LoadStrategy, unpack: Path | None = None) -> Any:
-    """The package's callable, still without weights."""
+def load_compiled(path: Path, device: torch.device, strategy: LoadStrategy, unpack: Path | None = None,
+                  notes: list[str] | None = None) -> Any:
+    """The package's callable, still without weights. When the loader was told to unpack into `unpack`
+    and did not (torch 2.11's loader unpacks into /tmp whatever TMPDIR says), a warning is logged and
+    appended to `notes`."""
     from torch._inductor import aoti_load_package
 
+    before = set(unpack.iterdir()) if unpack is not None and unpack.is_dir() else set()
     with unpack_env(unpack):
-        return aoti_load_package(str(path), **loader_kwargs(strategy, device))
+        compiled = aoti_load_package(str(path), **loader_kwargs(strategy, device))
+    if unpack is not None and not set(unpack.iterdir()) - before:
+        note = unpack_ignored(unpack)
+        logger.warning("%s", note)
+        if notes is not None:
+            notes.append(note)
+    return compiled
+
+
+def unpack_ignored(unpack: Path) -> str:
+    """What to say when the loader unpacked a package somewhere other than `unpack`."""
+    return (f"torch {torch.__version__}'s AOTInductor loader ignores TMPDIR: the package was not unpacked in "
+            f"{unpack} but in the system temp folder (torch 2.11 unpacks into /tmp/XXXXXX; 2.14 honours TMPDIR)")
 
 
 def attach_weights(compiled: Any, module: torch.nn.Module, network: str) -> Any:
@@ -89,9 +105,9 @@ def attach_weights(compiled: Any, module: torch.nn.Module, network: str) -> Any:
 
 
 def load_package(path: Path, device: torch.device, strategy: LoadStrategy, module: torch.nn.Module, network: str,
-                 unpack: Path | None = None) -> Any:
-    """Load the package at `path` and give it `module`'s weights."""
-    return attach_weights(load_compiled(path, device, strategy, unpack), module, network)
+                 unpack: Path | None = None, notes: list[str] | None = None) -> Any:
+    """Load the package at `path` and give it `module`'s weights (`notes`: see load_compiled)."""
+    return attach_weights(load_compiled(path, device, strategy, unpack, notes), module, network)
 
 
 def as_tuple(out: Any) -> tuple[torch.Tensor, ...]:
@@ -192,7 +208,9 @@ def child_main(work: Path, stage: str, result: dict[str, Any]) -> None:
         clock = time.perf_counter()
         strategy = load_strategy(settings.load)
         unpack = Path(request["unpack_dir"]) if request.get("unpack_dir") else None
-        compiled = load_package(work / PACKAGE, device, strategy, module, descriptor.name, unpack)
+        notes: list[str] = []
+        compiled = load_package(work / PACKAGE, device, strategy, module, descriptor.name, unpack, notes)
+        result["load_notes"] = notes
         result["load_s"] = time.perf_counter() - clock
         with torch.no_grad():
             expected, actual = as_tuple(module(*args)), as_tuple(compiled(*args))

@@ -249,7 +249,8 @@ LOAD_STRATEGIES = (
                  "capture of the package may then fail)"),
     LoadStrategy("fresh-process", True, True, False, "the build's load check in a new process"),
     LoadStrategy("unpack-in-cache", True, True, True, "a new process that unpacks the package next to the cache, "
-                 "not in the system temp folder"),
+                 "not in the system temp folder (torch 2.14's loader honours TMPDIR; 2.11's unpacks into /tmp "
+                 "whatever it says, and the load leaves a note)"),
 )
 
 
@@ -266,9 +267,9 @@ def load_strategy(name: str | None) -> LoadStrategy:
 
 
 def unpack_dir(strategy: LoadStrategy, package_bytes: int, cache_root: Path) -> Path | None:
-    """Where the loader should unpack (it extracts the package's shared library and kernels to
-    $TMPDIR): None for the system temp folder, else a folder under the cache root. The system temp
-    folder is also left when it lacks twice the package's size."""
+    """Where the loader should unpack (torch 2.14's extracts the package's shared library and kernels
+    to $TMPDIR; 2.11's to /tmp whatever TMPDIR says): None for the system temp folder, else a folder
+    under the cache root. The system temp folder is also left when it lacks twice the package's size."""
     import tempfile
 
     system = Path(tempfile.gettempdir())
