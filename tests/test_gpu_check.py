@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from benchmarks.__main__ import parse_case
 
 ROOT = Path(__file__).resolve().parents[1]
