@@ -361,11 +361,16 @@ def cuda_headers_found() -> tuple[bool, str]:
     return found, ", ".join(folders)
 
 
+def torch_release() -> tuple[int, int]:
+    """This torch's (major, minor): (2, 11) for '2.11.0+cu130'."""
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
 def inductor_status(device_type: str | None = None) -> tuple[bool, str]:
     """(usable, what is missing): torch with AOTInductor and a C++ compiler; on 'cuda' also a GPU,
     Triton and the CUDA runtime headers."""
-    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-    if version < MIN_TORCH:
+    if torch_release() < MIN_TORCH:
         return False, f"torch {torch.__version__} has no AOTInductor packages: install torch >= 2.6"
     missing = cpp_compiler_missing("AOTInductor")
     if missing:
