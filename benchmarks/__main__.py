@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from benchmarks.batched import batched_markdown, run_batched_case
-from sdcn_trt.engines.child import python_command, run_child
+from sdcn_trt.engines.inductor.child import python_command, run_child
 from sdcn_trt.errors import InputError
 from sdcn_trt.scoring.latency import measure
 

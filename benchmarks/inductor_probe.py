@@ -4,7 +4,7 @@ until one compiles (in its build child), loads (here, with the real weights) and
     python -m benchmarks.inductor_probe --device cuda --preset sd15-random --precision fp16
 
 The first GPU run's SD1.5-sized package died (SIGSEGV) inside AOTInductor's loader; the strategies
-(sdcn_trt.engines.inductor_plan.LOAD_STRATEGIES) each change one suspect. The packages land in the
+(sdcn_trt.engines.inductor.plan.LOAD_STRATEGIES) each change one suspect. The packages land in the
 cache ($SDCN_TRT_CACHE), keyed without the strategy, so the benchmark that follows reuses them. The
 last line printed is `SDCN_TRT_INDUCTOR_LOAD=<name>` (exit 0), or says that none loaded (exit 1).
 """
@@ -28,8 +28,8 @@ def probe_one(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from sdcn_trt.config import BackendConfig
-    from sdcn_trt.engines.inductor import InductorRunner
-    from sdcn_trt.engines.inductor_plan import InductorSettings
+    from sdcn_trt.engines.inductor.runner import InductorRunner
+    from sdcn_trt.engines.inductor.plan import InductorSettings
     from sdcn_trt.export.descriptors import ShapeSpec, get_descriptor
     from sdcn_trt.models.presets import load_preset
 
@@ -80,8 +80,8 @@ def main() -> int:
         return 0
 
     from sdcn_trt.cache import cache_root
-    from sdcn_trt.engines.child import python_command, run_child
-    from sdcn_trt.engines.inductor_plan import LOAD_ENV, LOAD_STRATEGIES
+    from sdcn_trt.engines.inductor.child import python_command, run_child
+    from sdcn_trt.engines.inductor.plan import LOAD_ENV, LOAD_STRATEGIES
 
     names = args.strategies or [s.name for s in LOAD_STRATEGIES]
     print("space: " + "; ".join(folder_space(p) for p in (Path(tempfile.gettempdir()), cache_root())), flush=True)

@@ -168,8 +168,8 @@ def step_function(backend: str, components: Any, device: torch.device, precision
 
         runner = TorchRunner(desc, device, precision, fast=options["fast"], compile=options.get("compile", "off"))
     elif backend == "inductor":
-        from sdcn_trt.engines.inductor import InductorRunner
-        from sdcn_trt.engines.inductor_plan import InductorSettings
+        from sdcn_trt.engines.inductor.runner import InductorRunner
+        from sdcn_trt.engines.inductor.plan import InductorSettings
         from sdcn_trt.export.descriptors import ShapeRange
 
         settings = InductorSettings(ShapeRange.static(spec), max_autotune=options.get("max_autotune", False))

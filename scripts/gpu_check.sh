@@ -75,7 +75,7 @@ run() {
 # the driver's libcuda (nothing is installed; the folder is git-ignored).
 cuda_home_from_pip() {
   local found inc lib home=$SDCN_TRT_CACHE/cuda_home
-  found=$("$python" -c "from sdcn_trt.engines.inductor_plan import cuda_headers_found as f; print(f()[0])" 2>/dev/null)
+  found=$("$python" -c "from sdcn_trt.engines.inductor.plan import cuda_headers_found as f; print(f()[0])" 2>/dev/null)
   [[ $found == True ]] && { echo "CUDA headers: found where torch looks (CUDA_HOME=${CUDA_HOME:-unset})"; return 0; }
   inc=$("$python" - <<'PY'
 import glob, os, site
@@ -105,7 +105,7 @@ for step in $steps; do
       run toolchain 60 "$python" - <<'PY'
 import os, shutil, torch
 from sdcn_trt import BACKENDS, backend_available
-from sdcn_trt.engines.inductor_plan import cuda_headers_found
+from sdcn_trt.engines.inductor.plan import cuda_headers_found
 print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 print("CXX", shutil.which(os.environ.get("CXX") or "g++"), "CUDA_HOME", os.environ.get("CUDA_HOME"), "nvcc", shutil.which("nvcc"))
 print("CUDA headers", cuda_headers_found())

@@ -21,10 +21,10 @@ from sdcn_trt.cli_options import (
     add_backend_args, add_generation_args, add_model_args, add_shape_args, backend_config, generation_config,
     load_components, load_pipeline, usable_backend,
 )
-from sdcn_trt.engines.inductor import build_packages, require_inductor
-from sdcn_trt.engines.inductor_plan import InductorSettings
-from sdcn_trt.engines.tensorrt import build_engines, require_tensorrt
-from sdcn_trt.engines.trt_plan import BuildSettings
+from sdcn_trt.engines.inductor.runner import build_packages, require_inductor
+from sdcn_trt.engines.inductor.plan import InductorSettings
+from sdcn_trt.engines.tensorrt.runner import build_engines, require_tensorrt
+from sdcn_trt.engines.tensorrt.plan import BuildSettings
 from sdcn_trt.errors import InputError, SdcnError
 from sdcn_trt.export import ExportSettings, export_networks
 from sdcn_trt.export.descriptors import DESCRIPTORS, PIPELINE_NETWORKS, ShapeRange, ShapeSpec

@@ -218,7 +218,7 @@ def test_inductor_probe_names_the_first_load_strategy_that_works(tmp_path):
     assert lines[-1] == "no load strategy loaded the packages (tried: default)"
     assert lines[1].startswith("strategy default: failed: exit status 1: PackageBuildError: AOTInductor compiling and "
                                "loading 'control_hint' (fp32, cpu, control (1, 3, 256, 384)) failed in its child "
-                               "process: killed by SIGSEGV (segmentation fault) at sdcn_trt/engines/inductor_build.py:")
+                               "process: killed by SIGSEGV (segmentation fault) at engines/inductor/build.py:")
     del env["SDCN_TRT_INDUCTOR_FAULT"]
     proc = subprocess.run(base + ["--strategies", "multithreaded", "default"], capture_output=True, text=True, env=env,
                           timeout=900)

@@ -174,7 +174,7 @@ def test_build_without_tensorrt_says_what_is_missing(capsys):
 def test_build_settings_come_from_the_flags_by_name():
     from sdcn_trt import BackendConfig
     from sdcn_trt.cli import build_settings
-    from sdcn_trt.engines.trt_plan import BuildSettings
+    from sdcn_trt.engines.tensorrt.plan import BuildSettings
     from sdcn_trt.export.descriptors import ShapeRange, ShapeSpec
 
     args = build_parser().parse_args(["build", "--precision", "fp32", "--optimization-level", "5", "--workspace-gib",

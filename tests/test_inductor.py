@@ -19,9 +19,9 @@ import torch
 from sdcn_trt import BackendConfig, ControlNetPipeline, GenerationConfig, backend_available
 from sdcn_trt.config import BACKENDS
 from sdcn_trt.engines import create_runner
-from sdcn_trt.engines.inductor import InductorRunner, PackageBuildError, build_package
-from sdcn_trt.engines.inductor_build import FAULT_ENV
-from sdcn_trt.engines.inductor_plan import (InductorSettings, Target, dynamic_shapes, package_parts, rebuild_reasons,
+from sdcn_trt.engines.inductor.runner import InductorRunner, PackageBuildError, build_package
+from sdcn_trt.engines.inductor.build import FAULT_ENV
+from sdcn_trt.engines.inductor.plan import (InductorSettings, Target, dynamic_shapes, package_parts, rebuild_reasons,
                                              torch_release)
 from sdcn_trt.engines.torch import FastPath, TorchRunner, attention_modules
 from sdcn_trt.errors import BackendUnavailableError, DeviceMemoryError, InputError
@@ -55,7 +55,7 @@ def test_inductor_is_a_backend_and_names_what_is_missing(monkeypatch, tiny):
 def test_gpu_requirements_are_named(monkeypatch):
     import importlib.util
 
-    from sdcn_trt.engines import inductor_plan
+    from sdcn_trt.engines.inductor import plan as inductor_plan
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -73,7 +73,7 @@ def test_networks_left_out_of_compiled_networks_get_torch_runners(tiny, monkeypa
     """Runner creation decides (the pipeline never asks): a built backend's networks outside
     compiled_networks run on torch, same device and precision; nothing is built for them."""
     from sdcn_trt import engines
-    from sdcn_trt.engines.tensorrt import TensorRTRunner
+    from sdcn_trt.engines.tensorrt.runner import TensorRTRunner
     from sdcn_trt.engines.torch import resolve_dtype
     from sdcn_trt.export.descriptors import PIPELINE_NETWORKS
 
@@ -137,7 +137,7 @@ def test_a_crashing_build_child_is_named_and_leaves_the_cache_clean(tiny, tmp_pa
     message = str(caught.value)
     assert message.startswith("AOTInductor compiling and loading 'control_hint' (fp32, cpu, control (1, 3, 64, 64)) "
                               "failed in its child process: killed by SIGSEGV (segmentation fault) at "
-                              "sdcn_trt/engines/inductor_build.py:")
+                              "engines/inductor/build.py:")
     assert "in _fault (load strategy 'default'); this process is unaffected and nothing was cached." in message
     stack = message.split("\n", 1)[1]
     assert stack.startswith("Fatal Python error: Segmentation fault\nCurrent thread")
@@ -166,7 +166,7 @@ def test_max_autotune_without_room_falls_back_to_the_default_compile(tiny, tmp_p
     autotuning runs out of memory anyway (the compile itself is stubbed: this is the decision)."""
     import torch._inductor
 
-    from sdcn_trt.engines.inductor_build import compile_package
+    from sdcn_trt.engines.inductor.build import compile_package
 
     desc = get_descriptor("control_hint", tiny)
     module = desc.build_module()
@@ -180,7 +180,7 @@ def test_max_autotune_without_room_falls_back_to_the_default_compile(tiny, tmp_p
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_)
-    with caplog.at_level("WARNING", logger="sdcn_trt.engines.inductor_build"):
+    with caplog.at_level("WARNING", logger="sdcn_trt.engines.inductor.build"):
         note = compile_package(desc, module, args, autotune, torch.device("cpu"), tmp_path / "model.pt2")
     assert calls == [True, False]
     assert note == ("max_autotune ran out of GPU memory (CUDA out of memory. Tried to allocate 8.00 GiB); "
@@ -267,7 +267,7 @@ def test_fused_step_matches_eager_torch(tiny, fused_runner):
 
 
 def test_second_runner_reuses_the_package_without_compiling(tiny, fused_runner, monkeypatch):
-    from sdcn_trt.engines import inductor
+    from sdcn_trt.engines.inductor import runner as inductor
 
     def no_compile(*args, **kwargs):
         raise AssertionError("a cached package was compiled again")
@@ -285,7 +285,7 @@ def test_compiled_networks_fused_step_builds_that_package_only(tiny, photo, fuse
     """compiled_networks=("fused_step",): one build call, for the fused step, whose package is the one
     the all-networks backend uses (same key, same folder: the field is not part of the key); CLIP, hint
     and VAE run on torch; the images match eager torch as the all-compiled pipeline's do."""
-    from sdcn_trt.engines import inductor
+    from sdcn_trt.engines.inductor import runner as inductor
 
     built: list[str] = []
     real_build = inductor.build_package
@@ -359,8 +359,8 @@ def test_the_unpack_strategy_unpacks_where_it_is_told_or_says_it_could_not(hint_
     CPU with torch 2.11.0), and the load then says so instead of pretending it unpacked in the cache."""
     import gc
 
-    from sdcn_trt.engines.inductor_build import load_compiled, unpack_ignored
-    from sdcn_trt.engines.inductor_plan import load_strategy
+    from sdcn_trt.engines.inductor.build import load_compiled, unpack_ignored
+    from sdcn_trt.engines.inductor.plan import load_strategy
 
     cache, _ = hint_build
     package = build_package(get_descriptor("control_hint", tiny), "cpu", "fp32", SMALL, cache)
@@ -381,8 +381,8 @@ def test_a_loader_that_ignores_tmpdir_is_named(tmp_path, monkeypatch, caplog):
     leaves a note (the build child's notes reach the package's meta.json and the probe's report)."""
     import torch._inductor
 
-    from sdcn_trt.engines.inductor_build import load_compiled
-    from sdcn_trt.engines.inductor_plan import load_strategy
+    from sdcn_trt.engines.inductor.build import load_compiled
+    from sdcn_trt.engines.inductor.plan import load_strategy
 
     seen = []
     monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda path, **kw: seen.append(os.environ["TMPDIR"]) or "model")
@@ -400,7 +400,7 @@ def test_a_loader_that_ignores_tmpdir_is_named(tmp_path, monkeypatch, caplog):
 
 def test_a_corrupt_package_is_compiled_again(hint_build, tiny, monkeypatch, caplog):
     """The rebuild itself runs in the next test (a package that does not load); here its reason."""
-    from sdcn_trt.engines import inductor
+    from sdcn_trt.engines.inductor import runner as inductor
 
     cache, _ = hint_build
     desc = get_descriptor("control_hint", tiny)
@@ -426,7 +426,7 @@ def test_a_corrupt_package_is_compiled_again(hint_build, tiny, monkeypatch, capl
 
 
 def test_a_package_that_does_not_load_is_rebuilt_and_out_of_memory_is_named(hint_build, tiny, monkeypatch):
-    from sdcn_trt.engines import inductor
+    from sdcn_trt.engines.inductor import runner as inductor
 
     cache, _ = hint_build
     desc = get_descriptor("control_hint", tiny)
@@ -486,7 +486,7 @@ def test_inductor_pipeline_matches_torch_end_to_end(tiny, photo, fused_runner, m
     assert image.shape == (256, 384, 3) and diff.max() <= 1 and diff.mean() < 0.01
     assert pipe.runners["fused_step"].package.cached  # compiled by the fixture
 
-    from sdcn_trt.engines import inductor
+    from sdcn_trt.engines.inductor import runner as inductor
 
     monkeypatch.setattr(inductor, "build_in_child", lambda *a, **k: pytest.fail("recompiled"))
     again = ControlNetPipeline(tiny, BackendConfig(backend="inductor"))

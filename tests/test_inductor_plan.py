@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from sdcn_trt.engines.child import ChildOutcome, crash_site, describe_exit, fault_stack, python_error, run_child
-from sdcn_trt.engines.inductor_plan import (
+from sdcn_trt.engines.inductor.child import ChildOutcome, crash_site, describe_exit, fault_stack, python_error, run_child
+from sdcn_trt.engines.inductor.plan import (
     LOAD_ENV, LOAD_STRATEGIES, InductorSettings, architecture, autotune_fits, constants_api_missing, constants_map,
     load_strategy, loader_kwargs, module_tensors, network_config, own_storage, unpack_dir,
 )
@@ -142,14 +142,14 @@ def test_fault_stack_puts_the_crashing_thread_first():
         "Thread 0x1 (most recent call first):", '  File "/x/threading.py", line 359 in wait', "",
         "Current thread 0x2 (most recent call first):",
         '  File "/site-packages/torch/export/pt2_archive/_package.py", line 1045 in _load_aoti',
-        '  File "/w/sdcn_trt/engines/inductor.py", line 109 in load_compiled', "",
+        '  File "/w/sdcn_trt/engines/inductor/runner.py", line 109 in load_compiled', "",
         "Thread 0x3 (most recent call first):", '  File "/x/tqdm/_monitor.py", line 69 in run', "",
         "Extension modules: numpy, torch._C (total: 2)"])
     stack = fault_stack(stderr)
     assert stack.splitlines() == [
         "Fatal Python error: Segmentation fault", "Current thread 0x2 (most recent call first):",
         '  File "/site-packages/torch/export/pt2_archive/_package.py", line 1045 in _load_aoti',
-        '  File "/w/sdcn_trt/engines/inductor.py", line 109 in load_compiled',
+        '  File "/w/sdcn_trt/engines/inductor/runner.py", line 109 in load_compiled',
         "Thread 0x1 (most recent call first):", '  File "/x/threading.py", line 359 in wait',
         "Thread 0x3 (most recent call first):", '  File "/x/tqdm/_monitor.py", line 69 in run']
     assert crash_site(stack) == "export/pt2_archive/_package.py:1045 in _load_aoti"
@@ -178,7 +178,7 @@ def test_a_child_past_its_time_is_killed_with_its_process_group():
 
 def test_dynamic_shapes_are_grouped_as_forward_takes_its_inputs():
     """The networks take hints, scales and residuals as *varargs: torch.export wants one tuple for them."""
-    from sdcn_trt.engines.inductor_plan import export_dynamic_shapes
+    from sdcn_trt.engines.inductor.plan import export_dynamic_shapes
 
     def step(latents, timestep, *hints_and_scales):
         return latents

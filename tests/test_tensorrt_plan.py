@@ -7,7 +7,7 @@ import types
 import pytest
 
 from sdcn_trt import InputError
-from sdcn_trt.engines.trt_plan import (
+from sdcn_trt.engines.tensorrt.plan import (
     BuildMode, BuildSettings, Platform, build_mode, engine_key, rebuild_reasons,
 )
 from sdcn_trt.export.descriptors import ShapeRange, ShapeSpec, get_descriptor
@@ -74,7 +74,7 @@ def test_static_and_dynamic_profiles(tiny):
 def test_runner_settings_keep_clip_fp32(tiny):
     """Constructing a TensorRTRunner needs no GPU: its build settings are decided up front."""
     from sdcn_trt import BackendConfig
-    from sdcn_trt.engines.tensorrt import TensorRTRunner
+    from sdcn_trt.engines.tensorrt.runner import TensorRTRunner
 
     config = BackendConfig(backend="tensorrt", device="cuda", precision="fp16")
     clip = TensorRTRunner(get_descriptor("text_encoder", tiny), config)
@@ -87,7 +87,7 @@ def test_runner_settings_keep_clip_fp32(tiny):
 def test_polygraphy_loaders_for_trt10_and_trt11(tiny, tmp_path, caplog, capsys):
     """The loaders NVIDIA's diffusion demo builds with, made without TensorRT: nothing runs until called."""
     pytest.importorskip("polygraphy")
-    from sdcn_trt.engines.tensorrt import polygraphy_loaders
+    from sdcn_trt.engines.tensorrt.runner import polygraphy_loaders
 
     settings = BuildSettings(optimization_level=5)
     profile = get_descriptor("fused_step", tiny).profile(settings.shape_range)
@@ -110,7 +110,7 @@ def test_polygraphy_loaders_for_trt10_and_trt11(tiny, tmp_path, caplog, capsys):
 
 
 def test_tensorrt_without_polygraphy_says_so(monkeypatch):
-    from sdcn_trt.engines.trt_support import tensorrt_status
+    from sdcn_trt.engines.tensorrt.support import tensorrt_status
 
     real_find_spec, real_import = importlib.util.find_spec, importlib.import_module
     present = {"tensorrt": types.SimpleNamespace(Builder=object)}  # TensorRT itself, as far as the check looks

@@ -11,7 +11,7 @@ import torch
 
 from sdcn_trt.engines import BackendConfig
 from sdcn_trt.engines.onnxruntime import OnnxRuntimeRunner
-from sdcn_trt.engines.trt_refit import RefitError, check_prototypes, fill_missing, refit_plan
+from sdcn_trt.engines.tensorrt.refit import RefitError, check_prototypes, fill_missing, refit_plan
 from sdcn_trt.export.descriptors import ShapeSpec, get_descriptor
 from sdcn_trt.export.onnx_export import ExportSettings, export_onnx, run_onnx
 from sdcn_trt.export.weight_map import InitializerSource, WeightMap, graph_key, plan_swap
@@ -283,7 +283,7 @@ def test_pipeline_lora_on_onnxruntime_swaps_and_matches_torch(tiny_pipe, photo, 
 def test_refit_flag_reaches_the_engine_key_and_the_build_config(tiny, tmp_path):
     """`sdcn-trt build --refit` -> BuildSettings(refit=True): its own engine key, BuilderFlag.REFIT on."""
     from sdcn_trt.cli import build_parser, build_settings
-    from sdcn_trt.engines.trt_plan import BuildSettings, Platform, build_mode, engine_key
+    from sdcn_trt.engines.tensorrt.plan import BuildSettings, Platform, build_mode, engine_key
 
     settings, _ = build_settings(build_parser().parse_args(["build", "--refit"]))
     assert settings == BuildSettings(precision="fp16", refit=True)
@@ -291,7 +291,7 @@ def test_refit_flag_reaches_the_engine_key_and_the_build_config(tiny, tmp_path):
     profile = get_descriptor("fused_step", tiny).profile(settings.shape_range)
     assert engine_key("g", h100, settings, mode, profile) != engine_key("g", h100, BuildSettings(), mode, profile)
     pytest.importorskip("polygraphy")
-    from sdcn_trt.engines.tensorrt import polygraphy_loaders
+    from sdcn_trt.engines.tensorrt.runner import polygraphy_loaders
 
     _, config = polygraphy_loaders(tmp_path / "f.onnx", profile, settings, mode, tmp_path / "timing.cache")
     assert config.refittable is True

@@ -21,11 +21,11 @@ def backend_available(backend: str, device: str | None = None) -> tuple[bool, st
     if backend == "onnxruntime":
         return onnxruntime_status("cuda" if on_gpu else "cpu")
     if backend == "tensorrt":
-        from sdcn_trt.engines.trt_support import tensorrt_status
+        from sdcn_trt.engines.tensorrt.support import tensorrt_status
 
         return tensorrt_status()
     if backend == "inductor":
-        from sdcn_trt.engines.inductor_plan import inductor_status
+        from sdcn_trt.engines.inductor.plan import inductor_status
 
         return inductor_status(device.split(":")[0] if device else None)
     raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -92,12 +92,12 @@ def create_runner(descriptor: NetworkDescriptor, config: BackendConfig) -> Runne
                              compile=config.compile if config.compiles(descriptor.name) else "off")
     elif config.backend == "inductor":
         from sdcn_trt.engines.inductor import InductorRunner
-        from sdcn_trt.engines.inductor_plan import InductorSettings
+        from sdcn_trt.engines.inductor.plan import InductorSettings
 
         runner = InductorRunner(descriptor, config, InductorSettings(shape_range=batch_range(config)))
     else:
         from sdcn_trt.engines.tensorrt import TensorRTRunner
-        from sdcn_trt.engines.trt_plan import BuildSettings
+        from sdcn_trt.engines.tensorrt.plan import BuildSettings
 
         runner = TensorRTRunner(descriptor, config, BuildSettings(precision=config.precision,
                                                                   shape_range=batch_range(config)))

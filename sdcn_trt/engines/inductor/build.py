@@ -1,6 +1,6 @@
 """AOTInductor compiles and first loads in a child process, and loading a package with its weights.
 
-    python -X faulthandler -m sdcn_trt.engines.inductor_build WORK_FOLDER --stage compile+load
+    python -X faulthandler -m sdcn_trt.engines.inductor.build WORK_FOLDER --stage compile+load
 
 A package holds kernels only (`aot_inductor.package_constants_in_so=False`): the weights are given at
 load time (`load_constants`), so one package serves every set of weights of its architecture (a LoRA,
@@ -29,8 +29,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from sdcn_trt.engines.child import python_command, run_child
-from sdcn_trt.engines.inductor_plan import (
+from sdcn_trt.engines.inductor.child import python_command, run_child
+from sdcn_trt.engines.inductor.plan import (
     InductorSettings, LoadStrategy, architecture, autotune_fits, constants_api_missing, constants_map, dynamic_shapes,
     export_dynamic_shapes, load_strategy, loader_kwargs, module_tensors, unpack_dir,
 )
@@ -116,7 +116,7 @@ def as_tuple(out: Any) -> tuple[torch.Tensor, ...]:
 
 # -- what the child does ---------------------------------------------------------------------------------
 def components_from_architecture(arch: dict[str, Any], device: torch.device, seed: int = 0) -> Any:
-    """Components of the architecture `arch` (inductor_plan.architecture) with weights drawn from
+    """Components of the architecture `arch` (plan.architecture) with weights drawn from
     `seed` on `device`: what a package is compiled and checked with (its kernels do not depend on the
     weights). ControlNet's zero convolutions are drawn too, so its residuals reach the check."""
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel

@@ -2,7 +2,7 @@
 
 Written against the documented TensorRT 10/11 and Polygraphy Python APIs; the runner, which calls
 TensorRT directly, is type-checked with tensorrt-stubs. It has not run on a GPU yet (see README).
-Planning that needs no GPU lives in trt_plan.py; the Polygraphy loaders are made without one.
+Planning that needs no GPU lives in plan.py; the Polygraphy loaders are made without one.
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import torch
 from sdcn_trt.cache import atomic_path
 from sdcn_trt.config import BackendConfig
 from sdcn_trt.engines.base import Runner
-from sdcn_trt.engines.trt_plan import BuildMode, BuildSettings, Platform, build_mode, engine_key, rebuild_reasons
-from sdcn_trt.engines.trt_refit import refit_to_weights
-from sdcn_trt.engines.trt_support import tensorrt_status
+from sdcn_trt.engines.tensorrt.plan import BuildMode, BuildSettings, Platform, build_mode, engine_key, rebuild_reasons
+from sdcn_trt.engines.tensorrt.refit import refit_to_weights
+from sdcn_trt.engines.tensorrt.support import tensorrt_status
 from sdcn_trt.errors import BackendUnavailableError, SdcnError
 from sdcn_trt.export.descriptors import NetworkDescriptor, Shape, get_descriptor
 from sdcn_trt.export.onnx_export import ExportSettings, export_key, export_onnx
@@ -93,7 +93,7 @@ def polygraphy_loaders(onnx_path: Path, profile: dict[str, tuple[Shape, Shape, S
         builder_optimization_level=settings.optimization_level,
         memory_pool_limits=memory_pool_limits,
         load_timing_cache=str(timing_cache) if timing_cache.is_file() else None,  # none yet: start empty
-        refittable=settings.refit,  # BuilderFlag.REFIT: new weights by trt_refit.refit_to_weights, no rebuild
+        refittable=settings.refit,  # BuilderFlag.REFIT: new weights by refit.refit_to_weights, no rebuild
     )
     return network, config
 
@@ -150,7 +150,7 @@ class TensorRTRunner(Runner):
 
         mode = build_mode(self.settings.precision, hasattr(trt.BuilderFlag, "FP16"))
         export_settings = ExportSettings(precision=mode.onnx_precision)
-        # a refittable engine is keyed by its graph and refitted to the current weights (trt_refit.py); any
+        # a refittable engine is keyed by its graph and refitted to the current weights (refit.py); any
         # other by its export's key, which reads no weights: a cached engine needs neither ONNX nor weights
         onnx_key = (graph_key(self.descriptor, export_settings) if self.settings.refit
                     else export_key(self.descriptor, export_settings.for_network(self.descriptor)))

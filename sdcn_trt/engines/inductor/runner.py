@@ -7,7 +7,7 @@ and are given at load time from the network's own weights (as loaded, from the c
 cache), so a package is keyed by architecture, shapes, precision, compile options, torch version and
 device, never by weights: a LoRA or another checkpoint of the same architecture loads the same package
 (the inductor twin of TensorRT refit). Compile and first load run in a child process
-(`inductor_build`): a crashing compiler or loader raises PackageBuildError naming the network, the
+(`build`): a crashing compiler or loader raises PackageBuildError naming the network, the
 shapes and the signal, and this process lives. The package is written in a temporary folder and
 renamed into the cache with a meta.json recording its hash only after the child loaded it, so a crash
 leaves nothing behind, and a stale or corrupt package is rebuilt with the reason logged.
@@ -27,8 +27,8 @@ import torch
 from sdcn_trt.cache import atomic_path, hash_file, hash_json
 from sdcn_trt.config import BackendConfig
 from sdcn_trt.engines.base import Runner
-from sdcn_trt.engines.inductor_build import PACKAGE, PackageBuildError, as_tuple, build_in_child, load_package
-from sdcn_trt.engines.inductor_plan import (
+from sdcn_trt.engines.inductor.build import PACKAGE, PackageBuildError, as_tuple, build_in_child, load_package
+from sdcn_trt.engines.inductor.plan import (
     InductorSettings, architecture, current_target, inductor_status, load_strategy, package_parts, rebuild_reasons,
     unpack_dir,
 )
