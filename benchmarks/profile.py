@@ -284,8 +284,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 BACKENDS = {  # label -> (backend, options)
-    "torch fp16": ("torch", {}),
-    "torch fp16 + gn_silu + channels_last": ("torch", {"fast": "tuned"}),
+    "torch fp16": ("torch", {}),  # FastPath.default_for(cuda, fp16): sdpa, fuse_qkv, channels_last, gn_silu
+    "torch fp16 sdpa + fuse_qkv only": ("torch", {"fast": "sdpa+fuse_qkv"}),  # the default before 2026-12-05
     "inductor fp16": ("inductor", {}),
     "torch fp16 + torch.compile": ("torch", {"compile": "default"}),
     "torch fp16 + torch.compile max-autotune": ("torch", {"compile": "max-autotune-no-cudagraphs"}),
@@ -308,8 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     from sdcn_trt.export.descriptors import ShapeSpec
 
     labels = args.backends or (["torch fp16", "inductor fp16"] if args.device.startswith("cuda") else ["torch fp32"])
-    tuned = FastPath(sdpa=True, fuse_qkv=True, channels_last=True, gn_silu=True)
-    chosen = [(label, BACKENDS[label][0], {k: tuned if v == "tuned" else v for k, v in BACKENDS[label][1].items()})
+    earlier = FastPath(sdpa=True, fuse_qkv=True)
+    chosen = [(label, BACKENDS[label][0],
+               {k: earlier if v == "sdpa+fuse_qkv" else v for k, v in BACKENDS[label][1].items()})
               for label in labels]
     report = run(chosen, args.preset, args.device, args.repeats, ShapeSpec(1, args.height, args.width))
     stem = f"profile-{report['device']}-{args.preset}-{time.strftime('%Y%m%d-%H%M')}"

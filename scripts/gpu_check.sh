@@ -1,45 +1,63 @@
 #!/usr/bin/env bash
-# What only a GPU can show, within 9 minutes on a fresh device machine (nothing compiled is carried over),
-# steps in order of value, each with its own time limit and the whole script a budget
-# (GPU_CHECK_BUDGET seconds, default 540); a step that would start with < 20 s left is skipped:
-#   env        the GPU and the toolchain the inductor backend needs
-#   inductor   AOTInductor's load strategies, each in a child, on the SD1.5-sized text encoder; the first
-#              that loads is exported for the steps after (benchmarks/inductor_probe.py)
-#   profile    where a step's time goes: kernel table of one full step inside a CUDA graph, torch fp16
-#              plain and with GroupNorm+SiLU fused + channels_last (benchmarks/profile.py)
-#   sdpa       each SDPA kernel (flash, efficient, cudnn, math, auto) alone at every attention shape of the
-#              step, the fastest per head size 40 / 80 / 160 (benchmarks/sdpa.py; seconds)
-#   schedules  full, eps=10, control=10, deepcache=3 and the contest winners' patterns on torch fp16 under
-#              the whole-loop graph, tiny-trained quality beside each (benchmarks/schedules.py)
-#   fastpath   each FastPath switch alone, one step inside a CUDA graph (benchmarks/fast_path.py), and the
-#              SDPA kernel pinned per head size to the sdpa step's fastest (when that step ran)
-#   paritygap  diffusers fp16 against ours, with CLIP in fp32 and fp16 (benchmarks/parity_gap.py)
+# What only a GPU can show, in 8 minutes on a fresh device machine (nothing compiled is carried over). The
+# default run is a plan: its steps in order of value, each with its own time limit, the limits adding up to
+# at most the budget (GPU_CHECK_BUDGET seconds, default 480; `bash scripts/gpu_check.sh --plan` prints it
+# and tests/test_gpu_check.py checks the sum on the CPU). A step starts only when its whole limit fits in
+# what is left of the budget; one that does not is skipped with a line saying so, never cut mid-way.
+#   env        the GPU and the toolchain (nvidia-smi; torch, CUDA, compilers, which backends can run)
 #   bench      the contest workload (sd15-random, 256x384, CFG batch 2, 20 steps), each case in its own
-#              process: torch fp32 / fp16 + loop graph, torch fp16 + loop graph with the fused step under
-#              torch.compile (JIT inductor: no package load), diffusers fp16 eager and under torch.compile, inductor
-#              fp16 + loop graph compiling only the fused ControlNet+UNet step (compiled_networks=fused_step:
-#              the step runs 20 times per image, CLIP and the VAE once, on torch fp16; each SD1.5-sized compile
-#              takes minutes, and the 150 s per case cannot hold four)
-#   tests      the GPU-marked tests (CUDA graphs, fp16, inductor, compiled GroupNorm+SiLU, TensorRT if present)
-#   tiny       fp16 parity on the tiny preset (the inductor case again compiles the fused step only)
-# and, by name only (compiles for minutes): profile-inductor and profile-compile (the kernel table of the
-# inductor fp16 step and of the torch.compile'd one), fastpath-inductor (inductor without / with max_autotune,
-# torch.compile default / max-autotune-no-cudagraphs, compile times). Logs, JSON and Markdown go to
-# benchmarks/results/ and, when $OUT is set (the device machine), to $OUT as they are written.
+#              process: torch fp32 eager, torch fp16 + whole-loop CUDA graph (the default fast path), the
+#              same with the fused step under torch.compile, and the peer: diffusers fp16 under
+#              torch.compile reduce-overhead (benchmarks/__main__.py)
+#   batched    B = 1 / 8 / 16 photos per call through the whole-loop graph, torch fp16 (images/s, memory)
+#   profile    where a step's time goes: the kernel table of one step inside a CUDA graph, the default
+#              torch fp16 step and the torch.compile'd one (benchmarks/profile.py); the compiled one is the
+#              second process to compile the fused step, so its set-up shows what a compile cache saves
+#   schedules  full, eps=10, control=10, deepcache=3 and the contest winners' patterns on torch fp16 under the
+#              whole-loop graph (the fastest engine that compiles nothing), tiny-trained quality beside each
+#   tests      the GPU-marked tests that compile nothing for minutes (CUDA graphs, fp16, compiled GroupNorm+SiLU)
+# and, by name only: inductor (AOTInductor's load strategies, benchmarks/inductor_probe.py), sdpa (each SDPA
+# kernel at every attention shape), fastpath (each FastPath switch alone inside a CUDA graph), paritygap
+# (diffusers fp16 against ours), tiny (fp16 parity on the tiny preset), tests-slow (the GPU tests that
+# compile: inductor packages, torch.compile), profile-inductor, profile-compile-max (the max-autotune
+# torch.compile step's kernel table), fastpath-inductor (the compiled steps and their compile times),
+# compile-cache (the torch.compile'd fused step compiled, then a second process from the cache, both timed)
+# and aoti (the inductor fused-step package built, loaded and run inside the loop graph). Logs, JSON and
+# Markdown go to benchmarks/results/ and, when $OUT is set (the device machine), to $OUT as they are written.
 #
 # Usage, on a machine with a CUDA GPU and this package importable (the offline device machine:
 # `source .device/env.sh` first, see ../shared/offline_gpu/prepare.sh):
-#   bash scripts/gpu_check.sh                 # env inductor profile sdpa schedules fastpath paritygap bench tests tiny
-#   bash scripts/gpu_check.sh env tests tiny profile-inductor   # a second machine: what the first had no time for
-#   bash scripts/gpu_check.sh env batched     # B photos per call (benchmarks/batched.py), not in the defaults
-# The inductor step tries AOTInductor's load strategies (benchmarks/inductor_probe.py), each in its own
-# process, on the SD1.5-sized text encoder (the package that crashed the first GPU run), and exports
-# SDCN_TRT_INDUCTOR_LOAD=<the first that loads> for the steps after it; its package stays in the cache.
+#   bash scripts/gpu_check.sh                 # the default plan: env bench batched profile schedules tests
+#   bash scripts/gpu_check.sh --plan          # the plan's steps, limits and their sum; runs nothing
+#   bash scripts/gpu_check.sh env compile-cache aoti   # a second machine: by name, each with its own limit
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
-budget=${GPU_CHECK_BUDGET:-540}
-steps=${*:-env inductor profile sdpa schedules fastpath paritygap bench tests tiny}
+budget=${GPU_CHECK_BUDGET:-480}
+# step:limit in seconds. The default plan's limits add up to <= 480 (tests/test_gpu_check.py), from the
+# 2026-12-04 H200 run's step times (benchmarks/results/gpu-h200-20261204/) with the cached fp16 weights
+DEFAULT_PLAN="env:25 bench:200 batched:55 profile:100 schedules:40 tests:50"
+BY_NAME_PLAN="inductor:240 sdpa:60 fastpath:90 paritygap:60 tiny:120 tests-slow:240 profile-inductor:300
+  profile-compile-max:300 fastpath-inductor:420 compile-cache:300 aoti:420"
+limit_of() {  # limit_of STEP: its limit in seconds, empty for an unknown step
+  local entry
+  for entry in $DEFAULT_PLAN $BY_NAME_PLAN; do [[ ${entry%%:*} == "$1" ]] && { echo "${entry#*:}"; return; }; done
+}
+if [[ ${1:-} == --plan ]]; then
+  total=0
+  for entry in $DEFAULT_PLAN; do echo "${entry%%:*} ${entry#*:}"; total=$((total + ${entry#*:})); done
+  echo "total $total of the $budget s budget"
+  for entry in $BY_NAME_PLAN; do echo "by name: ${entry%%:*} ${entry#*:}"; done
+  exit 0
+fi
+default_steps=$(for entry in $DEFAULT_PLAN; do printf '%s ' "${entry%%:*}"; done)
+steps=${*:-$default_steps}
+for step in $steps; do  # a misspelt step fails before anything runs
+  if [[ -z $(limit_of "$step") ]]; then
+    echo "unknown step '$step': choose from" $default_steps $(for e in $BY_NAME_PLAN; do printf '%s ' "${e%%:*}"; done)
+    exit 2
+  fi
+done
 results=${GPU_CHECK_RESULTS:-benchmarks/results}  # the tests point it elsewhere
 stamp=$(date +%Y%m%d-%H%M)
 mkdir -p "$results" ${OUT:+"$OUT"}
@@ -51,14 +69,14 @@ trap 'rm -f "$started"' EXIT
 
 left() { echo $((budget - (SECONDS - start))); }
 
-# run NAME LIMIT CMD...: the command under min(LIMIT, budget left), logged to both places
+# run NAME LIMIT CMD...: the command under its LIMIT, logged to both places as it goes; when LIMIT does not
+# fit in what is left of the budget the command is skipped with a line saying so (never started to be cut)
 run() {
   local name=$1 limit=$2; shift 2
   local remaining; remaining=$(left)
-  ((limit > remaining)) && limit=$remaining
   local log="$results/gpu-$stamp-$name.log"
-  if ((limit < 20)); then
-    echo "== $name: skipped, $remaining s of the ${budget} s budget left" | tee -a "$log" ${OUT:+"$OUT/gpu-$stamp-$name.log"}
+  if ((limit > remaining)); then
+    echo "== $name: skipped: needs $limit s, $remaining s of the ${budget} s budget left" | tee -a "$log" ${OUT:+"$OUT/gpu-$stamp-$name.log"}
     return 0
   fi
   echo "== $name (limit $limit s): $*" | tee "$log" ${OUT:+"$OUT/gpu-$stamp-$name.log"}
@@ -96,13 +114,14 @@ PY
 }
 
 for step in $steps; do
+  limit=$(limit_of "$step")
   case $step in
     env)
-      run env 60 bash -c "nvidia-smi; nvidia-smi --query-gpu=name,compute_cap,memory.total,clocks.max.sm --format=csv"
+      run env 10 bash -c "nvidia-smi; nvidia-smi --query-gpu=name,compute_cap,memory.total,clocks.max.sm --format=csv"
       cuda_home_from_pip >"$results/.cuda_home.txt" 2>&1  # not in a pipe: its exports must stay in this shell
       tee -a "$results/gpu-$stamp-env.log" ${OUT:+"$OUT/gpu-$stamp-env.log"} <"$results/.cuda_home.txt"
       rm -f "$results/.cuda_home.txt"
-      run toolchain 60 "$python" - <<'PY'
+      run toolchain $((limit - 10)) "$python" - <<'PY'
 import os, shutil, torch
 from sdcn_trt import BACKENDS, backend_available
 from sdcn_trt.engines.inductor.plan import cuda_headers_found
@@ -113,78 +132,89 @@ for backend in BACKENDS:
     print(f"{backend:>12} on cuda:", backend_available(backend, "cuda"))
 PY
       ;;
+    bench)
+      # the first case writes the weights cache (fp16 entry included) the later processes load; the
+      # compiled case's torch.compile caches land in $SDCN_TRT_CACHE for the profile step's second compile
+      run bench "$limit" "$python" -m benchmarks --device cuda --steps 20 --repeats 3 --timeout 110 \
+        --cases torch:fp32:off torch:fp16:loop torch:fp16:loop:compile=default:compiled_networks=fused_step \
+        diffusers:fp16:off:reduce-overhead --deadline $((limit - 10)) --out "$results" ${OUT:+"$OUT"}
+      ;;
+    batched)
+      # B photos per call through the whole-loop graph (issue #21's goal: >= 20 images/s at B = 8), images/s,
+      # ms/image, peak memory and the difference from single calls per B
+      run batched "$limit" "$python" -m benchmarks --device cuda --steps 20 --repeats 2 --timeout 40 \
+        --cases torch:fp16:loop --batch-sizes 1 8 16 --deadline $((limit - 5)) --out "$results" ${OUT:+"$OUT"}
+      ;;
+    profile)
+      run profile "$limit" "$python" -m benchmarks.profile --device cuda --repeats 5 \
+        --backends "torch fp16" "torch fp16 + torch.compile" --out "$results" ${OUT:+"$OUT"}
+      ;;
+    schedules)
+      run schedules "$limit" "$python" -m benchmarks.schedules --device cuda --precision fp16 --cuda-graph loop \
+        --steps 20 --repeats 2 --out "$results" ${OUT:+"$OUT"}
+      ;;
+    tests)
+      run tests "$limit" "$python" -m pytest -q -m "(gpu or tensorrt) and not slow" -rs -s tests/ -p no:cacheprovider
+      ;;
+    tests-slow)
+      run tests-slow "$limit" "$python" -m pytest -q -m "(gpu or tensorrt) and slow" -rs -s tests/ -p no:cacheprovider
+      ;;
     inductor)
       # each load strategy in a child, in order, until one compiles, loads and runs the text encoder
-      run inductor 240 "$python" -m benchmarks.inductor_probe --device cuda --preset sd15-random --precision fp16 \
-        --networks text_encoder --timeout 200 --out "$results" ${OUT:+"$OUT"}
+      run inductor "$limit" "$python" -m benchmarks.inductor_probe --device cuda --preset sd15-random --precision fp16 \
+        --networks text_encoder --timeout $((limit - 40)) --out "$results" ${OUT:+"$OUT"}
       chosen=$(grep -ho 'SDCN_TRT_INDUCTOR_LOAD=[a-z-]*' "$results/gpu-$stamp-inductor.log" | tail -1)
       if [[ -n $chosen ]]; then
         export "${chosen?}"
         echo "== inductor: the steps below load packages with $chosen" | tee -a "$results/gpu-$stamp-inductor.log" ${OUT:+"$OUT/gpu-$stamp-inductor.log"}
       fi
       ;;
-    profile)
-      run profile 100 "$python" -m benchmarks.profile --device cuda --repeats 5 \
-        --backends "torch fp16" "torch fp16 + gn_silu + channels_last" --out "$results" ${OUT:+"$OUT"}
-      ;;
-    profile-compile)
-      run profile-compile 300 "$python" -m benchmarks.profile --device cuda --repeats 5 \
-        --backends "torch fp16 + torch.compile" --out "$results" ${OUT:+"$OUT"}
-      ;;
-    profile-inductor)
-      run profile-inductor 300 "$python" -m benchmarks.profile --device cuda --repeats 5 --backends "inductor fp16" \
-        --out "$results" ${OUT:+"$OUT"}
-      ;;
     sdpa)
-      run sdpa 60 "$python" -m benchmarks.sdpa --device cuda --dtype fp16 --out "$results" ${OUT:+"$OUT"}
-      ;;
-    schedules)
-      # the fastest engine measured so far (torch fp16 + whole-loop graph: 251 ms/image on the H200)
-      run schedules 100 "$python" -m benchmarks.schedules --device cuda --precision fp16 --cuda-graph loop \
-        --steps 20 --repeats 3 --out "$results" ${OUT:+"$OUT"}
+      run sdpa "$limit" "$python" -m benchmarks.sdpa --device cuda --dtype fp16 --out "$results" ${OUT:+"$OUT"}
       ;;
     fastpath)
       # with the sdpa step's table from this run: also the variant pinning each head size to its fastest kernel
       table=$(find "$results" -maxdepth 1 -name 'sdpa-cuda-fp16-*.json' -newer "$started" 2>/dev/null | sort | tail -1)
-      run fastpath 90 "$python" -m benchmarks.fast_path --device cuda --precision fp16 \
+      run fastpath "$limit" "$python" -m benchmarks.fast_path --device cuda --precision fp16 \
         ${table:+--sdpa-table "$table"} --out "$results" ${OUT:+"$OUT"}
       ;;
     fastpath-inductor)
-      run fastpath-inductor 420 "$python" -m benchmarks.fast_path --device cuda --precision fp16 --inductor \
+      run fastpath-inductor "$limit" "$python" -m benchmarks.fast_path --device cuda --precision fp16 --inductor \
         --variants "default (sdpa+fuse_qkv)" --out "$results" ${OUT:+"$OUT"}
       ;;
-    bench)
-      # per case at most 150 s; torch.compile and inductor cases compile, so they come after the eager ones;
-      # the inductor case compiles what it measures, the fused step, and runs CLIP and the VAE on torch fp16
-      run bench 240 "$python" -m benchmarks --device cuda --steps 20 --repeats 3 --timeout 150 \
-        --cases torch:fp32:off torch:fp16:loop diffusers:fp16:off \
-        torch:fp16:loop:compile=default:compiled_networks=fused_step diffusers:fp16:off:reduce-overhead \
-        diffusers:fp16:off:max-autotune-no-cudagraphs inductor:fp16:loop:compiled_networks=fused_step torch:fp16:off \
-        --deadline $(($(left) - 20)) --out "$results" ${OUT:+"$OUT"}
-      ;;
     paritygap)
-      run paritygap 60 "$python" -m benchmarks.parity_gap --device cuda --steps 20 --diffusers-fp16 \
+      run paritygap "$limit" "$python" -m benchmarks.parity_gap --device cuda --steps 20 --diffusers-fp16 \
         --out "$results"
       [[ -n ${OUT:-} ]] && cp "$results"/parity-gap-sd15-random-cuda.* "$OUT"/ 2>/dev/null
       ;;
-    tests)
-      run tests 200 "$python" -m pytest -q -m "gpu or tensorrt" -rs -s tests/ -p no:cacheprovider
-      ;;
     tiny)
       # fp16 parity where random SD1.5-sized weights may overflow: the tiny preset, same cases
-      run tiny 120 "$python" -m benchmarks --device cuda --preset tiny --steps 20 --repeats 1 --timeout 100 \
+      run tiny "$limit" "$python" -m benchmarks --device cuda --preset tiny --steps 20 --repeats 1 --timeout 100 \
         --cases torch:fp32:off torch:fp16:off torch:fp16:loop torch:fp16:loop:compile=default:compiled_networks=fused_step \
-        inductor:fp16:loop:compiled_networks=fused_step \
-        --deadline $(($(left) - 20)) --out "$results" ${OUT:+"$OUT"}
+        inductor:fp16:loop:compiled_networks=fused_step --deadline $((limit - 10)) --out "$results" ${OUT:+"$OUT"}
       ;;
-    batched)
-      # not in the default steps: B photos per call through the whole-loop graph (issue #21's goal: >= 20
-      # images/s at B = 8), images/s, ms/image, peak memory and the difference from single calls per B
-      run batched 300 "$python" -m benchmarks --device cuda --steps 20 --repeats 2 --timeout 240 \
-        --cases torch:fp16:loop --batch-sizes 1 2 4 8 16 --deadline $(($(left) - 20)) --out "$results" ${OUT:+"$OUT"}
+    profile-inductor)
+      run profile-inductor "$limit" "$python" -m benchmarks.profile --device cuda --repeats 5 --backends "inductor fp16" \
+        --out "$results" ${OUT:+"$OUT"}
       ;;
-    *) echo "unknown step '$step': choose from env inductor profile sdpa schedules fastpath paritygap bench tests tiny" \
-         "profile-inductor profile-compile fastpath-inductor batched"; exit 2 ;;
+    profile-compile-max)
+      run profile-compile-max "$limit" "$python" -m benchmarks.profile --device cuda --repeats 5 \
+        --backends "torch fp16 + torch.compile max-autotune" --out "$results" ${OUT:+"$OUT"}
+      ;;
+    compile-cache)
+      # the same torch.compile'd case in two processes sharing $SDCN_TRT_CACHE: the first compiles, the
+      # second starts from the cache (the bench table's build column is each process's compile time)
+      half=$((limit / 2))
+      run compile-cache-first "$half" "$python" -m benchmarks --device cuda --steps 20 --repeats 2 --timeout $((half - 10)) \
+        --cases torch:fp16:loop:compile=default:compiled_networks=fused_step --out "$results" ${OUT:+"$OUT"}
+      run compile-cache-second "$half" "$python" -m benchmarks --device cuda --steps 20 --repeats 2 --timeout $((half - 10)) \
+        --cases torch:fp16:loop:compile=default:compiled_networks=fused_step --out "$results" ${OUT:+"$OUT"}
+      ;;
+    aoti)
+      # the inductor backend's fused-step package: built (progress in the log), loaded, run inside the loop graph
+      run aoti "$limit" "$python" -m benchmarks --device cuda --steps 20 --repeats 3 --timeout $((limit - 20)) \
+        --cases inductor:fp16:loop:compiled_networks=fused_step --out "$results" ${OUT:+"$OUT"}
+      ;;
   esac
 done
 echo "gpu_check: $((SECONDS - start)) s of the $budget s budget"

@@ -218,7 +218,8 @@ def test_a_load_child_killed_after_a_good_compile_leaves_nothing_cached(tiny, tm
 def test_fast_path_is_on_only_for_cuda_fp16():
     assert FastPath.default_for(torch.device("cpu"), torch.float32) == FastPath()
     assert FastPath.default_for(torch.device("cpu"), torch.float16) == FastPath()
-    assert FastPath.default_for(torch.device("cuda"), torch.float16) == FastPath(sdpa=True, fuse_qkv=True)
+    assert FastPath.default_for(torch.device("cuda"), torch.float16) == FastPath(
+        sdpa=True, fuse_qkv=True, channels_last=True, gn_silu=True)
     assert FastPath.default_for(torch.device("cuda"), torch.float32) == FastPath()
 
 
@@ -509,6 +510,7 @@ def gpu_inductor_pipe(tiny):
 
 
 @pytest.mark.gpu
+@pytest.mark.slow  # compiles packages for minutes: gpu_check.sh's tests-slow step
 @cuda
 def test_inductor_fp16_loop_graph_matches_torch_fp16(tiny, photo, gpu_inductor_pipe):
     config = GenerationConfig(image_resolution=256, ddim_steps=6, eta=0.3)
@@ -522,6 +524,7 @@ def test_inductor_fp16_loop_graph_matches_torch_fp16(tiny, photo, gpu_inductor_p
 
 
 @pytest.mark.gpu
+@pytest.mark.slow  # compiles packages for minutes: gpu_check.sh's tests-slow step
 @cuda
 def test_inductor_replay_never_synchronises_with_the_host(photo, gpu_inductor_pipe):
     config = GenerationConfig(image_resolution=256, ddim_steps=4, eta=0.5)
@@ -531,6 +534,7 @@ def test_inductor_replay_never_synchronises_with_the_host(photo, gpu_inductor_pi
 
 
 @pytest.mark.gpu
+@pytest.mark.slow  # compiles packages for minutes: gpu_check.sh's tests-slow step
 @cuda
 def test_one_cuda_package_serves_other_weights_of_its_architecture(tiny, tmp_path):
     """The weights-outside design on CUDA fp16: tiny seed 0 and seed 1 through one fused-step package,

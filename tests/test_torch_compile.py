@@ -138,6 +138,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 @pytest.mark.gpu
+@pytest.mark.slow  # compiles for minutes: gpu_check.sh's tests-slow step
 @cuda
 @pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs"])
 def test_compiled_step_inside_the_loop_graph_on_cuda(tiny, photo, mode):
