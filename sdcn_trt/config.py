@@ -10,6 +10,7 @@ from pathlib import Path
 
 from sdcn_trt.cache import cache_root
 from sdcn_trt.errors import InputError
+from sdcn_trt.samplers import check_eta, check_sampler, sampler_schedule
 from sdcn_trt.schedule import parse_schedule
 
 # The reference seeds through pytorch_lightning's seed_everything, which only takes seeds numpy
@@ -61,6 +62,7 @@ class GenerationConfig:
     max_side: int = 2048  # refuse inputs whose resized long side would exceed this (before any compute)
     eps_steps: int = 0  # old spelling of schedule="eps=N"; folded into `schedule` (and reset to 0) when made
     controlnet_strengths: tuple[float, ...] = ()  # one per ControlNet (Multi-ControlNet); () = `strength` for all
+    sampler: str = "ddim"  # sdcn_trt.samplers: ldm's DDIM (the reference) or a table sampler; ddim_steps counts its steps
 
     def __post_init__(self) -> None:
         _check_int(self, "num_samples", 1)
@@ -95,14 +97,18 @@ class GenerationConfig:
             if self.schedule != "full":
                 raise InputError(f"give either eps_steps={self.eps_steps} or schedule={self.schedule!r}, not both")
             self.schedule, self.eps_steps = f"eps={self.eps_steps}", 0
+        check_sampler(self.sampler)
+        check_eta(self.sampler, self.eta)
         parsed = parse_schedule(self.schedule)
-        parsed.resolve(self.ddim_steps)  # range errors now, not mid-run
+        parsed.resolve(self.ddim_steps, self.sampler)  # range errors now, not mid-run
         self.schedule = parsed.spec
+        if self.sampler != "ddim":  # a step count the sampler refuses fails here, before any weights load
+            sampler_schedule(self.sampler, parsed.steps_for(self.ddim_steps))
 
     def step_kinds(self) -> tuple[int, tuple[str, ...]]:
-        """(DDIM steps to run, the kind of every step in run order) under this config's schedule."""
+        """(steps to run, the kind of every step in run order) under this config's sampler and schedule."""
         parsed = parse_schedule(self.schedule)
-        return parsed.steps_for(self.ddim_steps), parsed.resolve(self.ddim_steps)
+        return parsed.steps_for(self.ddim_steps), parsed.resolve(self.ddim_steps, self.sampler)
 
     @property
     def positive_prompt(self) -> str:

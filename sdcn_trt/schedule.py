@@ -51,6 +51,16 @@ def num_ddim_steps(ddim_steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTE
     return count
 
 
+def num_steps(steps: int, sampler: str = "ddim") -> int:
+    """How many steps a run of `steps` takes: ldm's DDIM may run more (num_ddim_steps); every other sampler
+    runs exactly `steps`."""
+    if sampler == "ddim":
+        return num_ddim_steps(steps)
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= NUM_TRAIN_TIMESTEPS:
+        raise InputError(f"steps must be an integer in 1..{NUM_TRAIN_TIMESTEPS}, got {steps!r}")
+    return steps
+
+
 def spread(total: int, count: int) -> set[int]:
     """`count` of `total` step positions spread evenly, the first included: 10 of 20 -> 0, 2, ..., 18."""
     return {int(j * total / count) for j in range(count)}
@@ -71,9 +81,9 @@ class Schedule:
         """The DDIM step count this schedule runs when the configuration asks for `configured`."""
         return self.ddim_steps or configured
 
-    def resolve(self, configured: int) -> tuple[str, ...]:
-        """The kind of every step, in run order, for a configuration asking `configured` DDIM steps."""
-        total = num_ddim_steps(self.steps_for(configured))
+    def resolve(self, configured: int, sampler: str = "ddim") -> tuple[str, ...]:
+        """The kind of every step, in run order, for a configuration asking `configured` steps of `sampler`."""
+        total = num_steps(self.steps_for(configured), sampler)
         if self.family == FULL:
             kinds = (FULL,) * total
         elif self.family in FAMILIES:

@@ -68,7 +68,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 # bottom to top; a module may import from its own layer or a lower one (sub-packages count as one module)
 LAYERS = [
-    ["errors", "cache", "progress", "schedule"],
+    ["errors", "cache", "progress", "schedule", "samplers"],
     ["config", "preprocess", "images"],
     ["models"],  # weights in, torch modules out
     ["export"],

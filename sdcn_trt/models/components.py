@@ -62,6 +62,9 @@ class Components:
         self.source = source
         self.more_controlnets = tuple(more_controlnets)
         self.precision = precision
+        # the model folder's scheduler config (scheduler/scheduler_config.json) where it ships one: the table
+        # samplers configure diffusers' schedulers from it (None: SD1.5's fields; DDIM is always ldm's)
+        self.scheduler_config: dict[str, Any] | None = None
         self._key = weights_key
         self._loader = loader
         # fingerprints of the loaded networks while `weights_key` describes them
@@ -169,6 +172,7 @@ class Components:
                           more_controlnets=more, weights_key=self._key, loader=self._loader, precision=self.precision)
         copy._prints = dict(self._prints)
         copy._hashes = self._hashes  # the same networks: the same hashes
+        copy.scheduler_config = self.scheduler_config
         return copy
 
     # -- identity of the weights ------------------------------------------------------------------

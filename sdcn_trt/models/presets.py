@@ -15,6 +15,7 @@ from sdcn_trt.models.components import SD15_SCALING_FACTOR, Components
 from sdcn_trt.config import PRECISIONS, check_choice
 from sdcn_trt.errors import InputError, WeightsError
 from sdcn_trt.models.tokenizer import load_tokenizer, special_token_ids
+from sdcn_trt.samplers import read_scheduler_config
 from sdcn_trt.models.weights_cache import cache_dir_for, find_entry, lazy_components, weights_key, write_entry
 
 logger = logging.getLogger(__name__)
@@ -289,6 +290,7 @@ def load_diffusers(sd_dir: str | Path, controlnet: str | Path | Sequence[str | P
                             source=f"diffusers:{sd_dir}+{controlnet_path}",
                             weights_key=lambda: hash_json({"diffusers-folders": {
                                 f"{f.parent.name}/{f.name}": hash_file_cached(f) for f in weight_files}})).eval_()
+    components.scheduler_config = read_scheduler_config(sd_dir)
     return with_controlnets(components, paths[1:])
 
 

@@ -45,10 +45,10 @@ class Prepared:
     generator: torch.Generator
     start: torch.Tensor  # the generator's state before this item's draws: a call split on GPU memory draws again
 
-    def draw(self, latent_shape: tuple[int, ...], steps: int, eta: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def draw(self, latent_shape: tuple[int, ...], steps: int, noisy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """draw_noise from the generator's state when the item was prepared (the same draws on a retry)."""
         self.generator.set_state(self.start)
-        return draw_noise(self.generator, latent_shape, steps, eta)
+        return draw_noise(self.generator, latent_shape, steps, noisy)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -114,11 +114,12 @@ def stack_text(pairs: Sequence[torch.Tensor], num_samples: int) -> torch.Tensor:
 
 
 def draw_noise(generator: torch.Generator, latent_shape: tuple[int, ...], steps: int,
-               eta: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One item's initial latents (S, 4, h, w), then its per-step eta noise (steps, S, 4, h, w) when eta > 0,
-    drawn from its own generator in the reference's order (latents first, then one draw per step)."""
+               noisy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One item's initial latents (S, 4, h, w), then its per-step noise (steps, S, 4, h, w) when the sampler
+    takes some (DDIM with eta > 0, euler_a, lcm), drawn from its own generator in the reference's order
+    (latents first, then one draw per step): an image's noise is its own, alone or in a batch."""
     latents = torch.randn(latent_shape, generator=generator)
-    noise = torch.stack([torch.randn(latent_shape, generator=generator) for _ in range(steps)]) if eta > 0 else None
+    noise = torch.stack([torch.randn(latent_shape, generator=generator) for _ in range(steps)]) if noisy else None
     return latents, noise
 
 

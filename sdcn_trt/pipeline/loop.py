@@ -2,13 +2,14 @@
 
 `Denoiser.step` is the denoising step: it evaluates what the step's kind calls for (the fused
 ControlNet+UNet, the UNet alone on cached ControlNet residuals, the UNet's outer blocks on cached deep
-features, or nothing), applies classifier-free guidance and the DDIM update. `decode_uint8` is the VAE decode and the uint8 conversion. The loop
+features, or nothing), applies classifier-free guidance and the sampler's update: ldm's DDIM, or a table
+sampler's linear map of the current and earlier latents and predictions (sdcn_trt.samplers). `decode_uint8` is the VAE decode and the uint8 conversion. The loop
 variants only differ in where their tensors live and how the same calls are replayed:
 - `EagerLoop`: fresh tensors per image;
 - `StaticLoop`: the whole image (hint, every step, decode) over buffers allocated once — what a
   CUDA graph captures; on the CPU it runs eagerly, which is how tests check it against `EagerLoop`;
 - `GraphedLoop`: `StaticLoop` captured in one CUDA graph and replayed per image;
-- `GraphedSteps`: one CUDA graph per step kind, replayed at every step with that step's DDIM
+- `GraphedSteps`: one CUDA graph per step kind, replayed at every step with that step's sampler
   constants written into device scalars first (one capture serves all timesteps).
 `make_loop` picks one from the backend's `cuda_graph` mode; loops are keyed by everything they bake
 in (`LoopKey`), so a new key builds a new loop and a stale graph is never replayed.
@@ -19,7 +20,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -27,11 +28,14 @@ from sdcn_trt.engines.base import Runner
 from sdcn_trt.errors import DeviceMemoryError, InputError
 from sdcn_trt.export.descriptors import ShapeSpec
 from sdcn_trt.pipeline.scheduler import DdimSchedule, DdimStep, classifier_free_guidance, ddim_update
+from sdcn_trt.samplers import LinearStep, SamplerSchedule, linear_update
 from sdcn_trt.schedule import FULL, KINDS, REUSE_CONTROL, REUSE_EPS, SHALLOW
 
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
+Schedule = DdimSchedule | SamplerSchedule  # a sampler's steps in run order
+Past = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # earlier (x, guided eps) pairs, newest first
 
 
 @dataclass(frozen=True)
@@ -42,12 +46,16 @@ class LoopKey:
     control_shape: tuple[int, ...]  # (B, 3, H, W), each ControlNet's
     text_shape: tuple[int, ...]  # (2B, 77, D)
     scales_shape: tuple[int, ...]  # (N, 2, 13): N ControlNets
-    timesteps: tuple[int, ...]  # run order
+    timesteps: tuple[float, ...]  # run order (integers for DDIM; Karras sigmas give fractional ones)
     scale: float  # guidance scale (1.0: the conditional prediction only)
     eta: float
     kinds: tuple[str, ...]  # per step: full | reuse_eps | reuse_control | shallow (sdcn_trt.schedule)
+    sampler: str = "ddim"  # sdcn_trt.samplers; the loop's constants are this sampler's
+    noisy: bool | None = None  # the steps take a noise draw each (None: eta > 0, as DDIM's)
 
     def __post_init__(self) -> None:
+        if self.noisy is None:
+            object.__setattr__(self, "noisy", self.eta > 0)
         if len(self.kinds) != len(self.timesteps):
             raise InputError(f"{len(self.kinds)} step kinds for {len(self.timesteps)} timesteps")
         unknown = sorted(set(self.kinds) - set(KINDS))
@@ -80,6 +88,7 @@ class StepState:
     guided: torch.Tensor | None = None  # (B, 4, h, w) the last guided noise prediction
     residuals: tuple[torch.Tensor, ...] = ()  # the last full step's scaled ControlNet residuals
     deep: torch.Tensor | None = None  # (2B, C1, h, w) the UNet's deep feature at the last UNet pass
+    past: Past = ()  # the sampler's history: earlier latents and guided predictions, newest first
 
 
 class Denoiser:
@@ -101,14 +110,15 @@ class Denoiser:
         eps_uncond, eps_cond = noise_pred.float().chunk(2)
         return eps_cond if self.scale == 1.0 else classifier_free_guidance(eps_uncond, eps_cond, self.scale)
 
-    def evaluate(self, state: StepState, kind: str, timestep: torch.Tensor) -> StepState:
-        """Run the networks `kind` calls for at `timestep` (a (1,) tensor): a new guided prediction and
-        whatever later steps may reuse. Runner outputs may be buffers the next call of the same runner
-        overwrites; kept residuals are only read before the ControlNet runs again."""
+    def evaluate(self, state: StepState, kind: str, timestep: torch.Tensor, latents: torch.Tensor) -> StepState:
+        """Run the networks `kind` calls for on `latents` (the sampler's model input of state.x) at `timestep`
+        (a (1,) tensor): a new guided prediction and whatever later steps may reuse. Runner outputs may be
+        buffers the next call of the same runner overwrites; kept residuals are only read before the
+        ControlNet runs again."""
         if kind == REUSE_EPS:
             assert state.guided is not None, "a reuse step needs an earlier full step"
             return state
-        base = {"latents": state.x, "timestep": timestep, "text_embeddings": self.text}
+        base = {"latents": latents, "timestep": timestep, "text_embeddings": self.text}
         if kind == FULL and self.unet is None:
             noise_pred = self.runners["fused_step"].infer({**base, **self.control})["noise_pred"]
             return dataclasses.replace(state, guided=self.guide(noise_pred))
@@ -128,14 +138,17 @@ class Denoiser:
         unet = self.runners[self.unet]
         names = unet.descriptor.input_names[3:]  # residual_0 .. residual_12
         out = unet.infer({**base, **dict(zip(names, residuals, strict=True))})
-        return StepState(state.x, self.guide(out["noise_pred"]), residuals, out.get("deep_feature"))
+        return StepState(state.x, self.guide(out["noise_pred"]), residuals, out.get("deep_feature"), state.past)
 
-    def step(self, state: StepState, kind: str, ddim: DdimStep, timestep: torch.Tensor,
-             noise: torch.Tensor | None) -> StepState:
-        """One DDIM step: evaluate (or reuse), guide, update x_t -> x_{t-1}."""
-        state = self.evaluate(state, kind, timestep)
+    def step(self, state: StepState, kind: str, step: "DdimStep | LinearStep | DeviceStep", timestep: torch.Tensor,
+             noise: torch.Tensor | None, history: int = 0) -> StepState:
+        """One sampler step: evaluate (or reuse) on the step's model input, guide, update x_i -> x_{i+1};
+        the sampler's `history` earlier (x, eps) pairs are carried along."""
+        state = self.evaluate(state, kind, timestep, step.model_input(state.x))
         assert state.guided is not None
-        return dataclasses.replace(state, x=ddim_update(state.x, state.guided, ddim, noise))
+        x = step.update(state.x, state.guided, state.past, noise)
+        past = ((state.x, state.guided), *state.past)[:history]
+        return dataclasses.replace(state, x=x, past=past)
 
 
 def embed_controls(hint_net: Runner, controls: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -160,7 +173,7 @@ class LoopInputs:
     text: torch.Tensor  # (2B, 77, D) [negative x B, positive x B]
     controls: tuple[torch.Tensor, ...]  # (B, 3, H, W) per ControlNet: control maps in [0, 1] (canny first)
     scales: torch.Tensor  # (N, 2, 13) control scales per ControlNet, row 0 unconditional
-    noise: torch.Tensor | None  # (S, B, 4, h, w) per-step eta noise, or None when eta == 0
+    noise: torch.Tensor | None  # (S, B, 4, h, w) per-step noise (DDIM's eta, euler_a, lcm), or None
 
 
 def _no_progress(done: int, total: int) -> None:
@@ -170,9 +183,9 @@ def _no_progress(done: int, total: int) -> None:
 class EagerLoop:
     """Hint, every step and decode, eagerly, on the image's own tensors."""
 
-    def __init__(self, key: LoopKey, schedule: DdimSchedule, runners: Mapping[str, Runner], device: torch.device):
-        if tuple(schedule.timesteps) != key.timesteps:
-            raise InputError("schedule and loop key disagree on the timesteps")
+    def __init__(self, key: LoopKey, schedule: Schedule, runners: Mapping[str, Runner], device: torch.device):
+        if tuple(schedule.timesteps) != key.timesteps or schedule.name != key.sampler:
+            raise InputError("schedule and loop key disagree on the sampler or its timesteps")
         self.key, self.schedule, self.runners, self.device = key, schedule, runners, device
 
     def denoise(self, inputs: LoopInputs, timesteps: Sequence[torch.Tensor], report: ProgressFn) -> torch.Tensor:
@@ -181,9 +194,9 @@ class EagerLoop:
         denoiser = Denoiser(self.runners, self.key.kinds, self.key.scale, inputs.text, hints, inputs.scales)
         state = StepState(inputs.latents)
         steps = self.schedule.steps
-        for i, (ddim, kind) in enumerate(zip(steps, self.key.kinds, strict=True)):
+        for i, (step, kind) in enumerate(zip(steps, self.key.kinds, strict=True)):
             noise = inputs.noise[i] if inputs.noise is not None else None
-            state = denoiser.step(state, kind, ddim, timesteps[i], noise)
+            state = denoiser.step(state, kind, step, timesteps[i], noise, self.schedule.history)
             report(i + 1, len(steps))
         return state.x
 
@@ -200,14 +213,14 @@ class EagerLoop:
 class StaticLoop(EagerLoop):
     """The same loop over buffers allocated once; `body()` reads and writes only those buffers."""
 
-    def __init__(self, key: LoopKey, schedule: DdimSchedule, runners: Mapping[str, Runner], device: torch.device):
+    def __init__(self, key: LoopKey, schedule: Schedule, runners: Mapping[str, Runner], device: torch.device):
         super().__init__(key, schedule, runners, device)
         steps = len(schedule)
         self.buffers = LoopInputs(
             latents=torch.zeros(key.latent_shape, device=device), text=torch.zeros(key.text_shape, device=device),
             controls=tuple(torch.zeros(key.control_shape, device=device) for _ in range(key.scales_shape[0])),
             scales=torch.zeros(key.scales_shape, device=device),
-            noise=torch.zeros((steps, *key.latent_shape), device=device) if key.eta > 0 else None,
+            noise=torch.zeros((steps, *key.latent_shape), device=device) if key.noisy else None,
         )
         self.timesteps = torch.tensor([[float(t)] for t in key.timesteps], device=device)  # (S, 1)
         self.output: torch.Tensor | None = None  # (B, H, W, 3) uint8, written by body()
@@ -224,7 +237,7 @@ class StaticLoop(EagerLoop):
                                  (inputs.latents, inputs.text, inputs.scales, *inputs.controls), strict=True):
             buffer.copy_(value)
         if b.noise is not None:
-            assert inputs.noise is not None, "eta > 0 needs the per-step noise"
+            assert inputs.noise is not None, "a noisy sampler needs the per-step noise"
             b.noise.copy_(inputs.noise)
 
     def replay(self) -> None:
@@ -259,7 +272,7 @@ def capture(body: Callable[[], None], device: torch.device, what: str) -> torch.
 class GraphedLoop(StaticLoop):
     """StaticLoop captured once into a CUDA graph and replayed per image."""
 
-    def __init__(self, key: LoopKey, schedule: DdimSchedule, runners: Mapping[str, Runner], device: torch.device):
+    def __init__(self, key: LoopKey, schedule: Schedule, runners: Mapping[str, Runner], device: torch.device):
         super().__init__(key, schedule, runners, device)
         self.graph = capture(self.body, device, f"the denoising loop for {key.latent_shape}")
         logger.info("captured the denoising loop (%d steps + decode) in one CUDA graph", len(schedule))
@@ -269,33 +282,58 @@ class GraphedLoop(StaticLoop):
 
 
 class DeviceStep:
-    """DdimStep's constants as device scalars, so one captured step serves every timestep."""
+    """A schedule's step constants as device scalars, so one captured step serves every timestep: DDIM's
+    (DdimStep's fields) or a table sampler's (input scale, coefficients on the history, noise)."""
 
-    FIELDS = ("sqrt_one_minus_alpha", "sqrt_alpha", "sqrt_alpha_prev", "dir_coef", "sigma")
+    DDIM_FIELDS = ("sqrt_one_minus_alpha", "sqrt_alpha", "sqrt_alpha_prev", "dir_coef", "sigma")
 
-    def __init__(self, device: torch.device):
-        for name in self.FIELDS:
-            setattr(self, name, torch.zeros((), device=device))
+    def __init__(self, schedule: Schedule, device: torch.device):
+        self.ddim = isinstance(schedule, DdimSchedule)
+        scalar = lambda: torch.zeros((), device=device)  # noqa: E731
+        if self.ddim:
+            for name in self.DDIM_FIELDS:
+                setattr(self, name, scalar())
+        else:
+            self.input_scale = scalar()
+            self.x_coefs = tuple(scalar() for _ in range(schedule.history + 1))
+            self.eps_coefs = tuple(scalar() for _ in range(schedule.history + 1))
+            self.noise_coef = scalar()
 
-    def load(self, step: DdimStep) -> None:
-        for name in self.FIELDS:
-            getattr(self, name).fill_(getattr(step, name))
+    def load(self, step: DdimStep | LinearStep) -> None:
+        if isinstance(step, DdimStep):
+            for name in self.DDIM_FIELDS:
+                getattr(self, name).fill_(getattr(step, name))
+            return
+        self.input_scale.fill_(step.input_scale)
+        self.noise_coef.fill_(step.noise_coef)
+        for buffer, value in zip((*self.x_coefs, *self.eps_coefs), (*step.x_coefs, *step.eps_coefs), strict=True):
+            buffer.fill_(value)
+
+    def model_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.ddim else x * self.input_scale
+
+    def update(self, x: torch.Tensor, eps: torch.Tensor, past: Past, noise: torch.Tensor | None) -> torch.Tensor:
+        return ddim_update(x, eps, self, noise) if self.ddim else linear_update(self, x, eps, past, noise)  # type: ignore[arg-type]
 
 
 class GraphedSteps(EagerLoop):
-    """One CUDA graph per step kind; per step: write the constants, replay. Hint and decode run eagerly."""
+    """One CUDA graph per step kind; per step: write the constants, replay. Hint and decode run eagerly.
+    A multistep sampler's history lives in buffers the captured step shifts (zeros before the first step,
+    where its coefficients are zero too). `capture_fn`: how a step is captured (tests pass a stand-in
+    that runs it eagerly, so the CPU checks the buffer logic)."""
 
-    def __init__(self, key: LoopKey, schedule: DdimSchedule, runners: Mapping[str, Runner], device: torch.device):
+    def __init__(self, key: LoopKey, schedule: Schedule, runners: Mapping[str, Runner], device: torch.device,
+                 capture_fn: Callable[[Callable[[], None], torch.device, str], Any] | None = None):
         super().__init__(key, schedule, runners, device)
-        if device.type != "cuda":
-            raise InputError("cuda_graph='step' needs device='cuda'")
         self.x = torch.zeros(key.latent_shape, device=device)
         self.guided = torch.zeros(key.latent_shape, device=device)
-        self.noise = torch.zeros(key.latent_shape, device=device) if key.eta > 0 else None
+        self.noise = torch.zeros(key.latent_shape, device=device) if key.noisy else None
         self.text = torch.zeros(key.text_shape, device=device)
         self.scales = torch.zeros(key.scales_shape, device=device)
         self.timestep = torch.zeros(1, device=device)
-        self.constants = DeviceStep(device)
+        self.constants = DeviceStep(schedule, device)
+        self.past = tuple((torch.zeros(key.latent_shape, device=device), torch.zeros(key.latent_shape, device=device))
+                          for _ in range(schedule.history))
         hint_shapes = runners["control_hint"].descriptor.shapes(key.spec)
         self.hints = {n: torch.zeros(hint_shapes[n], device=device) for n in runners["control_hint"].descriptor.output_names}
         self.residuals: tuple[torch.Tensor, ...] = ()
@@ -306,13 +344,20 @@ class GraphedSteps(EagerLoop):
                                    for n in runners["controlnet"].descriptor.output_names)
         if "unet_deep" in runners:
             self.deep = torch.zeros(runners["unet_deep"].descriptor.shapes(key.spec)["deep_feature"], device=device)
-        self.graphs = {kind: capture(lambda k=kind: self._step(k), device, f"a {kind} step for {key.latent_shape}")
+        capture_fn = capture_fn or capture
+        self.graphs = {kind: capture_fn(lambda k=kind: self._step(k), device, f"a {kind} step for {key.latent_shape}")
                        for kind in dict.fromkeys(key.kinds)}
 
     def _step(self, kind: str) -> None:
         denoiser = Denoiser(self.runners, self.key.kinds, self.key.scale, self.text, self.hints, self.scales)
-        before = StepState(self.x, self.guided, self.residuals, self.deep)
-        state = denoiser.step(before, kind, self.constants, self.timestep, self.noise)  # type: ignore[arg-type]
+        before = StepState(self.x, self.guided, self.residuals, self.deep, self.past)
+        state = denoiser.step(before, kind, self.constants, self.timestep, self.noise, len(self.past))
+        # the history first, oldest slot first (it reads the buffers the step read: self.x is still x_i)
+        for k in reversed(range(len(self.past))):
+            source = (self.x, state.guided) if k == 0 else self.past[k - 1]
+            for buffer, value in zip(self.past[k], source, strict=True):
+                assert value is not None
+                buffer.copy_(value)
         for buffer, value in zip((self.x, self.guided, self.deep, *self.residuals),
                                  (state.x, state.guided, state.deep, *state.residuals), strict=True):
             if buffer is not None and value is not None and buffer is not value:
@@ -325,11 +370,14 @@ class GraphedSteps(EagerLoop):
         self.x.copy_(inputs.latents)
         self.text.copy_(inputs.text)
         self.scales.copy_(inputs.scales)
-        for i, (ddim, kind) in enumerate(zip(self.schedule.steps, self.key.kinds, strict=True)):
-            self.timestep.fill_(float(ddim.timestep))
-            self.constants.load(ddim)
+        for pair in self.past:
+            for buffer in pair:
+                buffer.zero_()
+        for i, (step, kind) in enumerate(zip(self.schedule.steps, self.key.kinds, strict=True)):
+            self.timestep.fill_(float(step.timestep))
+            self.constants.load(step)
             if self.noise is not None:
-                assert inputs.noise is not None, "eta > 0 needs the per-step noise"
+                assert inputs.noise is not None, "a noisy sampler needs the per-step noise"
                 self.noise.copy_(inputs.noise[i])
             self.graphs[kind].replay()
             report(i + 1, len(self.schedule))
@@ -338,7 +386,7 @@ class GraphedSteps(EagerLoop):
         return pixels, {"denoise": middle - clock, "decode": time.perf_counter() - middle}
 
 
-def make_loop(mode: str, key: LoopKey, schedule: DdimSchedule, runners: Mapping[str, Runner],
+def make_loop(mode: str, key: LoopKey, schedule: Schedule, runners: Mapping[str, Runner],
               device: torch.device) -> EagerLoop:
     """The loop for a `cuda_graph` mode: off -> eager; loop -> one graph (static buffers on the CPU);
     step -> one graph per step kind (CUDA only)."""
@@ -347,5 +395,7 @@ def make_loop(mode: str, key: LoopKey, schedule: DdimSchedule, runners: Mapping[
     if mode == "loop":
         return (GraphedLoop if device.type == "cuda" else StaticLoop)(key, schedule, runners, device)
     if mode == "step":
+        if device.type != "cuda":
+            raise InputError("cuda_graph='step' needs device='cuda'")
         return GraphedSteps(key, schedule, runners, device)
     raise InputError(f"unknown cuda_graph mode {mode!r}")

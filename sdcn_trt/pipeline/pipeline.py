@@ -23,8 +23,8 @@ from sdcn_trt.models.lora import LoraMerge, apply_loras, check_strength, unmerge
 from sdcn_trt.models.presets import load_diffusers, load_preset, with_controlnets
 from sdcn_trt.pipeline.batched import (BatchItem, Prepared, broadcast, group_by_size, is_list, is_out_of_memory,
                                        photos_per_call, stack_text)
-from sdcn_trt.pipeline.loop import EagerLoop, LoopInputs, LoopKey, ProgressFn, make_loop, networks_for
-from sdcn_trt.pipeline.scheduler import DdimSchedule, make_ddim_schedule
+from sdcn_trt.pipeline.loop import EagerLoop, LoopInputs, LoopKey, ProgressFn, Schedule, make_loop, networks_for
+from sdcn_trt.pipeline.scheduler import make_schedule
 from sdcn_trt.models.tokenizer import tokenize
 
 logger = logging.getLogger(__name__)
@@ -275,20 +275,25 @@ class ControlNetPipeline:
         scales = torch.tensor(config.controlnet_scales(dims.num_controlnets, dims.num_scales), dtype=torch.float32,
                               device=device)
 
-        # 4. The schedule: DDIM steps, the kind of every step, DDIM tables
-        ddim_steps, kinds = config.step_kinds()
-        schedule = make_ddim_schedule(ddim_steps, config.eta)
+        # 4. The schedule: the sampler's steps (DDIM's tables, or a table sampler's from its diffusers scheduler,
+        # configured from the model folder's scheduler config where it has one), the kind of every step
+        steps, kinds = config.step_kinds()
+        schedule = make_schedule(config.sampler, steps, config.eta, self.components.scheduler_config)
 
-        # 5-6. Per photo, from its own generator on the CPU: latents torch.randn(S, 4, H/8, W/8), then one eta
-        # noise draw per step (the reference's order); concatenated photo after photo
+        # 5-6. Per photo, from its own generator on the CPU: latents torch.randn(S, 4, H/8, W/8), then one noise
+        # draw per step where the sampler takes one (the reference's order); concatenated photo after photo.
+        # The latents are scaled by the sampler's init_noise_sigma (1 for DDIM), as diffusers scales them
         latent_shape = (samples, dims.latent_channels, height // dims.vae_scale, width // dims.vae_scale)
-        drawn = [p.draw(latent_shape, len(schedule.steps), schedule.eta) for p in call]
+        drawn = [p.draw(latent_shape, len(schedule.steps), schedule.stochastic) for p in call]
         latents = torch.cat([d[0] for d in drawn]).to(device)  # (BS, 4, h, w)
-        noise = torch.cat([d[1] for d in drawn if d[1] is not None], dim=1).to(device) if schedule.eta > 0 else None
+        if schedule.init_noise_sigma != 1.0:
+            latents = latents * schedule.init_noise_sigma
+        noise = torch.cat([d[1] for d in drawn if d[1] is not None], dim=1).to(device) if schedule.stochastic else None
 
         # 7. Denoise and decode: eagerly, or replayed from static buffers / CUDA graphs (BackendConfig.cuda_graph)
         key = LoopKey(tuple(latents.shape), tuple(controls[0].shape), tuple(text.shape), tuple(scales.shape),
-                      tuple(schedule.timesteps), float(config.scale), float(schedule.eta), kinds)
+                      tuple(schedule.timesteps), float(config.scale), float(schedule.eta), kinds, schedule.name,
+                      schedule.stochastic)
         loop = self._loop(key, schedule)
         pixels, stage_times = loop.run(LoopInputs(latents, text, controls, scales, noise), _progress(progress))
         timings.update(stage_times)
@@ -330,7 +335,7 @@ class ControlNetPipeline:
             maps.append(ready)
         return maps
 
-    def _loop(self, key: LoopKey, schedule: DdimSchedule) -> EagerLoop:
+    def _loop(self, key: LoopKey, schedule: Schedule) -> EagerLoop:
         """The loop for `key` in the backend's graph mode, built (and captured) on first use."""
         if key not in self._loops:
             runners = {name: self.runner(name) for name in networks_for(key.kinds)}
@@ -348,7 +353,7 @@ class ControlNetPipeline:
                  image_resolution: int = GenerationConfig.image_resolution, low_threshold: int = 100,
                  high_threshold: int = 200, control_image: bool = False,
                  control_images: Sequence[np.ndarray | None] | None = None, schedule: str = "full",
-                 progress: bool | ProgressFn = False,
+                 sampler: str = "ddim", progress: bool | ProgressFn = False,
                  batch_size: int | None = None) -> PipelineOutput | list[PipelineOutput]:
         """diffusers-style call. `image` is the photo to edge-detect (or, with control_image=True,
         the edge map itself); `seed` None with no generator draws one like the reference (-1).
@@ -366,7 +371,7 @@ class ControlNetPipeline:
             guess_mode=guess_mode, strength=1.0 if several else controlnet_conditioning_scale,  # type: ignore[arg-type]
             controlnet_strengths=tuple(controlnet_conditioning_scale) if several else (),  # type: ignore[arg-type]
             scale=guidance_scale, seed=-1 if seed is None or is_list(seed) else seed,  # type: ignore[arg-type]
-            eta=eta, low_threshold=low_threshold, high_threshold=high_threshold, schedule=schedule,
+            eta=eta, low_threshold=low_threshold, high_threshold=high_threshold, schedule=schedule, sampler=sampler,
         )
         if not batched:
             return self.run(image, config, progress=progress, output_type=output_type,  # type: ignore[arg-type]

@@ -1,13 +1,16 @@
-"""DDIM exactly as ldm's `ddim_hacked` sampler: timesteps, float32 tables, and the update step."""
+"""DDIM exactly as ldm's `ddim_hacked` sampler: timesteps, float32 tables, and the update step; `make_schedule`
+picks it or a table sampler (sdcn_trt.samplers)."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
 from sdcn_trt.errors import InputError
+from sdcn_trt.samplers import SamplerSchedule, check_eta, check_sampler, sampler_schedule
 
 # The scaled-linear schedule of SD1.x (`linear_start`, `linear_end` in cldm_v15.yaml).
 NUM_TRAIN_TIMESTEPS = 1000
@@ -54,6 +57,15 @@ class DdimStep:
     sqrt_alpha_prev: float  # sqrt(a_prev), float32
     dir_coef: float  # sqrt(1 - a_prev - sigma**2), float32
 
+    def model_input(self, x: torch.Tensor) -> torch.Tensor:
+        """DDIM feeds the latents as they are."""
+        return x
+
+    def update(self, x: torch.Tensor, eps: torch.Tensor, past: tuple[tuple[torch.Tensor, torch.Tensor], ...],
+               noise: torch.Tensor | None) -> torch.Tensor:
+        """ddim_update (DDIM looks back on nothing: `past` is empty)."""
+        return ddim_update(x, eps, self, noise)
+
 
 @dataclass(frozen=True)
 class DdimSchedule:
@@ -61,9 +73,17 @@ class DdimSchedule:
 
     steps: tuple[DdimStep, ...]
     eta: float
+    name = "ddim"  # what the loop and reports call the sampler
+    init_noise_sigma = 1.0  # the start latents are torch.randn as they are
+    history = 0  # earlier (x, eps) pairs a step uses
 
     def __len__(self) -> int:
         return len(self.steps)
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether the steps take a noise draw each (eta > 0)."""
+        return self.eta > 0
 
     @property
     def timesteps(self) -> list[int]:
@@ -133,3 +153,14 @@ def ddim_update(x: torch.Tensor, eps: torch.Tensor, step: DdimStep, noise: torch
 def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
     """model_uncond + scale * (model_t - model_uncond), as p_sample_ddim combines them."""
     return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+def make_schedule(sampler: str, steps: int, eta: float = 0.0,
+                  scheduler_config: Mapping[str, Any] | None = None) -> DdimSchedule | SamplerSchedule:
+    """The steps of `sampler` at `steps` steps: ldm's DDIM (with `eta`) or a table sampler built from
+    diffusers' scheduler (configured from `scheduler_config`, a model folder's, else SD1.5's)."""
+    check_sampler(sampler)
+    if sampler == "ddim":
+        return make_ddim_schedule(steps, eta)
+    check_eta(sampler, eta)
+    return sampler_schedule(sampler, steps, scheduler_config)

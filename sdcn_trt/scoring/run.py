@@ -92,8 +92,10 @@ def reference_image(model_hash: str, reference_pipe: Any, settings: ScoreSetting
         if ref is None:
             raise InputError(f"cannot read reference image {matches[0]}")
         return ref
-    # format 2: inputs read as cv2.imread reads them (EXIF orientation applied, alpha dropped)
-    key = hash_json({"model": model_hash, "config": asdict(config), "input": hash_file(source), "format": 2})
+    # format 2: inputs read as cv2.imread reads them (EXIF orientation applied, alpha dropped). The reference
+    # is ldm's DDIM whatever sampler the scored run uses (process() takes none): the sampler is not in its key
+    settings_ = {k: v for k, v in asdict(config).items() if k != "sampler"}
+    key = hash_json({"model": model_hash, "config": settings_, "input": hash_file(source), "format": 2})
     cached = cache_root() / "references" / f"{key[:32]}.png"
     if cached.is_file():
         image_ = cv2.imread(str(cached), cv2.IMREAD_UNCHANGED)

@@ -1,0 +1,219 @@
+"""Samplers beyond DDIM: the tables against diffusers' own step loops, the loops, the choices, the refusals."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from sdcn_trt import BackendConfig, ControlNetPipeline, GenerationConfig
+from sdcn_trt.errors import InputError
+from sdcn_trt.pipeline import pipeline as pipeline_module
+from sdcn_trt.pipeline.batched import BatchItem
+from sdcn_trt.pipeline.loop import GraphedSteps
+from sdcn_trt.samplers import (SAMPLER_NAMES, SAMPLERS, make_scheduler, read_scheduler_config, sampler_schedule)
+
+from .conftest import pixel_diff
+from .lora_files import TEXT_MODULES, UNET_MODULES, kohya_state, random_factors, write
+
+TABLE_SAMPLERS = SAMPLER_NAMES[1:]  # every one but ldm's DDIM
+
+
+def fake_model(x: torch.Tensor, t: float, i: int, offsets: torch.Tensor) -> torch.Tensor:
+    """A stand-in network: depends on its input and the timestep, with a fixed random part per step."""
+    return 0.5 * torch.sin(x + t / 1000.0) + offsets[i]
+
+
+def diffusers_trajectory(name: str, steps: int, x0: torch.Tensor, offsets: torch.Tensor, noises: torch.Tensor):
+    """diffusers' scale_model_input + step loop with the fake model; its noise draws are `noises`."""
+    scheduler = make_scheduler(name)
+    scheduler.set_timesteps(steps)
+    module = sys.modules[type(scheduler).__module__]
+    draws = iter(noises)
+    original = getattr(module, "randn_tensor", None)
+    if original is not None:
+        module.randn_tensor = lambda *args, **kwargs: next(draws)
+    try:
+        x, out = x0 * scheduler.init_noise_sigma, []
+        for i, t in enumerate(scheduler.timesteps):
+            eps = fake_model(scheduler.scale_model_input(x, t), float(t), i, offsets)
+            x = scheduler.step(eps, t, x).prev_sample
+            out.append(x)
+    finally:
+        if original is not None:
+            module.randn_tensor = original
+    return out
+
+
+@pytest.mark.parametrize("name", TABLE_SAMPLERS)
+@pytest.mark.parametrize("steps", [4, 10, 20])
+def test_table_follows_diffusers_step_by_step(name, steps):
+    """fp32, every step: the table's update equals diffusers' scheduler.step within 1e-6 of the latents' scale."""
+    gen = torch.Generator().manual_seed(steps)
+    offsets = torch.randn(steps, 1, 4, 8, 8, generator=gen)
+    noises = torch.randn(steps, 1, 4, 8, 8, generator=gen)
+    x0 = torch.randn(1, 4, 8, 8, generator=gen)
+    reference = diffusers_trajectory(name, steps, x0, offsets, noises)
+    table = sampler_schedule(name, steps)
+    assert len(table) == steps == len(reference)
+    x, past = x0 * table.init_noise_sigma, ()
+    for i, step in enumerate(table.steps):
+        eps = fake_model(step.model_input(x), step.timestep, i, offsets)
+        x, past = step.update(x, eps, past, noises[i] if table.stochastic else None), ((x, eps), *past)[:table.history]
+        scale = max(1.0, reference[i].abs().max().item())
+        assert (x - reference[i]).abs().max().item() <= 1e-6 * scale, (name, steps, i)
+
+
+def test_tables_have_the_expected_structure():
+    """What the probe finds, checked against what the samplers are: first-order ones look back on
+    nothing, DPM++ 2M on one step, UniPC (predictor-corrector) on two; noise where diffusers draws it."""
+    assert {n: sampler_schedule(n, 20).history for n in TABLE_SAMPLERS} == {
+        "dpmpp_2m": 1, "dpmpp_2m_karras": 1, "unipc": 2, "euler": 0, "euler_a": 0, "lcm": 0}
+    assert [n for n in TABLE_SAMPLERS if sampler_schedule(n, 20).stochastic] == ["euler_a", "lcm"]
+    assert sampler_schedule("lcm", 4).steps[-1].noise_coef == 0.0  # LCM's last step returns its x0 estimate
+    euler = sampler_schedule("euler", 20)
+    assert euler.init_noise_sigma == pytest.approx(14.6146, abs=1e-3)
+    assert euler.steps[0].input_scale == pytest.approx(1 / (14.6146**2 + 1) ** 0.5, rel=1e-4)
+    assert any(t != int(t) for t in euler.timesteps)  # fractional timesteps, fed as they are
+    assert sampler_schedule("dpmpp_2m_karras", 20).timesteps != sampler_schedule("dpmpp_2m", 20).timesteps
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "unipc", "euler", "euler_a", "lcm"])
+def test_whole_image_matches_diffusers_pipeline(tiny, photo, name):
+    """The tiny preset through diffusers' StableDiffusionControlNetPipeline with the sampler's scheduler and
+    the same seed: within 1 uint8 level (it rounds where we truncate, as the reference does). Ancestral
+    noise matches too: both draw latents, then one draw per step, from the same CPU generator."""
+    from diffusers import StableDiffusionControlNetPipeline
+    from PIL import Image
+
+    from sdcn_trt import preprocess
+
+    config = GenerationConfig(prompt="a cat", a_prompt="", n_prompt="bad", image_resolution=64, ddim_steps=5,
+                              scale=7.5, seed=5, sampler=name)
+    ours = ControlNetPipeline(tiny).run(photo, config).images[0]
+    _, edges = preprocess.prepare(photo, 64, 100, 200)
+    reference = StableDiffusionControlNetPipeline(
+        vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer, unet=tiny.unet,
+        controlnet=tiny.controlnet, scheduler=make_scheduler(name), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    reference.set_progress_bar_config(disable=True)
+    theirs = reference("a cat", Image.fromarray(edges), num_inference_steps=5, guidance_scale=7.5, negative_prompt="bad",
+                       generator=torch.Generator().manual_seed(5), height=64, width=128, output_type="np").images[0]
+    diff = np.abs(ours.astype(float) - np.floor(theirs * 255 + 1e-4))
+    assert diff.max() <= 1.0, diff.max()
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_static_and_step_loops_equal_the_eager_loop(tiny, photo, monkeypatch, name):
+    """Bit for bit, every sampler: the static loop (what one CUDA graph captures) and the per-step loop
+    (its history buffers and device-scalar constants; captured here by a stand-in that runs the step)."""
+    config = GenerationConfig(image_resolution=64, ddim_steps=5, sampler=name, seed=3)
+    eager = ControlNetPipeline(tiny).run(photo, config).images[0]
+    static = ControlNetPipeline(tiny, BackendConfig(cuda_graph="loop")).run(photo, config).images[0]
+    assert np.array_equal(eager, static)
+
+    def per_step(mode, key, schedule, runners, device):
+        return GraphedSteps(key, schedule, runners, device,
+                            capture_fn=lambda body, device, what: SimpleNamespace(replay=body))
+
+    monkeypatch.setattr(pipeline_module, "make_loop", per_step)
+    pipe = ControlNetPipeline(tiny)
+    stepped = pipe.run(photo, config).images[0]
+    assert np.array_equal(eager, stepped)
+    assert np.array_equal(eager, pipe.run(photo, config).images[0])  # a second image: the history was reset
+
+
+def test_step_kinds_compose_with_a_multistep_sampler(tiny, photo):
+    """eps reuse hands the sampler the last prediction again; its history carries on, eager = static."""
+    config = GenerationConfig(image_resolution=64, ddim_steps=6, sampler="dpmpp_2m", schedule="eps=3")
+    eager = ControlNetPipeline(tiny).run(photo, config).images[0]
+    static = ControlNetPipeline(tiny, BackendConfig(cuda_graph="loop")).run(photo, config).images[0]
+    full = ControlNetPipeline(tiny).run(photo, config.replace(schedule="full")).images[0]
+    assert np.array_equal(eager, static)
+    assert not np.array_equal(eager, full)
+    assert config.step_kinds() == (6, ("full", "reuse_eps", "full", "reuse_eps", "full", "reuse_eps"))
+
+
+def test_ancestral_noise_is_seeded_per_image(tiny_pipe, photo):
+    """euler_a draws fresh noise every step from the image's own generator: the same seed gives the same
+    image alone or in a batch (within 1 level: batched convolutions round differently, as for DDIM),
+    another seed another image."""
+    config = GenerationConfig(image_resolution=64, ddim_steps=4, sampler="euler_a")
+    alone = [tiny_pipe.run(photo, config.replace(seed=s)).images[0] for s in (1, 2)]
+    together = tiny_pipe.run_batch([BatchItem(photo, seed=1), BatchItem(photo, seed=2)], config)
+    for single, batched in zip(alone, together, strict=True):
+        assert pixel_diff(single, batched.images[0]).max() <= 1
+    assert pixel_diff(alone[0], alone[1]).mean() > 5
+
+
+def test_the_call_takes_a_sampler(tiny_pipe, photo):
+    ddim = tiny_pipe("a cat", photo, num_inference_steps=4, image_resolution=64, seed=1).images[0]
+    unipc = tiny_pipe("a cat", photo, num_inference_steps=4, image_resolution=64, seed=1, sampler="unipc").images[0]
+    again = tiny_pipe.run(photo, GenerationConfig(prompt="a cat", a_prompt="", image_resolution=64, ddim_steps=4, seed=1,
+                                                  sampler="unipc")).images[0]
+    assert not np.array_equal(ddim, unipc)
+    assert np.array_equal(unipc, again)
+
+
+def test_lcm_with_a_merged_lora_at_guidance_one(tiny, photo, tmp_path):
+    """The LCM-LoRA route: a LoRA merged by the LoRA loader, 4 LCM steps at guidance 1 (the conditional
+    prediction only). No LCM weights exist here: this checks the mechanism, not LCM's pictures."""
+    unet = random_factors(tiny.unet, UNET_MODULES, 4, seed=1)
+    text = random_factors(tiny.text_encoder, TEXT_MODULES, 4, seed=2)
+    lora = write(kohya_state(unet, text, alpha=2.0), tmp_path / "lcm.safetensors")
+    config = GenerationConfig(image_resolution=64, ddim_steps=4, sampler="lcm", scale=1.0, seed=7)
+    plain = ControlNetPipeline(tiny).run(photo, config).images[0]
+    pipe = ControlNetPipeline(tiny, lora=[(lora, 1.0)])
+    merged = pipe.run(photo, config).images[0]
+    assert not np.array_equal(plain, merged)
+    pipe.set_lora(None)
+    assert np.array_equal(plain, pipe.run(photo, config).images[0])
+
+
+def test_bad_sampler_choices_are_refused_before_any_weights_load():
+    with pytest.raises(InputError, match="unknown sampler 'dpm'; choose one of ddim, dpmpp_2m, dpmpp_2m_karras, unipc"):
+        GenerationConfig(sampler="dpm")
+    with pytest.raises(InputError, match="eta=0.5 is DDIM's noise knob; sampler unipc has none"):
+        GenerationConfig(sampler="unipc", eta=0.5)
+    with pytest.raises(InputError, match="sampler lcm cannot run 60 steps"):
+        GenerationConfig(sampler="lcm", ddim_steps=60)
+    with pytest.raises(InputError, match=r"eps=N needs N in 1..5 \(the run has 5 steps\)"):
+        GenerationConfig(sampler="euler", ddim_steps=5, schedule="eps=6")
+    with pytest.raises(InputError, match="steps must be an integer >= 1"):
+        sampler_schedule("euler", 0)
+    with pytest.raises(InputError, match="ddim is ldm's own sampler"):
+        sampler_schedule("ddim", 20)
+    assert GenerationConfig(sampler="euler", ddim_steps=7).step_kinds() == (7, ("full",) * 7)  # DDIM runs 8
+    assert GenerationConfig(ddim_steps=7).step_kinds()[1] == ("full",) * 8
+
+
+def test_a_model_folders_scheduler_config_is_read_and_its_unknown_fields_named(tmp_path, caplog):
+    folder = tmp_path / "scheduler"
+    folder.mkdir()
+    assert read_scheduler_config(tmp_path) is None
+    shipped = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.02, "beta_schedule": "scaled_linear",
+               "num_train_timesteps": 1000, "skip_prk_steps": True, "steps_offset": 1}
+    (folder / "scheduler_config.json").write_text(json.dumps(shipped))
+    config = read_scheduler_config(tmp_path)
+    with caplog.at_level(logging.INFO, logger="sdcn_trt.samplers"):
+        table = sampler_schedule("dpmpp_2m", 10, config)
+    assert "skip_prk_steps" in caplog.text and "_class_name" not in caplog.text
+    assert table.steps[1] != sampler_schedule("dpmpp_2m", 10).steps[1]  # its beta_end was used
+    (folder / "scheduler_config.json").write_text("{not json")
+    with pytest.raises(InputError, match="cannot read the scheduler config"):
+        read_scheduler_config(tmp_path)
+    (folder / "scheduler_config.json").write_text("[1, 2]")
+    with pytest.raises(InputError, match="is not a JSON object"):
+        read_scheduler_config(tmp_path)
+
+
+def test_every_sampler_is_described():
+    from sdcn_trt.samplers import describe_samplers
+
+    lines = describe_samplers().splitlines()
+    assert [line.split()[0] for line in lines] == list(SAMPLERS)
+    assert all(len(line.split()) > 3 for line in lines)
