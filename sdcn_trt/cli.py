@@ -32,6 +32,7 @@ from sdcn_trt.models.presets import preset_names
 from sdcn_trt.images import check_output_folder
 from sdcn_trt.preprocess import check_side, load_image, read_image, resize_shape
 from sdcn_trt.progress import RunProgress
+from sdcn_trt.samplers import describe_samplers
 from sdcn_trt.schedule import SPELLINGS, load_schedule_file
 from sdcn_trt.scoring.report import summary_table
 from sdcn_trt.scoring.run import ScoreSettings, run_score
@@ -210,6 +211,11 @@ def cmd_contest_kit(args: argparse.Namespace) -> int:
 APP_PRESET = "tiny-trained"  # the web page's model when no model flag is given
 
 
+def cmd_samplers(args: argparse.Namespace) -> int:
+    print(describe_samplers())
+    return 0
+
+
 def cmd_app(args: argparse.Namespace) -> int:
     """The canny2image web page; Gradio (the [app] extra) is imported only here."""
     from sdcn_trt.app import check_launch_settings, serve
@@ -370,6 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", nargs="+", default=None, help="skimage.data names (default: four photos)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("samplers", help="list the samplers (--sampler) with a line on each",
+                       description="The samplers generate, batch, score, tune and the web page offer. ddim is the "
+                                   "original code's and the contest's; the others follow diffusers' schedulers.")
+    p.set_defaults(func=cmd_samplers)
 
     add_contest_kit_parser(sub)
     add_app_parser(sub)

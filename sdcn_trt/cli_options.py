@@ -16,6 +16,7 @@ from sdcn_trt.errors import InputError
 from sdcn_trt.models.lora import apply_loras, parse_lora_arg
 from sdcn_trt.models.presets import load_diffusers, load_preset, with_controlnets
 from sdcn_trt.pipeline.pipeline import ControlNetPipeline
+from sdcn_trt.samplers import SAMPLER_NAMES, SAMPLERS
 from sdcn_trt.schedule import load_schedule_file
 
 
@@ -76,6 +77,10 @@ def add_generation_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...
         if f.name == "controlnet_strengths":
             g.add_argument(flag, dest=f.name, type=float, nargs="+", default=(),
                            help="one strength per ControlNet, 0..2 (default: --strength for all)")
+        elif f.name == "sampler":
+            g.add_argument(flag, dest=f.name, default=f.default, choices=SAMPLER_NAMES,
+                           help="the sampler; --ddim-steps counts its steps (`sdcn-trt samplers` describes each): "
+                                + "; ".join(f"{name}: {info.description}" for name, info in SAMPLERS.items()))
         elif f.type in ("bool", bool):
             g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
         else:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -72,19 +73,29 @@ def test_onnxruntime_batch_matches_single_calls(tiny, photos, fast_config):
     _assert_match(pipe.run_batch(items, fast_config, batch_size=2), _singles(pipe, items, fast_config))
 
 
+def _per_photo(out, count: int, samples: int = 1) -> list:
+    """A list call's one output as per-photo outputs (to compare with single calls)."""
+    assert len(out.images) == count * samples and len(out.control) == len(out.seed) == count
+    return [SimpleNamespace(images=out.images[i * samples : (i + 1) * samples], control=out.control[i],
+                            seed=out.seed[i]) for i in range(count)]
+
+
 def test_call_with_lists_broadcasts_single_values(tiny_pipe, photos, fast_config):
+    """diffusers' convention: a list call returns one output whose .images holds every photo's images in
+    input order, seeds and control maps as lists beside them."""
     cat, _, rocket, _ = photos
-    outs = tiny_pipe(["a cat", "a rocket"], [cat, rocket], num_inference_steps=2, image_resolution=64, seed=[3, 4],
-                     negative_prompt="blurry")
-    singles = [tiny_pipe(p, im, num_inference_steps=2, image_resolution=64, seed=s, negative_prompt="blurry")
-               for p, im, s in (("a cat", cat, 3), ("a rocket", rocket, 4))]
-    _assert_match(outs, singles)
+    out = tiny_pipe(["a cat", "a rocket"], [cat, rocket], num_inference_steps=2, image_resolution=64, seed=[3, 4],
+                    negative_prompt="blurry", num_images_per_prompt=2)
+    singles = [tiny_pipe(p, im, num_inference_steps=2, image_resolution=64, seed=s, negative_prompt="blurry",
+                         num_images_per_prompt=2) for p, im, s in (("a cat", cat, 3), ("a rocket", rocket, 4))]
+    assert out.seed == [3, 4] and out.batch == 2 and set(out.timings) >= {"denoise", "text"}
+    _assert_match(_per_photo(out, 2, samples=2), singles)
     # one prompt for two photos, generators instead of seeds: each generator draws as in a single call
-    outs = tiny_pipe("a photo", [cat, rocket], num_inference_steps=2, image_resolution=64,
-                     generator=[torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)])
+    out = tiny_pipe("a photo", [cat, rocket], num_inference_steps=2, image_resolution=64,
+                    generator=[torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)])
     singles = [tiny_pipe("a photo", im, num_inference_steps=2, image_resolution=64,
                          generator=torch.Generator().manual_seed(s)) for im, s in ((cat, 7), (rocket, 8))]
-    _assert_match(outs, singles, seeds=False)
+    _assert_match(_per_photo(out, 2), singles, seeds=False)
 
 
 def test_batch_size_limits_calls_and_keeps_order(tiny_pipe, photos, fast_config):

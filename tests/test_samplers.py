@@ -217,3 +217,23 @@ def test_every_sampler_is_described():
     lines = describe_samplers().splitlines()
     assert [line.split()[0] for line in lines] == list(SAMPLERS)
     assert all(len(line.split()) > 3 for line in lines)
+
+
+def test_cli_lists_and_chooses_samplers(tiny_pipe, tmp_path, photo_file, capsys):
+    from sdcn_trt.batch.local import BatchSettings, run_batch
+    from sdcn_trt.cli import main
+
+    assert main(["samplers"]) == 0
+    listed = capsys.readouterr().out
+    assert [line.split()[0] for line in listed.splitlines()] == list(SAMPLERS)
+    flags = ["--image-resolution", "64", "--ddim-steps", "3", "--sampler", "dpmpp_2m_karras", "--quiet"]
+    assert main(["generate", str(photo_file.parent), "-o", str(tmp_path / "gen"), *flags]) == 0
+    config = GenerationConfig(image_resolution=64, ddim_steps=3, sampler="dpmpp_2m_karras")
+    run_batch(tiny_pipe, BatchSettings(str(photo_file.parent), str(tmp_path / "batch"), generation=config))
+    assert (tmp_path / "gen" / "cat.png").read_bytes() == (tmp_path / "batch" / "cat.png").read_bytes()
+    with pytest.raises(SystemExit):
+        main(["generate", str(photo_file), "--sampler", "heun"])
+    assert "invalid choice: 'heun'" in capsys.readouterr().err
+    assert main(["generate", str(photo_file), "--sampler", "euler", "--eta", "0.3", "-o", str(tmp_path / "o")]) == 2
+    assert "sampler euler has none" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -32,13 +32,29 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PipelineOutput:
-    """Generated images (uint8 HxWx3 RGB arrays, or PIL images), the edge map, and how long it took."""
+    """Generated images (uint8 HxWx3 RGB arrays, or PIL images), the edge map, and how long it took.
+
+    A call with lists (many photos) returns one output as diffusers does: `images` holds every photo's
+    images in input order (num_images_per_prompt per photo), `control` and `seed` are lists, one per photo."""
 
     images: list[Any]
-    control: np.ndarray  # the detected canny map, uint8 HxWx3 (0 or 255)
-    seed: int
+    control: np.ndarray | list[np.ndarray]  # the detected canny map, uint8 HxWx3 (0 or 255); a list per photo
+    seed: int | list[int]
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (of the whole call when batched)
     batch: int = 1  # photos in the network calls that made these images (run_batch)
+
+    @classmethod
+    def merge(cls, outputs: Sequence["PipelineOutput"]) -> "PipelineOutput":
+        """run_batch's per-photo outputs as one: images concatenated in order, controls and seeds as lists,
+        the seconds per stage summed over the network calls (each photo's share of its call's)."""
+        timings: dict[str, float] = {}
+        for out in outputs:
+            for stage, seconds in out.timings.items():
+                timings[stage] = timings.get(stage, 0.0) + seconds / out.batch
+        return cls(images=[image for out in outputs for image in out.images],
+                   control=[out.control for out in outputs],  # type: ignore[misc]
+                   seed=[out.seed for out in outputs], timings=timings,  # type: ignore[misc]
+                   batch=max(out.batch for out in outputs))
 
 
 def _backend_config(backend: BackendConfig | str, options: dict[str, Any]) -> BackendConfig:
@@ -354,14 +370,15 @@ class ControlNetPipeline:
                  high_threshold: int = 200, control_image: bool = False,
                  control_images: Sequence[np.ndarray | None] | None = None, schedule: str = "full",
                  sampler: str = "ddim", progress: bool | ProgressFn = False,
-                 batch_size: int | None = None) -> PipelineOutput | list[PipelineOutput]:
+                 batch_size: int | None = None) -> PipelineOutput:
         """diffusers-style call. `image` is the photo to edge-detect (or, with control_image=True,
         the edge map itself); `seed` None with no generator draws one like the reference (-1).
         With several ControlNets: `control_images` (one per ControlNet, None = the photo's edge map)
         and one `controlnet_conditioning_scale` per ControlNet, or one for all.
         Many photos: a list of images, prompts, negative prompts, seeds or generators (lists of one
-        length, single values used for every photo) returns one PipelineOutput per photo, computed
-        as `run_batch` does: up to `batch_size` photos of one size per network call."""
+        length, single values used for every photo) returns one PipelineOutput holding every photo's
+        images in input order, with lists of their seeds and control maps (as diffusers returns lists),
+        computed as `run_batch` does: up to `batch_size` photos of one size per network call."""
         several = not isinstance(controlnet_conditioning_scale, (int, float))
         batched = any(is_list(v) for v in (prompt, image, negative_prompt, seed, generator))
         config = GenerationConfig(
@@ -380,8 +397,9 @@ class ControlNetPipeline:
         rows = broadcast(image=image, prompt=prompt, negative_prompt=negative_prompt, seed=seed, generator=generator)
         items = [BatchItem(row["image"], prompt=row["prompt"], n_prompt=row["negative_prompt"], seed=row["seed"],
                            generator=row["generator"]) for row in rows]
-        return self.run_batch(items, config, batch_size=batch_size, progress=progress, output_type=output_type,
-                              control_image=control_image, control_images=control_images)
+        return PipelineOutput.merge(self.run_batch(items, config, batch_size=batch_size, progress=progress,
+                                                   output_type=output_type, control_image=control_image,
+                                                   control_images=control_images))
 
     def process(self, input_image: np.ndarray, prompt: str, a_prompt: str, n_prompt: str, num_samples: int,
                 image_resolution: int, ddim_steps: int, guess_mode: bool, strength: float, scale: float, seed: int,
