@@ -29,6 +29,7 @@ from sdcn_trt.config import BACKENDS, PRECISIONS, GenerationConfig
 from sdcn_trt.engines import backend_available
 from sdcn_trt.errors import InputError, SdcnError
 from sdcn_trt.pipeline.pipeline import ControlNetPipeline, PipelineOutput
+from sdcn_trt.samplers import SAMPLER_NAMES
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when Gradio is imported: no telemetry calls
 try:
@@ -181,7 +182,7 @@ class AppState:
                 out = pipe.run(image, config, progress=step)
             seconds = time.perf_counter() - clock
             self.used.add((backend, precision))
-        label = f"{backend} {precision} on {pipe.backend.device}, schedule {config.schedule}"
+        label = f"{backend} {precision} on {pipe.backend.device}, schedule {config.schedule}, sampler {config.sampler}"
         return RunResult([255 - out.control] + list(out.images), out, seconds, label, first_run)
 
     def write_pngs(self, gallery: list[np.ndarray], seed: int) -> list[str]:
@@ -224,7 +225,7 @@ def _whole(name: str, value: Any) -> int:
 
 def make_config(prompt: str, a_prompt: str, n_prompt: str, num_samples: Any, image_resolution: Any, ddim_steps: Any,
                 guess_mode: bool, strength: float, scale: float, seed: Any, eta: float, low_threshold: Any,
-                high_threshold: Any, schedule: str) -> GenerationConfig:
+                high_threshold: Any, schedule: str, sampler: str = "ddim") -> GenerationConfig:
     """The page's values (in the original process() order) as a validated GenerationConfig."""
     if eta is None:
         raise InputError("eta is empty; give a number >= 0 (0 is the reference's DDIM)")
@@ -234,17 +235,18 @@ def make_config(prompt: str, a_prompt: str, n_prompt: str, num_samples: Any, ima
         ddim_steps=_whole("steps", ddim_steps), guess_mode=bool(guess_mode), strength=float(strength),
         scale=float(scale), seed=_whole("seed", seed), eta=float(eta),
         low_threshold=_whole("canny low threshold", low_threshold),
-        high_threshold=_whole("canny high threshold", high_threshold), schedule=(schedule or "full").strip())
+        high_threshold=_whole("canny high threshold", high_threshold), schedule=(schedule or "full").strip(),
+        sampler=sampler or "ddim")
 
 
 def make_callback(state: AppState) -> Callable[..., Any]:
     """The Run button's callback: the original process() arguments, then backend, precision,
-    schedule; returns (gallery, seed used, timings, PNG files). Errors become messages in the page."""
+    schedule, sampler; returns (gallery, seed used, timings, PNG files). Errors become messages in the page."""
 
     async def process(input_image: np.ndarray | None, prompt: str, a_prompt: str, n_prompt: str, num_samples: Any,
                       image_resolution: Any, ddim_steps: Any, guess_mode: bool, strength: float, scale: float,
                       seed: Any, eta: float, low_threshold: Any, high_threshold: Any, backend: str, precision: str,
-                      schedule: str, progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
+                      schedule: str, sampler: str = "ddim", progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
         cancel = threading.Event()
         try:
             if input_image is None:
@@ -256,7 +258,7 @@ def make_callback(state: AppState) -> Callable[..., Any]:
             if not ok:
                 raise InputError(f"backend {backend!r} is unavailable here: {why}")
             config = make_config(prompt, a_prompt, n_prompt, num_samples, image_resolution, ddim_steps, guess_mode,
-                                 strength, scale, seed, eta, low_threshold, high_threshold, schedule)
+                                 strength, scale, seed, eta, low_threshold, high_threshold, schedule, sampler)
             result = await asyncio.to_thread(
                 state.generate, input_image, config, backend, precision,
                 lambda done, total: progress((done, total), desc="denoising", unit="steps"),
@@ -306,7 +308,10 @@ def build_app(pipe: ControlNetPipeline) -> gr.Blocks:
                     low_threshold = gr.Slider(label="Canny low threshold", minimum=1, maximum=255, value=100, step=1)
                     high_threshold = gr.Slider(label="Canny high threshold", minimum=1, maximum=255, value=200,
                                                step=1)
-                    ddim_steps = gr.Slider(label="Steps", minimum=1, maximum=100, value=20, step=1)
+                    with gr.Row():
+                        ddim_steps = gr.Slider(label="Steps", minimum=1, maximum=100, value=20, step=1, scale=3)
+                        sampler = gr.Dropdown(list(SAMPLER_NAMES), value="ddim", label="Sampler", scale=1,
+                                              info="ddim = the reference; unipc at 10, lcm at 4 (LCM-LoRA)")
                     scale = gr.Slider(label="Guidance Scale", minimum=0.1, maximum=30.0, value=9.0, step=0.1)
                     # the original drew a random initial value on every page load (randomize=True), which
                     # overwrote a seed typed while the page was still loading; -1 draws one per run instead,
@@ -329,7 +334,7 @@ def build_app(pipe: ControlNetPipeline) -> gr.Blocks:
                 timings = gr.Markdown(elem_id="timings")
                 files = gr.File(label="Download (PNG)", file_count="multiple", interactive=False)
         inputs = [input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution, ddim_steps, guess_mode,
-                  strength, scale, seed, eta, low_threshold, high_threshold, backend, precision, schedule]
+                  strength, scale, seed, eta, low_threshold, high_threshold, backend, precision, schedule, sampler]
         run_event = run_button.click(make_callback(state), inputs=inputs, outputs=[gallery, seed_used, timings, files],
                                      api_name="process", concurrency_limit=1, concurrency_id="device")
         stop_button.click(None, cancels=[run_event])

@@ -31,7 +31,7 @@ ORIGINAL_SLIDERS = {
 }
 INPUT_LABELS = ["Image", "Prompt", "Added Prompt", "Negative Prompt", "Images", "Image Resolution", "Steps",
                 "Guess Mode", "Control Strength", "Guidance Scale", "Seed (-1: random)", "eta (DDIM)",
-                "Canny low threshold", "Canny high threshold", "Backend", "Precision", "Schedule"]
+                "Canny low threshold", "Canny high threshold", "Backend", "Precision", "Schedule", "Sampler"]
 # the original process() arguments after the image: prompt .. high_threshold (resolution 64, 2 steps: fast)
 ARGS = ("a cat", "best quality", "lowres", 2, 64, 2, False, 1.0, 9.0, 123, 0.0, 100, 200)
 
@@ -46,8 +46,8 @@ def state(tiny_pipe):
     return AppState(tiny_pipe)
 
 
-def call(state, image, *args, backend="torch", precision="fp32", schedule="full"):
-    return asyncio.run(make_callback(state)(image, *args, backend, precision, schedule))
+def call(state, image, *args, backend="torch", precision="fp32", schedule="full", sampler="ddim"):
+    return asyncio.run(make_callback(state)(image, *args, backend, precision, schedule, sampler))
 
 
 def test_the_page_has_the_original_controls_in_process_order(page):
@@ -86,6 +86,13 @@ def test_seed_minus_one_draws_one_and_shows_it(tiny_pipe, state, photo):
     np.testing.assert_array_equal(gallery[1], tiny_pipe.process(photo, *args)[1])
 
 
+def test_the_sampler_dropdown_runs_that_sampler(tiny_pipe, state, photo):
+    gallery, _, timings, _ = call(state, photo, *ARGS, sampler="dpmpp_2m")
+    assert "sampler dpmpp_2m" in timings
+    config = GenerationConfig(*ARGS, sampler="dpmpp_2m")
+    np.testing.assert_array_equal(gallery[1], tiny_pipe.run(photo, config).images[0])
+
+
 def test_another_backend_and_schedule_run_on_the_same_weights(tiny_pipe, state, photo):
     gallery, _, timings, _ = call(state, photo, *ARGS, precision="fp16", schedule="steps=1")
     assert "torch fp16 on cpu, schedule steps=1" in timings
@@ -101,14 +108,18 @@ def test_another_backend_and_schedule_run_on_the_same_weights(tiny_pipe, state, 
     ({"backend": "tensorrt"}, "backend 'tensorrt' is unavailable here"),
     ({"backend": "nope"}, "unknown backend 'nope'"),
     ({"schedule": "eps=99"}, "eps"),
+    ({"sampler": "heun"}, "unknown sampler 'heun'; choose one of ddim"),
+    ({"sampler": "unipc", "eta": 0.5}, "sampler unipc has none"),
 ])
 def test_bad_inputs_are_messages_in_the_page(state, photo, change, message):
     args = list(ARGS)
     args[5] = change.get("steps", args[5])
+    args[10] = change.get("eta", args[10])
     args[11] = change.get("low", args[11])
     image = change.get("image", photo)
     with pytest.raises(gr.Error, match=message):
-        call(state, image, *args, backend=change.get("backend", "torch"), schedule=change.get("schedule", "full"))
+        call(state, image, *args, backend=change.get("backend", "torch"), schedule=change.get("schedule", "full"),
+             sampler=change.get("sampler", "ddim"))
 
 
 def test_an_internal_error_is_logged_and_shown_without_a_traceback(state, photo, monkeypatch, caplog):

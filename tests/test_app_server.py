@@ -56,7 +56,7 @@ def predict(client, image, *args, steps=None):
     if steps is not None:
         args[5] = steps
     upload = client_lib.handle_file(str(image)) if image is not None else None
-    return client.submit(upload, *args, "torch", "fp32", "full", api_name="/process")
+    return client.submit(upload, *args, "torch", "fp32", "full", "ddim", api_name="/process")
 
 
 def gallery_arrays(gallery) -> list[np.ndarray]:
