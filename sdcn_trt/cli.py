@@ -32,7 +32,7 @@ from sdcn_trt.models.presets import preset_names
 from sdcn_trt.images import check_output_folder
 from sdcn_trt.preprocess import check_side, load_image, read_image, resize_shape
 from sdcn_trt.progress import RunProgress
-from sdcn_trt.samplers import describe_samplers
+from sdcn_trt.samplers import SAMPLER_NAMES, describe_samplers
 from sdcn_trt.schedule import SPELLINGS, load_schedule_file
 from sdcn_trt.scoring.report import summary_table
 from sdcn_trt.scoring.run import ScoreSettings, run_score
@@ -154,7 +154,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     candidates = tuple(args.candidates or ()) + tuple(load_schedule_file(f) for f in args.schedule_file)
-    settings = TuneSettings(inputs=args.inputs, output=args.output, candidates=candidates, greedy=not args.no_greedy,
+    settings = TuneSettings(inputs=args.inputs, output=args.output, candidates=candidates,
+                            samplers=tuple(args.samplers or ()), greedy=not args.no_greedy,
                             greedy_kinds=tuple(args.greedy_kinds), greedy_budget=args.greedy_budget,
                             max_pd=args.max_pd, min_ssim=args.min_ssim, fid_weights=args.fid_weights,
                             random_fid=args.random_fid, warmup=args.warmup, generation=generation_config(args))
@@ -334,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", nargs="+", help="schedules to measure (default: full, steps=N/2, eps/control/"
                                                    "deepcache families)")
     p.add_argument("--schedule-file", action="append", default=[], help="also measure this JSON schedule")
+    p.add_argument("--samplers", nargs="+", choices=SAMPLER_NAMES,
+                   help="measure every candidate with each of these samplers (default: --sampler's); the "
+                        "reference stays DDIM's full schedule")
     p.add_argument("--no-greedy", action="store_true", help="skip the greedy search after the candidates")
     p.add_argument("--greedy-kinds", nargs="+", default=["reuse_eps", "reuse_control"],
                    help="what a dropped full step may become: reuse_eps reuse_control shallow")

@@ -17,7 +17,7 @@ from sdcn_trt.models.lora import apply_loras, parse_lora_arg
 from sdcn_trt.models.presets import load_diffusers, load_preset, with_controlnets
 from sdcn_trt.pipeline.pipeline import ControlNetPipeline
 from sdcn_trt.samplers import SAMPLER_NAMES, SAMPLERS
-from sdcn_trt.schedule import load_schedule_file
+from sdcn_trt.schedule import load_schedule_file, schedule_file_sampler
 
 
 # -- shared option groups ------------------------------------------------------------------------
@@ -87,7 +87,8 @@ def add_generation_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...
             kind = {"int": int, "float": float, "str": str}[str(f.type)]
             g.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f"default: {f.default!r}")
     if "schedule" not in exclude:
-        g.add_argument("--schedule-file", help="JSON schedule (as `sdcn-trt tune` writes it); overrides --schedule")
+        g.add_argument("--schedule-file", help="JSON schedule (as `sdcn-trt tune` writes it); overrides --schedule, "
+                                               "and sets the sampler it names unless --sampler names another")
 
 
 def add_shape_args(parser: argparse.ArgumentParser, what: str) -> None:
@@ -100,6 +101,12 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationConfig) if hasattr(args, f.name)}
     if getattr(args, "schedule_file", None):
         fields["schedule"] = load_schedule_file(args.schedule_file)
+        tuned = schedule_file_sampler(args.schedule_file)
+        if tuned is not None and fields.get("sampler", "ddim") not in ("ddim", tuned):
+            raise InputError(f"--sampler {fields['sampler']} and the schedule file's sampler {tuned} disagree "
+                             f"({args.schedule_file}); drop --sampler to use the file's, or edit the file")
+        if tuned is not None:
+            fields["sampler"] = tuned
     return GenerationConfig(**fields)
 
 

@@ -171,6 +171,13 @@ def kinds_spelling(kinds: tuple[str, ...] | list[str]) -> str:
     return "kinds=" + "".join(letters[k] for k in kinds)
 
 
+def schedule_file_sampler(path: str | Path) -> str | None:
+    """The sampler a schedule file names (`sdcn-trt tune` writes the one it measured), None where it names none."""
+    data = json.loads(Path(path).read_text())  # after load_schedule_file: readable JSON
+    sampler = data.get("sampler") if isinstance(data, dict) else None
+    return sampler if isinstance(sampler, str) else None
+
+
 def load_schedule_file(path: str | Path) -> str:
     """The schedule spelling held in a JSON file (as `sdcn-trt tune` writes it)."""
     path = Path(path)

@@ -107,3 +107,34 @@ def test_tune_command_writes_a_schedule_file_generate_accepts(photos, tmp_path, 
     rc = main(["generate", str(photos / "cat.png"), "-o", str(tmp_path / "gen"), "-q", "--image-resolution", "64",
                "--ddim-steps", "4", "--schedule-file", str(out / "best_schedule.json")])
     assert rc == 0 and list((tmp_path / "gen").glob("*.png"))
+
+
+def test_tune_searches_samplers_and_the_schedule_file_carries_the_sampler(photos, tmp_path, capsys):
+    """Sampler x schedule: every candidate with each sampler, against the one DDIM reference; the best's
+    sampler goes into best_schedule.json and generate takes it from there (the same bytes as --sampler)."""
+    out = tmp_path / "samplers"
+    rc = main(["tune", str(photos), "-o", str(out), "--candidates", "full", "eps=2", "--samplers", "ddim", "unipc",
+               "--no-greedy", "-q", "--image-resolution", "64", "--ddim-steps", "4", "--warmup", "0", "--min-ssim", "0.01"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    summary = json.loads((out / "tune.json").read_text())
+    pairs = [(r["sampler"], r["schedule"]) for r in summary["candidates"]]
+    assert pairs == [("ddim", "full"), ("ddim", "eps=2"), ("unipc", "full"), ("unipc", "eps=2")]
+    by = {pair: r for pair, r in zip(pairs, summary["candidates"], strict=True)}
+    assert by[("ddim", "full")]["max_abs_diff"] == 0 and by[("unipc", "full")]["max_abs_diff"] > 0  # DDIM reference
+    assert "unipc" in printed and "sampler" in (out / "report.html").read_text()
+    best = json.loads((out / "best_schedule.json").read_text())
+    assert best["sampler"] == summary["best"]["sampler"]
+    best["sampler"], best["schedule"] = "unipc", "eps=2"
+    (out / "pick.json").write_text(json.dumps(best))
+    common = [str(photos / "cat.png"), "-q", "--image-resolution", "64", "--ddim-steps", "4"]
+    assert main(["generate", *common, "-o", str(tmp_path / "a"), "--schedule-file", str(out / "pick.json")]) == 0
+    assert main(["generate", *common, "-o", str(tmp_path / "b"), "--schedule", "eps=2", "--sampler", "unipc"]) == 0
+    assert (tmp_path / "a" / "cat.png").read_bytes() == (tmp_path / "b" / "cat.png").read_bytes()
+    assert main(["generate", *common, "-o", str(tmp_path / "c"), "--schedule-file", str(out / "pick.json"),
+                 "--sampler", "euler"]) == 2
+    assert "--sampler euler and the schedule file's sampler unipc disagree" in capsys.readouterr().err
+    with pytest.raises(InputError, match="unknown sampler 'nope'"):
+        TuneSettings(samplers=("nope",))
+    with pytest.raises(InputError, match="sampler lcm cannot run 60 steps"):
+        TuneSettings(samplers=("lcm",), generation=GenerationConfig(ddim_steps=60))

@@ -26,6 +26,7 @@ from sdcn_trt.config import BackendConfig, GenerationConfig
 from sdcn_trt.errors import InputError, WeightsError
 from sdcn_trt.images import read_contest_image, write_contest_image
 from sdcn_trt.pipeline.pipeline import ControlNetPipeline
+from sdcn_trt.samplers import check_sampler
 from sdcn_trt.schedule import (
     FULL,
     REUSE_CONTROL,
@@ -61,6 +62,7 @@ class TuneSettings:
     inputs: str | None = None  # folder of photos; None: scikit-image's sample photos
     output: str = "sdcn_tune"  # results folder (also the resumable cache of measured candidates)
     candidates: tuple[str, ...] = ()  # schedule spellings to measure; () = full, steps=10 and the families
+    samplers: tuple[str, ...] = ()  # samplers to measure each candidate with; () = the generation's sampler
     greedy: bool = True  # then drop network evaluations one step at a time while the quality holds
     greedy_kinds: tuple[str, ...] = (REUSE_EPS, REUSE_CONTROL)  # what a dropped full step becomes
     greedy_budget: int = 40  # at most this many greedy candidates
@@ -73,6 +75,9 @@ class TuneSettings:
 
     def __post_init__(self) -> None:
         self.candidates = tuple(parse_schedule(c).spec for c in self.candidates)
+        self.samplers = tuple(dict.fromkeys(check_sampler(s) for s in self.samplers))
+        for sampler in self.samplers:  # eta, step counts: refused now, before any weights load
+            self.generation.replace(sampler=sampler)
         unknown = [k for k in self.greedy_kinds if k not in (REUSE_EPS, REUSE_CONTROL, SHALLOW)]
         if unknown:
             raise InputError(f"greedy_kinds {unknown} are not step kinds a full step can become; "
@@ -121,7 +126,7 @@ class Tuner:
         weights = weights_hash(components)
         reference_pipe = ControlNetPipeline(components, BackendConfig(device=backend.device,
                                                                       cache_dir=backend.cache_dir))
-        full = settings.generation.replace(schedule=FULL)
+        full = settings.generation.replace(schedule=FULL, sampler="ddim")  # the reference: ldm's DDIM, every step
         self.references = []
         for source, image in zip(self.sources, self.images, strict=True):
             ref = reference_image(weights, reference_pipe, score, source, image, full)
@@ -138,15 +143,17 @@ class Tuner:
                 except (ValueError, KeyError, TypeError):
                     continue  # a line cut short by a kill
 
-    def _key(self, spec: str) -> str:
-        return hash_json({**self.key_base, "schedule": spec})[:24]
+    def _key(self, spec: str, sampler: str) -> str:
+        return hash_json({**self.key_base, "schedule": spec, "sampler": sampler})[:24]
 
-    def measure(self, spec: str) -> dict[str, Any]:
-        """Latency and quality of one schedule over every photo (from the cache when measured before)."""
-        key = self._key(spec)
+    def measure(self, spec: str, sampler: str | None = None) -> dict[str, Any]:
+        """Latency and quality of one schedule with one sampler (None: the generation's) over every photo
+        (from the cache when measured before)."""
+        sampler = sampler or self.settings.generation.sampler
+        key = self._key(spec, sampler)
         if key in self.measured:
             return self.measured[key]
-        config = self.settings.generation.replace(schedule=spec)
+        config = self.settings.generation.replace(schedule=spec, sampler=sampler)
         for _ in range(self.settings.warmup):
             self.pipe.run(self.images[0], config)
         latencies, rows = [], []
@@ -160,7 +167,8 @@ class Tuner:
             latencies.append(ms)
             rows.append(metrics)
         _, kinds = config.step_kinds()
-        record = {"key": key, "schedule": spec, "latency_ms": summarize(latencies), "evaluations": evaluations(kinds),
+        record = {"key": key, "schedule": spec, "sampler": sampler, "latency_ms": summarize(latencies),
+                  "evaluations": evaluations(kinds),
                   **{m: float(np.mean([r[m] for r in rows])) for m in rows[0] if m != "max_abs_diff"},
                   "max_abs_diff": int(max(r["max_abs_diff"] for r in rows))}
         record["objective"] = self.objective(record)
@@ -180,9 +188,10 @@ class Tuner:
             return contest_score(record["pd"], record["latency_ms"]["mean"])
         return -record["latency_ms"]["mean"] if self.within_bound(record) else float("-inf")
 
-    def greedy(self, start: tuple[str, ...], steps: int, report: Callable[[], None]) -> list[dict[str, Any]]:
-        """From `start`, turn one full step at a time into a cheaper kind: each round takes the change
-        with the best objective among those within the quality bound; stops when none is."""
+    def greedy(self, start: tuple[str, ...], steps: int, report: Callable[[], None],
+               sampler: str | None = None) -> list[dict[str, Any]]:
+        """From `start` (with `sampler`), turn one full step at a time into a cheaper kind: each round takes
+        the change with the best objective among those within the quality bound; stops when none is."""
         kinds, tried = list(start), []
         prefix = f"steps={steps}+"
         while len(tried) < self.settings.greedy_budget:
@@ -194,7 +203,7 @@ class Tuner:
                 if len(tried) >= self.settings.greedy_budget:
                     break
                 candidate = kinds[:i] + [kind] + kinds[i + 1:]
-                record = self.measure(prefix + kinds_spelling(candidate))
+                record = self.measure(prefix + kinds_spelling(candidate), sampler)
                 tried.append(record)
                 report()
                 if self.within_bound(record) and (best is None or record["objective"] > best[1]["objective"]):
@@ -225,19 +234,21 @@ def tune(components: Components, backend: BackendConfig, settings: TuneSettings,
     tuner = Tuner(components, backend, settings)
     steps = settings.generation.ddim_steps
     candidates = list(settings.candidates) or default_candidates(steps)
-    total = len(candidates) + (settings.greedy_budget if settings.greedy else 0)
+    samplers = settings.samplers or (settings.generation.sampler,)
+    total = len(candidates) * len(samplers) + (settings.greedy_budget if settings.greedy else 0)
     bar = tqdm(total=total, desc="tune", unit="schedule", disable=not progress)
     records = []
-    for spec in candidates:
-        bar.set_postfix_str(spec)
-        records.append(tuner.measure(spec))
-        bar.update(1)
+    for sampler in samplers:
+        for spec in candidates:
+            bar.set_postfix_str(f"{sampler} {spec}")
+            records.append(tuner.measure(spec, sampler))
+            bar.update(1)
     if settings.greedy:
         ok = [r for r in records if tuner.within_bound(r)] or records
         start = max(ok, key=lambda r: r["objective"])
-        start_kinds = settings.generation.replace(schedule=start["schedule"]).step_kinds()[1]
-        start_steps = settings.generation.replace(schedule=start["schedule"]).step_kinds()[0]
-        records += tuner.greedy(start_kinds, start_steps, lambda: bar.update(1))
+        start_steps, start_kinds = settings.generation.replace(schedule=start["schedule"],
+                                                               sampler=start["sampler"]).step_kinds()
+        records += tuner.greedy(start_kinds, start_steps, lambda: bar.update(1), start["sampler"])
     bar.close()
     quality = "pd" if tuner.scorer is not None else "ssim"
     best = max(records, key=lambda r: r["objective"])
@@ -247,8 +258,8 @@ def tune(components: Components, backend: BackendConfig, settings: TuneSettings,
                "backend": asdict(backend), "generation": asdict(settings.generation)}
     out = tuner.out
     (out / "tune.json").write_text(json.dumps(summary, indent=1))
-    (out / "best_schedule.json").write_text(json.dumps({"schedule": best["schedule"], "measured": best,
-                                                         "quality": quality}, indent=1))
+    (out / "best_schedule.json").write_text(json.dumps({"schedule": best["schedule"], "sampler": best["sampler"],
+                                                         "measured": best, "quality": quality}, indent=1))
     write_tune_report(out, summary)
     return summary
 
@@ -256,9 +267,10 @@ def tune(components: Components, backend: BackendConfig, settings: TuneSettings,
 def frontier_table(summary: dict[str, Any]) -> str:
     """The frontier as plain text for the terminal."""
     q = summary["quality"]
-    lines = [f"{'schedule':<40} {'mean ms':>9} {q:>7} {'PSNR':>6} {'ControlNet':>10} {'UNet':>5} {'shallow':>7}"]
+    lines = [f"{'sampler':<16} {'schedule':<40} {'mean ms':>9} {q:>7} {'PSNR':>6} {'ControlNet':>10} {'UNet':>5} "
+             f"{'shallow':>7}"]
     for r in summary["frontier"]:
         e = r["evaluations"]
-        lines.append(f"{r['schedule']:<40} {r['latency_ms']['mean']:>9.1f} {r[q]:>7.3f} {r['psnr']:>6.1f} "
+        lines.append(f"{r['sampler']:<16} {r['schedule']:<40} {r['latency_ms']['mean']:>9.1f} {r[q]:>7.3f} {r['psnr']:>6.1f} "
                      f"{e['controlnet']:>10} {e['unet']:>5} {e['shallow']:>7}")
     return "\n".join(lines)

@@ -20,14 +20,14 @@ td.l{text-align:left} tr.front td{background:#eef7ee} tr.best td{background:#cfe
 {% if quality == "ssim" %}<p class="warn">No FID Inception weights: quality is SSIM/PSNR/|diff|, not PD, and the best schedule is the
 fastest with mean SSIM &ge; {{ bound.ssim }} (give --fid-weights to choose by the contest score).</p>
 {% else %}<p>PD with FID weights {{ fid_weights }}; best = highest contest score; greedy bound: mean PD &le; {{ bound.pd }}.</p>{% endif %}
-<p>Best: <b>{{ best.schedule }}</b> — {{ "%.1f"|format(best.latency_ms.mean) }} ms/image, {{ quality }} {{ "%.3f"|format(best[quality]) }}.
+<p>Best: <b>{{ best.schedule }}</b> with sampler <b>{{ best.sampler }}</b> — {{ "%.1f"|format(best.latency_ms.mean) }} ms/image, {{ quality }} {{ "%.3f"|format(best[quality]) }}.
 Use it with <code>--schedule-file best_schedule.json</code>.</p>
 <img src="{{ plot }}" alt="latency against quality">
 <h2>Candidates ({{ candidates|length }}; frontier shaded)</h2>
-<table><tr><th>schedule</th><th>mean ms</th><th>p90 ms</th>{% if quality == "pd" %}<th>PD</th><th>score</th>{% endif %}
+<table><tr><th>sampler</th><th>schedule</th><th>mean ms</th><th>p90 ms</th>{% if quality == "pd" %}<th>PD</th><th>score</th>{% endif %}
 <th>SSIM</th><th>PSNR</th><th>mean |diff|</th><th>max |diff|</th><th>ControlNet</th><th>UNet</th><th>shallow</th></tr>
 {% for r in candidates %}<tr class="{{ 'best' if r.key == best.key else ('front' if r.key in frontier_keys else '') }}">
-<td class="l">{{ r.schedule }}</td><td>{{ "%.1f"|format(r.latency_ms.mean) }}</td><td>{{ "%.1f"|format(r.latency_ms.p90) }}</td>
+<td class="l">{{ r.sampler }}</td><td class="l">{{ r.schedule }}</td><td>{{ "%.1f"|format(r.latency_ms.mean) }}</td><td>{{ "%.1f"|format(r.latency_ms.p90) }}</td>
 {% if quality == "pd" %}<td>{{ "%.3f"|format(r.pd) }}</td><td>{{ "%.0f"|format(r.objective) }}</td>{% endif %}
 <td>{{ "%.4f"|format(r.ssim) }}</td><td>{{ fmt(r.psnr) }}</td><td>{{ "%.3f"|format(r.mean_abs_diff) }}</td><td>{{ r.max_abs_diff }}</td>
 <td>{{ r.evaluations.controlnet }}</td><td>{{ r.evaluations.unet }}</td><td>{{ r.evaluations.shallow }}</td></tr>
@@ -50,7 +50,7 @@ def _plot(summary: dict[str, Any]) -> str:
     best = summary["best"]
     ax.scatter([best["latency_ms"]["mean"]], [best[q]], s=80, marker="*", color="#c30", label="best", zorder=3)
     for r in front:
-        ax.annotate(r["schedule"][:28], (r["latency_ms"]["mean"], r[q]), fontsize=7, xytext=(4, 3),
+        ax.annotate(f"{r['sampler']} {r['schedule']}"[:28], (r["latency_ms"]["mean"], r[q]), fontsize=7, xytext=(4, 3),
                     textcoords="offset points")
     ax.set_xlabel("mean latency per image (ms)")
     ax.set_ylabel("mean PD (lower is better)" if q == "pd" else "mean SSIM (higher is better)")
