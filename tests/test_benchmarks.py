@@ -473,3 +473,35 @@ def test_sdpa_benchmark_refuses_an_image_size_whose_latents_do_not_halve(capsys)
     with pytest.raises(SystemExit) as exc:
         main(["--device", "cpu", "--height", "100", "--width", "64"])
     assert exc.value.code == 2 and "multiples of 64" in capsys.readouterr().err
+
+
+def test_sampler_table_scores_each_sampler_against_the_converged_reference(tmp_path):
+    """benchmarks.samplers on the tiny-trained preset, small: every (sampler, steps) row is scored against
+    the reference sampler's many-step image; the reference's own sampler converges towards it with steps;
+    the table, the plot and the half-steps line are written."""
+    from benchmarks.samplers import main as samplers_main
+
+    assert samplers_main(["--images", "1", "--steps", "2", "10", "--samplers", "ddim", "dpmpp_2m", "euler_a",
+                          "--resolution", "64", "--reference-steps", "30", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "samplers-tiny-trained-cpu.json").read_text())
+    by = {(r["sampler"], r["steps"]): r for r in report["rows"]}
+    assert set(by) == {(s, n) for s in ("ddim", "dpmpp_2m", "euler_a") for n in (2, 10)} | {("ddim", 30)}
+    assert report["reference"] == ["dpmpp_2m", 30]
+    assert by[("dpmpp_2m", 10)]["ssim"] > by[("dpmpp_2m", 2)]["ssim"]  # closer to its own 30-step picture
+    assert all(0 <= r["edge_f1"] <= 1 and r["seconds"] > 0 for r in by.values())
+    table = (tmp_path / "samplers-tiny-trained-cpu.md").read_text()
+    assert "| euler_a (stochastic) |" in table and "Floor (ddim at 30 steps against it): SSIM" in table
+    assert "Half the steps: not measured (needs ddim at 20" in table
+    assert (tmp_path / "samplers-tiny-trained-cpu.png").stat().st_size > 10_000
+
+
+def test_sampler_table_half_steps_line_names_what_reaches_ddim_at_20():
+    from benchmarks.samplers import half_steps_line
+
+    rows = [{"sampler": "ddim", "steps": 20, "ssim": 0.95}, {"sampler": "unipc", "steps": 10, "ssim": 0.96},
+            {"sampler": "euler", "steps": 10, "ssim": 0.90}]
+    assert half_steps_line({"rows": rows}) == ("at 10 steps unipc is as close to the reference as ddim at 20 "
+                                               "(SSIM 0.9500; best unipc 0.9600)")
+    rows[1]["ssim"] = 0.94
+    assert half_steps_line({"rows": rows}) == ("no sampler at 10 steps reaches ddim at 20 (SSIM 0.9500); the "
+                                               "closest is unipc at 0.9400")
