@@ -237,3 +237,22 @@ def test_cli_lists_and_chooses_samplers(tiny_pipe, tmp_path, photo_file, capsys)
     assert main(["generate", str(photo_file), "--sampler", "euler", "--eta", "0.3", "-o", str(tmp_path / "o")]) == 2
     assert "sampler euler has none" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_diffusers_folders_scheduler_config_drives_the_table_samplers_not_ddim(tiny, tmp_path, photo):
+    """from_pretrained reads scheduler/scheduler_config.json: a changed beta_end changes a table sampler's
+    image; DDIM stays ldm's whatever the folder says (the reference)."""
+    from sdcn_trt.models.presets import save_diffusers
+
+    save_diffusers(tiny, tmp_path / "sd", tmp_path / "cn")
+    plain = ControlNetPipeline.from_pretrained(tmp_path / "sd", tmp_path / "cn")
+    assert plain.components.scheduler_config is None
+    (tmp_path / "sd" / "scheduler").mkdir()
+    (tmp_path / "sd" / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {**{"beta_start": 0.00085, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}, "beta_end": 0.02}))
+    shipped = ControlNetPipeline.from_pretrained(tmp_path / "sd", tmp_path / "cn")
+    assert shipped.components.scheduler_config["beta_end"] == 0.02
+    config = GenerationConfig(image_resolution=64, ddim_steps=3, sampler="euler")
+    assert not np.array_equal(plain.run(photo, config).images[0], shipped.run(photo, config).images[0])
+    ddim = config.replace(sampler="ddim", ddim_steps=4)
+    assert np.array_equal(plain.run(photo, ddim).images[0], shipped.run(photo, ddim).images[0])
