@@ -173,7 +173,7 @@ def plot(report: dict, path: Path) -> None:
             mine = sorted((r for r in rows if r["sampler"] == sampler), key=lambda r: r["steps"])
             style = "--" if SAMPLERS[sampler].stochastic else "-"
             ax.plot([r["steps"] for r in mine], [r[metric] for r in mine], style, marker="o", label=sampler)
-        ax.set_xlabel("steps (network evaluations per image / 2 for CFG)")
+        ax.set_xlabel("steps (one ControlNet + UNet evaluation each, CFG-batched)")
         ax.set_ylabel(f"{metric} against {report['reference'][0]}@{report['reference'][1]}")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
