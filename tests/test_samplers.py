@@ -256,3 +256,15 @@ def test_a_diffusers_folders_scheduler_config_drives_the_table_samplers_not_ddim
     assert not np.array_equal(plain.run(photo, config).images[0], shipped.run(photo, config).images[0])
     ddim = config.replace(sampler="ddim", ddim_steps=4)
     assert np.array_equal(plain.run(photo, ddim).images[0], shipped.run(photo, ddim).images[0])
+
+
+def test_a_changed_scheduler_config_builds_a_new_loop_not_a_stale_one(tiny, photo):
+    """The loop bakes the step constants in: new constants under the same sampler and timesteps (another
+    scheduler config) key a new loop."""
+    pipe = ControlNetPipeline(tiny.with_more_controlnets((), tiny.source), BackendConfig(cuda_graph="loop"))
+    config = GenerationConfig(image_resolution=64, ddim_steps=3, sampler="euler")
+    before = pipe.run(photo, config).images[0]
+    pipe.components.scheduler_config = {"beta_start": 0.00085, "beta_end": 0.02, "beta_schedule": "scaled_linear"}
+    after = pipe.run(photo, config).images[0]
+    assert len(pipe._loops) == 2 and not np.array_equal(before, after)
+    assert tiny.scheduler_config is None  # (a copy was changed, not the shared preset)

@@ -52,6 +52,7 @@ class LoopKey:
     kinds: tuple[str, ...]  # per step: full | reuse_eps | reuse_control | shallow (sdcn_trt.schedule)
     sampler: str = "ddim"  # sdcn_trt.samplers; the loop's constants are this sampler's
     noisy: bool | None = None  # the steps take a noise draw each (None: eta > 0, as DDIM's)
+    constants: int = 0  # hash of the schedule's step constants (a model folder's scheduler config changes them)
 
     def __post_init__(self) -> None:
         if self.noisy is None:

@@ -309,7 +309,7 @@ class ControlNetPipeline:
         # 7. Denoise and decode: eagerly, or replayed from static buffers / CUDA graphs (BackendConfig.cuda_graph)
         key = LoopKey(tuple(latents.shape), tuple(controls[0].shape), tuple(text.shape), tuple(scales.shape),
                       tuple(schedule.timesteps), float(config.scale), float(schedule.eta), kinds, schedule.name,
-                      schedule.stochastic)
+                      schedule.stochastic, hash(schedule.steps))
         loop = self._loop(key, schedule)
         pixels, stage_times = loop.run(LoopInputs(latents, text, controls, scales, noise), _progress(progress))
         timings.update(stage_times)
