@@ -37,6 +37,7 @@ from benchmarks.tiny_data import HELD_OUT_PHOTOS, HELD_OUT_SEED_START, draw_scen
 from sdcn_trt import BackendConfig, ControlNetPipeline, GenerationConfig  # noqa: E402
 from sdcn_trt.models.presets import load_preset  # noqa: E402
 from sdcn_trt.samplers import SAMPLER_NAMES, SAMPLERS  # noqa: E402
+from sdcn_trt.schedule import num_steps  # noqa: E402
 from sdcn_trt.scoring.metrics import image_metrics  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -135,6 +136,10 @@ def markdown(report: dict) -> str:
         for r in report["rows"]:
             lines.append(f"| {r['sampler']} | {r['steps']} | {r['ssim']:.4f} | {r['ssim_min']:.4f} | {r['psnr']:.2f} | "
                          f"{r['edge_f1']:.3f} | {r['seconds']:.3f} |")
+        odd = sorted({r["steps"] for r in report["rows"] if r["sampler"] == "ddim" and num_steps(r["steps"]) != r["steps"]})
+        if odd:
+            lines += ["", "ddim's step counts are ldm's uniform discretisation's: asked for "
+                      + ", ".join(f"{n} it runs {num_steps(n)}" for n in odd) + " (as the original sampler does)."]
         lines += ["", "Half the steps: " + half_steps_line(report) + "."]
     return "\n".join(lines) + "\n"
 

@@ -78,8 +78,9 @@ def add_generation_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...
             g.add_argument(flag, dest=f.name, type=float, nargs="+", default=(),
                            help="one strength per ControlNet, 0..2 (default: --strength for all)")
         elif f.name == "sampler":
-            g.add_argument(flag, dest=f.name, default=f.default, choices=SAMPLER_NAMES,
-                           help="the sampler; --ddim-steps counts its steps (`sdcn-trt samplers` describes each): "
+            g.add_argument(flag, dest=f.name, default=None, choices=SAMPLER_NAMES,
+                           help=f"the sampler (default: {f.default}, or the one --schedule-file names); --ddim-steps "
+                                "counts its steps (`sdcn-trt samplers` describes each): "
                                 + "; ".join(f"{name}: {info.description}" for name, info in SAMPLERS.items()))
         elif f.type in ("bool", bool):
             g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
@@ -99,10 +100,12 @@ def add_shape_args(parser: argparse.ArgumentParser, what: str) -> None:
 
 def generation_config(args: argparse.Namespace) -> GenerationConfig:
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationConfig) if hasattr(args, f.name)}
+    if fields.get("sampler", "") is None:  # not given: the schedule file's, else the default
+        del fields["sampler"]
     if getattr(args, "schedule_file", None):
         fields["schedule"] = load_schedule_file(args.schedule_file)
         tuned = schedule_file_sampler(args.schedule_file)
-        if tuned is not None and fields.get("sampler", "ddim") not in ("ddim", tuned):
+        if tuned is not None and fields.get("sampler", tuned) != tuned:
             raise InputError(f"--sampler {fields['sampler']} and the schedule file's sampler {tuned} disagree "
                              f"({args.schedule_file}); drop --sampler to use the file's, or edit the file")
         if tuned is not None:

@@ -102,7 +102,9 @@ class GenerationConfig:
         parsed = parse_schedule(self.schedule)
         parsed.resolve(self.ddim_steps, self.sampler)  # range errors now, not mid-run
         self.schedule = parsed.spec
-        if self.sampler != "ddim":  # a step count the sampler refuses fails here, before any weights load
+        # a step count the sampler refuses fails here, before any weights load (checked with SD1.5's scheduler
+        # fields; a model folder's own config is checked again when its pipeline builds the table)
+        if self.sampler != "ddim":
             sampler_schedule(self.sampler, parsed.steps_for(self.ddim_steps))
 
     def step_kinds(self) -> tuple[int, tuple[str, ...]]:

@@ -25,6 +25,8 @@ import json
 import logging
 import math
 import sys
+import threading
+import unittest.mock
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -42,22 +44,31 @@ class SamplerInfo:
     """One sampler: diffusers' scheduler class, the fields it sets beyond the base config, a description."""
 
     scheduler: str  # diffusers class name ("" for ldm's own DDIM)
-    options: tuple[tuple[str, Any], ...]
+    options: tuple[tuple[str, Any], ...]  # fields that make the class this sampler, over any model config
     description: str
     stochastic: bool = False  # draws fresh noise every step (from the image's generator)
 
 
+# the sigma spacings diffusers offers besides the plain one: off unless the sampler is that spacing
+_PLAIN_SIGMAS = (("use_karras_sigmas", False), ("use_exponential_sigmas", False), ("use_beta_sigmas", False),
+                 ("use_lu_lambdas", False))
+_LINEAR = (("thresholding", False), ("clip_sample", False))  # dynamic thresholding and clipping are not linear
+_DPMPP_2M = (("algorithm_type", "dpmsolver++"), ("solver_order", 2), *_LINEAR)
+
 SAMPLERS: dict[str, SamplerInfo] = {
     "ddim": SamplerInfo("", (), "ldm's DDIM, exactly as the original ControlNet code (the contest's sampler; eta adds noise)"),
-    "dpmpp_2m": SamplerInfo("DPMSolverMultistepScheduler", (),
+    "dpmpp_2m": SamplerInfo("DPMSolverMultistepScheduler", (*_DPMPP_2M, *_PLAIN_SIGMAS),
                             "DPM-Solver++ (2M): second-order multistep, good at 15-25 steps"),
-    "dpmpp_2m_karras": SamplerInfo("DPMSolverMultistepScheduler", (("use_karras_sigmas", True),),
+    "dpmpp_2m_karras": SamplerInfo("DPMSolverMultistepScheduler", (*_DPMPP_2M, *_PLAIN_SIGMAS[1:],
+                                                                    ("use_karras_sigmas", True)),
                                    "DPM-Solver++ (2M) on Karras sigmas (the web UIs' 'DPM++ 2M Karras'), 15-25 steps"),
-    "unipc": SamplerInfo("UniPCMultistepScheduler", (), "UniPC: predictor-corrector multistep, good at 10 steps"),
-    "euler": SamplerInfo("EulerDiscreteScheduler", (), "Euler: first-order on the sigmas, deterministic"),
+    "unipc": SamplerInfo("UniPCMultistepScheduler", (("solver_order", 2), ("predict_x0", True), *_LINEAR,
+                                                     *_PLAIN_SIGMAS),
+                         "UniPC: predictor-corrector multistep, good at 10 steps"),
+    "euler": SamplerInfo("EulerDiscreteScheduler", _PLAIN_SIGMAS, "Euler: first-order on the sigmas, deterministic"),
     "euler_a": SamplerInfo("EulerAncestralDiscreteScheduler", (),
                            "Euler ancestral: Euler with fresh noise every step (seeded per image)", stochastic=True),
-    "lcm": SamplerInfo("LCMScheduler", (),
+    "lcm": SamplerInfo("LCMScheduler", _LINEAR,
                        "LCM: 4-8 steps at guidance 1-2, for a model with an LCM(-LoRA) merged", stochastic=True),
 }
 SAMPLER_NAMES = tuple(SAMPLERS)
@@ -184,22 +195,31 @@ def make_scheduler(name: str, config: Mapping[str, Any] | None = None) -> Any:
     info = SAMPLERS[check_sampler(name)]
     if not info.scheduler:
         raise InputError("ddim is ldm's own sampler (sdcn_trt.pipeline.scheduler), not a diffusers scheduler")
-    return scheduler_class(name)(**{**known_config(name, config), **dict(info.options)})
+    cls = scheduler_class(name)
+    fields = scheduler_fields(cls)  # (an option an older diffusers lacks is its default there)
+    return cls(**{**known_config(name, config), **{k: v for k, v in info.options if k in fields}})
+
+
+_PROBE_LOCK = threading.Lock()  # the noise patch below is module-global: one probe at a time
 
 
 @contextlib.contextmanager
-def _noise_from(scheduler: Any, draws: Iterator[torch.Tensor]) -> Iterator[None]:
-    """Make the scheduler's module draw its noise from `draws` (the noise basis vectors) while probing."""
+def _noise_from(scheduler: Any, draws: list[torch.Tensor]) -> Iterator[None]:
+    """Make the scheduler's module draw its noise from `draws` (one per step) while probing; callers hold
+    _PROBE_LOCK."""
     module = sys.modules[type(scheduler).__module__]
-    original = getattr(module, "randn_tensor", None)
-    if original is None:
+    if not hasattr(module, "randn_tensor"):
         yield
         return
-    module.randn_tensor = lambda *args, **kwargs: next(draws)  # type: ignore[attr-defined]
-    try:
+    pending = list(draws)
+
+    def draw(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if not pending:
+            raise RuntimeError(f"{type(scheduler).__name__} drew more than one noise tensor in a step")
+        return pending.pop(0)
+
+    with unittest.mock.patch.object(module, "randn_tensor", draw):
         yield
-    finally:
-        module.randn_tensor = original  # type: ignore[attr-defined]
 
 
 def _probe(name: str, steps: int, config: Mapping[str, Any] | None) -> tuple[list[np.ndarray], list[float],
@@ -222,7 +242,7 @@ def _probe(name: str, steps: int, config: Mapping[str, Any] | None) -> tuple[lis
             raise RuntimeError(f"{SAMPLERS[name].scheduler}.scale_model_input is not a scalar scale")
         scales.append(float(scaled.flatten()[0]))
         timesteps.append(float(t))
-        with _noise_from(scheduler, iter([basis[1 + count + i]])):
+        with _noise_from(scheduler, [basis[1 + count + i]]):
             x = scheduler.step(basis[1 + i], t, x, return_dict=True).prev_sample.to(torch.float64)
         xs.append(x.flatten().clone())
     return [v.numpy() for v in xs], timesteps, scales, float(scheduler.init_noise_sigma), count
@@ -249,11 +269,50 @@ def _solve_step(xs: list[np.ndarray], i: int, count: int) -> tuple[list[float], 
     raise RuntimeError(f"step {i} is not a linear map of the last {MAX_HISTORY + 1} latents and predictions")
 
 
+def _replay(name: str, steps: int, config: Mapping[str, Any] | None, x0: torch.Tensor, eps: torch.Tensor,
+            noise: torch.Tensor) -> list[torch.Tensor]:
+    """diffusers' own step loop (float32) on given predictions and noise draws: x_1 .. x_S."""
+    scheduler = make_scheduler(name, config)
+    scheduler.set_timesteps(steps)
+    x, out = x0 * scheduler.init_noise_sigma, []
+    for i, t in enumerate(scheduler.timesteps):
+        with _noise_from(scheduler, [noise[i]]):
+            x = scheduler.step(eps[i], t, x).prev_sample
+        out.append(x)
+    return out
+
+
+def _verify(name: str, steps: int, config: Mapping[str, Any] | None, table: SamplerSchedule) -> None:
+    """The table against diffusers' own loop on one random trajectory: a scheduler config the probe
+    misread (a non-linear option) is refused here, not turned into wrong images."""
+    gen = torch.Generator().manual_seed(0)
+    x0, eps, noise = (torch.randn(shape, generator=gen) for shape in ((1, 4, 4, 4), (steps, 1, 4, 4, 4),
+                                                                        (steps, 1, 4, 4, 4)))
+    reference = _replay(name, steps, config, x0, eps, noise)
+    x, past = x0 * table.init_noise_sigma, ()
+    for i, step in enumerate(table.steps):
+        x, past = step.update(x, eps[i], past, noise[i]), ((x, eps[i]), *past)[: table.history]
+        error = (x - reference[i]).abs().max().item()
+        if not error <= 1e-4 * max(1.0, reference[i].abs().max().item()):
+            raise InputError(f"sampler {name} with this scheduler config does not step as a fixed linear map "
+                             f"(step {i} differs from {SAMPLERS[name].scheduler}'s by {error:.3g}); a non-linear "
+                             f"option in the model's scheduler config? use the sampler without it")
+
+
 @functools.lru_cache(maxsize=64)
 def _cached_schedule(name: str, steps: int, config_json: str | None) -> SamplerSchedule:
     config = None if config_json is None else json.loads(config_json)
-    xs, timesteps, scales, sigma, count = _probe(name, steps, config)
-    solved = [_solve_step(xs, i, count) for i in range(count)]
+    with _PROBE_LOCK:
+        try:
+            xs, timesteps, scales, sigma, count = _probe(name, steps, config)
+            solved = [_solve_step(xs, i, count) for i in range(count)]
+        except (RuntimeError, IndexError) as exc:
+            raise InputError(f"sampler {name} cannot run {steps} steps with this scheduler config: {exc}") from exc
+    train = int((config or SD15_SCHEDULER).get("num_train_timesteps", 1000))
+    if timesteps[0] < train / 2:
+        raise InputError(f"sampler {name} at {steps} step{'s' if steps > 1 else ''} starts at timestep "
+                         f"{timesteps[0]:g}, far from pure noise (diffusers' spacing): its image would be noise; "
+                         f"use at least 2 steps")
     history = max(len(a) for a, _, _ in solved) - 1
     table = tuple(
         LinearStep(timestep=t, input_scale=s, x_coefs=tuple(a) + (0.0,) * (history + 1 - len(a)),
@@ -262,7 +321,10 @@ def _cached_schedule(name: str, steps: int, config_json: str | None) -> SamplerS
     stochastic = any(step.noise_coef != 0.0 for step in table)
     if not all(math.isfinite(v) for step in table for v in (*step.x_coefs, *step.eps_coefs, step.noise_coef)):
         raise InputError(f"sampler {name} at {steps} steps gives non-finite coefficients; choose another step count")
-    return SamplerSchedule(name, table, sigma, history, stochastic)
+    schedule = SamplerSchedule(name, table, sigma, history, stochastic)
+    with _PROBE_LOCK:
+        _verify(name, steps, config, schedule)
+    return schedule
 
 
 def sampler_schedule(name: str, steps: int, config: Mapping[str, Any] | None = None) -> SamplerSchedule:
@@ -273,5 +335,8 @@ def sampler_schedule(name: str, steps: int, config: Mapping[str, Any] | None = N
         raise InputError("ddim is ldm's own sampler: make_ddim_schedule builds it")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise InputError(f"steps must be an integer >= 1, got {steps!r}")
-    key = None if config is None else json.dumps(dict(config), sort_keys=True, default=str)
+    try:
+        key = None if config is None else json.dumps(dict(config), sort_keys=True)
+    except TypeError as exc:
+        raise InputError(f"the scheduler config holds a value that is not JSON: {exc}") from exc
     return _cached_schedule(name, steps, key)

@@ -9,6 +9,7 @@ import pytest
 
 from sdcn_trt import backend_available
 from sdcn_trt.cli import build_parser, main
+from sdcn_trt.cli_options import generation_config
 
 
 def test_generate_writes_images_and_canny(tmp_path, photo_file, capsys):
@@ -75,7 +76,9 @@ def test_flags_equal_config_fields():
 
     args = build_parser().parse_args(["generate", "x.png"])
     for f in fields(GenerationConfig):
-        if f.name != "eps_steps":  # the API's old spelling of --schedule eps=N has no flag
+        if f.name == "sampler":  # None: not given (a --schedule-file's sampler, else the default)
+            assert args.sampler is None and generation_config(args).sampler == f.default
+        elif f.name != "eps_steps":  # the API's old spelling of --schedule eps=N has no flag
             assert getattr(args, f.name) == f.default
     args = build_parser().parse_args(["generate", "x.png", "--schedule", "eps=10", "--max-side", "1024"])
     assert (args.schedule, args.max_side) == ("eps=10", 1024)

@@ -107,11 +107,13 @@ def test_whole_image_matches_diffusers_pipeline(tiny, photo, name):
     assert diff.max() <= 1.0, diff.max()
 
 
-@pytest.mark.parametrize("name", SAMPLER_NAMES)
-def test_static_and_step_loops_equal_the_eager_loop(tiny, photo, monkeypatch, name):
-    """Bit for bit, every sampler: the static loop (what one CUDA graph captures) and the per-step loop
-    (its history buffers and device-scalar constants; captured here by a stand-in that runs the step)."""
-    config = GenerationConfig(image_resolution=64, ddim_steps=5, sampler=name, seed=3)
+@pytest.mark.parametrize("name, schedule", [(name, "full") for name in SAMPLER_NAMES]
+                         + [("dpmpp_2m", "eps=3"), ("unipc", "control=3")])
+def test_static_and_step_loops_equal_the_eager_loop(tiny, photo, monkeypatch, name, schedule):
+    """Bit for bit, every sampler (and multistep ones with reuse steps): the static loop (what one CUDA graph
+    captures) and the per-step loop (its history buffers and device-scalar constants; captured here by a
+    stand-in that runs the step)."""
+    config = GenerationConfig(image_resolution=64, ddim_steps=5, sampler=name, seed=3, schedule=schedule)
     eager = ControlNetPipeline(tiny).run(photo, config).images[0]
     static = ControlNetPipeline(tiny, BackendConfig(cuda_graph="loop")).run(photo, config).images[0]
     assert np.array_equal(eager, static)
@@ -268,3 +270,47 @@ def test_a_changed_scheduler_config_builds_a_new_loop_not_a_stale_one(tiny, phot
     after = pipe.run(photo, config).images[0]
     assert len(pipe._loops) == 2 and not np.array_equal(before, after)
     assert tiny.scheduler_config is None  # (a copy was changed, not the shared preset)
+
+
+def test_history_survives_a_runner_that_reuses_its_output_buffer_at_guidance_one(tiny, photo, monkeypatch):
+    """At guidance 1 the prediction is a view of the runner's output; engines (TensorRT) return the same
+    buffer every call. The multistep history keeps a copy, so such a runner gives the same image."""
+    config = GenerationConfig(image_resolution=64, ddim_steps=5, sampler="unipc", scale=1.0, seed=2)
+    plain = ControlNetPipeline(tiny).run(photo, config).images[0]
+    pipe = ControlNetPipeline(tiny)
+    runner = pipe.runner("fused_step")
+    real, held = runner.infer, {}
+
+    def reusing(feed):
+        out = real(feed)
+        for name, value in out.items():
+            held.setdefault(name, torch.empty_like(value)).copy_(value)
+        return dict(held)
+
+    monkeypatch.setattr(runner, "infer", reusing)
+    assert np.array_equal(plain, pipe.run(photo, config).images[0])
+
+
+def test_what_the_probe_cannot_represent_is_refused_with_the_reason(monkeypatch):
+    """A non-linear option (dynamic thresholding) is refused, not turned into a wrong table; a folder's
+    config cannot turn dpmpp_2m into its Karras variant; a first timestep far from pure noise (Euler at
+    one step), a repeated timestep (UniPC at 1000 steps) and a config value that is not JSON are refused."""
+    import dataclasses as dc
+
+    from sdcn_trt import samplers
+
+    karras_folder = {**samplers.SD15_SCHEDULER, "use_karras_sigmas": True}
+    assert sampler_schedule("dpmpp_2m", 10, karras_folder).timesteps == sampler_schedule("dpmpp_2m", 10).timesteps
+    info = samplers.SAMPLERS["dpmpp_2m"]
+    monkeypatch.setitem(samplers.SAMPLERS, "dpmpp_2m", dc.replace(info, options=(("thresholding", True),)))
+    samplers._cached_schedule.cache_clear()
+    with pytest.raises(InputError, match="sampler dpmpp_2m"):
+        sampler_schedule("dpmpp_2m", 6, {**samplers.SD15_SCHEDULER, "sample_max_value": 0.5})
+    monkeypatch.setitem(samplers.SAMPLERS, "dpmpp_2m", info)
+    samplers._cached_schedule.cache_clear()
+    with pytest.raises(InputError, match="sampler euler at 1 step starts at timestep 0, far from pure noise"):
+        GenerationConfig(sampler="euler", ddim_steps=1)
+    with pytest.raises(InputError, match="sampler unipc cannot run 1000 steps"):
+        sampler_schedule("unipc", 1000)
+    with pytest.raises(InputError, match="not JSON"):
+        sampler_schedule("euler", 4, {"beta_end": object()})

@@ -148,7 +148,9 @@ class Denoiser:
         state = self.evaluate(state, kind, timestep, step.model_input(state.x))
         assert state.guided is not None
         x = step.update(state.x, state.guided, state.past, noise)
-        past = ((state.x, state.guided), *state.past)[:history]
+        # at guidance 1 the prediction is a view of the runner's output, which its next call may overwrite
+        kept = state.guided.clone() if history and self.scale == 1.0 else state.guided
+        past = ((state.x, kept), *state.past)[:history]
         return dataclasses.replace(state, x=x, past=past)
 
 

@@ -131,7 +131,8 @@ class Tuner:
         for source, image in zip(self.sources, self.images, strict=True):
             ref = reference_image(weights, reference_pipe, score, source, image, full)
             self.references.append(write_contest_image(self.out / "reference" / f"{source.stem}.jpg", ref))
-        self.key_base = {"weights": weights, "backend": asdict(backend), "generation": asdict(full),
+        generation = {k: v for k, v in asdict(full).items() if k != "sampler"}  # the candidate's own is in _key
+        self.key_base = {"weights": weights, "backend": asdict(backend), "generation": generation,
                          "inputs": [p.name for p in self.sources], "pd": self.scorer.weights if self.scorer else None}
         self.measured: dict[str, dict[str, Any]] = {}
         cache = self.out / CACHE_FILE
@@ -144,7 +145,8 @@ class Tuner:
                     continue  # a line cut short by a kill
 
     def _key(self, spec: str, sampler: str) -> str:
-        return hash_json({**self.key_base, "schedule": spec, "sampler": sampler})[:24]
+        """The candidate's cache key; DDIM's without a sampler field, as measured before samplers existed."""
+        return hash_json({**self.key_base, "schedule": spec, **({"sampler": sampler} if sampler != "ddim" else {})})[:24]
 
     def measure(self, spec: str, sampler: str | None = None) -> dict[str, Any]:
         """Latency and quality of one schedule with one sampler (None: the generation's) over every photo
