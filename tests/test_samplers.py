@@ -161,9 +161,13 @@ def test_the_call_takes_a_sampler(tiny_pipe, photo):
     assert np.array_equal(unipc, again)
 
 
-def test_lcm_with_a_merged_lora_at_guidance_one(tiny, photo, tmp_path):
+def test_lcm_with_a_merged_lora_at_guidance_one(photo, tmp_path):
     """The LCM-LoRA route: a LoRA merged by the LoRA loader, 4 LCM steps at guidance 1 (the conditional
-    prediction only). No LCM weights exist here: this checks the mechanism, not LCM's pictures."""
+    prediction only). No LCM weights exist here: this checks the mechanism, not LCM's pictures. (Its own
+    copy of the preset: a merge changes the weights the session's `tiny` shares.)"""
+    from sdcn_trt.models.presets import load_preset
+
+    tiny = load_preset("tiny", seed=0)
     unet = random_factors(tiny.unet, UNET_MODULES, 4, seed=1)
     text = random_factors(tiny.text_encoder, TEXT_MODULES, 4, seed=2)
     lora = write(kohya_state(unet, text, alpha=2.0), tmp_path / "lcm.safetensors")
