@@ -164,7 +164,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     summary = tune(load_components(args), backend, settings, progress=not args.quiet)
     print(frontier_table(summary))
     best = summary["best"]
-    print(f"best: {best['schedule']} ({best['latency_ms']['mean']:.1f} ms/image, {summary['quality']} "
+    print(f"best: {best['sampler']} {best['schedule']} ({best['latency_ms']['mean']:.1f} ms/image, {summary['quality']} "
           f"{best[summary['quality']]:.3f}) -> {Path(args.output) / 'best_schedule.json'}")
     print(f"report: {Path(args.output) / 'report.html'}")
     return 0
