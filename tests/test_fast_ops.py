@@ -4,9 +4,10 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from sdcn_trt.engines.fast_ops import (GroupNormSiLU, SiLULinear, cuda_flags, fuse_group_norm_silu, parse_sdpa_kernels,
+from sdcn_trt.engines.fast_ops import (FastGroupNorm, SiLULinear, cuda_flags, fuse_group_norm_silu, parse_sdpa_kernels,
                                        sdpa_kernels_spelling)
 from sdcn_trt.engines.torch import FastPath, TorchRunner, attention_modules
 from sdcn_trt.errors import InputError
@@ -26,11 +27,11 @@ def test_group_norm_silu_fusion_is_bit_identical_on_the_cpu(tiny, name):
     actual = _outputs(fused, feed)
     for key in expected:  # the same ops in the same order: exactly equal
         assert torch.equal(actual[key], expected[key]), key
-    norms = [m for m in fused.module.modules() if isinstance(m, GroupNormSiLU)]
+    norms = [m for m in fused.module.modules() if isinstance(m, FastGroupNorm)]
     assert norms and not any(m.compiled for m in norms)  # compiled on CUDA only
     plain_norms = [m for m in fused.module.modules() if type(m) is nn.GroupNorm]
     # left alone: the transformers' input norms (no SiLU after them) and the VAE mid attention's norm
-    assert all(type(m) is not GroupNormSiLU for m in plain_norms)
+    assert all(type(m) is not FastGroupNorm for m in plain_norms)
     if name == "fused_step":
         assert any(isinstance(m, SiLULinear) for m in fused.module.modules())  # the time projections
 
@@ -174,5 +175,83 @@ def test_compiled_group_norm_silu_matches_eager_on_cuda(tiny):
     expected = _outputs(TorchRunner(desc, "cuda", "fp16"), feed)["noise_pred"]
     fused = TorchRunner(desc, "cuda", "fp16", fast=FastPath(sdpa=True, fuse_qkv=True, gn_silu=True))
     actual = _outputs(fused, feed)["noise_pred"]
-    assert all(m.compiled for m in fused.module.modules() if isinstance(m, GroupNormSiLU))
+    assert all(m.compiled for m in fused.module.modules() if isinstance(m, FastGroupNorm))
     torch.testing.assert_close(actual, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+def test_compiled_group_norm_keeps_channels_last_on_cuda():
+    """On CUDA the compiled FastGroupNorm of a channels_last fp16 input hands on channels_last (what CUDA's own
+    GroupNorm cannot) and matches it; and the whole channels_last step matches the NCHW one."""
+    from sdcn_trt.engines.fast_ops import compiled_group_norm_act, is_nhwc
+
+    x = torch.randn(2, 320, 32, 48, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
+    weight, bias = torch.randn(320, device="cuda", dtype=torch.float16), torch.randn(320, device="cuda", dtype=torch.float16)
+    out = compiled_group_norm_act()(x, 32, weight, bias, 1e-5, True, True)
+    expected = F.silu(F.group_norm(x.float(), 32, weight.float(), bias.float(), 1e-5))
+    assert is_nhwc(out) and not is_nhwc(F.group_norm(x, 32, weight, bias, 1e-5))
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("silu", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm_reads_and_writes_channels_last(silu, affine):
+    """The NHWC formulation equals F.group_norm (+ SiLU) within float rounding and hands on channels_last
+    memory (CUDA's own GroupNorm would copy to NCHW and back); NCHW inputs take F.group_norm: bit-identical."""
+    from sdcn_trt.engines.fast_ops import group_norm_act, is_nhwc
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 12, 20, generator=gen) * 3 + 1
+    weight, bias = (torch.randn(64, generator=gen), torch.randn(64, generator=gen)) if affine else (None, None)
+    expected = F.group_norm(x, 32, weight, bias, 1e-5)
+    expected = F.silu(expected) if silu else expected
+    x_nhwc = x.to(memory_format=torch.channels_last)
+    nhwc = group_norm_act(x_nhwc, 32, weight, bias, 1e-5, silu, nhwc=True)
+    assert is_nhwc(nhwc) and is_nhwc(x_nhwc) and not is_nhwc(x)
+    torch.testing.assert_close(nhwc, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(group_norm_act(x, 32, weight, bias, 1e-5, silu, nhwc=True), expected)
+    # in a module that is not channels_last (nhwc=False) a channels_last input takes F.group_norm as well
+    native = F.group_norm(x_nhwc, 32, weight, bias, 1e-5)
+    assert torch.equal(group_norm_act(x_nhwc, 32, weight, bias, 1e-5, silu, nhwc=False), F.silu(native) if silu else native)
+
+
+def test_channels_last_modules_keep_every_norm_and_transformer_output_nhwc(tiny):
+    """With channels_last every GroupNorm becomes a FastGroupNorm (SiLU only where one followed) and every
+    transformer hands its output on without diffusers' NCHW copy; the step still matches plain fp32."""
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    desc = get_descriptor("fused_step", tiny)
+    runner = TorchRunner(desc, fast=FastPath(channels_last=True, gn_silu=True))
+    runner.activate()
+    modules = list(runner.module.modules())
+    assert not any(type(m) is nn.GroupNorm for m in modules)
+    plain = [m for m in modules if isinstance(m, FastGroupNorm) and not m.silu]
+    transformers = [m for m in modules if isinstance(m, Transformer2DModel)]
+    assert len(plain) == len(transformers) > 0  # each transformer's input norm: no SiLU after it
+    assert all(m.nhwc for m in modules if isinstance(m, FastGroupNorm))
+    assert all("_get_output_for_continuous_inputs" in vars(m) for m in transformers)
+    nchw = TorchRunner(desc, fast=FastPath(gn_silu=True))
+    nchw.activate()
+    assert not any("_get_output_for_continuous_inputs" in vars(m) for m in nchw.module.modules())
+    assert any(type(m) is nn.GroupNorm for m in nchw.module.modules())  # NCHW: the transformers' norms stay
+
+
+def test_a_channels_last_step_changes_no_layout(tiny):
+    """benchmarks.op_census on one tiny fused step (CPU fp32, the CUDA fp16 default's switches).
+
+    channels_last, 2026-12-06: 344 operators, 3 copies (the latents and the hint made NHWC on entry, the
+    ControlNet scales repeated over the CFG batch), 0 CUDA layout changes. Before (e0856d4): 9 copies and 12
+    layout changes (each transformer's input GroupNorm copying to NCHW on CUDA, its `.contiguous()` output,
+    the projection convolution then converting back), and the 25 GroupNorm+SiLU kernels compiled from
+    F.group_norm, which takes the NCHW path on CUDA. NCHW: every one of the 53 convolutions converts."""
+    from benchmarks.op_census import fused_step_census
+
+    spec = ShapeSpec(1, 64, 64)
+    nhwc = fused_step_census(tiny, FastPath(sdpa=True, fuse_qkv=True, channels_last=True, gn_silu=True), spec)
+    assert (nhwc["copies"], nhwc["cuda_layout"]) == (3, 0), nhwc["sites"]
+    assert {site.split(" @ ")[1].split(":")[0] for site in nhwc["sites"]} == {"torch.py", "networks.py"}
+    nchw = fused_step_census(tiny, FastPath(sdpa=True, fuse_qkv=True, gn_silu=True), spec)
+    convs = sum(1 for m in get_descriptor("fused_step", tiny).build_module().modules() if isinstance(m, nn.Conv2d))
+    assert nchw["cuda_layout"] == convs == 53  # NCHW: cuDNN converts every convolution's input
+    assert nchw["operators"] == nhwc["operators"]

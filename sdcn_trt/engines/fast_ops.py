@@ -1,9 +1,11 @@
-"""Fused and pinned operations behind FastPath's switches: GroupNorm+SiLU as one module (one kernel
-when compiled on CUDA), attention pinned to one SDPA kernel, and the global CUDA flags (cuDNN
-benchmark mode, fp16 GEMM accumulation) set for the duration of a call and restored after it."""
+"""Fused and pinned operations behind FastPath's switches: GroupNorm (+ SiLU) as one module that reads and
+writes channels_last tensors as they are (one kernel when compiled on CUDA), transformer outputs kept
+channels_last, attention pinned to one SDPA kernel, and the global CUDA flags (cuDNN benchmark mode, fp16
+GEMM accumulation) set for the duration of a call and restored after it."""
 from __future__ import annotations
 
 import contextlib
+import types
 from functools import lru_cache
 from typing import Any, Callable, Iterator
 
@@ -21,37 +23,72 @@ SDPA_CHOICES = ("auto", *SDPA_BACKENDS)
 KERNEL_REFUSALS = ("No available kernel", "No viable backend")  # torch 2.11 / 2.14's words for a refused kernel
 
 
-def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+def is_nhwc(x: torch.Tensor) -> bool:
+    """A 4-D tensor laid out channels_last (and not also plain contiguous, as 1x1 images are)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def group_norm_nhwc(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                     eps: float) -> torch.Tensor:
-    """silu(group_norm(x)): (N, C, ...) -> (N, C, ...), the same ops in the same order as the two modules."""
-    return F.silu(F.group_norm(x, num_groups, weight, bias, eps))
+    """F.group_norm of a channels_last (N, C, H, W) tensor, read and written channels_last.
+
+    CUDA's native GroupNorm takes NCHW only: it copies a channels_last input to NCHW and returns NCHW, and
+    the next convolution converts back (two layout copies per GroupNorm). Here the statistics are taken
+    over the (N, H*W, G, C/G) view of the NHWC memory, in fp32 as the native kernel does, and the result is
+    the same view permuted back: channels_last, no copy. Equal to F.group_norm within float rounding.
+    """
+    n, c, h, w = x.shape
+    y = x.permute(0, 2, 3, 1).reshape(n, h * w, num_groups, c // num_groups).float()  # (N, HW, G, C/G), a view
+    var, mean = torch.var_mean(y, dim=(1, 3), keepdim=True, correction=0)  # (N, 1, G, 1) each
+    y = ((y - mean) * torch.rsqrt(var + eps)).reshape(n, h, w, c)  # (N, H, W, C)
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).permute(0, 3, 1, 2)  # (N, C, H, W) in NHWC memory
+
+
+def group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   eps: float, silu: bool, nhwc: bool) -> torch.Tensor:
+    """GroupNorm, then SiLU when `silu`: through F.group_norm (the same ops in the same order as the module
+    pair: bit-identical), or, when `nhwc` (a channels_last module) and the input is channels_last, through
+    group_norm_nhwc (no layout copies)."""
+    if nhwc and is_nhwc(x):
+        y = group_norm_nhwc(x, num_groups, weight, bias, eps)
+    else:
+        y = F.group_norm(x, num_groups, weight, bias, eps)
+    return F.silu(y) if silu else y
 
 
 @lru_cache(maxsize=1)
-def compiled_group_norm_silu() -> Callable[..., torch.Tensor]:
-    """group_norm_silu compiled once by inductor (one fused Triton kernel on CUDA); dynamic shapes, so
-    every GroupNorm of the UNet shares one compiled graph instead of recompiling per shape."""
-    return torch.compile(group_norm_silu, dynamic=True, fullgraph=True)
+def compiled_group_norm_act() -> Callable[..., torch.Tensor]:
+    """group_norm_act compiled once by inductor (one fused Triton kernel on CUDA); dynamic shapes, so every
+    GroupNorm of the UNet shares one compiled graph per layout and activation instead of one per shape."""
+    return torch.compile(group_norm_act, dynamic=True, fullgraph=True)
 
 
-class GroupNormSiLU(nn.GroupNorm):
-    """A GroupNorm whose output goes through SiLU: the module pair as one, with the same parameters and
-    state_dict keys as the GroupNorm it replaces. `compiled`: run the inductor-compiled function
-    (CUDA; never while being exported or compiled, where the exporter fuses the ops itself)."""
+class FastGroupNorm(nn.GroupNorm):
+    """A GroupNorm, followed by SiLU when `silu` (the module pair as one), with the same parameters and
+    state_dict keys as the GroupNorm it replaces. `nhwc` (in a channels_last module): channels_last inputs
+    stay channels_last. `compiled`: run the inductor-compiled function (CUDA; never while being exported or
+    compiled, where the exporter or the outer compile fuses the ops itself)."""
 
     compiled: bool = False
+    silu: bool = True
+    nhwc: bool = False
 
     @classmethod
-    def replacing(cls, norm: nn.GroupNorm, compiled: bool) -> "GroupNormSiLU":
+    def replacing(cls, norm: nn.GroupNorm, compiled: bool, silu: bool = True, nhwc: bool = False) -> "FastGroupNorm":
         fused = cls.__new__(cls)
         fused.__dict__.update(norm.__dict__)  # shares weight / bias and every GroupNorm attribute
-        fused.compiled = compiled
+        fused.compiled, fused.silu, fused.nhwc = compiled, silu, nhwc
         return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        args = (x, self.num_groups, self.weight, self.bias, self.eps, self.silu, self.nhwc)
         if self.compiled and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
-            return compiled_group_norm_silu()(x, self.num_groups, self.weight, self.bias, self.eps)
-        return group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps)
+            return compiled_group_norm_act()(*args)
+        return group_norm_act(*args)
 
 
 class SiLULinear(nn.Linear):
@@ -68,13 +105,15 @@ class SiLULinear(nn.Linear):
         return super().forward(F.silu(x))
 
 
-def fuse_group_norm_silu(module: nn.Module, compiled: bool) -> int:
+def fuse_group_norm_silu(module: nn.Module, compiled: bool, nhwc: bool = False) -> int:
     """Rewrite every GroupNorm -> SiLU pair inside `module` in place; returns how many were fused.
 
     diffusers' ResnetBlock2D ('default' time-embedding norm, SiLU) applies its one `nonlinearity` after
-    norm1, after norm2 and to the time embedding: norm1 and norm2 become GroupNormSiLU, the time
+    norm1, after norm2 and to the time embedding: norm1 and norm2 become FastGroupNorm, the time
     projection a SiLULinear (unless it skips the activation), `nonlinearity` the identity. A UNet's
-    or VAE decoder's `conv_norm_out` + `conv_act` (GroupNorm, SiLU) become GroupNormSiLU + identity.
+    or VAE decoder's `conv_norm_out` + `conv_act` (GroupNorm, SiLU) become FastGroupNorm + identity.
+    `nhwc` (channels_last modules): every other GroupNorm (the transformers' input norms, attention's)
+    becomes a FastGroupNorm without SiLU too, so none of them copies its input to NCHW.
     """
     from diffusers.models.resnet import ResnetBlock2D
 
@@ -83,18 +122,48 @@ def fuse_group_norm_silu(module: nn.Module, compiled: bool) -> int:
         if (isinstance(block, ResnetBlock2D) and block.time_embedding_norm == "default"
                 and type(block.nonlinearity) is nn.SiLU and type(block.norm1) is nn.GroupNorm
                 and type(block.norm2) is nn.GroupNorm):
-            block.norm1 = GroupNormSiLU.replacing(block.norm1, compiled)
-            block.norm2 = GroupNormSiLU.replacing(block.norm2, compiled)
+            block.norm1 = FastGroupNorm.replacing(block.norm1, compiled, nhwc=nhwc)
+            block.norm2 = FastGroupNorm.replacing(block.norm2, compiled, nhwc=nhwc)
             if block.time_emb_proj is not None and not block.skip_time_act:
                 block.time_emb_proj = SiLULinear.replacing(block.time_emb_proj)
             block.nonlinearity = nn.Identity()
             fused += 2
         norm, act = getattr(block, "conv_norm_out", None), getattr(block, "conv_act", None)
         if type(norm) is nn.GroupNorm and type(act) is nn.SiLU:
-            block.conv_norm_out = GroupNormSiLU.replacing(norm, compiled)
+            block.conv_norm_out = FastGroupNorm.replacing(norm, compiled, nhwc=nhwc)
             block.conv_act = nn.Identity()
             fused += 1
+    if nhwc:
+        for block in list(module.modules()):
+            for name, child in list(block.named_children()):
+                if type(child) is nn.GroupNorm:
+                    setattr(block, name, FastGroupNorm.replacing(child, compiled, silu=False, nhwc=True))
     return fused
+
+
+def _continuous_output_nhwc(self: Any, hidden_states: torch.Tensor, residual: torch.Tensor, batch_size: int,
+                            height: int, width: int, inner_dim: int) -> torch.Tensor:
+    """Transformer2DModel._get_output_for_continuous_inputs without its `.contiguous()`: the permuted
+    (N, HW, C) -> (N, C, H, W) view is already channels_last, which the projection and the residual add
+    read as it is (diffusers' copy to NCHW is one layout copy per transformer, and cuDNN converts back)."""
+    if not self.use_linear_projection:
+        hidden_states = self.proj_out(hidden_states.reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2))
+    else:
+        hidden_states = self.proj_out(hidden_states).reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2)
+    return hidden_states + residual
+
+
+def keep_transformer_outputs_nhwc(module: nn.Module) -> int:
+    """Every Transformer2DModel on continuous inputs inside `module` hands its output on channels_last
+    (the instance's _get_output_for_continuous_inputs replaced); returns how many. Only for channels_last
+    modules: on NCHW ones the view would be the layout change instead."""
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    blocks = [m for m in module.modules() if isinstance(m, Transformer2DModel) and m.is_input_continuous
+              and hasattr(m, "_get_output_for_continuous_inputs")]
+    for block in blocks:
+        block._get_output_for_continuous_inputs = types.MethodType(_continuous_output_nhwc, block)
+    return len(blocks)
 
 
 def sdpa_backend(name: str) -> Any:  # -> torch.nn.attention.SDPBackend

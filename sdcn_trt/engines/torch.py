@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from sdcn_trt.engines.base import Runner
-from sdcn_trt.engines.fast_ops import (PinnedSdpa, cuda_flags, fuse_group_norm_silu, parse_sdpa_kernels,
-                                       sdpa_kernel_for, sdpa_kernels_spelling)
+from sdcn_trt.engines.fast_ops import (PinnedSdpa, cuda_flags, fuse_group_norm_silu, keep_transformer_outputs_nhwc,
+                                       parse_sdpa_kernels, sdpa_kernel_for, sdpa_kernels_spelling)
 from sdcn_trt.config import COMPILE_MODES, PRECISIONS, check_choice
 from sdcn_trt.errors import BackendUnavailableError, CompileError, InputError
 from sdcn_trt.export.descriptors import NetworkDescriptor
@@ -50,7 +50,9 @@ class FastPath:
     sdpa: bool = False  # every diffusers Attention on AttnProcessor2_0 (F.scaled_dot_product_attention)
     fuse_qkv: bool = False  # one to_qkv GEMM per self-attention, one to_kv per cross-attention
     channels_last: bool = False  # NHWC weights and 4-D inputs: cuDNN's fastest fp16 convolutions, no NCHW copies
-    gn_silu: bool = False  # GroupNorm + SiLU as one module; one compiled kernel on CUDA (fast_ops)
+    # GroupNorm + SiLU as one module, one compiled kernel on CUDA; with channels_last every GroupNorm reads and
+    # writes NHWC (CUDA's own GroupNorm copies NHWC inputs to NCHW) (fast_ops)
+    gn_silu: bool = False
     # the SDPA kernel attention may use: auto (torch chooses per call) | flash | efficient | cudnn | math, or one
     # per head size ('40=flash,80=efficient,160=cudnn'; fast_ops.parse_sdpa_kernels); kept in canonical spelling
     sdpa_backend: str = "auto"
@@ -103,9 +105,10 @@ def apply_fast_path(module: nn.Module, fast: FastPath) -> nn.Module:
                 attn.set_processor(processor if kernel == "auto" else PinnedSdpa(processor, kernel, head_size))
     if fast.gn_silu:
         held = next((p for p in module.parameters()), None)
-        fuse_group_norm_silu(module, compiled=held is not None and held.device.type == "cuda")
+        fuse_group_norm_silu(module, compiled=held is not None and held.device.type == "cuda", nhwc=fast.channels_last)
     if fast.channels_last:
         module = module.to(memory_format=torch.channels_last)
+        keep_transformer_outputs_nhwc(module)
     return module
 
 
