@@ -6,8 +6,10 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import logging
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +21,8 @@ from sdcn_trt.engines.fast_ops import (PinnedSdpa, cuda_flags, fuse_group_norm_s
 from sdcn_trt.config import COMPILE_MODES, PRECISIONS, check_choice
 from sdcn_trt.errors import BackendUnavailableError, CompileError, InputError
 from sdcn_trt.export.descriptors import NetworkDescriptor
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}  # keyed by config.PRECISIONS
 
@@ -178,12 +182,18 @@ class TorchRunner(Runner):
         self.fast = FastPath.default_for(self._device, self.dtype) if fast is None else fast
         self.compile = compile
         self.module: Any = None  # the prepared nn.Module, or torch.compile's wrapper of it
+        self.compile_cache: Path | None = None  # where torch.compile's caches live (engines.compile_cache)
+        self._artifacts_saved = False
 
     @property
     def device(self) -> torch.device:
         return self._device
 
     def activate_impl(self) -> None:
+        if self.compile != "off" or (self.fast.gn_silu and self._device.type == "cuda"):  # inductor compiles
+            from sdcn_trt.engines.compile_cache import use_compile_cache
+
+            self.compile_cache = use_compile_cache(self._device)
         module: Any = prepare_module(self.descriptor, self._device, self.dtype, self.fast)
         if self.compile != "off":  # compiled at the first call, where the input shapes are known
             module = torch.compile(module, mode=None if self.compile == "default" else self.compile)
@@ -208,12 +218,23 @@ class TorchRunner(Runner):
         import torch._dynamo.exc
 
         try:
-            return self.module(*args)
+            out = self.module(*args)
         except torch._dynamo.exc.TorchDynamoException as exc:
             shapes = ", ".join(f"{n} {tuple(a.shape)}" for n, a in zip(self.descriptor.input_names, args, strict=True))
             cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CompileError(f"torch.compile (mode {self.compile!r}) failed on network '{self.name}' for inputs "
                                f"{shapes}: {type(exc).__name__}: {cause[:500]}; compile='off' runs it without torch.compile") from exc
+        if not self._artifacts_saved and self.compile_cache is not None:  # after the first compile: for the next process
+            from sdcn_trt.cache import hash_json
+            from sdcn_trt.engines.compile_cache import save_artifacts
+
+            self._artifacts_saved = True
+            what = {"network": self.name, "mode": self.compile, "dtype": str(self.dtype), "fast": repr(self.fast)}
+            try:
+                save_artifacts(self.compile_cache, f"{self.name}-{hash_json(what)[:12]}", what)
+            except Exception as exc:  # a full disk, a refusal of torch: the next process compiles again, this run goes on
+                logger.warning("compile cache: could not save torch.compile's artifacts in %s: %s", self.compile_cache, exc)
+        return out
 
 
 def cast_input(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
