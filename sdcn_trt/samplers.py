@@ -165,15 +165,35 @@ def scheduler_fields(cls: Any) -> set[str]:
 
 def known_config(name: str, config: Mapping[str, Any] | None) -> dict[str, Any]:
     """The base config a sampler's scheduler is built from: `config` (a model folder's scheduler config)
-    restricted to the fields the class accepts, else SD1.5's. Fields it does not know are logged."""
+    restricted to the fields the class accepts, else SD1.5's (log_config_use says what it drops)."""
     fields = scheduler_fields(scheduler_class(name))
     if config is None:
         return {k: v for k, v in SD15_SCHEDULER.items() if k in fields}
+    return {k: v for k, v in config.items() if k in fields}
+
+
+def pinned_options(name: str) -> dict[str, Any]:
+    """The fields that make diffusers' class sampler `name`, set over any model config (those the installed
+    diffusers knows: an option an older one lacks is its default there)."""
+    fields = scheduler_fields(scheduler_class(name))
+    return {k: v for k, v in SAMPLERS[name].options if k in fields}
+
+
+def log_config_use(name: str, config: Mapping[str, Any] | None) -> None:
+    """Say what a model folder's scheduler config does not decide: the fields the sampler's class does not
+    know (ignored), and the ones the sampler pins to other values (e.g. dpmpp_2m over use_karras_sigmas=true)."""
+    if config is None:
+        return
+    fields = scheduler_fields(scheduler_class(name))
     ignored = sorted(k for k in config if not k.startswith("_") and k not in fields)
     if ignored:
         logger.info("sampler %s: the model's scheduler config fields %s are not %s's; ignored", name,
                     ", ".join(ignored), SAMPLERS[name].scheduler)
-    return {k: v for k, v in config.items() if k in fields}
+    overridden = {k: (config[k], v) for k, v in pinned_options(name).items() if k in config and config[k] != v}
+    if overridden:
+        logger.info("sampler %s: the model's scheduler config sets %s; the sampler uses %s (they define %s)", name,
+                    ", ".join(f"{k}={mine!r}" for k, (mine, _) in overridden.items()),
+                    ", ".join(f"{k}={pinned!r}" for k, (_, pinned) in overridden.items()), name)
 
 
 def read_scheduler_config(model_dir: str | Path) -> dict[str, Any] | None:
@@ -195,9 +215,7 @@ def make_scheduler(name: str, config: Mapping[str, Any] | None = None) -> Any:
     info = SAMPLERS[check_sampler(name)]
     if not info.scheduler:
         raise InputError("ddim is ldm's own sampler (sdcn_trt.pipeline.scheduler), not a diffusers scheduler")
-    cls = scheduler_class(name)
-    fields = scheduler_fields(cls)  # (an option an older diffusers lacks is its default there)
-    return cls(**{**known_config(name, config), **{k: v for k, v in info.options if k in fields}})
+    return scheduler_class(name)(**{**known_config(name, config), **pinned_options(name)})
 
 
 _PROBE_LOCK = threading.Lock()  # the noise patch below is module-global: one probe at a time
@@ -302,6 +320,7 @@ def _verify(name: str, steps: int, config: Mapping[str, Any] | None, table: Samp
 @functools.lru_cache(maxsize=64)
 def _cached_schedule(name: str, steps: int, config_json: str | None) -> SamplerSchedule:
     config = None if config_json is None else json.loads(config_json)
+    log_config_use(name, config)
     with _PROBE_LOCK:
         try:
             xs, timesteps, scales, sigma, count = _probe(name, steps, config)

@@ -53,6 +53,20 @@ def diffusers_trajectory(name: str, steps: int, x0: torch.Tensor, offsets: torch
 @pytest.mark.parametrize("steps", [4, 10, 20])
 def test_table_follows_diffusers_step_by_step(name, steps):
     """fp32, every step: the table's update equals diffusers' scheduler.step within 1e-6 of the latents' scale."""
+    assert_follows_diffusers(name, steps)
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_2m_karras", "unipc"])
+@pytest.mark.parametrize("steps", [1, 2])
+def test_no_step_count_is_too_few_for_a_multistep_order(name, steps):
+    """diffusers' multistep schedulers drop to first order at the first step and (lower_order_final) the last,
+    so 1 and 2 steps are valid runs, not refusals: the tables build, look back on nothing, and follow
+    diffusers' loop."""
+    assert sampler_schedule(name, steps).history == 0
+    assert_follows_diffusers(name, steps)
+
+
+def assert_follows_diffusers(name: str, steps: int) -> None:
     gen = torch.Generator().manual_seed(steps)
     offsets = torch.randn(steps, 1, 4, 8, 8, generator=gen)
     noises = torch.randn(steps, 1, 4, 8, 8, generator=gen)
@@ -140,6 +154,24 @@ def test_step_kinds_compose_with_a_multistep_sampler(tiny, photo):
     assert config.step_kinds() == (6, ("full", "reuse_eps", "full", "reuse_eps", "full", "reuse_eps"))
 
 
+@pytest.mark.parametrize("name", ["dpmpp_2m", "unipc"])
+def test_shallow_steps_compose_with_a_multistep_sampler(tiny, photo, name):
+    """deepcache=N: the shallow UNet's prediction enters the sampler's history like a full step's; eager = static
+    bit for bit, and the shallow steps did run (the image is not the full schedule's)."""
+    config = GenerationConfig(image_resolution=64, ddim_steps=6, sampler=name, schedule="deepcache=2", seed=4)
+    assert config.step_kinds() == (6, ("full", "shallow") * 3)
+    pipe = ControlNetPipeline(tiny)
+    shallow = pipe.runner("unet_shallow")
+    real, timesteps = shallow.infer_impl, []
+    shallow.infer_impl = lambda feed: (timesteps.append(float(feed["timestep"])), real(feed))[1]
+    eager = pipe.run(photo, config).images[0]
+    assert timesteps == sampler_schedule(name, 6).timesteps[1::2]
+    static = ControlNetPipeline(tiny, BackendConfig(cuda_graph="loop")).run(photo, config).images[0]
+    full = ControlNetPipeline(tiny).run(photo, config.replace(schedule="full")).images[0]
+    assert np.array_equal(eager, static)
+    assert not np.array_equal(eager, full)
+
+
 def test_ancestral_noise_is_seeded_per_image(tiny_pipe, photo):
     """euler_a draws fresh noise every step from the image's own generator: the same seed gives the same
     image alone or in a batch (within 1 level: batched convolutions round differently, as for DDIM),
@@ -215,6 +247,25 @@ def test_a_model_folders_scheduler_config_is_read_and_its_unknown_fields_named(t
     (folder / "scheduler_config.json").write_text("[1, 2]")
     with pytest.raises(InputError, match="is not a JSON object"):
         read_scheduler_config(tmp_path)
+
+
+def test_an_option_the_sampler_pins_is_named_when_the_folder_sets_it_otherwise(caplog):
+    """A folder's use_karras_sigmas / solver_order do not turn dpmpp_2m into another sampler: the pinned
+    values win, and one line says which of the folder's values were overridden and what was used."""
+    from sdcn_trt import samplers
+
+    samplers._cached_schedule.cache_clear()  # the line is said when a table is built
+    folder = {**samplers.SD15_SCHEDULER, "use_karras_sigmas": True, "solver_order": 3}
+    with caplog.at_level(logging.INFO, logger="sdcn_trt.samplers"):
+        sampler_schedule("dpmpp_2m", 7, folder)
+        sampler_schedule("dpmpp_2m_karras", 7, folder)  # its own value agrees: only solver_order is named
+        sampler_schedule("dpmpp_2m", 7, samplers.SD15_SCHEDULER)  # nothing pinned is set: no line
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and " sets " in r.getMessage()]
+    assert lines == [
+        "sampler dpmpp_2m: the model's scheduler config sets solver_order=3, use_karras_sigmas=True; the sampler "
+        "uses solver_order=2, use_karras_sigmas=False (they define dpmpp_2m)",
+        "sampler dpmpp_2m_karras: the model's scheduler config sets solver_order=3; the sampler uses solver_order=2 "
+        "(they define dpmpp_2m_karras)"]
 
 
 def test_every_sampler_is_described():
@@ -293,6 +344,32 @@ def test_history_survives_a_runner_that_reuses_its_output_buffer_at_guidance_one
 
     monkeypatch.setattr(runner, "infer", reusing)
     assert np.array_equal(plain, pipe.run(photo, config).images[0])
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("name", TABLE_SAMPLERS)
+def test_every_sampler_runs_in_the_whole_loop_graph_like_eager_cuda(tiny, photo, name):
+    """Each table sampler captured with hint, steps and decode in one CUDA graph: its image is eager CUDA's of
+    the same sampler and seed (within 1 level, as tests/test_graphs.py's DDIM graphs), a replay repeats it,
+    and a replay never waits for the host (sync-debug 'error')."""
+    from sdcn_trt.pipeline.loop import GraphedLoop
+
+    from .conftest import replay_without_host_sync
+
+    config = GenerationConfig(image_resolution=64, ddim_steps=5, sampler=name, seed=3)
+    eager = ControlNetPipeline(tiny, BackendConfig(device="cuda")).run(photo, config).images[0]
+    pipe = ControlNetPipeline(tiny, BackendConfig(device="cuda", cuda_graph="loop"))
+    first = pipe.run(photo, config).images[0]
+    (loop,) = pipe._loops.values()
+    assert isinstance(loop, GraphedLoop) and loop.key.sampler == name
+    second = pipe.run(photo, config).images[0]  # a replay
+    assert np.array_equal(first, second)
+    assert pixel_diff(first, eager).max() <= 1
+    replay_without_host_sync(loop)
 
 
 def test_what_the_probe_cannot_represent_is_refused_with_the_reason(monkeypatch):
