@@ -115,3 +115,24 @@ def test_cli_checks_the_backend_before_loading_weights(monkeypatch, tmp_path, ph
                "--device", "cuda", "--checkpoint", str(tmp_path / "missing.pth")])  # a missing file would fail later
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: backend 'onnxruntime' is unavailable: onnxruntime ") and CPU_BUILD in err
+
+
+def test_a_cached_export_is_a_debug_line_an_export_news(tiny, tmp_path, caplog):
+    """A warm start says nothing at INFO about the caches it used (the demo's progress bar stays clean)."""
+    import logging
+
+    from sdcn_trt import BackendConfig
+    from sdcn_trt.engines import create_runner
+    from sdcn_trt.export.descriptors import get_descriptor
+
+    config = BackendConfig(backend="onnxruntime", cache_dir=str(tmp_path))
+    desc = get_descriptor("control_hint", tiny)
+    with caplog.at_level(logging.INFO, logger="sdcn_trt"):
+        create_runner(desc, config).activate()
+    assert "control_hint: fp32 ONNX at" in caplog.text and "exported in" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="sdcn_trt"):
+        create_runner(desc, config).activate()
+    hits = [r for r in caplog.records if "control_hint: fp32 ONNX at" in r.getMessage()]
+    assert len(hits) == 1 and hits[0].levelno == logging.DEBUG
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO and r.name.startswith("sdcn_trt")]

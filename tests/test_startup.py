@@ -52,7 +52,7 @@ def test_first_load_writes_the_cache_and_the_next_maps_it(tiny, ckpt, tmp_path, 
     assert cold.is_loaded() and entries(tmp_path) == []
     first = load_single_file(ckpt, cache_dir=tmp_path)
     assert entries(tmp_path) == [f"{first.weights_id()[:24]}-fp32"]
-    with caplog.at_level(logging.INFO, logger="sdcn_trt"):
+    with caplog.at_level(logging.DEBUG, logger="sdcn_trt"):  # a cache hit: a debug line
         warm = load_single_file(ckpt, cache_dir=tmp_path)
     assert "using weights cache entry" in caplog.text
     assert not warm.is_loaded()  # nothing read yet: the networks are filled on first use

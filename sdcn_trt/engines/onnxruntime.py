@@ -47,8 +47,9 @@ class OnnxRuntimeRunner(Runner):
         settings = ExportSettings(precision=self.config.precision)
         prepared = prepare_onnx(self.descriptor, self.config.cache_path(), settings)  # swaps weights, or exports
         export = self.export = prepared.export
-        logger.info("%s: %s ONNX at %s (%s)", self.name, settings.precision, export.path,
-                    prepared.note if export.cached else f"exported in {export.seconds:.1f} s")
+        # a cache hit is a debug line (a warm run shows its progress and summary only), an export news
+        logger.log(logging.DEBUG if export.cached else logging.INFO, "%s: %s ONNX at %s (%s)", self.name,
+                   settings.precision, export.path, prepared.note if export.cached else f"exported in {export.seconds:.1f} s")
         if self._device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise BackendUnavailableError(

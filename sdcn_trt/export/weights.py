@@ -87,7 +87,7 @@ def prepare_onnx(descriptor: NetworkDescriptor, cache_dir: Path, settings: Expor
             continue
         note = (f"{folder.name} with {len(plan.values)} initializers replaced "
                 f"({len(plan.changed)} parameters changed), no export")
-        logger.info("%s: running %s", descriptor.name, note)
+        logger.debug("%s: running %s", descriptor.name, note)
         return PreparedOnnx(ExportResult(folder / model_file, meta["key"], True, {}, 0.0), plan.values, note)
     if reasons:
         logger.info("%s: re-exporting; no cached export of this graph can take the new weights: %s",

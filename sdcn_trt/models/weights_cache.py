@@ -157,7 +157,7 @@ def lazy_components(root: Path, key: str, precision: str, meta: dict[str, Any], 
                     source: str) -> Components:
     """Components on a cache entry: networks built empty from its configs, loaded on first use."""
     folder = entry_folder(root, key, precision)
-    logger.info("%s: using weights cache entry %s", source, folder)
+    logger.debug("%s: using weights cache entry %s", source, folder)
     networks = build_empty(meta["configs"])
     return Components(tokenizer, networks["text_encoder"], networks["unet"], networks["controlnet"], networks["vae"],
                       source=source, weights_key=key, loader=entry_loader(folder), precision=precision).eval_()

@@ -194,7 +194,7 @@ class TensorRTRunner(Runner):
                                            "weights": weight_map.to_json() if weight_map else None}, default=list))
             engine = runtime.deserialize_cuda_engine(plan)
         else:
-            logger.info("%s: cached %s engine %s", self.name, self.settings.precision, folder)
+            logger.debug("%s: cached %s engine %s", self.name, self.settings.precision, folder)
         self.engine = engine
         self.context = engine.create_execution_context()
         self.stream = torch.cuda.Stream(self._device)
