@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 from sdcn_trt.config import BACKENDS, BackendConfig
 from sdcn_trt.engines.base import Runner
@@ -89,7 +90,8 @@ def create_runner(descriptor: NetworkDescriptor, config: BackendConfig) -> Runne
         from sdcn_trt.engines.torch import TorchRunner
 
         runner = TorchRunner(descriptor, device=config.device, precision=config.precision,
-                             compile=config.compile if config.compiles(descriptor.name) else "off")
+                             compile=config.compile if config.compiles(descriptor.name) else "off",
+                             cache_dir=Path(config.cache_dir) if config.cache_dir else None)
     elif config.backend == "inductor":
         from sdcn_trt.engines.inductor import InductorRunner
         from sdcn_trt.engines.inductor.plan import InductorSettings

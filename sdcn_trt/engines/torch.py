@@ -174,7 +174,7 @@ class TorchRunner(Runner):
     float32."""
 
     def __init__(self, descriptor: NetworkDescriptor, device: str | torch.device = "cpu", precision: str = "fp32",
-                 fast: FastPath | None = None, compile: str = "off"):
+                 fast: FastPath | None = None, compile: str = "off", cache_dir: Path | None = None):
         super().__init__(descriptor)
         check_choice("compile mode", compile, COMPILE_MODES)
         self._device = resolve_device(device)
@@ -182,7 +182,8 @@ class TorchRunner(Runner):
         self.fast = FastPath.default_for(self._device, self.dtype) if fast is None else fast
         self.compile = compile
         self.module: Any = None  # the prepared nn.Module, or torch.compile's wrapper of it
-        self.compile_cache: Path | None = None  # where torch.compile's caches live (engines.compile_cache)
+        self.cache_dir = cache_dir  # the sdcn_trt cache torch.compile's caches go in (None: $SDCN_TRT_CACHE)
+        self.compile_cache: Path | None = None  # where they are (engines.compile_cache), once activated
         self._artifacts_saved = False
 
     @property
@@ -193,7 +194,7 @@ class TorchRunner(Runner):
         if self.compile != "off" or (self.fast.gn_silu and self._device.type == "cuda"):  # inductor compiles
             from sdcn_trt.engines.compile_cache import use_compile_cache
 
-            self.compile_cache = use_compile_cache(self._device)
+            self.compile_cache = use_compile_cache(self._device, self.cache_dir)
         module: Any = prepare_module(self.descriptor, self._device, self.dtype, self.fast)
         if self.compile != "off":  # compiled at the first call, where the input shapes are known
             module = torch.compile(module, mode=None if self.compile == "default" else self.compile)
