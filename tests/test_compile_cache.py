@@ -129,3 +129,17 @@ def test_a_save_writes_the_file_whole_or_not_at_all(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         cc.save_artifacts(tmp_path, "other", {})
     assert sorted(p.name for p in (tmp_path / cc.ARTIFACTS).iterdir()) == ["net.bin", "net.json"]  # no half entry
+
+
+def test_the_backends_cache_dir_holds_the_compile_cache(tiny, tmp_path, monkeypatch):
+    from sdcn_trt import BackendConfig
+    from sdcn_trt.engines import create_runner
+
+    monkeypatch.delenv(cc.INDUCTOR_ENV, raising=False)
+    runner = create_runner(get_descriptor("control_hint", tiny), BackendConfig(compile="default", cache_dir=str(tmp_path)))
+    runner.activate()  # compiles nothing yet: that happens at the first call
+    assert runner.compile_cache.parent == tmp_path / "torch_compile"
+    assert os.environ[cc.INDUCTOR_ENV] == str(runner.compile_cache / "inductor")
+    eager = create_runner(get_descriptor("control_hint", tiny), BackendConfig(cache_dir=str(tmp_path / "eager")))
+    eager.activate()
+    assert eager.compile_cache is None and not (tmp_path / "eager").exists()  # nothing compiles: no cache folder
