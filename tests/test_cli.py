@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import cv2
+import numpy as np
 import pytest
 
 from sdcn_trt import backend_available
@@ -39,6 +40,46 @@ def test_generate_and_batch_write_the_same_files(tiny_pipe, tmp_path, photo_file
     assert generated == ["cat.png", "cat_canny.png", "sub/dog.png", "sub/dog_canny.png"]
     for name in generated:
         assert (tmp_path / "gen" / name).read_bytes() == (tmp_path / "batch" / name).read_bytes()
+
+
+SMALL = ["--image-resolution", "64", "--ddim-steps", "4"]  # (ldm's DDIM reference cannot run 3)
+
+
+def _record_samplers(monkeypatch) -> list[str]:
+    """The sampler of every image the pipeline runs, in order."""
+    from sdcn_trt import ControlNetPipeline
+
+    seen, real = [], ControlNetPipeline.run
+
+    def run(self, image, config, *args, **kwargs):
+        seen.append(config.sampler)
+        return real(self, image, config, *args, **kwargs)
+
+    monkeypatch.setattr(ControlNetPipeline, "run", run)
+    return seen
+
+
+def test_score_runs_the_sampler_it_is_given(tmp_path, photo_file, monkeypatch, capsys):
+    """The scored runs (warm-up and timed) use --sampler; the reference stays ldm's DDIM (process())."""
+    seen = _record_samplers(monkeypatch)
+    out = tmp_path / "score"
+    assert main(["score", str(photo_file.parent), "-o", str(out), "--random-fid", *SMALL, "--sampler", "unipc"]) == 0
+    assert seen == ["ddim", "unipc", "unipc"]
+    assert (out / "full" / "cat.jpg").is_file() and "report:" in capsys.readouterr().out
+
+
+def test_batch_runs_the_sampler_it_is_given(tiny_pipe, tmp_path, photo_file, monkeypatch):
+    from sdcn_trt import GenerationConfig
+
+    seen = _record_samplers(monkeypatch)
+    out = tmp_path / "batch"
+    assert main(["batch", str(photo_file.parent), str(out), *SMALL, "--sampler", "unipc"]) == 0
+    assert seen == ["unipc"]
+    (row,) = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert row["settings"]["sampler"] == "unipc"
+    config = GenerationConfig(image_resolution=64, ddim_steps=4, sampler="unipc")
+    expected = tiny_pipe.run(cv2.imread(str(photo_file)), config).images[0]  # as tests/test_batch.py reads it
+    assert np.array_equal(cv2.imread(str(out / "cat.png"))[:, :, ::-1], expected)
 
 
 def test_generate_refuses_inputs_that_would_overwrite_each_other(tmp_path, photo_file, capsys):

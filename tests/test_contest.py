@@ -136,6 +136,23 @@ def test_process_before_initialize():
         hackathon().process(np.zeros((8, 8, 3), np.uint8), *contest_arguments())
 
 
+def test_process_runs_ddim_whatever_else_is_set(monkeypatch):
+    """The contest's reference images are ldm's DDIM, and process() takes no sampler: the config it runs has
+    sampler 'ddim' under a non-default schedule, eta and step count, whatever an environment names."""
+    from types import SimpleNamespace
+
+    from sdcn_trt import BackendConfig
+
+    monkeypatch.setenv("SDCN_SAMPLER", "unipc")
+    seen = []
+    game = hackathon(ContestSettings(BackendConfig(), "a test", schedule="eps=10"))
+    game.pipe = SimpleNamespace(run=lambda image, config: seen.append(config) or SimpleNamespace(images=[image]))
+    image = np.zeros((8, 8, 3), np.uint8)
+    assert game.process(image, *contest_arguments(GenerationConfig(ddim_steps=12, eta=0.5))) == [image]
+    (config,) = seen
+    assert (config.sampler, config.schedule, config.ddim_steps, config.eta) == ("ddim", "eps=10", 12, 0.5)
+
+
 def test_contest_kit_command(tmp_path, capsys):
     kit = tmp_path / "kit"
     assert main(["contest-kit", str(kit)]) == 0
