@@ -2,8 +2,9 @@
 DDIM update) with each FastPath switch added on its own to the default, timed inside a CUDA graph (where
 the host no longer hides the GPU's cost) and eagerly, with each variant's difference from the plain
 module (the data behind FastPath's defaults). `--inductor` adds the compiled steps, compile time included:
-the inductor backend's without and with max_autotune, and the default under torch.compile (default and
-max-autotune-no-cudagraphs modes).
+the inductor backend's without and with max_autotune, and the CUDA fp16 default under torch.compile
+(default and max-autotune-no-cudagraphs modes, NCHW for comparison, and each diffusion-fast inductor
+setting of config.COMPILE_FLAGS alone, then all three).
 
     python -m benchmarks.fast_path --device cuda --precision fp16      # sd15-random, contest shape
     python -m benchmarks.fast_path --device cuda --sdpa-table benchmarks/results/sdpa-cuda-fp16-....json
@@ -22,12 +23,14 @@ from typing import Any, Callable
 import torch
 
 from benchmarks.profile import step_function
+from sdcn_trt.config import COMPILE_FLAGS
 from sdcn_trt.engines.torch import FastPath
 from sdcn_trt.errors import InputError
 from sdcn_trt.export.descriptors import ShapeSpec
 from sdcn_trt.scoring.latency import measure, synchronize
 
-DEFAULT = FastPath(sdpa=True, fuse_qkv=True)  # FastPath.default_for(cuda, fp16)
+DEFAULT = FastPath(sdpa=True, fuse_qkv=True)  # the base each switch is added to (the CUDA fp16 default before 3869be8)
+CUDA_DEFAULT = FastPath.default_for(torch.device("cuda"), torch.float16)  # today's: + channels_last + gn_silu
 VARIANTS = {
     "plain": FastPath(),
     "default (sdpa+fuse_qkv)": DEFAULT,
@@ -45,8 +48,15 @@ VARIANTS = {
 UPDATE_VARIANTS = {"+fused_update": DEFAULT}
 INDUCTOR = {"inductor": {"max_autotune": False}, "inductor max_autotune": {"max_autotune": True}}
 # the default under torch.compile (JIT inductor: no package to load), compiled at the first call
-COMPILED = {"torch.compile": {"fast": DEFAULT, "compile": "default"},
-            "torch.compile max-autotune-no-cudagraphs": {"fast": DEFAULT, "compile": "max-autotune-no-cudagraphs"}}
+# torch.compile over today's CUDA fp16 default (channels_last, NHWC GroupNorms), over NCHW, in both modes; then
+# diffusers' diffusion-fast inductor settings (config.COMPILE_FLAGS), each alone over the default mode, then all
+COMPILED = {"torch.compile": {"fast": CUDA_DEFAULT, "compile": "default"},
+            "torch.compile NCHW (sdpa+fuse_qkv)": {"fast": DEFAULT, "compile": "default"},
+            "torch.compile max-autotune-no-cudagraphs": {"fast": CUDA_DEFAULT, "compile": "max-autotune-no-cudagraphs"}}
+COMPILED.update({f"torch.compile +{flag}": {"fast": CUDA_DEFAULT, "compile": "default", "compile_flags": (flag,)}
+                 for flag in COMPILE_FLAGS})
+COMPILED["torch.compile +diffusion-fast (all three)"] = {"fast": CUDA_DEFAULT, "compile": "default",
+                                                         "compile_flags": tuple(COMPILE_FLAGS)}
 
 
 def per_head_size_variant(table: str | Path, precision: str, device: str) -> tuple[str, FastPath]:
@@ -87,18 +97,20 @@ def time_step(step: Any, device: torch.device, repeats: int) -> dict[str, Any]:
 
 
 def run(components: Any, device: str, precision: str, repeats: int, spec: ShapeSpec = ShapeSpec(),
-        variants: dict[str, FastPath] = VARIANTS, inductor: bool = False,
+        variants: dict[str, FastPath] = VARIANTS, inductor: bool = False, compiled: list[str] | None = None,
         after_each: Callable[[dict[str, Any]], None] = lambda results: None) -> dict[str, Any]:
     """Per variant: step latency (ms; inside a graph on CUDA), setup seconds and max |difference| of the
     step's latents from the plain variant's; a variant the device cannot run records why. `after_each`
-    gets the results so far after every variant (a run stopped by a time limit keeps them)."""
+    gets the results so far after every variant (a run stopped by a time limit keeps them). `inductor` adds
+    the compiled steps: those named in `compiled` (INDUCTOR and COMPILED names), else all."""
     from sdcn_trt.engines.torch import resolve_device
 
     dev = resolve_device(device)
     jobs: list[tuple[str, str, dict[str, Any]]] = [
         (n, "torch", {"fast": f, "fused_update": n in UPDATE_VARIANTS}) for n, f in variants.items()]
     if inductor:
-        jobs += [(n, "inductor", o) for n, o in INDUCTOR.items()] + [(n, "torch", o) for n, o in COMPILED.items()]
+        jobs += [(n, "inductor", o) for n, o in INDUCTOR.items() if compiled is None or n in compiled]
+        jobs += [(n, "torch", o) for n, o in COMPILED.items() if compiled is None or n in compiled]
     results: dict[str, Any] = {}
     plain: torch.Tensor | None = None
     for name, backend, options in jobs:
@@ -150,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=ShapeSpec().width)
     parser.add_argument("--variants", nargs="+", choices=[*VARIANTS, *UPDATE_VARIANTS], help="default: all")
     parser.add_argument("--inductor", action="store_true", help="also the compiled steps (minutes on a GPU): AOTInductor "
-                        "without / with max_autotune, torch.compile default / max-autotune-no-cudagraphs")
+                        "without / with max_autotune, torch.compile default / max-autotune-no-cudagraphs / NCHW / "
+                        "each diffusion-fast inductor setting")
+    parser.add_argument("--compiled", nargs="+", choices=[*INDUCTOR, *COMPILED], metavar="NAME",
+                        help=f"with --inductor: only these compiled steps (default: all): {', '.join([*INDUCTOR, *COMPILED])}")
     parser.add_argument("--sdpa-table", metavar="JSON", help="a benchmarks.sdpa report: adds the variant pinning "
                         "each head size to the kernel it found fastest there")
     parser.add_argument("--out", nargs="+", default=[str(Path(__file__).parent / "results")])
@@ -180,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             (Path(folder) / f"{stem}.md").write_text(markdown(report))
 
     write(run(load_preset(args.preset), args.device, args.precision, args.repeats,
-              ShapeSpec(1, args.height, args.width), variants, args.inductor, write))
+              ShapeSpec(1, args.height, args.width), variants, args.inductor, args.compiled, write))
     print(markdown(report))
     return 0
 

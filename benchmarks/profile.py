@@ -166,7 +166,8 @@ def step_function(backend: str, components: Any, device: torch.device, precision
     if backend == "torch" and "fast" in options:
         from sdcn_trt.engines.torch import TorchRunner
 
-        runner = TorchRunner(desc, device, precision, fast=options["fast"], compile=options.get("compile", "off"))
+        runner = TorchRunner(desc, device, precision, fast=options["fast"], compile=options.get("compile", "off"),
+                             compile_flags=options.get("compile_flags", ()))
     elif backend == "inductor":
         from sdcn_trt.engines.inductor.runner import InductorRunner
         from sdcn_trt.engines.inductor.plan import InductorSettings

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sdcn_trt.models.single_file import load_single_file
 from sdcn_trt.config import (
-    BACKENDS, COMPILE_MODES, CONTEST_HEIGHT, CONTEST_WIDTH, GRAPH_MODES, NETWORKS, PRECISIONS, BackendConfig,
+    BACKENDS, COMPILE_FLAGS, COMPILE_MODES, CONTEST_HEIGHT, CONTEST_WIDTH, GRAPH_MODES, NETWORKS, PRECISIONS, BackendConfig,
     GenerationConfig,
 )
 from sdcn_trt.engines import require_backend
@@ -66,6 +66,9 @@ def add_backend_args(parser: argparse.ArgumentParser) -> None:
                         "this mode; they compile at the first image (the tiny preset's fused step: about a minute "
                         "on a 2-core CPU); with --cuda-graph loop the loop is captured around the compiled kernels (torch.compile's "
                         "reduce-overhead and max-autotune modes are not offered: they capture CUDA graphs of their own)")
+    g.add_argument("--compile-flags", nargs="*", default=(), choices=list(COMPILE_FLAGS), metavar="FLAG",
+                   help="with --compile: inductor settings added to the mode (diffusers' diffusion-fast recipe; "
+                        f"off by default until a GPU run measures them): {', '.join(COMPILE_FLAGS)}")
 
 
 def add_generation_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
@@ -119,7 +122,8 @@ def backend_config(args: argparse.Namespace) -> BackendConfig:
         max_batch = args.batch_size * getattr(args, "num_samples", 1)
     return BackendConfig(backend=args.backend, device=args.device, precision=args.precision, cache_dir=args.cache_dir,
                          cuda_graph=args.cuda_graph, check_finite=args.check_finite, max_batch=max_batch,
-                         compiled_networks=args.compiled_networks, compile=args.compile)
+                         compiled_networks=args.compiled_networks, compile=args.compile,
+                         compile_flags=tuple(args.compile_flags))
 
 
 def usable_backend(args: argparse.Namespace) -> BackendConfig:

@@ -30,6 +30,13 @@ GRAPH_MODES = ("off", "step", "loop")  # CUDA graphs: none, one per step, the wh
 # modes with CUDA graph trees of their own (reduce-overhead, max-autotune) are left out: cuda_graph captures
 # the whole loop instead, around the compiled kernels.
 COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs")
+# inductor settings torch.compile can add (BackendConfig.compile_flags), each measured alone by
+# `benchmarks.fast_path --inductor`: diffusers' "diffusion-fast" recipe. Off until a GPU run says which win.
+COMPILE_FLAGS = {
+    "conv_1x1_as_mm": {"conv_1x1_as_mm": True},  # 1x1 convolutions as GEMMs (fusable with their neighbours)
+    "coordinate_descent_tuning": {"coordinate_descent_tuning": True},  # tune each Triton kernel's launch parameters
+    "no_epilogue_fusion": {"epilogue_fusion": False},  # no pointwise epilogues fused into template GEMMs
+}
 # every network a runner can run, by name (export.descriptors has one descriptor for each, and checks it)
 NETWORKS = ("text_encoder", "control_hint", "controlnet", "unet", "fused_step", "unet_deep", "unet_shallow",
             "vae_decoder", "vae_encoder")
@@ -175,6 +182,15 @@ def _check_int(config: GenerationConfig, name: str, minimum: int) -> None:
         raise InputError(f"{name} must be >= {minimum}, got {value}")
 
 
+def check_compile_flags(flags: object) -> tuple[str, ...]:
+    """The flags as a sorted tuple without repeats (equal choices give equal keys); an unknown one names the valid."""
+    if isinstance(flags, str) or not isinstance(flags, (tuple, list)):
+        raise InputError(f"compile_flags must be a list of names, got {flags!r}; valid: {', '.join(COMPILE_FLAGS)}")
+    for flag in flags:
+        check_choice("compile flag", flag, tuple(COMPILE_FLAGS))
+    return tuple(sorted(set(flags)))
+
+
 @dataclass(frozen=True)
 class BackendConfig:
     """Which backend runs the networks, where, and in what precision."""
@@ -191,6 +207,7 @@ class BackendConfig:
     # or the torch backend compiles when `compile` is on; the others run on eager torch at the same device and
     # precision. None: all of them. onnxruntime, and torch without `compile`, ignore it
     compile: str = "off"  # torch backend: torch.compile mode (COMPILE_MODES) of the compiled_networks
+    compile_flags: tuple[str, ...] = ()  # inductor settings added to that mode (COMPILE_FLAGS); needs compile on
 
     def __post_init__(self) -> None:
         check_choice("backend", self.backend, BACKENDS)
@@ -215,6 +232,10 @@ class BackendConfig:
                              + ": use backend='torch' or compile='off'")
         if self.cuda_graph == "step" and not self.device.startswith("cuda"):
             raise InputError("cuda_graph='step' needs device='cuda'")
+        object.__setattr__(self, "compile_flags", check_compile_flags(self.compile_flags))
+        if self.compile_flags and self.compile == "off":
+            raise InputError(f"compile_flags {', '.join(self.compile_flags)} are torch.compile's inductor settings; "
+                             "they need compile='default' or 'max-autotune-no-cudagraphs'")
 
     def cache_path(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else cache_root()

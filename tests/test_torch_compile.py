@@ -153,3 +153,51 @@ def test_compiled_step_inside_the_loop_graph_on_cuda(tiny, photo, mode):
     assert np.abs(first.astype(int) - eager).max() <= 1
     (loop,) = pipe._loops.values()
     replay_without_host_sync(loop)
+
+
+def test_compile_flags_are_checked_and_reach_torch_compile(tiny, monkeypatch):
+    """BackendConfig.compile_flags: validated, sorted, refused without a mode; the runner hands torch.compile the
+    mode's own inductor options with the flags' settings over them (torch takes a mode or options, not both)."""
+    from sdcn_trt.engines.torch import compile_arguments
+
+    config = BackendConfig(compile="default", compile_flags=["no_epilogue_fusion", "conv_1x1_as_mm", "conv_1x1_as_mm"])
+    assert config.compile_flags == ("conv_1x1_as_mm", "no_epilogue_fusion")
+    with pytest.raises(InputError, match="unknown compile flag 'fast'; choose one of conv_1x1_as_mm, "
+                                         "coordinate_descent_tuning, no_epilogue_fusion"):
+        BackendConfig(compile="default", compile_flags=("fast",))
+    with pytest.raises(InputError, match="compile_flags must be a list of names, got 'conv_1x1_as_mm'"):
+        BackendConfig(compile="default", compile_flags="conv_1x1_as_mm")
+    with pytest.raises(InputError, match="they need compile='default' or 'max-autotune-no-cudagraphs'"):
+        BackendConfig(compile_flags=("conv_1x1_as_mm",))
+    with pytest.raises(InputError, match="need a torch.compile mode, not compile='off'"):
+        TorchRunner(get_descriptor("control_hint", tiny), compile_flags=("conv_1x1_as_mm",))
+    assert compile_arguments("default", ()) == {"mode": None}
+    assert compile_arguments("max-autotune-no-cudagraphs", ()) == {"mode": "max-autotune-no-cudagraphs"}
+    assert compile_arguments("default", ("conv_1x1_as_mm", "no_epilogue_fusion")) == {
+        "options": {"conv_1x1_as_mm": True, "epilogue_fusion": False}}
+    tuned = compile_arguments("max-autotune-no-cudagraphs", ("no_epilogue_fusion",))["options"]
+    assert tuned["max_autotune"] is True and tuned["epilogue_fusion"] is False
+    runner = create_runner(get_descriptor("control_hint", tiny), BackendConfig(
+        compile="default", compile_flags=("conv_1x1_as_mm",), compiled_networks=("control_hint",)))
+    assert runner.compile_flags == ("conv_1x1_as_mm",)
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: seen.update(kwargs) or module)
+    runner.activate()
+    assert seen == {"options": {"conv_1x1_as_mm": True}}
+    eager = create_runner(get_descriptor("vae_decoder", tiny), BackendConfig(
+        compile="default", compile_flags=("conv_1x1_as_mm",), compiled_networks=("control_hint",)))
+    assert (eager.compile, eager.compile_flags) == ("off", ())  # not a compiled network: no flags either
+
+
+def test_cli_compile_flags_map_onto_the_backend(photo_file, tmp_path, capsys):
+    from sdcn_trt.cli import build_parser
+    from sdcn_trt.cli_options import backend_config
+
+    args = build_parser().parse_args(["generate", str(photo_file), "--compile", "default", "--compile-flags",
+                                      "coordinate_descent_tuning", "conv_1x1_as_mm"])
+    assert backend_config(args).compile_flags == ("conv_1x1_as_mm", "coordinate_descent_tuning")
+    rc = main(["generate", str(photo_file), "--preset", "tiny", "--compile-flags", "conv_1x1_as_mm",
+               "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "compile_flags conv_1x1_as_mm are torch.compile's inductor settings" in err
+    assert not (tmp_path / "out").exists()

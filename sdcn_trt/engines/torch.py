@@ -18,7 +18,7 @@ from torch import nn
 from sdcn_trt.engines.base import Runner
 from sdcn_trt.engines.fast_ops import (PinnedSdpa, cuda_flags, fuse_group_norm_silu, keep_transformer_outputs_nhwc,
                                        parse_sdpa_kernels, sdpa_kernel_for, sdpa_kernels_spelling)
-from sdcn_trt.config import COMPILE_MODES, PRECISIONS, check_choice
+from sdcn_trt.config import COMPILE_FLAGS, COMPILE_MODES, PRECISIONS, check_choice, check_compile_flags
 from sdcn_trt.errors import BackendUnavailableError, CompileError, InputError
 from sdcn_trt.export.descriptors import NetworkDescriptor
 
@@ -174,13 +174,17 @@ class TorchRunner(Runner):
     float32."""
 
     def __init__(self, descriptor: NetworkDescriptor, device: str | torch.device = "cpu", precision: str = "fp32",
-                 fast: FastPath | None = None, compile: str = "off", cache_dir: Path | None = None):
+                 fast: FastPath | None = None, compile: str = "off", compile_flags: tuple[str, ...] = (),
+                 cache_dir: Path | None = None):
         super().__init__(descriptor)
         check_choice("compile mode", compile, COMPILE_MODES)
         self._device = resolve_device(device)
         self.dtype = resolve_dtype(descriptor.precision_for(precision))
         self.fast = FastPath.default_for(self._device, self.dtype) if fast is None else fast
         self.compile = compile
+        self.compile_flags = check_compile_flags(compile_flags)  # COMPILE_FLAGS added to the mode's inductor settings
+        if self.compile_flags and compile == "off":
+            raise InputError(f"compile_flags {', '.join(self.compile_flags)} need a torch.compile mode, not compile='off'")
         self.module: Any = None  # the prepared nn.Module, or torch.compile's wrapper of it
         self.cache_dir = cache_dir  # the sdcn_trt cache torch.compile's caches go in (None: $SDCN_TRT_CACHE)
         self.compile_cache: Path | None = None  # where they are (engines.compile_cache), once activated
@@ -197,7 +201,7 @@ class TorchRunner(Runner):
             self.compile_cache = use_compile_cache(self._device, self.cache_dir)
         module: Any = prepare_module(self.descriptor, self._device, self.dtype, self.fast)
         if self.compile != "off":  # compiled at the first call, where the input shapes are known
-            module = torch.compile(module, mode=None if self.compile == "default" else self.compile)
+            module = torch.compile(module, **compile_arguments(self.compile, self.compile_flags))
         self.module = module
 
     def deactivate_impl(self) -> None:
@@ -230,12 +234,26 @@ class TorchRunner(Runner):
             from sdcn_trt.engines.compile_cache import save_artifacts
 
             self._artifacts_saved = True
-            what = {"network": self.name, "mode": self.compile, "dtype": str(self.dtype), "fast": repr(self.fast)}
+            what = {"network": self.name, "mode": self.compile, "flags": list(self.compile_flags), "dtype": str(self.dtype),
+                    "fast": repr(self.fast)}
             try:
                 save_artifacts(self.compile_cache, f"{self.name}-{hash_json(what)[:12]}", what)
             except Exception as exc:  # a full disk, a refusal of torch: the next process compiles again, this run goes on
                 logger.warning("compile cache: could not save torch.compile's artifacts in %s: %s", self.compile_cache, exc)
         return out
+
+
+def compile_arguments(mode: str, flags: tuple[str, ...]) -> dict[str, Any]:
+    """torch.compile's keyword arguments for a COMPILE_MODES mode plus COMPILE_FLAGS: the mode alone, or (torch
+    takes a mode or options, not both) the mode's own inductor options with the flags' settings over them."""
+    if not flags:
+        return {"mode": None if mode == "default" else mode}
+    from torch._inductor import list_mode_options
+
+    options = dict(list_mode_options(mode))  # "default": {}
+    for flag in flags:
+        options.update(COMPILE_FLAGS[flag])
+    return {"options": options}
 
 
 def cast_input(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
