@@ -3,23 +3,28 @@
     python -m benchmarks.startup                       # writes the file once, runs every case, deletes it
     python -m benchmarks.startup --keep --work /tmp/x  # keep the file and caches for another run
     python -m benchmarks.startup --baseline /path/to/older/checkout   # adds a row measured with older code
+    python -m benchmarks.startup --preset tiny --cases "preset compiled"  # torch.compile: compile, then from cache
 
 The file is written by the project's own `ldm_layout.save_single_file` from the sd15-random preset
 (the layout and size of control_sd15_canny.pth: 5.71 GB fp32). Per case: imports, load, a ready
 pipeline (every runner activated: torch modules built, onnxruntime sessions made), a first 1-step
 256x384 image, and the peak resident memory (ru_maxrss, which counts mapped file pages once touched).
 'cold' starts with an empty cache folder (the file is hashed, converted and written to the weights
-cache), 'warm' with that cache present.
+cache), 'warm' with that cache present. The 'compiled' cases run every network through torch.compile
+(BackendConfig.compile='default'): cold compiles, warm compiles from the caches the cold case left in the
+case's cache folder (sdcn_trt.engines.compile_cache), each process with a temp folder of its own.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,9 +35,9 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
 START = time.perf_counter()
-# (label, source, backend, precision, cache state): 'none' = cache=False, 'cold' = an empty cache folder,
-# 'warm' = the cache the case before left
-CASES = [
+# (label, source, backend, precision, cache state[, torch.compile mode]): 'none' = cache=False, 'cold' = an
+# empty cache folder, 'warm' = the cache the case before left
+CASES: list[tuple[str, ...]] = [
     ("torch fp32, no cache", "file", "torch", "fp32", "none"),
     ("torch fp32, cold", "file", "torch", "fp32", "cold"),
     ("torch fp32, warm", "file", "torch", "fp32", "warm"),
@@ -42,6 +47,8 @@ CASES = [
     ("onnxruntime fp32, warm", "file", "onnxruntime", "fp32", "warm"),
     ("preset, cold", "preset", "torch", "fp32", "cold"),  # the preset the file is written from, drawn
     ("preset, warm", "preset", "torch", "fp32", "warm"),  # ... and mapped from the weights cache
+    ("preset compiled, cold", "preset", "torch", "fp32", "cold", "default"),  # every network compiled ...
+    ("preset compiled, warm", "preset", "torch", "fp32", "warm", "default"),  # ... and again from the caches
 ]
 
 
@@ -85,7 +92,8 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
     logging.getLogger("sdcn_trt").setLevel(logging.INFO)
     result: dict[str, Any] = {"load_average": os.getloadavg()[0], "import_s": time.perf_counter() - START,
                               "rss_before_load_gib": rss_now()["VmRSS"], "logs": logs}
-    backend = BackendConfig(backend=args.backend, precision=args.precision, cache_dir=args.cache_dir)
+    backend = BackendConfig(backend=args.backend, precision=args.precision, cache_dir=args.cache_dir,
+                            compile=args.compile)
     kwargs: dict[str, Any] = {}
     params = inspect.signature(ControlNetPipeline.from_single_file).parameters
     if "cache" in params:
@@ -120,6 +128,7 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
         result["first_image_s"] = time.perf_counter() - clock
         result["first_image_from_start_s"] = time.perf_counter() - START
         result["image_shape"] = list(image.shape)
+        result["image_sha256"] = hashlib.sha256(image.tobytes()).hexdigest()  # cold and warm cases: the same image?
         clock = time.perf_counter()
         pipe.run(photo, GenerationConfig(ddim_steps=1))
         result["second_image_s"] = time.perf_counter() - clock  # the same work, weights in memory
@@ -225,6 +234,7 @@ def main() -> int:
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--cache", default="warm")
     parser.add_argument("--cache-dir")
+    parser.add_argument("--compile", default="off")
     parser.add_argument("--result")
     args = parser.parse_args()
     if args.case:
@@ -244,12 +254,13 @@ def main() -> int:
         report["file_written"] = write_file(path, args.preset)
     report["file_bytes"] = path.stat().st_size
     cases = [c for c in CASES if not args.cases or any(c[0].startswith(p) for p in args.cases)]
-    runs = [(f"{args.preset} {label}" if source == "preset" else label, source, backend, precision, cache, None)
-            for label, source, backend, precision, cache in cases]
+    runs = [(f"{args.preset} {label}" if source == "preset" else label, source, backend, precision, cache,
+             compile_mode[0] if compile_mode else "off", None)
+            for label, source, backend, precision, cache, *compile_mode in cases]
     if args.baseline:
-        runs.insert(0, ("torch fp32, baseline code", "file", "torch", "fp32", "none", args.baseline))
-    for label, source, backend, precision, cache, code in runs:
-        cache_dir = work / f"cache-{source}-{backend}"
+        runs.insert(0, ("torch fp32, baseline code", "file", "torch", "fp32", "none", "off", args.baseline))
+    for label, source, backend, precision, cache, compile_mode, code in runs:
+        cache_dir = work / (f"cache-{source}-{backend}" + ("" if compile_mode == "off" else "-compiled"))
         if cache in ("cold", "none") and cache_dir.exists():
             shutil.rmtree(cache_dir)  # cold: no weights cache, no hash memo, no exports
         if args.evict:
@@ -258,9 +269,11 @@ def main() -> int:
         out = work / "case.json"
         # run as a script, so that only sdcn_trt comes from PYTHONPATH (the baseline's, when asked)
         env = dict(os.environ, PYTHONPATH=code or os.environ.get("PYTHONPATH", str(Path(__file__).parent.parent)))
+        env["TMPDIR"] = tempfile.mkdtemp(prefix="case-tmp-", dir=work)  # a temp folder of its own, as a new process has
+        env.pop("TORCHINDUCTOR_CACHE_DIR", None)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--case", "--file", str(path), "--backend", backend,
                "--precision", precision, "--cache", cache, "--cache-dir", str(cache_dir), "--result", str(out),
-               "--source", source, "--preset", args.preset]
+               "--source", source, "--preset", args.preset] + (["--compile", compile_mode] if compile_mode != "off" else [])
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
             if proc.returncode == 0:
@@ -270,7 +283,8 @@ def main() -> int:
                 case = {"error": tail}
         except subprocess.TimeoutExpired:
             case = {"error": f"timed out after {args.timeout} s"}
-        case.update(label=label, source=source, backend=backend, precision=precision, cache=cache,
+        shutil.rmtree(env["TMPDIR"], ignore_errors=True)
+        case.update(label=label, source=source, backend=backend, precision=precision, cache=cache, compile=compile_mode,
                     page_cache="evicted" if args.evict else "as the case before left it")
         held = weights_bytes(cache_dir, precision) if cache != "none" else report["file_bytes"]
         if held is not None:
@@ -285,7 +299,8 @@ def main() -> int:
     (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1))
     table = markdown(report)
     (out_dir / f"{stem}.md").write_text(table)
-    (out_dir / "LATEST-startup-cpu.md").write_text(table)
+    if not args.cases and args.preset == "sd15-random":  # the full run at full size is what LATEST points at
+        (out_dir / "LATEST-startup-cpu.md").write_text(table)
     print(table)
     return 0
 
