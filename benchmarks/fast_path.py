@@ -3,8 +3,8 @@ DDIM update) with each FastPath switch added on its own to the default, timed in
 the host no longer hides the GPU's cost) and eagerly, with each variant's difference from the plain
 module (the data behind FastPath's defaults). `--inductor` adds the compiled steps, compile time included:
 the inductor backend's without and with max_autotune, and the CUDA fp16 default under torch.compile
-(default and max-autotune-no-cudagraphs modes, NCHW for comparison, and each diffusion-fast inductor
-setting of config.COMPILE_FLAGS alone, then all three).
+(default and max-autotune-no-cudagraphs modes, NCHW for comparison, its blocks compiled apart, and each
+diffusion-fast inductor setting of config.COMPILE_FLAGS alone, then all three).
 
     python -m benchmarks.fast_path --device cuda --precision fp16      # sd15-random, contest shape
     python -m benchmarks.fast_path --device cuda --sdpa-table benchmarks/results/sdpa-cuda-fp16-....json
@@ -52,6 +52,7 @@ INDUCTOR = {"inductor": {"max_autotune": False}, "inductor max_autotune": {"max_
 # diffusers' diffusion-fast inductor settings (config.COMPILE_FLAGS), each alone over the default mode, then all
 COMPILED = {"torch.compile": {"fast": CUDA_DEFAULT, "compile": "default"},
             "torch.compile NCHW (sdpa+fuse_qkv)": {"fast": DEFAULT, "compile": "default"},
+            "torch.compile blocks": {"fast": CUDA_DEFAULT, "compile": "default", "compile_scope": "blocks"},
             "torch.compile max-autotune-no-cudagraphs": {"fast": CUDA_DEFAULT, "compile": "max-autotune-no-cudagraphs"}}
 COMPILED.update({f"torch.compile +{flag}": {"fast": CUDA_DEFAULT, "compile": "default", "compile_flags": (flag,)}
                  for flag in COMPILE_FLAGS})

@@ -167,7 +167,8 @@ def step_function(backend: str, components: Any, device: torch.device, precision
         from sdcn_trt.engines.torch import TorchRunner
 
         runner = TorchRunner(desc, device, precision, fast=options["fast"], compile=options.get("compile", "off"),
-                             compile_flags=options.get("compile_flags", ()))
+                             compile_flags=options.get("compile_flags", ()),
+                             compile_scope=options.get("compile_scope", "whole"))
     elif backend == "inductor":
         from sdcn_trt.engines.inductor.runner import InductorRunner
         from sdcn_trt.engines.inductor.plan import InductorSettings

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sdcn_trt.models.single_file import load_single_file
 from sdcn_trt.config import (
-    BACKENDS, COMPILE_FLAGS, COMPILE_MODES, CONTEST_HEIGHT, CONTEST_WIDTH, GRAPH_MODES, NETWORKS, PRECISIONS, BackendConfig,
+    BACKENDS, COMPILE_FLAGS, COMPILE_MODES, COMPILE_SCOPES, CONTEST_HEIGHT, CONTEST_WIDTH, GRAPH_MODES, NETWORKS, PRECISIONS, BackendConfig,
     GenerationConfig,
 )
 from sdcn_trt.engines import require_backend
@@ -66,6 +66,10 @@ def add_backend_args(parser: argparse.ArgumentParser) -> None:
                         "this mode; they compile at the first image (the tiny preset's fused step: about a minute "
                         "on a 2-core CPU); with --cuda-graph loop the loop is captured around the compiled kernels (torch.compile's "
                         "reduce-overhead and max-autotune modes are not offered: they capture CUDA graphs of their own)")
+    g.add_argument("--compile-scope", default="whole", choices=COMPILE_SCOPES,
+                   help="with --compile: 'whole' compiles each network as one graph; 'blocks' compiles each transformer, "
+                        "ResNet block and resampler apart (regional compilation: blocks of one kind and shape share "
+                        "one compile, the ControlNet's reuse the UNet's; a shorter cold compile)")
     g.add_argument("--compile-flags", nargs="*", default=(), choices=list(COMPILE_FLAGS), metavar="FLAG",
                    help="with --compile: inductor settings added to the mode (diffusers' diffusion-fast recipe; "
                         f"off by default until a GPU run measures them): {', '.join(COMPILE_FLAGS)}")
@@ -123,7 +127,7 @@ def backend_config(args: argparse.Namespace) -> BackendConfig:
     return BackendConfig(backend=args.backend, device=args.device, precision=args.precision, cache_dir=args.cache_dir,
                          cuda_graph=args.cuda_graph, check_finite=args.check_finite, max_batch=max_batch,
                          compiled_networks=args.compiled_networks, compile=args.compile,
-                         compile_flags=tuple(args.compile_flags))
+                         compile_flags=tuple(args.compile_flags), compile_scope=args.compile_scope)
 
 
 def usable_backend(args: argparse.Namespace) -> BackendConfig:

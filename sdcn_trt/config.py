@@ -32,6 +32,9 @@ GRAPH_MODES = ("off", "step", "loop")  # CUDA graphs: none, one per step, the wh
 COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs")
 # inductor settings torch.compile can add (BackendConfig.compile_flags), each measured alone by
 # `benchmarks.fast_path --inductor`: diffusers' "diffusion-fast" recipe. Off until a GPU run says which win.
+# what torch.compile compiles: the whole network as one graph, or each transformer / ResNet block / resampler
+# apart ("regional compilation": blocks of one kind and shape share a compile; the glue between them runs eager)
+COMPILE_SCOPES = ("whole", "blocks")
 COMPILE_FLAGS = {
     "conv_1x1_as_mm": {"conv_1x1_as_mm": True},  # 1x1 convolutions as GEMMs (fusable with their neighbours)
     "coordinate_descent_tuning": {"coordinate_descent_tuning": True},  # tune each Triton kernel's launch parameters
@@ -208,6 +211,7 @@ class BackendConfig:
     # precision. None: all of them. onnxruntime, and torch without `compile`, ignore it
     compile: str = "off"  # torch backend: torch.compile mode (COMPILE_MODES) of the compiled_networks
     compile_flags: tuple[str, ...] = ()  # inductor settings added to that mode (COMPILE_FLAGS); needs compile on
+    compile_scope: str = "whole"  # COMPILE_SCOPES: one graph per network, or its blocks apart (a shorter cold compile)
 
     def __post_init__(self) -> None:
         check_choice("backend", self.backend, BACKENDS)
@@ -233,6 +237,10 @@ class BackendConfig:
         if self.cuda_graph == "step" and not self.device.startswith("cuda"):
             raise InputError("cuda_graph='step' needs device='cuda'")
         object.__setattr__(self, "compile_flags", check_compile_flags(self.compile_flags))
+        check_choice("compile_scope", self.compile_scope, COMPILE_SCOPES)
+        if self.compile_scope != "whole" and self.compile == "off":
+            raise InputError(f"compile_scope={self.compile_scope!r} says what torch.compile compiles; it needs "
+                             "compile='default' or 'max-autotune-no-cudagraphs'")
         if self.compile_flags and self.compile == "off":
             raise InputError(f"compile_flags {', '.join(self.compile_flags)} are torch.compile's inductor settings; "
                              "they need compile='default' or 'max-autotune-no-cudagraphs'")

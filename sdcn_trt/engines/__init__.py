@@ -92,6 +92,7 @@ def create_runner(descriptor: NetworkDescriptor, config: BackendConfig) -> Runne
         runner = TorchRunner(descriptor, device=config.device, precision=config.precision,
                              compile=config.compile if config.compiles(descriptor.name) else "off",
                              compile_flags=config.compile_flags if config.compiles(descriptor.name) else (),
+                             compile_scope=config.compile_scope,
                              cache_dir=Path(config.cache_dir) if config.cache_dir else None)
     elif config.backend == "inductor":
         from sdcn_trt.engines.inductor import InductorRunner

@@ -18,12 +18,13 @@ from torch import nn
 from sdcn_trt.engines.base import Runner
 from sdcn_trt.engines.fast_ops import (PinnedSdpa, cuda_flags, fuse_group_norm_silu, keep_transformer_outputs_nhwc,
                                        parse_sdpa_kernels, sdpa_kernel_for, sdpa_kernels_spelling)
-from sdcn_trt.config import COMPILE_FLAGS, COMPILE_MODES, PRECISIONS, check_choice, check_compile_flags
+from sdcn_trt.config import COMPILE_FLAGS, COMPILE_MODES, COMPILE_SCOPES, PRECISIONS, check_choice, check_compile_flags
 from sdcn_trt.errors import BackendUnavailableError, CompileError, InputError
 from sdcn_trt.export.descriptors import NetworkDescriptor
 
 logger = logging.getLogger(__name__)
 
+REGION_RECOMPILES = 64  # dynamo's recompile limit (default 8) for compiled calls: a ResNet block meets ~20 shapes
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}  # keyed by config.PRECISIONS
 
 
@@ -175,7 +176,7 @@ class TorchRunner(Runner):
 
     def __init__(self, descriptor: NetworkDescriptor, device: str | torch.device = "cpu", precision: str = "fp32",
                  fast: FastPath | None = None, compile: str = "off", compile_flags: tuple[str, ...] = (),
-                 cache_dir: Path | None = None):
+                 compile_scope: str = "whole", cache_dir: Path | None = None):
         super().__init__(descriptor)
         check_choice("compile mode", compile, COMPILE_MODES)
         self._device = resolve_device(device)
@@ -183,6 +184,8 @@ class TorchRunner(Runner):
         self.fast = FastPath.default_for(self._device, self.dtype) if fast is None else fast
         self.compile = compile
         self.compile_flags = check_compile_flags(compile_flags)  # COMPILE_FLAGS added to the mode's inductor settings
+        check_choice("compile_scope", compile_scope, COMPILE_SCOPES)
+        self.compile_scope = compile_scope  # torch.compile the whole module, or its blocks apart (compile_regions)
         if self.compile_flags and compile == "off":
             raise InputError(f"compile_flags {', '.join(self.compile_flags)} need a torch.compile mode, not compile='off'")
         self.module: Any = None  # the prepared nn.Module, or torch.compile's wrapper of it
@@ -201,7 +204,11 @@ class TorchRunner(Runner):
             self.compile_cache = use_compile_cache(self._device, self.cache_dir)
         module: Any = prepare_module(self.descriptor, self._device, self.dtype, self.fast)
         if self.compile != "off":  # compiled at the first call, where the input shapes are known
-            module = torch.compile(module, **compile_arguments(self.compile, self.compile_flags))
+            arguments = compile_arguments(self.compile, self.compile_flags)
+            if self.compile_scope == "blocks":
+                compile_regions(module, arguments)
+            else:
+                module = torch.compile(module, **arguments)
         self.module = module
 
     def deactivate_impl(self) -> None:
@@ -222,8 +229,9 @@ class TorchRunner(Runner):
         new shape; inductor's InductorError is a TorchDynamoException too) becomes one CompileError."""
         import torch._dynamo.exc
 
-        try:
-            out = self.module(*args)
+        try:  # each block kind compiles once per input shape: room for every shape of a UNet under the limit
+            with torch._dynamo.config.patch(recompile_limit=max(REGION_RECOMPILES, torch._dynamo.config.recompile_limit)):
+                out = self.module(*args)
         except torch._dynamo.exc.TorchDynamoException as exc:
             shapes = ", ".join(f"{n} {tuple(a.shape)}" for n, a in zip(self.descriptor.input_names, args, strict=True))
             cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -234,7 +242,8 @@ class TorchRunner(Runner):
             from sdcn_trt.engines.compile_cache import save_artifacts
 
             self._artifacts_saved = True
-            what = {"network": self.name, "mode": self.compile, "flags": list(self.compile_flags), "dtype": str(self.dtype),
+            what = {"network": self.name, "mode": self.compile, "flags": list(self.compile_flags),
+                    "scope": self.compile_scope, "dtype": str(self.dtype),
                     "fast": repr(self.fast)}
             try:
                 save_artifacts(self.compile_cache, f"{self.name}-{hash_json(what)[:12]}", what)
@@ -254,6 +263,20 @@ def compile_arguments(mode: str, flags: tuple[str, ...]) -> dict[str, Any]:
     for flag in flags:
         options.update(COMPILE_FLAGS[flag])
     return {"options": options}
+
+
+def compile_regions(module: nn.Module, arguments: dict[str, Any]) -> int:
+    """Regional compilation: torch.compile each transformer, ResNet block, down- and upsampler inside
+    `module` in place (nn.Module.compile), the glue between them left eager; returns how many. Blocks of one
+    kind with the same input shapes share one compiled graph (parameters are graph inputs), so the ControlNet's
+    blocks reuse the UNet's compiles and a cold compile is many small graphs instead of one large one."""
+    from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    regions = [m for m in module.modules() if isinstance(m, (Transformer2DModel, ResnetBlock2D, Downsample2D, Upsample2D))]
+    for region in regions:
+        region.compile(**arguments)
+    return len(regions)
 
 
 def cast_input(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
