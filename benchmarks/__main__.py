@@ -6,6 +6,7 @@
     python -m benchmarks --device cuda --cases diffusers:fp16:off:reduce-overhead  # diffusers under torch.compile
     python -m benchmarks --device cuda --cases inductor:fp16:loop:compiled_networks=fused_step  # compile the step only
     python -m benchmarks --device cuda --cases torch:fp16:loop:compile=default:compiled_networks=fused_step  # torch.compile
+    python -m benchmarks --device cuda --steps 10 --sampler unipc  # another sampler (every case, diffusers' included)
 
 Every case's image is compared with the torch fp32 case's (the contest's reference) on the same
 weights: mean and max |difference| in uint8 levels, and the NaN/Inf values each network produced.
@@ -27,8 +28,10 @@ import numpy as np
 import torch
 
 from benchmarks.batched import batched_markdown, run_batched_case
+from benchmarks.case import sampler_words
 from sdcn_trt.engines.inductor.child import python_command, run_child
 from sdcn_trt.errors import InputError
+from sdcn_trt.samplers import SAMPLER_NAMES
 from sdcn_trt.scoring.latency import measure
 
 # A case is backend:precision:graph[:option...]; an option is compile=MODE (torch.compile's mode for the
@@ -97,7 +100,8 @@ def markdown(report: dict) -> str:
     lines = [f"# Benchmark {report['date']} ({report['device']})", "",
              f"Workload: preset {report['preset']} ({'SD1.5-sized, ' if report['preset'] == 'sd15-random' else ''}"
              f"seeded random weights), 256x384, CFG batch 2, "
-             f"**{report['steps']} DDIM steps** end to end, median of {report['repeats']} after 1 warm-up. "
+             f"**{report['steps']} {sampler_words(report)} steps** end to end, median of {report['repeats']} after 1 "
+             "warm-up. "
              f"Measured GEMM peak: {report['gemm_peak_tflops']:.3f} TFLOP/s.", "",
              "Machine: " + ", ".join(f"{k} {v}" for k, v in report["machine"].items()), "",
              "| backend | precision | CUDA graph | ms/image | vs torch fp32 | vs diffusers | CLIP ms | fused step ms | "
@@ -129,7 +133,8 @@ def markdown(report: dict) -> str:
                      f"{ratio(base)} | {ms('text_encoder')} | {ms('fused_step')} | {ms('vae_decoder')} | {step} | "
                      f"{outside} | {memory:.1f} | {parity_text} | {bad_text} | {build} |")
     lines += ["", "'outside steps': end-to-end time not spent in the fused ControlNet+UNet evaluations "
-              "(text, canny, hint, DDIM arithmetic, VAE, Python). Speed-ups are ratios of medians from this run. "
+              f"(text, canny, hint, {sampler_words(report)} arithmetic, VAE, Python). Speed-ups are ratios of medians "
+              "from this run. "
               "Parity: the case's image against the torch fp32 case's, same weights, inputs and seed. "
               "NaN/Inf: values the networks output over one image (an fp16 overflow shows here). "
               "Build: AOTInductor compile time and package size of the networks the case built (named; with "
@@ -156,7 +161,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--preset", default="sd15-random")
-    parser.add_argument("--steps", type=int, default=2, help="DDIM steps end to end (CPU: a few; contest: 20)")
+    parser.add_argument("--steps", type=int, default=2, help="sampler steps end to end (CPU: a few; contest: 20)")
+    parser.add_argument("--sampler", default="ddim", choices=SAMPLER_NAMES,
+                        help="the sampler every case runs (the diffusers baseline: its scheduler); default: ddim, "
+                             "the contest's")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--cases", nargs="+", help="backend:precision:graph[:option...]; options: compile=MODE "
                         "(diffusers or torch; also a bare fourth field), compiled_networks=NAME[,NAME...] "
@@ -178,7 +186,7 @@ def main() -> int:
     except InputError as exc:
         parser.error(str(exc))
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": args.device, "preset": args.preset,
-              "steps": args.steps, "repeats": args.repeats, "machine": machine(args.device),
+              "steps": args.steps, "sampler": args.sampler, "repeats": args.repeats, "machine": machine(args.device),
               "gemm_peak_tflops": gemm_peak_tflops(args.device), "cases": []}
     stem = f"bench-{report_name(args)}-{time.strftime('%Y%m%d-%H%M')}"
     images = Path(tempfile.mkdtemp(prefix="sdcn_bench_images."))
@@ -221,17 +229,21 @@ def main() -> int:
 
 def label(case: dict) -> str:
     """The backend column: the backend, with the diffusers baseline's torch.compile mode when it has one,
-    or the networks a built backend was told to build (the others ran on torch)."""
+    or the networks a built backend was told to build (the others ran on torch); then the sampler when it
+    is not ddim."""
     compiled, built = case.get("compile", "off"), case.get("compiled_networks")
+    sampler = f" [{case['sampler']}]" if case.get("sampler", "ddim") != "ddim" else ""
     if compiled != "off":  # diffusers (UNet and ControlNet) or torch (its compiled_networks, else every network)
-        return f"{case['backend']} (torch.compile {compiled}" + (f": {', '.join(built)})" if built else ")")
-    return f"{case['backend']} (builds {', '.join(built)})" if built else case["backend"]
+        return f"{case['backend']} (torch.compile {compiled}" + (f": {', '.join(built)})" if built else ")") + sampler
+    return (f"{case['backend']} (builds {', '.join(built)})" if built else case["backend"]) + sampler
 
 
 def report_name(args: argparse.Namespace) -> str:
-    """cpu / cuda, with the preset when it is not the default sd15-random."""
-    device = args.device.split(":")[0]
-    return device if args.preset == "sd15-random" else f"{device}-{args.preset}"
+    """cpu / cuda, with the preset when it is not the default sd15-random and the sampler when it is not ddim."""
+    name = args.device.split(":")[0]
+    if args.preset != "sd15-random":
+        name += f"-{args.preset}"
+    return name if args.sampler == "ddim" else f"{name}-{args.sampler}"
 
 
 def case_command(case: dict[str, Any], args: argparse.Namespace, out: str, image_path: Path) -> list[str]:
@@ -240,7 +252,8 @@ def case_command(case: dict[str, Any], args: argparse.Namespace, out: str, image
     built = case.get("compiled_networks")
     return python_command("benchmarks.case", "--backend", case["backend"], "--precision", case["precision"],
                           "--device", args.device, "--cuda-graph", case["cuda_graph"], "--preset", args.preset,
-                          "--steps", str(args.steps), "--repeats", str(args.repeats), "--out", out,
+                          "--steps", str(args.steps), "--sampler", args.sampler, "--repeats", str(args.repeats),
+                          "--out", out,
                           "--image-out", str(image_path), "--compile", case.get("compile", "off"),
                           *(["--compiled-networks", *built] if built else []))
 

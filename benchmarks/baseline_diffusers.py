@@ -14,19 +14,24 @@ from sdcn_trt.errors import BackendUnavailableError, InputError
 COMPILE_MODES = ("off", "max-autotune-no-cudagraphs", "reduce-overhead", "default")
 
 
-def build_diffusers(components: Any, device: str, dtype: torch.dtype, compile_mode: str = "off") -> Any:
-    """diffusers' ControlNet pipeline over `components` with the DDIM configuration that matches ldm, every
-    network (CLIP included) in `dtype` as users run it; UNet and ControlNet compiled when asked
-    (CUDA only: inductor's CPU compile of SD1.5 takes far longer than a benchmark case is given)."""
+def build_diffusers(components: Any, device: str, dtype: torch.dtype, compile_mode: str = "off",
+                    sampler: str = "ddim") -> Any:
+    """diffusers' ControlNet pipeline over `components` with the DDIM configuration that matches ldm (another
+    sampler: the scheduler sdcn_trt.samplers builds its table from), every network (CLIP included) in `dtype`
+    as users run it; UNet and ControlNet compiled when asked (CUDA only: inductor's CPU compile of SD1.5 takes
+    far longer than a benchmark case is given)."""
     from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline
+
+    from sdcn_trt.samplers import make_scheduler
 
     if compile_mode not in COMPILE_MODES:
         raise InputError(f"unknown compile mode {compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
     if compile_mode != "off" and not device.startswith("cuda"):
         raise BackendUnavailableError(f"the diffusers baseline compiled with mode {compile_mode!r} runs on CUDA only "
                                       f"(device {device!r} given); use compile mode 'off' on the CPU")
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+    scheduler = (DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                               set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading") if sampler == "ddim"
+                 else make_scheduler(sampler, components.scheduler_config))
     pipe = StableDiffusionControlNetPipeline(
         vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
         unet=components.unet, controlnet=components.controlnet, scheduler=scheduler, safety_checker=None,
@@ -61,7 +66,7 @@ def diffusers_end_to_end(components: Any, photo: np.ndarray, config: Any,
     from sdcn_trt.scoring.latency import measure
 
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
-    pipe = build_diffusers(components, args.device, dtype, getattr(args, "compile", "off"))
+    pipe = build_diffusers(components, args.device, dtype, getattr(args, "compile", "off"), config.sampler)
     clock = time.perf_counter()
     diffusers_image(pipe, photo, config)  # the warm-up; compiles when compiled
     if args.device.startswith("cuda"):

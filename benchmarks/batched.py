@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 import torch
 
+from benchmarks.case import sampler_words
 from sdcn_trt.scoring.latency import measure
 
 
@@ -43,7 +44,7 @@ def run_batched(args: argparse.Namespace) -> dict[str, Any]:
     backend = BackendConfig(backend=args.backend, device=args.device, precision=args.precision,
                             cuda_graph=args.cuda_graph, max_batch=batch, compiled_networks=args.compiled_networks)
     pipe = ControlNetPipeline(load_preset(args.preset, seed=0), backend)
-    config = GenerationConfig(ddim_steps=args.steps)
+    config = GenerationConfig(ddim_steps=args.steps, sampler=args.sampler)
     items = [BatchItem(p, prompt=f"a photo, number {i}", seed=1000 + i) for i, p in enumerate(photos(batch))]
     run = lambda: pipe.run_batch(items, config, batch_size=batch)  # noqa: E731
     stats = measure(run, args.repeats, warmup=1)  # the warm-up builds (and captures) the loop for this B
@@ -54,7 +55,8 @@ def run_batched(args: argparse.Namespace) -> dict[str, Any]:
         worst = max(worst, int(np.abs(single.astype(np.int16) - out.images[0].astype(np.int16)).max()))
     seconds = stats["p50"] / 1000.0
     result = {"backend": args.backend, "precision": args.precision, "cuda_graph": args.cuda_graph,
-              "batch_size": batch, "steps": args.steps, "preset": args.preset, "median_s": seconds,
+              "batch_size": batch, "steps": args.steps, "sampler": args.sampler, "preset": args.preset,
+              "median_s": seconds,
               "min_s": stats["min"] / 1000.0, "repeats": int(stats["n"]), "images_per_s": batch / seconds,
               "ms_per_image": 1000.0 * seconds / batch, "max_diff_vs_single": worst,
               "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
@@ -69,7 +71,8 @@ def run_batched_case(case: dict[str, Any], batch_size: int, args: argparse.Names
     with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
         cmd = [sys.executable, "-m", "benchmarks.batched", "--backend", case["backend"], "--precision",
                case["precision"], "--device", args.device, "--cuda-graph", case["cuda_graph"], "--preset", args.preset,
-               "--steps", str(args.steps), "--repeats", str(args.repeats), "--batch-size", str(batch_size),
+               "--steps", str(args.steps), "--sampler", args.sampler, "--repeats", str(args.repeats),
+               "--batch-size", str(batch_size),
                "--out", tmp.name]
         if case.get("compiled_networks"):
             cmd += ["--compiled-networks", *case["compiled_networks"]]
@@ -92,7 +95,8 @@ def batched_markdown(report: dict[str, Any]) -> str:
     rows = report.get("batched", [])
     if not rows:
         return ""
-    lines = ["", f"## Batched generation ({report['steps']} DDIM steps, B different photos per call, median of "
+    lines = ["", f"## Batched generation ({report['steps']} {sampler_words(report)} steps, B different photos per "
+             "call, median of "
              f"{report['repeats']} after 1 warm-up)", "",
              "| backend | precision | CUDA graph | B | images/s | ms/image | per image vs B=1 | peak memory GiB | "
              "max diff vs single call (uint8) |", "|---|---|---|---|---|---|---|---|---|"]

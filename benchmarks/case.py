@@ -1,6 +1,7 @@
 """One benchmark case in its own process: a backend's CLIP, fused step, VAE decode and end-to-end times.
 
     python -m benchmarks.case --backend torch --precision fp32 --device cpu --out case.json
+    python -m benchmarks.case --backend torch --steps 10 --sampler unipc --out case.json
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 from benchmarks.baseline_diffusers import COMPILE_MODES, diffusers_end_to_end
 from sdcn_trt.config import BUILT_BACKENDS
 from sdcn_trt.errors import InputError
+from sdcn_trt.samplers import SAMPLER_NAMES
 from sdcn_trt.scoring.latency import measure, synchronize
 
 
@@ -67,12 +69,17 @@ def count_nonfinite(pipe: Any, photo: np.ndarray, config: Any) -> dict[str, int]
     return counts
 
 
+def sampler_words(report: dict[str, Any]) -> str:
+    """How a report names its sampler: "DDIM" (reports from before --sampler too), else the sampler's name."""
+    sampler = report.get("sampler", "ddim")
+    return "DDIM" if sampler == "ddim" else sampler
+
+
 def run_case(args: argparse.Namespace) -> dict[str, Any]:
     from sdcn_trt import BackendConfig, ControlNetPipeline, GenerationConfig
     from sdcn_trt.images import sample_photos
     from sdcn_trt.export.descriptors import ShapeSpec
     from sdcn_trt.models.presets import load_preset
-    from sdcn_trt.pipeline.scheduler import make_ddim_schedule
 
     if args.compile != "off" and args.backend not in ("diffusers", "torch"):
         raise InputError(f"--compile {args.compile} is for the diffusers baseline and the torch backend; backend "
@@ -85,6 +92,7 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
     backend = None if args.backend == "diffusers" else BackendConfig(  # settings checked before anything loads
         backend=args.backend, device=args.device, precision=args.precision, cuda_graph=args.cuda_graph,
         compiled_networks=compiled, compile=args.compile)
+    config = GenerationConfig(ddim_steps=args.steps, sampler=args.sampler)  # checked before anything loads
     clock = time.perf_counter()
     components = load_preset(args.preset, seed=0)
     load_s = time.perf_counter() - clock
@@ -92,7 +100,6 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"backend": args.backend, "precision": args.precision, "device": args.device,
                               "cuda_graph": args.cuda_graph, "preset": args.preset, "load_s": load_s}
     photo = sample_photos(["chelsea"])["chelsea"]  # 300 x 451 -> 256 x 384, the contest's shape
-    config = GenerationConfig(ddim_steps=args.steps)
     if args.backend == "diffusers":
         stats, floats = diffusers_end_to_end(components, photo, config, args)
         result["end_to_end"] = in_seconds(stats, 1)
@@ -144,13 +151,13 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
             result["compile_s"] = sum(max(0.0, first_calls[n] - medians[n]) for n in first_calls)
         result["end_to_end"] = timings(lambda: pipe.run(photo, config), args.repeats, 1)
         e2e, step = result["end_to_end"]["median_s"], result["fused_step"]["median_s"]
-        loop_steps = len(make_ddim_schedule(args.steps))
+        loop_steps = len(config.step_kinds()[1])  # the sampler's steps (ldm's DDIM may run one more)
         result["outside_steps_fraction"] = max(0.0, (e2e - loop_steps * step) / e2e)
         flops = fused_step_flops(components, spec)
         result["fused_step_tflop"] = flops / 1e12
         result["fused_step_tflops_achieved"] = flops / step / 1e12
         image = pipe.run(photo, config).images[0]  # as timed (a replay when graphed)
-    result["steps"] = args.steps
+    result["steps"], result["sampler"] = args.steps, args.sampler
     if args.device.startswith("cuda"):
         result["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if args.backend != "diffusers":
@@ -174,6 +181,8 @@ def case_parser() -> argparse.ArgumentParser:
                              "these), the others run on eager torch (default: all)")
     parser.add_argument("--preset", default="sd15-random")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--sampler", default="ddim", choices=SAMPLER_NAMES,
+                        help="sdcn_trt.samplers; the diffusers baseline runs that sampler's scheduler")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", required=True)
     return parser

@@ -2,13 +2,16 @@
 
     python -m benchmarks.samplers                                   # tiny-trained, CPU, the committed table
     python -m benchmarks.samplers --preset sd15-random --device cuda --precision fp16 --cuda-graph loop \\
-        --images 1 --steps 10 20                                    # timings (random weights: no quality)
+        --images 1 --steps 10 20 --warmup --repeats 3               # timings (random weights: no quality)
 
 Inputs: held-out drawn scenes (benchmarks/tiny_data.draw_scene, seeds never trained on) and the two
 held-out photos, with their captions as prompts, at 256x256 (photos: short side 256). Each image is
 generated with every sampler at every step count, and scored against the converged reference of the
 same seed and prompt: SSIM and PSNR (sdcn_trt.scoring.metrics) and edge F1 (the output's canny map
-against the reference output's, within 2 px: benchmarks.held_out.edge_f1), plus seconds per image.
+against the reference output's, within 2 px: benchmarks.held_out.edge_f1), plus seconds per image
+(--warmup: after one untimed run of the same sampler, steps and image, so a CUDA graph's capture is not
+timed; --repeats: the median of that many timed runs). The speed line puts each sampler at 10 steps
+against ddim at 20 (issue #32's GPU goal: <= 0.55x).
 
 The converged reference is dpmpp_2m at 200 steps: every deterministic sampler here (ddim at eta 0,
 dpmpp_2m(_karras), unipc, euler) integrates the same probability-flow ODE, and a second-order solver at
@@ -74,7 +77,8 @@ def scores(reference: np.ndarray, image: np.ndarray) -> dict[str, float]:
 
 
 def measure(pipe: ControlNetPipeline, samplers: list[str], steps: list[int], count: int, resolution: int,
-            quality: bool, reference_steps: int = REFERENCE[1], log=print) -> dict:
+            quality: bool, reference_steps: int = REFERENCE[1], log=print, warmup: bool = False,
+            repeats: int = 1) -> dict:
     rows: dict[str, dict[str, list]] = {}  # "sampler@steps" -> metric -> per image
     pictures = inputs(count)
     generate(pipe, pictures[0][1], pictures[0][2], "ddim", 2, resolution)  # a warm-up: first-call costs untimed
@@ -82,9 +86,12 @@ def measure(pipe: ControlNetPipeline, samplers: list[str], steps: list[int], cou
         reference = generate(pipe, image, prompt, REFERENCE[0], reference_steps, resolution)[0] if quality else None
         runs = [(s, n) for s in samplers for n in steps] + ([(FLOOR_SAMPLER, reference_steps)] if quality else [])
         for sampler, n in runs:
-            out, seconds = generate(pipe, image, prompt, sampler, n, resolution)
+            if warmup:  # untimed: builds (and captures) this sampler's loop at this step count and image size
+                generate(pipe, image, prompt, sampler, n, resolution)
+            timed = [generate(pipe, image, prompt, sampler, n, resolution) for _ in range(repeats)]
+            out = timed[-1][0]
             row = rows.setdefault(f"{sampler}@{n}", {"seconds": []})
-            row["seconds"].append(seconds)
+            row["seconds"].append(float(np.median([seconds for _, seconds in timed])))
             if reference is not None:
                 for metric, value in scores(reference, out).items():
                     row.setdefault(metric, []).append(value)
@@ -110,7 +117,7 @@ def markdown(report: dict) -> str:
              f"(CUDA graph {report['cuda_graph']}), {report['date']}", "",
              f"{report['images']} held-out images ({', '.join(report['inputs'])}), resolution {report['resolution']}, "
              f"seed {SEED}; machine: {m['platform']}, torch {m['torch']}, {m['threads']} threads"
-             + (f", {m['gpu']}" if m["gpu"] else "") + ".", ""]
+             + (f", {m['gpu']}" if m["gpu"] else "") + "." + timing_words(report), ""]
     if quality:
         ref = report["reference"]
         lines += [f"Reference: {ref[0]} at {ref[1]} steps (the converged ODE picture of each seed); "
@@ -141,7 +148,32 @@ def markdown(report: dict) -> str:
             lines += ["", "ddim's step counts are ldm's uniform discretisation's: asked for "
                       + ", ".join(f"{n} it runs {num_steps(n)}" for n in odd) + " (as the original sampler does)."]
         lines += ["", "Half the steps: " + half_steps_line(report) + "."]
+    speed = speed_line(report)
+    if speed:
+        lines += ["", speed]
     return "\n".join(lines) + "\n"
+
+
+def timing_words(report: dict) -> str:
+    """How the seconds were taken (reports from before --warmup/--repeats: one run, nothing untimed)."""
+    warm, repeats = report.get("warmup", False), report.get("repeats", 1)
+    if not warm and repeats == 1:
+        return ""
+    return (" Seconds: " + ("after one untimed run of the same sampler, steps and image, " if warm else "")
+            + f"the median of {repeats} timed run{'s' if repeats > 1 else ''} per image.")
+
+
+def speed_line(report: dict) -> str:
+    """Each sampler at 10 steps against ddim at 20, in time per image (issue #32's GPU goal: <= 0.55x);
+    empty when the table lacks either."""
+    by = {(r["sampler"], r["steps"]): r for r in report["rows"]}
+    ddim = by.get(("ddim", 20))
+    tens = [(s, r) for (s, n), r in by.items() if n == 10 and s != "ddim"]
+    if ddim is None or not tens:
+        return ""
+    ratios = ", ".join(f"{s} {r['seconds'] / ddim['seconds']:.2f}x" for s, r in tens)
+    return (f"Speed: a 10-step image against ddim's 20-step image ({1000 * ddim['seconds']:.1f} ms): {ratios} "
+            "(goal <= 0.55x).")
 
 
 def floor_line(report: dict) -> str:
@@ -200,17 +232,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--reference-steps", type=int, default=REFERENCE[1], help=f"{REFERENCE[0]}'s steps for the "
                         f"converged reference (default {REFERENCE[1]}; ddim's floor line runs as many)")
+    parser.add_argument("--warmup", action="store_true", help="one untimed run of every sampler and step count "
+                        "per image before its timed runs (a CUDA graph's capture and first calls stay out of the time)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per sampler, step count and image (median)")
     parser.add_argument("--no-quality", action="store_true",
                         help="timings only (the default for presets with random weights: no picture to converge to)")
     parser.add_argument("--out", nargs="+", default=[str(RESULTS)])
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     quality = not args.no_quality and args.preset.endswith("trained")
     pipe = ControlNetPipeline(load_preset(args.preset, seed=0), BackendConfig(
         device=args.device, precision=args.precision, cuda_graph=args.cuda_graph))
-    result = measure(pipe, args.samplers, args.steps, args.images, args.resolution, quality, args.reference_steps)
+    result = measure(pipe, args.samplers, args.steps, args.images, args.resolution, quality, args.reference_steps,
+                     warmup=args.warmup, repeats=args.repeats)
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "preset": args.preset, "device": args.device,
               "precision": args.precision, "cuda_graph": args.cuda_graph, "resolution": args.resolution,
               "images": args.images, "inputs": [name for name, _, _ in inputs(args.images)], "quality": quality,
+              "warmup": args.warmup, "repeats": args.repeats,
               "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                           "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
               **result}

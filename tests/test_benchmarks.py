@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -319,7 +320,7 @@ def test_cases_parse_with_their_options_and_bad_ones_say_what_is_valid(monkeypat
                     "compiled_networks": ["fused_step", "vae_decoder"]}
     inductor = [parse_case(c) for c in GPU_CASES if c.startswith("inductor")]
     assert inductor == [{**case, "compiled_networks": ["fused_step"]}]
-    args = argparse.Namespace(device="cuda", preset="sd15-random", steps=20, repeats=3)
+    args = argparse.Namespace(device="cuda", preset="sd15-random", steps=20, sampler="ddim", repeats=3)
     command = case_command(case, args, "out.json", "image.npy")
     assert command[-3:] == ["--compiled-networks", "fused_step", "vae_decoder"]
     assert "--compiled-networks" not in case_command(parse_case("torch:fp16:loop"), args, "out.json", "image.npy")
@@ -333,6 +334,54 @@ def test_cases_parse_with_their_options_and_bad_ones_say_what_is_valid(monkeypat
     with pytest.raises(SystemExit) as exited:
         main()
     assert exited.value.code == 2 and "expected backend:precision:graph[:option...]" in capsys.readouterr().err
+
+
+def test_the_benchmarks_sampler_reaches_every_case_and_names_its_rows(tiny, tmp_path, monkeypatch):
+    """--sampler: every image the case runs has it (the pipeline's run is a stand-in here: the networks' timings
+    at 256x384 are the case's cost), the diffusers baseline runs that sampler's scheduler, the child's command
+    line, the report's rows, workload line and file names carry it; ddim's report reads as before."""
+    import argparse
+    from types import SimpleNamespace
+
+    from diffusers import DDIMScheduler, UniPCMultistepScheduler
+
+    from benchmarks.__main__ import case_command, label, parse_case, report_name
+    from benchmarks.baseline_diffusers import build_diffusers
+    from benchmarks.case import case_parser, run_case
+    from sdcn_trt import ControlNetPipeline
+
+    runs = []
+
+    def run(self, image, config, *args, **kwargs):
+        runs.append((config.sampler, config.ddim_steps))
+        return SimpleNamespace(images=[np.zeros((8, 8, 3), np.uint8)])
+
+    monkeypatch.setattr(ControlNetPipeline, "run", run)
+    args = argparse.Namespace(backend="torch", precision="fp32", device="cpu", cuda_graph="off", compile="off",
+                              compiled_networks=None, preset="tiny", steps=3, sampler="unipc", repeats=1,
+                              image_out=None)
+    result = run_case(args)
+    assert (result["sampler"], result["steps"]) == ("unipc", 3)
+    assert len(runs) == 4 and set(runs) == {("unipc", 3)}  # warm-up, timed, the image, the NaN/Inf count
+    assert isinstance(build_diffusers(tiny, "cpu", torch.float32, sampler="unipc").scheduler, UniPCMultistepScheduler)
+    assert isinstance(build_diffusers(tiny, "cpu", torch.float32).scheduler, DDIMScheduler)
+
+    case = parse_case("torch:fp16:loop")
+    command = case_command(case, argparse.Namespace(device="cuda", preset="sd15-random", steps=10, sampler="unipc",
+                                                    repeats=3), "out.json", "image.npy")
+    assert command[command.index("--sampler") + 1] == "unipc"
+    assert case_parser().parse_args(["--backend", "torch", "--out", "o", "--sampler", "unipc"]).sampler == "unipc"
+    with pytest.raises(SystemExit):
+        case_parser().parse_args(["--backend", "torch", "--out", "o", "--sampler", "heun"])
+    assert label({**case, "sampler": "unipc"}) == "torch [unipc]" and label({**case, "sampler": "ddim"}) == "torch"
+    names = [report_name(argparse.Namespace(device="cuda:0", preset=p, sampler=s))
+             for p, s in (("sd15-random", "ddim"), ("sd15-random", "unipc"), ("tiny", "unipc"))]
+    assert names == ["cuda", "cuda-unipc", "cuda-tiny-unipc"]
+    report = {"date": "d", "device": "cuda", "preset": "sd15-random", "steps": 10, "sampler": "unipc", "repeats": 3,
+              "machine": {}, "gemm_peak_tflops": 1.0, "cases": [{**result, "backend": "torch", "precision": "fp16"}]}
+    table = markdown(report)
+    assert "**10 unipc steps**" in table and "| torch [unipc] | fp16 | off |" in table
+    assert "**10 DDIM steps**" in markdown({**report, "sampler": "ddim"})
 
 
 def test_compiled_networks_are_refused_where_nothing_is_built():
@@ -493,6 +542,37 @@ def test_sampler_table_scores_each_sampler_against_the_converged_reference(tmp_p
     assert "| euler_a (stochastic) |" in table and "Floor (ddim at 30 steps against it): SSIM" in table
     assert "Half the steps: not measured (needs ddim at 20" in table
     assert (tmp_path / "samplers-tiny-trained-cpu.png").stat().st_size > 10_000
+
+
+def test_sampler_timings_warm_up_repeat_and_put_ten_steps_against_ddims_twenty(tmp_path, monkeypatch):
+    """--warmup runs each sampler and step count once untimed (a CUDA graph's capture), --repeats times it
+    that often (the median is the row's); the speed line is issue #32's GPU goal, 10 steps against ddim's 20."""
+    from benchmarks import samplers as bench
+    from sdcn_trt import ControlNetPipeline
+
+    runs = []
+    real = ControlNetPipeline.run
+
+    def run(self, image, config, *args, **kwargs):
+        runs.append((config.sampler, config.ddim_steps))
+        return real(self, image, config, *args, **kwargs)
+
+    monkeypatch.setattr(ControlNetPipeline, "run", run)
+    assert bench.main(["--preset", "tiny", "--images", "1", "--steps", "2", "--samplers", "ddim", "unipc",
+                       "--resolution", "64", "--warmup", "--repeats", "2", "--out", str(tmp_path)]) == 0
+    assert runs == [("ddim", 2)] + [("ddim", 2)] * 3 + [("unipc", 2)] * 3  # the first warm-up, then 1 + 2 each
+    report = json.loads((tmp_path / "samplers-tiny-cpu.json").read_text())
+    assert (report["warmup"], report["repeats"], report["quality"]) == (True, 2, False)
+    table = (tmp_path / "samplers-tiny-cpu.md").read_text()
+    assert "Seconds: after one untimed run of the same sampler, steps and image, the median of 2 timed runs" in table
+    assert "Speed:" not in table  # no ddim at 20 / others at 10 in this run
+    rows = [{"sampler": "ddim", "steps": 20, "seconds": 0.2}, {"sampler": "unipc", "steps": 10, "seconds": 0.104},
+            {"sampler": "euler_a", "steps": 10, "seconds": 0.12}, {"sampler": "unipc", "steps": 20, "seconds": 0.2}]
+    assert bench.speed_line({"rows": rows}) == ("Speed: a 10-step image against ddim's 20-step image (200.0 ms): "
+                                                "unipc 0.52x, euler_a 0.60x (goal <= 0.55x).")
+    assert bench.timing_words({}) == ""  # reports from before --warmup/--repeats
+    with pytest.raises(SystemExit):
+        bench.main(["--repeats", "0"])
 
 
 def test_sampler_table_half_steps_line_names_what_reaches_ddim_at_20():
