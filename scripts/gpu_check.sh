@@ -21,8 +21,10 @@
 # (diffusers fp16 against ours), tiny (fp16 parity on the tiny preset), tests-slow (the GPU tests that
 # compile: inductor packages, torch.compile), profile-inductor, profile-compile-max (the max-autotune
 # torch.compile step's kernel table), fastpath-inductor (the compiled steps and their compile times),
-# compile-cache (the torch.compile'd fused step compiled, then a second process from the cache, both timed)
-# and aoti (the inductor fused-step package built, loaded and run inside the loop graph). Logs, JSON and
+# compile-cache (the torch.compile'd fused step compiled, then a second process from the cache, both timed),
+# aoti (the inductor fused-step package built, loaded and run inside the loop graph) and samplers (every
+# sampler at 10 and 20 steps inside the whole-loop graph on sd15-random, torch fp16: issue #32's goal, a
+# 10-step image <= 0.55x the 20-step DDIM image's time, benchmarks/samplers.py). Logs, JSON and
 # Markdown go to benchmarks/results/ and, when $OUT is set (the device machine), to $OUT as they are written.
 #
 # Usage, on a machine with a CUDA GPU and this package importable (the offline device machine:
@@ -38,7 +40,7 @@ budget=${GPU_CHECK_BUDGET:-480}
 # 2026-12-04 H200 run's step times (benchmarks/results/gpu-h200-20261204/) with the cached fp16 weights
 DEFAULT_PLAN="env:25 bench:200 batched:55 profile:100 schedules:40 tests:50"
 BY_NAME_PLAN="inductor:240 sdpa:60 fastpath:90 paritygap:60 tiny:120 tests-slow:240 profile-inductor:300
-  profile-compile-max:300 fastpath-inductor:420 compile-cache:300 aoti:420"
+  profile-compile-max:300 fastpath-inductor:420 compile-cache:300 aoti:420 samplers:240"
 limit_of() {  # limit_of STEP: its limit in seconds, empty for an unknown step
   local entry
   for entry in $DEFAULT_PLAN $BY_NAME_PLAN; do [[ ${entry%%:*} == "$1" ]] && { echo "${entry#*:}"; return; }; done
@@ -214,6 +216,12 @@ PY
       # the inductor backend's fused-step package: built (progress in the log), loaded, run inside the loop graph
       run aoti "$limit" "$python" -m benchmarks --device cuda --steps 20 --repeats 3 --timeout $((limit - 20)) \
         --cases inductor:fp16:loop:compiled_networks=fused_step --out "$results" ${OUT:+"$OUT"}
+      ;;
+    samplers)
+      # each sampler's loop captured once untimed (--warmup), then 3 timed replays per sampler and step count;
+      # the report's speed line puts every sampler at 10 steps against ddim at 20
+      run samplers "$limit" "$python" -m benchmarks.samplers --preset sd15-random --device cuda --precision fp16 \
+        --cuda-graph loop --images 1 --steps 10 20 --warmup --repeats 3 --out "$results" ${OUT:+"$OUT"}
       ;;
   esac
 done
