@@ -49,7 +49,7 @@ GPU_CASES = ["torch:fp32:off", "torch:fp16:loop", "diffusers:fp16:off",
              "inductor:fp16:loop:compiled_networks=fused_step", "diffusers:fp16:off:max-autotune-no-cudagraphs",
              "diffusers:fp16:off:reduce-overhead",
              "torch:fp16:off"]
-CASE_OPTIONS = ("compile", "compiled_networks")
+CASE_OPTIONS = ("compile", "compiled_networks", "compile_scope")
 
 
 def parse_case(text: str) -> dict[str, Any]:
@@ -66,7 +66,7 @@ def parse_case(text: str) -> dict[str, Any]:
             name, value = "compile", option
         if name not in CASE_OPTIONS or not value:
             raise InputError(f"case {text!r}: bad option {option!r}; options: compile=MODE, "
-                             "compiled_networks=NAME[,NAME...]")
+                             "compiled_networks=NAME[,NAME...], compile_scope=whole|blocks")
         case[name] = value.split(",") if name == "compiled_networks" else value
     return case
 
@@ -234,7 +234,9 @@ def label(case: dict) -> str:
     compiled, built = case.get("compile", "off"), case.get("compiled_networks")
     sampler = f" [{case['sampler']}]" if case.get("sampler", "ddim") != "ddim" else ""
     if compiled != "off":  # diffusers (UNet and ControlNet) or torch (its compiled_networks, else every network)
-        return f"{case['backend']} (torch.compile {compiled}" + (f": {', '.join(built)})" if built else ")") + sampler
+        scope = ", blocks" if case.get("compile_scope", "whole") == "blocks" else ""
+        return (f"{case['backend']} (torch.compile {compiled}{scope}" + (f": {', '.join(built)})" if built else ")")
+                + sampler)
     return (f"{case['backend']} (builds {', '.join(built)})" if built else case["backend"]) + sampler
 
 
@@ -255,7 +257,8 @@ def case_command(case: dict[str, Any], args: argparse.Namespace, out: str, image
                           "--steps", str(args.steps), "--sampler", args.sampler, "--repeats", str(args.repeats),
                           "--out", out,
                           "--image-out", str(image_path), "--compile", case.get("compile", "off"),
-                          *(["--compiled-networks", *built] if built else []))
+                          *(["--compiled-networks", *built] if built else []),
+                          *(["--compile-scope", case["compile_scope"]] if "compile_scope" in case else []))
 
 
 def run_one(case: dict[str, Any], args: argparse.Namespace, timeout: int, image_path: Path) -> dict:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from benchmarks.baseline_diffusers import COMPILE_MODES, diffusers_end_to_end
-from sdcn_trt.config import BUILT_BACKENDS
+from sdcn_trt.config import BUILT_BACKENDS, COMPILE_SCOPES
 from sdcn_trt.errors import InputError
 from sdcn_trt.samplers import SAMPLER_NAMES
 from sdcn_trt.scoring.latency import measure, synchronize
@@ -91,7 +91,7 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
                          f"and torch with --compile; backend {args.backend!r} builds none")
     backend = None if args.backend == "diffusers" else BackendConfig(  # settings checked before anything loads
         backend=args.backend, device=args.device, precision=args.precision, cuda_graph=args.cuda_graph,
-        compiled_networks=compiled, compile=args.compile)
+        compiled_networks=compiled, compile=args.compile, compile_scope=args.compile_scope)
     config = GenerationConfig(ddim_steps=args.steps, sampler=args.sampler)  # checked before anything loads
     clock = time.perf_counter()
     components = load_preset(args.preset, seed=0)
@@ -193,6 +193,8 @@ def main() -> None:
     parser.add_argument("--compile", default="off", choices=COMPILE_MODES,
                         help="the diffusers baseline's torch.compile mode of its UNet and ControlNet (CUDA), or the "
                              "torch backend's (BackendConfig.compile: --compiled-networks, or all)")
+    parser.add_argument("--compile-scope", default="whole", choices=COMPILE_SCOPES,
+                        help="the torch backend's torch.compile: each network whole, or its blocks apart")
     parser.add_argument("--image-out", help="save the case's uint8 image (.npy) for parity checks")
     args = parser.parse_args()
     with open(args.out, "w") as f:

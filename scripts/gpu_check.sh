@@ -204,13 +204,21 @@ PY
         --backends "torch fp16 + torch.compile max-autotune" --out "$results" ${OUT:+"$OUT"}
       ;;
     compile-cache)
-      # the same torch.compile'd case in two processes sharing $SDCN_TRT_CACHE: the first compiles, the
-      # second starts from the cache (the bench table's build column is each process's compile time)
-      half=$((limit / 2))
-      run compile-cache-first "$half" "$python" -m benchmarks --device cuda --steps 20 --repeats 2 --timeout $((half - 10)) \
+      # the same torch.compile'd case in two processes sharing a fresh sdcn_trt cache: the first compiles, the
+      # second starts from the compile cache (the bench table's build column is each process's compile time);
+      # then the step's blocks compiled apart (regional compilation), cold in a cache of its own
+      third=$((limit / 3))
+      SDCN_TRT_CACHE="$results/compile-cache-$$" run compile-cache-first "$third" "$python" -m benchmarks --device cuda \
+        --steps 20 --repeats 2 --timeout $((third - 10)) \
         --cases torch:fp16:loop:compile=default:compiled_networks=fused_step --out "$results" ${OUT:+"$OUT"}
-      run compile-cache-second "$half" "$python" -m benchmarks --device cuda --steps 20 --repeats 2 --timeout $((half - 10)) \
+      SDCN_TRT_CACHE="$results/compile-cache-$$" run compile-cache-second "$third" "$python" -m benchmarks --device cuda \
+        --steps 20 --repeats 2 --timeout $((third - 10)) \
         --cases torch:fp16:loop:compile=default:compiled_networks=fused_step --out "$results" ${OUT:+"$OUT"}
+      SDCN_TRT_CACHE="$results/compile-cache-blocks-$$" run compile-cache-blocks "$third" "$python" -m benchmarks \
+        --device cuda --steps 20 --repeats 2 --timeout $((third - 10)) \
+        --cases torch:fp16:loop:compile=default:compiled_networks=fused_step:compile_scope=blocks \
+        --out "$results" ${OUT:+"$OUT"}
+      rm -rf "$results/compile-cache-$$" "$results/compile-cache-blocks-$$"
       ;;
     aoti)
       # the inductor backend's fused-step package: built (progress in the log), loaded, run inside the loop graph

@@ -43,7 +43,8 @@ def test_every_gpu_check_step_passes_arguments_the_code_takes(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     runs = ([s for s in DEFAULT_STEPS if s != "env"] + ["toolchain"]
-            + [s for s in BY_NAME if s != "compile-cache"] + ["compile-cache-first", "compile-cache-second"])
+            + [s for s in BY_NAME if s != "compile-cache"]
+            + ["compile-cache-first", "compile-cache-second", "compile-cache-blocks"])
     for step in runs:
         assert re.search(rf"== {re.escape(step)}: exit 0 after \d+ s", out), f"step {step} failed:\n{out}"
     assert "unrecognized arguments" not in out and "invalid choice" not in out and "skipped" not in out
@@ -51,12 +52,15 @@ def test_every_gpu_check_step_passes_arguments_the_code_takes(tmp_path):
     assert modules == ["benchmarks", "benchmarks", "benchmarks.profile", "benchmarks.schedules", "pytest",
                        "benchmarks.inductor_probe", "benchmarks.sdpa", "benchmarks.fast_path", "benchmarks.parity_gap",
                        "benchmarks", "pytest", "benchmarks.profile", "benchmarks.profile", "benchmarks.fast_path",
-                       "benchmarks", "benchmarks", "benchmarks", "benchmarks.samplers"]
+                       "benchmarks", "benchmarks", "benchmarks", "benchmarks", "benchmarks.samplers"]
     assert out.count("arguments parsed") == len(modules) - 2  # pytest collected instead, twice
     for call in (c for c in calls if c["module"] == "benchmarks"):  # each --cases entry is a case the runner reads
         cases = call["args"][call["args"].index("--cases") + 1:]
         cases = cases[:next((i for i, a in enumerate(cases) if a.startswith("--")), len(cases))]
         assert cases and all(parse_case(c)["backend"] in {"torch", "diffusers", "inductor"} for c in cases)
+    scopes = [parse_case(c).get("compile_scope") for call in calls if call["module"] == "benchmarks"
+              for c in call["args"] if ":" in c]
+    assert scopes.count("blocks") == 1  # compile-cache's regional compile
     (samplers,) = [c["args"] for c in calls if c["module"] == "benchmarks.samplers"]  # issue #32's GPU goal
     assert all(f" {a} " in f" {' '.join(samplers)} " for a in ("--preset sd15-random", "--device cuda",
                                                                "--cuda-graph loop", "--steps 10 20", "--warmup"))
