@@ -41,6 +41,7 @@ VARIANTS = {
     "+sdpa_backend=efficient": dataclasses.replace(DEFAULT, sdpa_backend="efficient"),
     "+sdpa_backend=cudnn": dataclasses.replace(DEFAULT, sdpa_backend="cudnn"),
     "+fp16_accumulation": dataclasses.replace(DEFAULT, fp16_accumulation=True),
+    "+cross_kv": dataclasses.replace(DEFAULT, cross_kv=True),  # the text's K/V projected once per image
     "+channels_last+gn_silu+cudnn_benchmark": dataclasses.replace(DEFAULT, channels_last=True, gn_silu=True,
                                                                   cudnn_benchmark=True),
 }

@@ -1,7 +1,9 @@
 """FastPath's newer switches (sdcn_trt.engines.fast_ops): each against the plain module on the CPU where it
 means something there, their refusals elsewhere; the compiled CUDA kernels are GPU tests."""
+import dataclasses
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -255,3 +257,61 @@ def test_a_channels_last_step_changes_no_layout(tiny):
     convs = sum(1 for m in get_descriptor("fused_step", tiny).build_module().modules() if isinstance(m, nn.Conv2d))
     assert nchw["cuda_layout"] == convs == 53  # NCHW: cuDNN converts every convolution's input
     assert nchw["operators"] == nhwc["operators"]
+
+
+def test_cross_kv_projects_the_text_once_per_image(tiny):
+    """FastPath.cross_kv: after prepare() a call on that very text tensor takes every cross-attention's K/V from
+    the prepared buffers (one GEMM fewer each, the same numbers); a call on another tensor projects again."""
+    from benchmarks.op_census import fused_step_census
+    from sdcn_trt.engines.fast_ops import TextProjection
+
+    desc = get_descriptor("fused_step", tiny)
+    feed = desc.sample_inputs(ShapeSpec(1, 64, 64))
+    plain = _outputs(TorchRunner(desc, fast=FastPath(sdpa=True, fuse_qkv=True)), feed)["noise_pred"]
+    runner = TorchRunner(desc, fast=FastPath(sdpa=True, fuse_qkv=True, cross_kv=True))
+    runner.activate()
+    kept = [m for m in runner.module.modules() if isinstance(m, TextProjection)]
+    cross = [a for a in attention_modules(runner.module) if a.is_cross_attention]
+    assert len(kept) == len(cross) > 0 and all(isinstance(a.to_kv, TextProjection) for a in cross)
+    assert torch.equal(_outputs(runner, feed)["noise_pred"], plain)  # not prepared: projects as before
+    runner.prepare(feed)
+    assert torch.equal(_outputs(runner, feed)["noise_pred"], plain)  # prepared: the same numbers
+    other = {**feed, "text_embeddings": feed["text_embeddings"] * 2}
+    expected = _outputs(TorchRunner(desc, fast=FastPath(sdpa=True, fuse_qkv=True)), other)["noise_pred"]
+    assert torch.equal(_outputs(runner, other)["noise_pred"], expected)  # another text: projected again
+    assert torch.equal(_outputs(runner, feed)["noise_pred"], plain)  # and the prepared one is used again
+    spec = ShapeSpec(1, 64, 64)
+    base = FastPath(sdpa=True, fuse_qkv=True, channels_last=True, gn_silu=True)
+    before = fused_step_census(tiny, base, spec)
+    after = fused_step_census(tiny, dataclasses.replace(base, cross_kv=True), spec)
+    assert before["operators"] - after["operators"] == len(kept)  # one projection per cross-attention, per step
+
+
+@pytest.mark.parametrize("mode", ["off", "loop", "step"])
+@pytest.mark.parametrize("schedule", ["full", "deepcache=2"])
+def test_cross_kv_images_equal_the_plain_loops(tiny, photo, monkeypatch, mode, schedule):
+    """The eager, static and per-step loops prepare each image's text once (per-step: outside the captured
+    steps) and give the very images of the same loop without it, image after image (no stale projection)."""
+    from types import SimpleNamespace
+
+    from sdcn_trt import BackendConfig, ControlNetPipeline, GenerationConfig
+    from sdcn_trt.engines.fast_ops import TextProjection
+    from sdcn_trt.pipeline import pipeline as pipeline_module
+    from sdcn_trt.pipeline.loop import GraphedSteps
+
+    config = GenerationConfig(image_resolution=64, ddim_steps=4, seed=5, prompt="a cat", schedule=schedule)
+    configs = [config, config.replace(prompt="a red house", seed=6), config]
+    if mode == "step":
+        monkeypatch.setattr(pipeline_module, "make_loop", lambda mode, key, schedule, runners, device: GraphedSteps(
+            key, schedule, runners, device, capture_fn=lambda body, device, what: SimpleNamespace(replay=body)))
+    backend = BackendConfig(cuda_graph="loop" if mode == "loop" else "off")
+    plain = [ControlNetPipeline(tiny, backend).run(photo, c).images[0] for c in configs]
+    monkeypatch.setattr(FastPath, "default_for", classmethod(lambda cls, device, dtype: cls(cross_kv=True)))
+    projected = []
+    real = TextProjection.forward
+    monkeypatch.setattr(TextProjection, "forward", lambda self, x: (projected.append(self.prepared is None), real(self, x))[1])
+    pipe = ControlNetPipeline(tiny, backend)
+    images = [pipe.run(photo, c).images[0] for c in configs]
+    assert all(np.array_equal(a, b) for a, b in zip(images, plain, strict=True))
+    assert projected and not any(projected)  # every step took the prepared projections
+    assert not np.array_equal(images[0], images[1])

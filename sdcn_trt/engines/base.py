@@ -52,6 +52,13 @@ class Runner(abc.ABC):
                                                f"(of {tensor.numel()}); {why}")
         return outputs
 
+    def prepare(self, constants: dict[str, torch.Tensor]) -> None:
+        """Inputs that stay the same over the calls that follow (one image's text embedding, hints and control
+        scales, by input name): a runner may compute here, once, what depends on them alone (the torch runner
+        with FastPath.cross_kv: every cross-attention's K/V of the text). A later call given these very tensor
+        objects may use it, and the caller prepares again whenever it changes their contents (the loops do, per
+        image); a call given other tensors computes everything. Nothing by default."""
+
     def __enter__(self) -> "Runner":
         return self.activate()
 

@@ -166,6 +166,60 @@ def keep_transformer_outputs_nhwc(module: nn.Module) -> int:
     return len(blocks)
 
 
+class TextProjection(nn.Linear):
+    """A cross-attention's K/V projection (to_k, to_v or the fused to_kv) of the text embedding, with the same
+    parameters and keys as the Linear it replaces. The text is the same at every step of an image, so
+    `prepare(text)` projects it once into a buffer kept per shape (a captured graph may hold it), and while
+    `prepared` is set the module returns that buffer instead of projecting again: the same numbers, one GEMM
+    per image instead of one per step."""
+
+    prepared: torch.Tensor | None = None  # what forward returns instead of projecting (None: it projects)
+    ready: torch.Tensor | None = None  # the last prepare's buffer
+
+    @classmethod
+    def replacing(cls, linear: nn.Linear) -> "TextProjection":
+        kept = cls.__new__(cls)
+        kept.__dict__.update(linear.__dict__)
+        kept.prepared, kept.ready, kept.kept = None, None, {}
+        return kept
+
+    def prepare(self, text: torch.Tensor) -> torch.Tensor:
+        """Project `text` (N, 77, D) into this module's buffer for that shape and dtype (kept for the module's
+        life: a graph captured over it reads it at every replay); returns it, and it is `ready`."""
+        out = F.linear(text, self.weight, self.bias)  # (N, 77, out_features)
+        buffer = self.kept.get((out.shape, out.dtype, out.device))
+        if buffer is None:
+            buffer = self.kept[(out.shape, out.dtype, out.device)] = torch.empty_like(out)
+        buffer.copy_(out)
+        self.ready = buffer
+        return buffer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prepared if self.prepared is not None else super().forward(x)
+
+
+def keep_text_projections(module: nn.Module) -> list[TextProjection]:
+    """Make the K/V projections of every cross-attention inside `module` that projects the text embedding as
+    it is (no cross-attention norm) TextProjections, in place; returns them. Call after fusing QKV (to_kv)."""
+    kept = []
+    for attn in attention_modules(module):
+        if not attn.is_cross_attention or attn.norm_cross:
+            continue
+        for name in ("to_kv", "to_k", "to_v"):
+            linear = getattr(attn, name, None)
+            if type(linear) is nn.Linear and not (name != "to_kv" and hasattr(attn, "to_kv")):
+                setattr(attn, name, TextProjection.replacing(linear))
+                kept.append(getattr(attn, name))
+    return kept
+
+
+def attention_modules(module: nn.Module) -> list[Any]:  # diffusers Attention (imported lazily)
+    """Every diffusers Attention inside `module` (UNet, ControlNet, VAE mid block); CLIP has none."""
+    from diffusers.models.attention_processor import Attention
+
+    return [m for m in module.modules() if isinstance(m, Attention)]
+
+
 def sdpa_backend(name: str) -> Any:  # -> torch.nn.attention.SDPBackend
     """The SDPBackend member for a kernel name other than 'auto'."""
     check_choice("sdpa_backend", name, SDPA_CHOICES)

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from sdcn_trt.engines.base import Runner
-from sdcn_trt.engines.fast_ops import (PinnedSdpa, cuda_flags, fuse_group_norm_silu, keep_transformer_outputs_nhwc,
-                                       parse_sdpa_kernels, sdpa_kernel_for, sdpa_kernels_spelling)
+from sdcn_trt.engines.fast_ops import (PinnedSdpa, TextProjection, attention_modules, cuda_flags, fuse_group_norm_silu,
+                                       keep_text_projections, keep_transformer_outputs_nhwc, parse_sdpa_kernels,
+                                       sdpa_kernel_for, sdpa_kernels_spelling)
 from sdcn_trt.config import COMPILE_FLAGS, COMPILE_MODES, COMPILE_SCOPES, PRECISIONS, check_choice, check_compile_flags
 from sdcn_trt.errors import BackendUnavailableError, CompileError, InputError
 from sdcn_trt.export.descriptors import NetworkDescriptor
@@ -48,8 +49,9 @@ class FastPath:
     On by default only on CUDA in fp16 (`default_for`), so CPU fp32 results stay bit-identical to the
     reference. There the default holds what a GPU run measured faster: SDPA, fused QKV, channels_last and
     GroupNorm+SiLU (one H200 step inside a CUDA graph: 11.8 -> 7.8 ms with the last two, benchmarks/results/
-    gpu-h200-20261204/). `sdpa_backend`, `cudnn_benchmark` and `fp16_accumulation` stay off until a GPU
-    run measures them (`python -m benchmarks.fast_path`); the last two need CUDA.
+    gpu-h200-20261204/). `sdpa_backend`, `cudnn_benchmark`, `fp16_accumulation` and `cross_kv` stay off until
+    a GPU run measures them (`python -m benchmarks.fast_path`); `cudnn_benchmark` and `fp16_accumulation` need
+    CUDA.
     """
 
     sdpa: bool = False  # every diffusers Attention on AttnProcessor2_0 (F.scaled_dot_product_attention)
@@ -62,6 +64,9 @@ class FastPath:
     # per head size ('40=flash,80=efficient,160=cudnn'; fast_ops.parse_sdpa_kernels); kept in canonical spelling
     sdpa_backend: str = "auto"
     cudnn_benchmark: bool = False  # cuDNN times its algorithms per shape once (the contest shape is fixed)
+    # every cross-attention's K/V of the text embedding projected once per image (Runner.prepare) instead of at
+    # every step: the same numbers, one GEMM per cross-attention fewer per step (fast_ops.TextProjection)
+    cross_kv: bool = False
     fp16_accumulation: bool = False  # cuBLAS fp16 GEMMs accumulate in fp16 (faster, less exact; CUDA only)
 
     def __post_init__(self) -> None:
@@ -86,13 +91,6 @@ class FastPath:
         return cls()
 
 
-def attention_modules(module: nn.Module) -> list[Any]:  # diffusers Attention (imported lazily)
-    """Every diffusers Attention inside `module` (UNet, ControlNet, VAE mid block); CLIP has none."""
-    from diffusers.models.attention_processor import Attention
-
-    return [m for m in module.modules() if isinstance(m, Attention)]
-
-
 def apply_fast_path(module: nn.Module, fast: FastPath) -> nn.Module:
     """Apply `fast` to `module` in place (call it on a copy) and return it. diffusers' own
     `fuse_qkv_projections` exists on the UNet and the VAE only; this reaches the ControlNet too."""
@@ -108,6 +106,8 @@ def apply_fast_path(module: nn.Module, fast: FastPath) -> nn.Module:
                 head_size = attn.inner_dim // attn.heads  # as SDPA sees it
                 kernel = sdpa_kernel_for(kernels, head_size)
                 attn.set_processor(processor if kernel == "auto" else PinnedSdpa(processor, kernel, head_size))
+    if fast.cross_kv:  # after fuse_qkv: the fused to_kv is what gets kept
+        keep_text_projections(module)
     if fast.gn_silu:
         held = next((p for p in module.parameters()), None)
         fuse_group_norm_silu(module, compiled=held is not None and held.device.type == "cuda", nhwc=fast.channels_last)
@@ -192,6 +192,9 @@ class TorchRunner(Runner):
         self.cache_dir = cache_dir  # the sdcn_trt cache torch.compile's caches go in (None: $SDCN_TRT_CACHE)
         self.compile_cache: Path | None = None  # where they are (engines.compile_cache), once activated
         self._artifacts_saved = False
+        self._text_projections: list[TextProjection] = []  # FastPath.cross_kv's modules (prepare fills them)
+        self._prepared_text: torch.Tensor | None = None  # the text_embeddings tensor they were prepared from
+        self._pending_text: torch.Tensor | None = None  # handed to prepare before activation: prepared at the first call
 
     @property
     def device(self) -> torch.device:
@@ -203,6 +206,7 @@ class TorchRunner(Runner):
 
             self.compile_cache = use_compile_cache(self._device, self.cache_dir)
         module: Any = prepare_module(self.descriptor, self._device, self.dtype, self.fast)
+        self._text_projections = [m for m in module.modules() if isinstance(m, TextProjection)]
         if self.compile != "off":  # compiled at the first call, where the input shapes are known
             arguments = compile_arguments(self.compile, self.compile_flags)
             if self.compile_scope == "blocks":
@@ -213,10 +217,40 @@ class TorchRunner(Runner):
 
     def deactivate_impl(self) -> None:
         self.module = None
+        self._text_projections, self._prepared_text, self._pending_text = [], None, None
+
+    def prepare(self, constants: dict[str, torch.Tensor]) -> None:
+        """FastPath.cross_kv: project the text embedding through every cross-attention's K/V once; the calls
+        that pass this very `text_embeddings` tensor use the projections (others project again). Before the
+        runner is active (it activates at its first call) the text waits for that call."""
+        text = constants.get("text_embeddings")
+        if text is None or not self.fast.cross_kv:
+            return
+        if not self.is_active:
+            self._pending_text = text
+            return
+        self._prepare_text(text)
+
+    def _prepare_text(self, text: torch.Tensor) -> None:
+        self._pending_text = None
+        if not self._text_projections:  # a network without cross-attention
+            return
+        with torch.inference_mode():
+            cast = cast_input(text, self._device, self.dtype)  # (2B, 77, D)
+            for projection in self._text_projections:
+                projection.prepared = projection.prepare(cast)  # (2B, 77, 2 x inner) with fused QKV
+        self._prepared_text = text
 
     def infer_impl(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         assert self.module is not None
         args = [cast_input(feed[n], self._device, self.dtype) for n in self.descriptor.input_names]
+        if self._pending_text is not None:
+            self._prepare_text(self._pending_text)
+        if self._text_projections:  # the prepared projections serve only calls on the text they came from
+            prepared = self._prepared_text is not None and feed.get("text_embeddings") is self._prepared_text
+            if prepared != (self._text_projections[0].prepared is not None):
+                for projection in self._text_projections:
+                    projection.prepared = projection.ready if prepared else None
         if self.fast.channels_last:  # (N, C, H, W) inputs in NHWC too: no layout copy before the first conv
             args = [a.contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a for a in args]
         with torch.inference_mode(), cuda_flags(self.fast.cudnn_benchmark, self.fast.fp16_accumulation):

@@ -70,6 +70,9 @@ class LoopKey:
         return ShapeSpec(batch, height, width, self.text_shape[0] // batch)
 
 
+STEP_NETWORKS = ("fused_step", "controlnet", "unet", "unet_deep", "unet_shallow")  # the ones a step runs
+
+
 def networks_for(kinds: Sequence[str]) -> tuple[str, ...]:
     """The networks a schedule needs. All-full (or eps-reuse) schedules run the fused ControlNet+UNet;
     with ControlNet-residual reuse, full steps run the ControlNet and the UNet apart so the residuals
@@ -96,7 +99,7 @@ class Denoiser:
     """The denoising step for one image: its text, hint and control scales are fixed per image."""
 
     def __init__(self, runners: Mapping[str, Runner], kinds: Sequence[str], scale: float, text: torch.Tensor,
-                 hints: Mapping[str, torch.Tensor], scales: torch.Tensor):
+                 hints: Mapping[str, torch.Tensor], scales: torch.Tensor, prepare: bool = True):
         self.runners, self.scale = runners, scale
         self.text = text
         # the ControlNet's inputs besides the step's, the same at every step: hints "hint", "hint_1", ...
@@ -105,6 +108,14 @@ class Denoiser:
         # which UNet network full and reuse_control steps run: the fused step, the UNet on given
         # residuals, or that UNet also returning its deep feature (networks_for picks the same)
         self.unet = "unet_deep" if SHALLOW in kinds else "unet" if REUSE_CONTROL in kinds else None
+        if prepare:  # once per image: what depends on these alone (Runner.prepare); inside a captured loop too
+            self.prepare()
+
+    def prepare(self) -> None:
+        """Hand every step network this image's constant inputs (Runner.prepare)."""
+        for name in STEP_NETWORKS:
+            if name in self.runners:
+                self.runners[name].prepare({"text_embeddings": self.text, **self.control})
 
     def guide(self, noise_pred: torch.Tensor) -> torch.Tensor:
         """(2B, 4, h, w) [uncond, cond] -> the guided (B, 4, h, w) prediction, as p_sample_ddim combines them."""
@@ -348,11 +359,14 @@ class GraphedSteps(EagerLoop):
         if "unet_deep" in runners:
             self.deep = torch.zeros(runners["unet_deep"].descriptor.shapes(key.spec)["deep_feature"], device=device)
         capture_fn = capture_fn or capture
+        self._prepare()  # the prepared buffers exist before the steps are captured over them
         self.graphs = {kind: capture_fn(lambda k=kind: self._step(k), device, f"a {kind} step for {key.latent_shape}")
                        for kind in dict.fromkeys(key.kinds)}
 
     def _step(self, kind: str) -> None:
-        denoiser = Denoiser(self.runners, self.key.kinds, self.key.scale, self.text, self.hints, self.scales)
+        # prepared outside the graphs, once per image (run); the captured steps read what that wrote
+        denoiser = Denoiser(self.runners, self.key.kinds, self.key.scale, self.text, self.hints, self.scales,
+                            prepare=False)
         before = StepState(self.x, self.guided, self.residuals, self.deep, self.past)
         state = denoiser.step(before, kind, self.constants, self.timestep, self.noise, len(self.past))
         # the history first, oldest slot first (it reads the buffers the step read: self.x is still x_i)
@@ -366,6 +380,9 @@ class GraphedSteps(EagerLoop):
             if buffer is not None and value is not None and buffer is not value:
                 buffer.copy_(value)
 
+    def _prepare(self) -> None:
+        Denoiser(self.runners, self.key.kinds, self.key.scale, self.text, self.hints, self.scales)
+
     def run(self, inputs: LoopInputs, report: ProgressFn = _no_progress) -> tuple[torch.Tensor, dict[str, float]]:
         clock = time.perf_counter()
         for name, hint in embed_controls(self.runners["control_hint"], inputs.controls).items():
@@ -373,6 +390,7 @@ class GraphedSteps(EagerLoop):
         self.x.copy_(inputs.latents)
         self.text.copy_(inputs.text)
         self.scales.copy_(inputs.scales)
+        self._prepare()
         for pair in self.past:
             for buffer in pair:
                 buffer.zero_()
