@@ -64,8 +64,8 @@ class FastPath:
     # per head size ('40=flash,80=efficient,160=cudnn'; fast_ops.parse_sdpa_kernels); kept in canonical spelling
     sdpa_backend: str = "auto"
     cudnn_benchmark: bool = False  # cuDNN times its algorithms per shape once (the contest shape is fixed)
-    # every cross-attention's K/V of the text embedding projected once per image (Runner.prepare) instead of at
-    # every step: the same numbers, one GEMM per cross-attention fewer per step (fast_ops.TextProjection)
+    # an image's constant inputs made ready once (Runner.prepare) instead of at every step: every cross-attention's
+    # K/V of the text (fast_ops.TextProjection) and the text, hints and scales cast to the dtype and layout
     cross_kv: bool = False
     fp16_accumulation: bool = False  # cuBLAS fp16 GEMMs accumulate in fp16 (faster, less exact; CUDA only)
 
@@ -193,8 +193,11 @@ class TorchRunner(Runner):
         self.compile_cache: Path | None = None  # where they are (engines.compile_cache), once activated
         self._artifacts_saved = False
         self._text_projections: list[TextProjection] = []  # FastPath.cross_kv's modules (prepare fills them)
-        self._prepared_text: torch.Tensor | None = None  # the text_embeddings tensor they were prepared from
-        self._pending_text: torch.Tensor | None = None  # handed to prepare before activation: prepared at the first call
+        # FastPath.cross_kv: {input name: (the tensor prepare was given, its ready copy)}; buffers kept per shape;
+        # constants handed to prepare before activation (prepared at the first call)
+        self._prepared: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._kept_inputs: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._pending: dict[str, torch.Tensor] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -217,42 +220,56 @@ class TorchRunner(Runner):
 
     def deactivate_impl(self) -> None:
         self.module = None
-        self._text_projections, self._prepared_text, self._pending_text = [], None, None
+        self._text_projections, self._prepared, self._kept_inputs, self._pending = [], {}, {}, None
 
     def prepare(self, constants: dict[str, torch.Tensor]) -> None:
-        """FastPath.cross_kv: project the text embedding through every cross-attention's K/V once; the calls
-        that pass this very `text_embeddings` tensor use the projections (others project again). Before the
-        runner is active (it activates at its first call) the text waits for that call."""
-        text = constants.get("text_embeddings")
-        if text is None or not self.fast.cross_kv:
+        """FastPath.cross_kv: the image's constant inputs made ready once — each cast to the runner's dtype and
+        layout, the text embedding projected through every cross-attention's K/V — into buffers kept per
+        shape; a call given these very tensors uses them (others are cast and projected as usual). Before the
+        runner is active (it activates at its first call) the constants wait for that call."""
+        if not self.fast.cross_kv:
             return
+        named = {n: t for n, t in constants.items() if n in self.descriptor.input_names}
         if not self.is_active:
-            self._pending_text = text
+            self._pending = named
             return
-        self._prepare_text(text)
+        self._prepare_now(named)
 
-    def _prepare_text(self, text: torch.Tensor) -> None:
-        self._pending_text = None
-        if not self._text_projections:  # a network without cross-attention
-            return
+    def _prepare_now(self, constants: dict[str, torch.Tensor]) -> None:
+        self._pending = None
+        self._prepared = {}
         with torch.inference_mode():
-            cast = cast_input(text, self._device, self.dtype)  # (2B, 77, D)
-            for projection in self._text_projections:
-                projection.prepared = projection.prepare(cast)  # (2B, 77, 2 x inner) with fused QKV
-        self._prepared_text = text
+            for name, value in constants.items():
+                ready = self._as_argument(value)
+                key = (name, ready.shape, ready.dtype)
+                buffer = self._kept_inputs.get(key)
+                if buffer is None:  # kept for the runner's life: a graph captured over it reads it at every replay
+                    buffer = self._kept_inputs[key] = torch.empty_like(ready)
+                buffer.copy_(ready)
+                self._prepared[name] = (value, buffer)
+            text = self._prepared.get("text_embeddings")
+            for projection in self._text_projections if text else ():
+                projection.prepared = projection.prepare(text[1])  # (2B, 77, 2 x inner) with fused QKV
+
+    def _as_argument(self, value: torch.Tensor) -> torch.Tensor:
+        """An input as the module takes it: on the device, floats in the runner's dtype, (N, C, H, W) inputs
+        in NHWC with channels_last (no layout copy before the first convolution)."""
+        value = cast_input(value, self._device, self.dtype)
+        return value.contiguous(memory_format=torch.channels_last) if self.fast.channels_last and value.dim() == 4 else value
 
     def infer_impl(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         assert self.module is not None
-        args = [cast_input(feed[n], self._device, self.dtype) for n in self.descriptor.input_names]
-        if self._pending_text is not None:
-            self._prepare_text(self._pending_text)
-        if self._text_projections:  # the prepared projections serve only calls on the text they came from
-            prepared = self._prepared_text is not None and feed.get("text_embeddings") is self._prepared_text
-            if prepared != (self._text_projections[0].prepared is not None):
+        if self._pending is not None:
+            self._prepare_now(self._pending)
+        prepared = self._prepared
+        args = [prepared[n][1] if n in prepared and feed[n] is prepared[n][0] else self._as_argument(feed[n])
+                for n in self.descriptor.input_names]
+        if self._text_projections:  # the projections serve only calls on the text they were prepared from
+            text = prepared.get("text_embeddings")
+            use = text is not None and feed.get("text_embeddings") is text[0]
+            if use != (self._text_projections[0].prepared is not None):
                 for projection in self._text_projections:
-                    projection.prepared = projection.ready if prepared else None
-        if self.fast.channels_last:  # (N, C, H, W) inputs in NHWC too: no layout copy before the first conv
-            args = [a.contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a for a in args]
+                    projection.prepared = projection.ready if use else None
         with torch.inference_mode(), cuda_flags(self.fast.cudnn_benchmark, self.fast.fp16_accumulation):
             out = self.module(*args) if self.compile == "off" else self._compiled_call(args)
         outputs = out if isinstance(out, (tuple, list)) else (out,)
