@@ -33,9 +33,17 @@ def probe_one(args: argparse.Namespace) -> dict[str, Any]:
     from sdcn_trt.export.descriptors import ShapeSpec, get_descriptor
     from sdcn_trt.models.presets import load_preset
 
+    import logging
+
+    from sdcn_trt.engines.inductor.child import say_progress
+
+    handler = logging.Handler()  # the build's progress lines, on to the parent as they come
+    handler.emit = lambda record: say_progress(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("sdcn_trt").addHandler(handler)
+    logging.getLogger("sdcn_trt").setLevel(logging.INFO)
     components = load_preset(args.preset, seed=0)
     config = BackendConfig(backend="inductor", device=args.device, precision=args.precision)
-    settings = InductorSettings(load=args.one)
+    settings = InductorSettings(load=args.one, wrapper_opt=args.wrapper_opt)
     networks: dict[str, Any] = {}
     for name in args.networks:
         desc = get_descriptor(name, components)
@@ -50,7 +58,7 @@ def probe_one(args: argparse.Namespace) -> dict[str, Any]:
         assert package is not None
         networks[name] = {"cached": package.cached, "build_s": package.built_seconds, "activate_s": activate_s,
                           "size_mib": package.size_bytes / 2**20, "check": package.check, "nonfinite": bad,
-                          "notes": package.notes}
+                          "notes": package.notes, "phases": package.phases}
         runner.deactivate()
     return {"strategy": args.one, "networks": networks}
 
@@ -71,6 +79,8 @@ def main() -> int:
     parser.add_argument("--networks", nargs="+", default=PIPELINE, help="default: the pipeline's four networks")
     parser.add_argument("--strategies", nargs="+", help="default: every strategy, in order")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per strategy")
+    parser.add_argument("--wrapper-opt", default="O1", choices=("O0", "O1"),
+                        help="the C++ wrapper's optimisation level (InductorSettings.wrapper_opt)")
     parser.add_argument("--out", nargs="*", default=[], help="folders for inductor-probe-<device>.json / .md")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child: this strategy only
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -90,8 +100,8 @@ def main() -> int:
         with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
             cmd = python_command("benchmarks.inductor_probe", "--one", name, "--result", tmp.name, "--device",
                                  args.device, "--preset", args.preset, "--precision", args.precision,
-                                 "--networks", *args.networks)
-            outcome = run_child(cmd, args.timeout)
+                                 "--networks", *args.networks, "--wrapper-opt", args.wrapper_opt)
+            outcome = run_child(cmd, args.timeout, progress=lambda line: print(f"  {line}", flush=True))
             row: dict[str, Any] = {"strategy": name, "seconds": outcome.seconds}
             if outcome.ok:
                 row.update(json.loads(Path(tmp.name).read_text()))
@@ -106,18 +116,24 @@ def main() -> int:
             chosen = name
             break
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": args.device, "preset": args.preset,
-              "precision": args.precision, "tried": rows, "chosen": chosen}
+              "precision": args.precision, "wrapper_opt": args.wrapper_opt, "tried": rows, "chosen": chosen}
     write(report, args.out)
     print(f"{LOAD_ENV}={chosen}" if chosen else f"no load strategy loaded the packages (tried: {', '.join(names)})")
     return 0 if chosen else 1
 
 
+def phase_split(phases: dict[str, float]) -> str:
+    """' (12 + 70)': the build's export and AOTInductor seconds, when the package was built with them timed."""
+    return f" ({phases['export_s']:.0f} + {phases['aoti_s']:.0f})" if "export_s" in phases and "aoti_s" in phases else ""
+
+
 def write(report: dict[str, Any], folders: list[str]) -> None:
     lines = [f"# AOTInductor load strategies, {report['date']} ({report['device']}, {report['preset']}, "
-             f"{report['precision']})", "", "| strategy | result | network: build s / load s / MiB / max abs diff |",
-             "|---|---|---|"]
+             f"{report['precision']}, C++ wrapper {report.get('wrapper_opt', 'O1')})", "",
+             "| strategy | result | network: build s (export + AOTInductor) / load s / MiB / max abs diff |", "|---|---|---|"]
     for row in report["tried"]:
-        nets = "; ".join(f"{n} {v['build_s']:.0f} / {v['activate_s']:.1f} / {v['size_mib']:.1f} / "
+        nets = "; ".join(f"{n} {v['build_s']:.0f}{phase_split(v.get('phases', {}))} / {v['activate_s']:.1f} / "
+                         f"{v['size_mib']:.1f} / "
                          f"{max((c['max_abs'] for c in v['check'].values()), default=float('nan')):.1e}"
                          for n, v in row.get("networks", {}).items())
         lines.append(f"| {row['strategy']} | {row.get('error', 'loads and runs').replace('|', '/')} | {nets or '-'} |")

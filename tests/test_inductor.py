@@ -254,6 +254,9 @@ def fused_runner(tiny, isolated_cache):
 
 def test_fused_step_matches_eager_torch(tiny, fused_runner):
     assert not fused_runner.package.cached and fused_runner.package.reasons == ["no cached package"]
+    phases = fused_runner.package.phases  # where the build's time went: torch.export, AOTInductor, the load
+    assert set(phases) == {"export_s", "aoti_s", "load_s"} and all(v > 0 for v in phases.values())
+    assert phases["export_s"] + phases["aoti_s"] <= fused_runner.package.seconds
     desc = fused_runner.descriptor
     feed = desc.sample_inputs(ShapeSpec(), seed=3)
     feed["control_scales"] = torch.tensor([[[0.5] * desc.dims.num_scales, [1.0] * desc.dims.num_scales]])

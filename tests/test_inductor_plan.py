@@ -42,6 +42,39 @@ def test_settings_travel_to_the_child_as_json():
     assert InductorSettings.from_json(InductorSettings().to_json()) == InductorSettings()
     assert settings.inductor_configs() == {"max_autotune": True, "aot_inductor.package_constants_in_so": False}
     assert settings.inductor_configs(False)["max_autotune"] is False
+    fast_wrapper = InductorSettings(wrapper_opt="O0")
+    assert InductorSettings.from_json(fast_wrapper.to_json()) == fast_wrapper
+    assert fast_wrapper.inductor_configs()["aot_inductor.compile_wrapper_opt_level"] == "O0"
+    with pytest.raises(InputError, match="unknown wrapper_opt 'O3'; choose one of O0, O1"):
+        InductorSettings(wrapper_opt="O3")
+
+
+def test_the_wrapper_level_keys_a_package_only_when_it_is_not_the_default(tiny):
+    """O1 (inductor's default) leaves package keys as they were; O0 is another package."""
+    from sdcn_trt.engines.inductor.plan import current_target, package_parts
+
+    desc = get_descriptor("control_hint", tiny)
+    target = current_target(torch.device("cpu"))
+    parts = {opt: package_parts(desc, "arch", "fp32", InductorSettings(wrapper_opt=opt), FastPath(), target)
+             for opt in ("O0", "O1")}
+    assert "wrapper_opt" not in parts["O1"]["options"] and parts["O0"]["options"]["wrapper_opt"] == "O0"
+
+
+def test_a_childs_progress_lines_arrive_while_it_runs():
+    """run_child hands each 'sdcn-progress: ' line of the child's stderr to `progress` as it is written (a
+    minute-long build says what it is doing), and only those lines."""
+    import time
+
+    code = ("import sys, time; from sdcn_trt.engines.inductor.child import say_progress; "
+            "say_progress('exported in 1.0 s'); print('a warning', file=sys.stderr, flush=True); time.sleep(2); "
+            "say_progress('compiled')")
+    seen = []
+    outcome = run_child([sys.executable, "-c", code], 60, progress=lambda line: seen.append((line, time.perf_counter())),
+                        poll_s=0.2)
+    end = time.perf_counter()
+    assert outcome.ok and [line for line, _ in seen] == ["exported in 1.0 s", "compiled"]
+    assert end - seen[0][1] > 1.0  # the first line came while the child still slept
+    assert "a warning" in outcome.stderr and "sdcn-progress: compiled" in outcome.stderr
 
 
 # -- load strategies ---------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from sdcn_trt.engines.inductor.child import python_command, run_child
+from sdcn_trt.engines.inductor.child import python_command, run_child, say_progress
 from sdcn_trt.engines.inductor.plan import (
     InductorSettings, LoadStrategy, architecture, autotune_fits, constants_api_missing, constants_map, dynamic_shapes,
     export_dynamic_shapes, load_strategy, loader_kwargs, module_tensors, unpack_dir,
@@ -148,9 +148,13 @@ def components_from_architecture(arch: dict[str, Any], device: torch.device, see
 
 
 def compile_package(descriptor: NetworkDescriptor, module: torch.nn.Module, args: tuple[torch.Tensor, ...],
-                    settings: InductorSettings, device: torch.device, target: Path) -> str:
+                    settings: InductorSettings, device: torch.device, target: Path,
+                    phases: dict[str, float] | None = None) -> str:
     """torch.export + AOTInductor into `target`; returns a note when max_autotune was asked for and
-    the GPU had no room for it (compiled with the default instead, with a warning)."""
+    the GPU had no room for it (compiled with the default instead, with a warning). Each phase's seconds go
+    into `phases` (export, aoti: inductor's code generation, kernel and wrapper compiles) and to the parent
+    as a progress line when it ends."""
+    phases = {} if phases is None else phases
     from torch._inductor import aoti_compile_and_package
 
     autotune, note = settings.max_autotune, ""
@@ -160,8 +164,13 @@ def compile_package(descriptor: NetworkDescriptor, module: torch.nn.Module, args
         if not fits:
             autotune, note = False, f"max_autotune skipped: {why}"
     with torch.inference_mode(False), torch.no_grad():
+        clock = time.perf_counter()
         shapes = export_dynamic_shapes(module.forward, dynamic_shapes(descriptor, settings.shape_range))
         program = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
+        phases["export_s"] = time.perf_counter() - clock
+        say_progress(f"exported in {phases['export_s']:.1f} s ({len(program.graph.nodes)} graph nodes); AOTInductor "
+                     "generating and compiling kernels and the C++ wrapper ...")
+        clock = time.perf_counter()
         try:
             aoti_compile_and_package(program, package_path=str(target), inductor_configs=settings.inductor_configs(autotune))
         except torch.OutOfMemoryError as exc:
@@ -170,6 +179,8 @@ def compile_package(descriptor: NetworkDescriptor, module: torch.nn.Module, args
             torch.cuda.empty_cache()
             note = f"max_autotune ran out of GPU memory ({str(exc).splitlines()[0]})"
             aoti_compile_and_package(program, package_path=str(target), inductor_configs=settings.inductor_configs(False))
+        phases["aoti_s"] = time.perf_counter() - clock
+        say_progress(f"AOTInductor compiled in {phases['aoti_s']:.1f} s")
     if note:
         note += "; compiled with the default settings instead"
         logger.warning("%s: %s", descriptor.name, note)
@@ -201,8 +212,10 @@ def child_main(work: Path, stage: str, result: dict[str, Any]) -> None:
     if stage in ("compile", "compile+load"):
         _fault("compile")
         clock = time.perf_counter()
-        result["autotune_note"] = compile_package(descriptor, module, args, settings, device, work / PACKAGE)
+        phases: dict[str, float] = {}
+        result["autotune_note"] = compile_package(descriptor, module, args, settings, device, work / PACKAGE, phases)
         result["compile_s"] = time.perf_counter() - clock
+        result["phases"] = phases
     if stage in ("load", "compile+load"):
         _fault("load")
         clock = time.perf_counter()
@@ -212,6 +225,7 @@ def child_main(work: Path, stage: str, result: dict[str, Any]) -> None:
         compiled = load_package(work / PACKAGE, device, strategy, module, descriptor.name, unpack, notes)
         result["load_notes"] = notes
         result["load_s"] = time.perf_counter() - clock
+        say_progress(f"loaded in {result['load_s']:.1f} s; checking it against eager torch ...")
         with torch.no_grad():
             expected, actual = as_tuple(module(*args)), as_tuple(compiled(*args))
         names = descriptor.output_names
@@ -256,7 +270,12 @@ def build_in_child(descriptor: NetworkDescriptor, device: torch.device, precisio
     (work / REQUEST).write_text(json.dumps(request, indent=1))
     stages = ["compile", "load"] if strategy.fresh_process else ["compile+load"]
     for stage in stages:
-        outcome = run_child(python_command(__name__, str(work), "--stage", stage), timeout)
+        clock = time.perf_counter()
+
+        def progress(message: str) -> None:  # the child's phases, as they end: a build is minutes, not silence
+            logger.info("%s (AOTInductor, %.0f s): %s", descriptor.name, time.perf_counter() - clock, message)
+
+        outcome = run_child(python_command(__name__, str(work), "--stage", stage), timeout, progress=progress)
         result = json.loads((work / RESULT).read_text()) if (work / RESULT).exists() else {}
         error = result.get("error")
         if outcome.ok and not error:

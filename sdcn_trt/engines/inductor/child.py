@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 
 def python_command(module: str, *args: str) -> list[str]:
@@ -124,20 +124,51 @@ class ChildOutcome:
         return stack if stack else "\n".join(self.stderr.strip().splitlines()[-20:])
 
 
+PROGRESS = "sdcn-progress: "  # a child's stderr line that run_child hands to its `progress` callback as it comes
+
+
+def say_progress(message: str) -> None:
+    """In a child: one progress line for the parent (run_child(progress=...)), e.g. 'exported in 12.3 s'."""
+    print(PROGRESS + message, file=sys.stderr, flush=True)
+
+
 def run_child(cmd: Sequence[str], timeout: float | None, env: Mapping[str, str] | None = None,
-              stdout: int | None = subprocess.DEVNULL) -> ChildOutcome:
+              stdout: int | None = subprocess.DEVNULL, progress: Callable[[str], None] | None = None,
+              poll_s: float = 1.0) -> ChildOutcome:
     """Run `cmd` in its own process group (a timeout, None for none, also ends the workers it started);
-    stderr goes to a temporary file, not a pipe, so a child that writes a lot never blocks."""
+    stderr goes to a temporary file, not a pipe, so a child that writes a lot never blocks. `progress` gets
+    each PROGRESS line of the child's stderr (without the prefix) within `poll_s` of its writing."""
     clock = time.perf_counter()
     with tempfile.TemporaryFile(mode="w+", prefix="sdcn_child.", suffix=".log") as err:
         proc = subprocess.Popen(list(cmd), stdout=stdout, stderr=err, text=True, start_new_session=True,
                                 env=dict(env) if env is not None else None)
-        try:
-            returncode: int | None = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            returncode = None
+        seen = 0  # bytes of stderr already scanned for progress lines
+
+        def relay() -> None:
+            nonlocal seen
+            if progress is None:
+                return
+            text = os.pread(err.fileno(), 1 << 20, seen)  # read where the child got to; the file's offset stays
+            complete = text[:text.rfind(b"\n") + 1]  # whole lines only; the rest is read next time
+            seen += len(complete)
+            for line in complete.decode(errors="replace").splitlines():
+                if line.startswith(PROGRESS):
+                    progress(line[len(PROGRESS):])
+
+        returncode: int | None = None
+        while True:
+            left = None if timeout is None else timeout - (time.perf_counter() - clock)
+            try:
+                returncode = proc.wait(timeout=poll_s if left is None else max(0.0, min(poll_s, left)))
+                relay()
+                break
+            except subprocess.TimeoutExpired:
+                relay()
+                if left is not None and left <= poll_s:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    returncode = None
+                    break
         err.seek(0)
         stderr = err.read()
     return ChildOutcome(returncode, stderr, time.perf_counter() - clock, timeout)

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
+from sdcn_trt.config import check_choice
 from sdcn_trt.engines.torch import FastPath, cpp_compiler_missing, triton_missing
 from sdcn_trt.errors import InputError
 from sdcn_trt.export.descriptors import NetworkDescriptor, ShapeRange, ShapeSpec
@@ -22,6 +23,7 @@ from sdcn_trt.export.descriptors import NetworkDescriptor, ShapeRange, ShapeSpec
 PACKAGE_FORMAT = 2  # bump when the package layout or what goes into the key changes (2: weights outside)
 MIN_TORCH = (2, 6)  # torch._inductor.aoti_compile_and_package / aoti_load_package
 LOAD_ENV = "SDCN_TRT_INDUCTOR_LOAD"  # the load strategy when InductorSettings names none
+WRAPPER_OPT_LEVELS = ("O0", "O1")  # InductorSettings.wrapper_opt
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,9 @@ class InductorSettings:
     max_autotune: bool = False  # inductor's GEMM/convolution autotuning: faster kernels, much longer builds
     fast: FastPath | None = None  # module changes before export; None: FastPath.default_for(device, dtype)
     load: str | None = None  # a LOAD_STRATEGIES name; None: $SDCN_TRT_INDUCTOR_LOAD, else "default"
+    # the C++ wrapper's optimisation level (aot_inductor.compile_wrapper_opt_level): one g++ process compiles a
+    # large graph's wrapper, "O0" compiles it faster (its code only launches kernels on a GPU)
+    wrapper_opt: str = "O1"
 
     def __post_init__(self) -> None:
         lo, hi = self.shape_range.min, self.shape_range.max
@@ -42,6 +47,7 @@ class InductorSettings:
             if not a <= opt <= b:
                 raise InputError(f"shape range {name}: need min <= opt <= max, got {a}, {opt}, {b}")
         load_strategy(self.load)  # an unknown name fails here, listing the valid ones
+        check_choice("wrapper_opt", self.wrapper_opt, WRAPPER_OPT_LEVELS)
 
     @property
     def dynamic(self) -> bool:
@@ -59,18 +65,22 @@ class InductorSettings:
         """Options passed to aoti_compile_and_package: the weights stay out of the package (they are
         given at load time), so a package holds kernels only and serves any weights of its architecture."""
         autotune = self.max_autotune if max_autotune is None else max_autotune
-        return {"max_autotune": autotune, "aot_inductor.package_constants_in_so": False}
+        configs: dict[str, Any] = {"max_autotune": autotune, "aot_inductor.package_constants_in_so": False}
+        if self.wrapper_opt != "O1":  # inductor's default; a torch without the setting compiles at its default
+            configs["aot_inductor.compile_wrapper_opt_level"] = self.wrapper_opt
+        return configs
 
     def to_json(self) -> dict[str, Any]:
         """The settings as JSON (for a build child); `from_json` reads them back."""
         return {"shape_range": {k: asdict(getattr(self.shape_range, k)) for k in ("min", "opt", "max")},
-                "max_autotune": self.max_autotune, "fast": asdict(self.fast) if self.fast else None, "load": self.load}
+                "max_autotune": self.max_autotune, "fast": asdict(self.fast) if self.fast else None, "load": self.load,
+                "wrapper_opt": self.wrapper_opt}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "InductorSettings":
         shapes = {k: ShapeSpec(**v) for k, v in data["shape_range"].items()}
         return cls(ShapeRange(**shapes), bool(data["max_autotune"]), FastPath(**data["fast"]) if data["fast"] else None,
-                   data.get("load"))
+                   data.get("load"), data.get("wrapper_opt", "O1"))
 
     def describe(self, descriptor: NetworkDescriptor) -> str:
         """The shapes in words, for logs and errors: 'latents (1, 4, 32, 48), ...' or min..max ranges."""
@@ -147,7 +157,8 @@ def package_parts(descriptor: NetworkDescriptor, architecture_key: str, precisio
         "io": [descriptor.input_names, descriptor.output_names],
         "precision": precision,
         "shapes": {n: [lo, traced[n], hi] for n, (lo, _, hi) in descriptor.profile(settings.shape_range).items()},
-        "options": {"max_autotune": settings.max_autotune, "fast": asdict(fast)},
+        "options": {"max_autotune": settings.max_autotune, "fast": asdict(fast),
+                    **({"wrapper_opt": settings.wrapper_opt} if settings.wrapper_opt != "O1" else {})},
         "torch": target.torch_version,
         "device": {"type": target.device_type, "name": target.device_name, "capability": target.capability},
         "format": PACKAGE_FORMAT,

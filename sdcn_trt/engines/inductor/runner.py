@@ -56,6 +56,7 @@ class PackageResult:
     check: dict[str, dict[str, float]] = field(default_factory=dict)  # per output, vs eager torch (seeded weights)
     built_seconds: float = 0.0  # what compiling this package took, when it was compiled (cached or not)
     notes: list[str] = field(default_factory=list)  # e.g. max_autotune skipped for lack of GPU memory
+    phases: dict[str, float] = field(default_factory=dict)  # seconds of the build's export, aoti (and load)
 
 
 def require_inductor(device_type: str) -> None:
@@ -112,7 +113,7 @@ def build_package(descriptor: NetworkDescriptor, device: str | torch.device, pre
     meta, problem = (None, force_reason) if force_reason else _read_entry(folder, key)
     if meta is not None:
         return PackageResult(folder / PACKAGE_FILE, key, True, 0.0, meta["size_bytes"], [], meta.get("check", {}),
-                             meta.get("seconds", 0.0), meta.get("notes", []))
+                             meta.get("seconds", 0.0), meta.get("notes", []), meta.get("phases", {}))
     reasons = [problem] if problem else rebuild_reasons(parts, _newest_parts(root, descriptor.name))
     logger.info("compiling %s with AOTInductor in a child process (%s, %s, %s): %s", descriptor.name, precision,
                 device.type, settings.describe(descriptor), "; ".join(reasons))
@@ -122,10 +123,12 @@ def build_package(descriptor: NetworkDescriptor, device: str | torch.device, pre
         result = build_in_child(descriptor, device, precision, settings, fast, work, Path(cache_dir), timeout)
         seconds = result.get("compile_s", 0.0) + result.get("load_s", 0.0)
         notes = [n for n in (result.get("autotune_note"), *result.get("load_notes", [])) if n]
+        phases = {**result.get("phases", {}), **({"load_s": result["load_s"]} if "load_s" in result else {})}
         size = (work / PACKAGE_FILE).stat().st_size
         meta = {"key": key, "network": descriptor.name, "parts": parts, "size_bytes": size, "seconds": seconds,
                 "check": result["check"], "check_weights": "seeded random weights of the same architecture",
-                "notes": notes, "reasons": reasons, "files": {PACKAGE_FILE: hash_file(work / PACKAGE_FILE)}}
+                "notes": notes, "reasons": reasons, "phases": phases,
+                "files": {PACKAGE_FILE: hash_file(work / PACKAGE_FILE)}}
         for extra in [p for p in work.iterdir() if p.name != PACKAGE_FILE]:
             extra.unlink()  # the child's request and result: meta.json keeps what counts
         with atomic_path(work / META_FILE) as tmp:
@@ -137,7 +140,8 @@ def build_package(descriptor: NetworkDescriptor, device: str | torch.device, pre
         if work.exists():
             shutil.rmtree(work)
     logger.info("compiled %s in %.1f s: %.1f MiB at %s", descriptor.name, seconds, size / 2**20, folder)
-    return PackageResult(folder / PACKAGE_FILE, key, False, seconds, size, reasons, result["check"], seconds, notes)
+    return PackageResult(folder / PACKAGE_FILE, key, False, seconds, size, reasons, result["check"], seconds, notes,
+                         phases)
 
 
 class InductorRunner(Runner):
