@@ -21,7 +21,8 @@
 # (diffusers fp16 against ours), tiny (fp16 parity on the tiny preset), tests-slow (the GPU tests that
 # compile: inductor packages, torch.compile), profile-inductor, profile-compile-max (the max-autotune
 # torch.compile step's kernel table), fastpath-inductor (the compiled steps and their compile times),
-# compile-cache (the torch.compile'd fused step compiled, then a second process from the cache, both timed),
+# compile-cache (the torch.compile'd fused step compiled, then a second process from the compile cache, then
+# its blocks compiled apart: regional compilation; each timed),
 # aoti (the inductor fused-step package built, loaded and run inside the loop graph) and samplers (every
 # sampler at 10 and 20 steps inside the whole-loop graph on sd15-random, torch fp16: issue #32's goal, a
 # 10-step image <= 0.55x the 20-step DDIM image's time, benchmarks/samplers.py). Logs, JSON and
