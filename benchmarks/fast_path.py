@@ -100,11 +100,12 @@ def time_step(step: Any, device: torch.device, repeats: int) -> dict[str, Any]:
 
 def run(components: Any, device: str, precision: str, repeats: int, spec: ShapeSpec = ShapeSpec(),
         variants: dict[str, FastPath] = VARIANTS, inductor: bool = False, compiled: list[str] | None = None,
+        extra_compiled: dict[str, dict[str, Any]] | None = None,
         after_each: Callable[[dict[str, Any]], None] = lambda results: None) -> dict[str, Any]:
     """Per variant: step latency (ms; inside a graph on CUDA), setup seconds and max |difference| of the
     step's latents from the plain variant's; a variant the device cannot run records why. `after_each`
     gets the results so far after every variant (a run stopped by a time limit keeps them). `inductor` adds
-    the compiled steps: those named in `compiled` (INDUCTOR and COMPILED names), else all."""
+    the compiled steps: those named in `compiled` (INDUCTOR and COMPILED names), else all, and `extra_compiled`."""
     from sdcn_trt.engines.torch import resolve_device
 
     dev = resolve_device(device)
@@ -113,6 +114,7 @@ def run(components: Any, device: str, precision: str, repeats: int, spec: ShapeS
     if inductor:
         jobs += [(n, "inductor", o) for n, o in INDUCTOR.items() if compiled is None or n in compiled]
         jobs += [(n, "torch", o) for n, o in COMPILED.items() if compiled is None or n in compiled]
+        jobs += [(n, "torch", o) for n, o in (extra_compiled or {}).items()]
     results: dict[str, Any] = {}
     plain: torch.Tensor | None = None
     for name, backend, options in jobs:
@@ -182,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         except InputError as exc:
             parser.error(str(exc))
         variants[name] = fast
+        # the compiled step with the same per-head-size kernels, over today's CUDA default
+        extra = {f"torch.compile {name}": {"fast": dataclasses.replace(CUDA_DEFAULT, sdpa_backend=fast.sdpa_backend),
+                                           "compile": "default"}}
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "device": args.device, "precision": args.precision,
         "preset": args.preset, "torch": torch.__version__, "height": args.height, "width": args.width,
@@ -197,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             (Path(folder) / f"{stem}.md").write_text(markdown(report))
 
     write(run(load_preset(args.preset), args.device, args.precision, args.repeats,
-              ShapeSpec(1, args.height, args.width), variants, args.inductor, args.compiled, write))
+              ShapeSpec(1, args.height, args.width), variants, args.inductor, args.compiled,
+              extra if args.sdpa_table else None, write))
     print(markdown(report))
     return 0
 

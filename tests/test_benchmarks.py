@@ -492,6 +492,34 @@ def test_fast_path_pins_each_head_size_to_the_sdpa_tables_fastest(tmp_path):
     assert per_head_size_variant(table, "fp32", "cpu")[1].sdpa_backend == expected and "40=" in expected
 
 
+def test_fast_path_compiled_steps_are_chosen_by_name_and_take_the_sdpa_table(tmp_path, monkeypatch):
+    """--inductor --compiled NAME... runs those compiled steps only; with --sdpa-table the compiled step with the
+    table's per-head-size kernels (over the CUDA default) joins them. The steps are stubbed: no compile here."""
+    from benchmarks import fast_path
+
+    seen = []
+
+    def stub(backend, components, device, precision, spec, options):
+        seen.append((backend, options))
+        raise InputError("stubbed")
+
+    monkeypatch.setattr(fast_path, "step_function", stub)
+    table = tmp_path / "sdpa.json"
+    table.write_text(json.dumps({"dtype": "fp32", "device": "cpu", "per_head_size": {"4": {"best": "math"}}}))
+    assert fast_path.main(["--device", "cpu", "--precision", "fp32", "--preset", "tiny", "--variants", "plain",
+                           "--inductor", "--compiled", "torch.compile blocks", "torch.compile +conv_1x1_as_mm",
+                           "--sdpa-table", str(table), "--out", str(tmp_path)]) == 0
+    (report_file,) = tmp_path.glob("fastpath-cpu-tiny-*.json")
+    names = list(json.loads(report_file.read_text())["variants"])
+    assert names == ["plain", "+sdpa_backend=4=math", "torch.compile blocks", "torch.compile +conv_1x1_as_mm",
+                     "torch.compile +sdpa_backend=4=math"]
+    compiled = [options for backend, options in seen if "compile" in options]
+    assert [o.get("compile_scope", "whole") for o in compiled] == ["blocks", "whole", "whole"]
+    assert compiled[1]["compile_flags"] == ("conv_1x1_as_mm",)
+    assert compiled[2]["fast"] == dataclasses.replace(fast_path.CUDA_DEFAULT, sdpa_backend="4=math")
+    assert all(o["fast"].channels_last and o["fast"].gn_silu for o in compiled)  # today's CUDA default, compiled
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda r: {**r, "dtype": "fp16"}, "timed the kernels in fp16; this run is fp32: run `python -m benchmarks.sdpa "
                                        "--dtype fp32` first"),
