@@ -175,6 +175,7 @@ class TextProjection(nn.Linear):
 
     prepared: torch.Tensor | None = None  # what forward returns instead of projecting (None: it projects)
     ready: torch.Tensor | None = None  # the last prepare's buffer
+    kept: dict[tuple[Any, ...], torch.Tensor]  # (shape, dtype, device) -> its buffer
 
     @classmethod
     def replacing(cls, linear: nn.Linear) -> "TextProjection":

@@ -248,8 +248,9 @@ class TorchRunner(Runner):
                 buffer.copy_(ready)
                 self._prepared[name] = (value, buffer)
             text = self._prepared.get("text_embeddings")
-            for projection in self._text_projections if text else ():
-                projection.prepared = projection.prepare(text[1])  # (2B, 77, 2 x inner) with fused QKV
+            if text is not None:
+                for projection in self._text_projections:
+                    projection.prepared = projection.prepare(text[1])  # (2B, 77, 2 x inner) with fused QKV
 
     def _as_argument(self, value: torch.Tensor) -> torch.Tensor:
         """An input as the module takes it: on the device, floats in the runner's dtype, (N, C, H, W) inputs
