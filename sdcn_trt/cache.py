@@ -1,4 +1,4 @@
-"""The on-disk cache: where it lives, content hashes for keys, and atomic file writes."""
+"""The on-disk cache: where it lives, content hashes for keys, atomic file writes, and what it holds."""
 from __future__ import annotations
 
 import contextlib
@@ -6,10 +6,13 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
+
+from sdcn_trt.errors import InputError
 
 CACHE_ENV = "SDCN_TRT_CACHE"
 
@@ -126,3 +129,111 @@ def remember_hash(path: Path, digest: str, signature: list[int], root: Path | No
                 tmp.write_text(json.dumps({"path": str(path), "stat": signature, "sha256": digest}))
     except OSError:
         pass
+
+
+# -- what the cache holds (`sdcn-trt cache`) -----------------------------------------------------------------
+# top-level folder -> the kind of entry each of its children is
+CACHE_KINDS = {"weights": "weights", "onnx": "onnx", "engines": "tensorrt", "inductor": "inductor",
+               "torch_compile": "torch.compile", "references": "references", "hashes": "file hashes",
+               "clip_tokenizer": "tokenizer"}
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One entry of the cache: a folder or file under a kind's folder, its size, what it was made for and,
+    when this install can never use it, why (`stale`)."""
+
+    kind: str
+    path: Path
+    bytes: int
+    made_for: str = ""  # e.g. "torch 2.11.0, NVIDIA H200" (from the entry's own key or meta.json)
+    stale: str = ""  # why this install cannot use it; "" when it can (or may)
+
+
+def _size(path: Path) -> int:
+    if path.is_symlink() or not path.is_dir():
+        return path.lstat().st_size
+    return sum(p.lstat().st_size for p in path.rglob("*") if not p.is_dir() or p.is_symlink())
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _judge(kind: str, path: Path, torch_version: str, python: str) -> tuple[str, str]:
+    """(made for, stale reason) of one entry, from the key or meta.json it carries."""
+    if path.name.startswith("."):  # a temporary folder or file of a write that never finished
+        return "", "an unfinished write (a temporary left by a process that stopped)"
+    if kind == "torch.compile":
+        key = _json(path / "key.json")
+        device = key.get("device", {})
+        made = f"torch {key.get('torch')}, Python {key.get('python')}, " + (
+            f"{device.get('name')} (sm{''.join(map(str, device.get('capability', [])))})"
+            if device.get("type") == "cuda" else f"{device.get('type', '?')} {device.get('model', '')}".strip())
+        if not key:
+            return "", "no key.json: not a folder this package wrote"
+        if key.get("torch") != torch_version or key.get("python") != python:
+            return made, f"made by torch {key.get('torch')} / Python {key.get('python')}, this is torch {torch_version} / Python {python}"
+        return made, ""
+    if kind == "inductor":
+        parts = _json(path / "meta.json").get("parts", {})
+        device = parts.get("device", {})
+        made = f"torch {parts.get('torch')}, {device.get('name') or device.get('type', '?')}"
+        if not parts:
+            return "", "no readable meta.json: a package that cannot be checked is never loaded"
+        if parts.get("torch") != torch_version:
+            return made, f"compiled by torch {parts.get('torch')}, this is torch {torch_version}"
+        return made, ""
+    if kind == "tensorrt":
+        platform = _json(path / "meta.json").get("platform", {}) if path.is_dir() else {}
+        return (f"TensorRT {platform.get('trt_version')}, {platform.get('gpu_name')}" if platform else ""), ""
+    if kind == "file hashes":
+        record = _json(path)
+        target = Path(record.get("path", ""))
+        if not record or not target.exists():
+            return str(target), "the file it remembers is gone"
+        return str(target), "" if file_signature(target) == record.get("stat") else "the file it remembers has changed"
+    return "", ""
+
+
+def cache_entries(root: Path | None = None) -> list[CacheEntry]:
+    """Every entry under the cache root (`root`, else $SDCN_TRT_CACHE), kind by kind, with its size and, for
+    the kinds that say what made them, whether this install can still use it."""
+    import sys
+
+    root = Path(root) if root is not None else cache_root()
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    entries = []
+    for folder, kind in CACHE_KINDS.items():
+        base = root / folder
+        if not base.is_dir():
+            continue
+        children = [base] if kind == "tokenizer" else sorted(base.iterdir())
+        for path in children:
+            made, stale = _judge(kind, path, torch.__version__, python)
+            entries.append(CacheEntry(kind, path, _size(path), made, stale))
+    return entries
+
+
+def remove_cache_entries(entries: list[CacheEntry], root: Path | None = None) -> int:
+    """Remove these entries (a link is removed, never followed); an entry not inside the cache root is refused
+    before anything is removed. Returns the bytes freed."""
+    import shutil
+
+    root = (Path(root) if root is not None else cache_root()).resolve()
+    for entry in entries:
+        parent = entry.path.parent.resolve()  # the entry itself may be a link: where it points does not count
+        if parent != root and root not in parent.parents:
+            raise InputError(f"{entry.path} is not inside the cache {root}; nothing was removed")
+    freed = 0
+    for entry in entries:
+        if entry.path.is_symlink() or not entry.path.is_dir():
+            entry.path.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(entry.path)
+        freed += entry.bytes
+    return freed

@@ -13,6 +13,7 @@ from typing import Sequence
 from sdcn_trt.batch.local import (
     BatchSettings, check_inputs_kept, jobs_for_paths, plan_batch, run_batch, write_outputs,
 )
+from sdcn_trt.cache import CACHE_KINDS, cache_entries, cache_root, remove_cache_entries
 from sdcn_trt.config import BACKENDS, PRECISIONS, BackendConfig
 from sdcn_trt.contest import write_kit
 from sdcn_trt.demo import report_lines, run_demo
@@ -217,6 +218,30 @@ def cmd_samplers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    """What the cache holds, kind by kind (each entry with --entries), and what this install can no longer use;
+    --remove-stale / --remove KIND remove entries, never anything outside the cache."""
+    root = Path(args.cache_dir) if args.cache_dir else cache_root()
+    if not root.is_dir():
+        raise InputError(f"--cache-dir {root} is not a folder")
+    entries = cache_entries(root)
+    print(f"cache: {root} ({sum(e.bytes for e in entries) / 1e9:.2f} GB)")
+    print(f"{'kind':<14} {'entries':>7} {'size':>10} {'stale':>6}")
+    for kind in dict.fromkeys(CACHE_KINDS.values()):
+        mine = [e for e in entries if e.kind == kind]
+        if mine:
+            print(f"{kind:<14} {len(mine):>7} {sum(e.bytes for e in mine) / 1e6:>8.1f} MB {sum(bool(e.stale) for e in mine):>6}")
+    if args.entries:
+        for e in entries:
+            print(f"  {e.kind:<14} {e.bytes / 1e6:>9.1f} MB  {e.path}" + (f"  [{e.made_for}]" if e.made_for else "")
+                  + (f"  stale: {e.stale}" if e.stale else ""))
+    chosen = [e for e in entries if (args.remove_stale and e.stale) or e.kind in (args.remove or ())]
+    if args.remove_stale or args.remove:
+        freed = remove_cache_entries(chosen, root)
+        print(f"removed {len(chosen)} entries ({freed / 1e6:.1f} MB)")
+    return 0
+
+
 def cmd_app(args: argparse.Namespace) -> int:
     """The canny2image web page; Gradio (the [app] extra) is imported only here."""
     from sdcn_trt.app import check_launch_settings, serve
@@ -385,6 +410,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The samplers generate, batch, score, tune and the web page offer. ddim is the "
                                    "original code's and the contest's; the others follow diffusers' schedulers.")
     p.set_defaults(func=cmd_samplers)
+
+    p = sub.add_parser("cache", help="what the cache holds, for which torch / GPU, its size; remove stale entries",
+                       description="Lists the sdcn_trt cache ($SDCN_TRT_CACHE, else ~/.cache/sdcn_trt) kind by kind: "
+                                   "converted weights, ONNX exports, TensorRT engines, AOTInductor packages, "
+                                   "torch.compile caches, reference images, remembered file hashes. An entry made by "
+                                   "another torch or Python (compiled code), a hash of a file that is gone, or a "
+                                   "temporary of an unfinished write is stale: this install can never use it.")
+    p.add_argument("--cache-dir", default=None, help="the cache folder (default: $SDCN_TRT_CACHE, else ~/.cache/sdcn_trt)")
+    p.add_argument("--entries", action="store_true", help="list every entry with its size and what made it")
+    p.add_argument("--remove-stale", action="store_true", help="remove the entries this install can never use")
+    p.add_argument("--remove", nargs="+", metavar="KIND", choices=list(CACHE_KINDS.values()),
+                   help=f"remove every entry of these kinds: {', '.join(CACHE_KINDS.values())}")
+    p.set_defaults(func=cmd_cache)
 
     add_contest_kit_parser(sub)
     add_app_parser(sub)
