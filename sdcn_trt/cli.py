@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -14,7 +15,7 @@ from sdcn_trt.batch.local import (
     BatchSettings, check_inputs_kept, jobs_for_paths, plan_batch, run_batch, write_outputs,
 )
 from sdcn_trt.cache import CACHE_KINDS, cache_entries, cache_root, remove_cache_entries
-from sdcn_trt.config import BACKENDS, PRECISIONS, BackendConfig
+from sdcn_trt.config import (BACKENDS, COMPILE_FLAGS, COMPILE_MODES, COMPILE_SCOPES, PRECISIONS, BackendConfig)
 from sdcn_trt.contest import write_kit
 from sdcn_trt.demo import report_lines, run_demo
 from sdcn_trt.batch.ray import RayRunner
@@ -22,6 +23,7 @@ from sdcn_trt.cli_options import (
     add_backend_args, add_generation_args, add_model_args, add_shape_args, backend_config, generation_config,
     load_components, load_pipeline, usable_backend,
 )
+from sdcn_trt.engines import require_backend
 from sdcn_trt.engines.inductor.runner import build_packages, require_inductor
 from sdcn_trt.engines.inductor.plan import InductorSettings
 from sdcn_trt.engines.tensorrt.runner import build_engines, require_tensorrt
@@ -125,11 +127,41 @@ def cmd_build_inductor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_warm(args: argparse.Namespace) -> int:
+    """`build --backend torch|onnxruntime`: one image at the build shape, so that what the backend caches is
+    there for the next process (the web page, a batch run, the contest kit): onnxruntime's ONNX exports,
+    torch.compile's caches (--compile), the weights cache a checkpoint is converted into."""
+    import numpy as np
+
+    from sdcn_trt import ControlNetPipeline, GenerationConfig
+
+    config = BackendConfig(backend=args.backend, device=args.device, precision=args.precision, cache_dir=args.cache_dir,
+                           compiled_networks=args.networks if args.compile != "off" else None, compile=args.compile,
+                           compile_flags=tuple(args.compile_flags), compile_scope=args.compile_scope)
+    require_backend(config)  # before loading any weights
+    generation = GenerationConfig(image_resolution=min(args.height, args.width), ddim_steps=1)  # one step: every network runs
+    photo = np.full((args.height, args.width, 3), 128, np.uint8)
+    pipe = ControlNetPipeline(load_components(args), config)
+    clock = time.perf_counter()
+    pipe.run([photo] * args.batch if args.batch > 1 else photo, generation)
+    for name, runner in pipe.runners.items():
+        export = getattr(runner, "export", None)
+        where = (f"ONNX {export.path} ({'cached' if export.cached else f'exported in {export.seconds:.1f} s'})"
+                 if export is not None else f"torch.compile caches in {runner.compile_cache}"
+                 if getattr(runner, "compile_cache", None) else "nothing to cache (eager torch)")
+        print(f"{name:>13}: {where}")
+    print(f"{'total':>13}: {time.perf_counter() - clock:.1f} s for one {args.height}x{args.width} image; the next "
+          "process starts from these caches")
+    return 0
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     if args.cache_dir:  # engines and packages are written there
         check_output_folder(args.cache_dir, "--cache-dir")
     if args.backend == "inductor":
         return cmd_build_inductor(args)
+    if args.backend in ("torch", "onnxruntime"):
+        return cmd_build_warm(args)
 
     settings, backend = build_settings(args)  # bad flags fail first
     require_tensorrt()  # before loading any weights
@@ -309,10 +341,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="export cache (default: $SDCN_TRT_CACHE)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("build", help="build TensorRT engines (TensorRT + GPU) or AOTInductor packages (--backend inductor)")
-    p.add_argument("--backend", default="tensorrt", choices=("tensorrt", "inductor"),
-                   help="inductor: AOTInductor packages (Triton kernels on a GPU, C++ on the CPU)")
-    p.add_argument("--networks", nargs="+", default=None, help="default: text_encoder control_hint fused_step vae_decoder")
+    p = sub.add_parser("build", help="build TensorRT engines (TensorRT + GPU) or AOTInductor packages (--backend inductor); "
+                                     "warm the ONNX exports (onnxruntime) or torch.compile's caches (torch --compile)")
+    p.add_argument("--backend", default="tensorrt", choices=("tensorrt", "inductor", "torch", "onnxruntime"),
+                   help="inductor: AOTInductor packages (Triton kernels on a GPU, C++ on the CPU); torch / onnxruntime: "
+                        "one image at the build shape, leaving torch.compile's caches (with --compile) or the ONNX "
+                        "exports for the next process")
+    p.add_argument("--compile", default="off", choices=COMPILE_MODES, help="torch: the torch.compile mode to warm")
+    p.add_argument("--compile-scope", default="whole", choices=COMPILE_SCOPES, help="torch --compile: whole or blocks")
+    p.add_argument("--compile-flags", nargs="*", default=(), choices=list(COMPILE_FLAGS), metavar="FLAG",
+                   help=f"torch --compile: inductor settings ({', '.join(COMPILE_FLAGS)})")
+    p.add_argument("--networks", nargs="+", default=None, help="the networks to build (torch --compile: to compile); "
+                   "default: text_encoder control_hint fused_step vae_decoder")
     p.add_argument("--precision", default="fp16", choices=PRECISIONS)
     p.add_argument("--optimization-level", type=int, default=3, help="builder optimization level 0..5")
     p.add_argument("--workspace-gib", type=float, default=8.0)

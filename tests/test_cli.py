@@ -259,3 +259,23 @@ def test_third_party_warnings_stay_out_of_the_terminal_unless_verbose(tmp_path, 
     else:
         ours = [line.split(":")[0] for line in lines if not line.startswith("INFO sdcn_trt.models.weights_cache: wrote")]
         assert ours == ["INFO sdcn_trt.export.onnx_export"] * 2, proc.stderr  # (the preset's first draw is cached)
+
+
+def test_build_warms_the_exports_and_torch_compile_caches_for_the_next_process(tmp_path, capsys):
+    """build --backend onnxruntime exports every network the pipeline runs (a second build finds them cached);
+    build --backend torch --compile compiles the named networks into the compile cache; eager torch caches nothing."""
+    cache = tmp_path / "cache"
+    common = ["--preset", "tiny", "--device", "cpu", "--precision", "fp32", "--height", "64", "--width", "64",
+              "--cache-dir", str(cache)]
+    assert main(["build", "--backend", "onnxruntime", *common]) == 0
+    first = capsys.readouterr().out
+    assert first.count("exported in") == 4 and "fused_step: ONNX " in first and "the next process starts" in first
+    assert main(["build", "--backend", "onnxruntime", *common]) == 0
+    assert capsys.readouterr().out.count("(cached)") == 4
+    assert main(["build", "--backend", "torch", "--compile", "default", "--networks", "control_hint", *common]) == 0
+    out = capsys.readouterr().out
+    assert f"control_hint: torch.compile caches in {cache / 'torch_compile'}" in out
+    assert "fused_step: nothing to cache (eager torch)" in out
+    assert list((cache / "torch_compile").glob("*/mega-cache/control_hint-*.bin"))
+    assert main(["build", "--backend", "torch", "--compile-flags", "conv_1x1_as_mm", *common]) == 2
+    assert "compile_flags conv_1x1_as_mm are torch.compile's inductor settings" in capsys.readouterr().err
