@@ -179,6 +179,6 @@ def test_benchmark_batched_table_and_failed_case(tmp_path):
                           "| torch | fp32 | off | 4 | 4.00 | 250.0 | 2.00x | 3.25 | 1 |",
                           "| torch | fp32 | off | 8 | failed: timed out after 30 s | | | | |"]
     assert batched_markdown({"steps": 2, "repeats": 3}) == ""
-    args = argparse.Namespace(device="cpu", preset="tiny", steps=1, repeats=1)
+    args = argparse.Namespace(device="cpu", preset="tiny", steps=1, repeats=1, sampler="ddim")
     failed = run_batched_case({"backend": "nope", "precision": "fp32", "cuda_graph": "off"}, 2, args, timeout=120)
     assert failed["batch_size"] == 2 and "unknown backend 'nope'" in failed["error"]
