@@ -614,3 +614,16 @@ def test_sampler_table_half_steps_line_names_what_reaches_ddim_at_20():
     rows[1]["ssim"] = 0.94
     assert half_steps_line({"rows": rows}) == ("no sampler at 10 steps reaches ddim at 20 (SSIM 0.9500); the "
                                                "closest is unipc at 0.9400")
+
+
+def test_the_step_flops_are_counted_on_fake_tensors_in_either_precision(tiny):
+    """The bench's FLOP count of the fused step needs shapes only: fp16 components (what an fp16 case now loads)
+    count the same as fp32, and nothing is computed (a fake-tensor run)."""
+    from benchmarks.case import fused_step_flops
+    from sdcn_trt.export.descriptors import ShapeSpec
+    from sdcn_trt.models.presets import load_preset
+
+    spec = ShapeSpec(1, 256, 384)
+    fp32 = fused_step_flops(tiny, spec)
+    assert fp32 > 1e9 and fused_step_flops(load_preset("tiny", seed=0, precision="fp16"), spec) == fp32
+    assert fused_step_flops(tiny, ShapeSpec(1, 512, 512)) > fp32  # more pixels, more work
