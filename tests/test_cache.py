@@ -52,7 +52,7 @@ def _fake_cache(root, outside):
     (root / "weights" / "abc-fp32" / "weights.safetensors").write_bytes(b"x" * 1000)
     (root / "onnx" / "unet-fp16-1234").mkdir(parents=True)
     (root / "onnx" / "unet-fp16-1234" / "model.onnx").write_bytes(b"y" * 500)
-    for name, version, py in (("now", torch_module.__version__, python), ("old", "2.11.0", python),
+    for name, version, py in (("now", torch_module.__version__, python), ("old", "1.13.0", python),
                               ("oldpy", torch_module.__version__, "3.9")):
         folder = root / "torch_compile" / name
         folder.mkdir(parents=True)
@@ -60,7 +60,7 @@ def _fake_cache(root, outside):
                                                      "device": {"type": "cpu", "model": "test"}}))
     (root / "inductor" / "fused_step-fp16-aaaa").mkdir(parents=True)
     (root / "inductor" / "fused_step-fp16-aaaa" / "meta.json").write_text(json.dumps(
-        {"parts": {"torch": "2.11.0+cu130", "device": {"type": "cuda", "name": "NVIDIA H200"}}}))
+        {"parts": {"torch": "1.13.0+cu117", "device": {"type": "cuda", "name": "NVIDIA H200"}}}))
     (root / "inductor" / ".fused_step-fp16-bbbb.x1y2").mkdir()  # a build that never finished
     (root / "hashes").mkdir()
     (root / "hashes" / "gone.json").write_text(json.dumps({"path": str(root / "nowhere.pth"), "stat": [1, 2, 3, 4],
@@ -79,11 +79,11 @@ def test_the_cache_listing_says_what_this_install_can_no_longer_use(tmp_path):
     stale = {key: e.stale for key, e in entries.items() if e.stale}
     assert set(stale) == {("torch.compile", "old"), ("torch.compile", "oldpy"), ("inductor", "fused_step-fp16-aaaa"),
                           ("inductor", ".fused_step-fp16-bbbb.x1y2"), ("file hashes", "gone.json")}
-    assert stale[("torch.compile", "old")].startswith("made by torch 2.11.0")
-    assert stale[("inductor", "fused_step-fp16-aaaa")].startswith("compiled by torch 2.11.0+cu130")
+    assert stale[("torch.compile", "old")].startswith("made by torch 1.13.0")
+    assert stale[("inductor", "fused_step-fp16-aaaa")].startswith("compiled by torch 1.13.0+cu117")
     assert "unfinished write" in stale[("inductor", ".fused_step-fp16-bbbb.x1y2")]
     assert entries[("weights", "abc-fp32")].bytes == 1000 and entries[("onnx", "unet-fp16-1234")].bytes == 500
-    assert entries[("inductor", "fused_step-fp16-aaaa")].made_for == "torch 2.11.0+cu130, NVIDIA H200"
+    assert entries[("inductor", "fused_step-fp16-aaaa")].made_for == "torch 1.13.0+cu117, NVIDIA H200"
 
 
 def test_cache_command_lists_and_removes_only_inside_the_cache(tmp_path, capsys):
@@ -94,7 +94,7 @@ def test_cache_command_lists_and_removes_only_inside_the_cache(tmp_path, capsys)
     _fake_cache(root, outside)
     assert main(["cache", "--cache-dir", str(root), "--entries"]) == 0
     listed = capsys.readouterr().out
-    assert f"cache: {root}" in listed and "stale: made by torch 2.11.0" in listed
+    assert f"cache: {root}" in listed and "stale: made by torch 1.13.0" in listed
     assert re.search(r"^torch\.compile\s+3\s+[\d.]+ MB\s+2$", listed, re.M)
     assert main(["cache", "--cache-dir", str(root), "--remove-stale"]) == 0
     assert "removed 5 entries" in capsys.readouterr().out
