@@ -41,7 +41,7 @@ budget=${GPU_CHECK_BUDGET:-480}
 # 2026-12-04 H200 run's step times (benchmarks/results/gpu-h200-20261204/) with the cached fp16 weights
 DEFAULT_PLAN="env:25 bench:200 batched:55 profile:100 schedules:40 tests:50"
 BY_NAME_PLAN="inductor:240 sdpa:60 fastpath:90 paritygap:60 tiny:120 tests-slow:240 profile-inductor:300
-  profile-compile-max:300 fastpath-inductor:420 compile-cache:300 aoti:420 samplers:240"
+  profile-compile-max:300 fastpath-inductor:420 compile-cache:420 aoti:420 samplers:240"
 limit_of() {  # limit_of STEP: its limit in seconds, empty for an unknown step
   local entry
   for entry in $DEFAULT_PLAN $BY_NAME_PLAN; do [[ ${entry%%:*} == "$1" ]] && { echo "${entry#*:}"; return; }; done
@@ -209,6 +209,11 @@ PY
       # second starts from the compile cache (the bench table's build column is each process's compile time);
       # then the step's blocks compiled apart (regional compilation), cold in a cache of its own
       third=$((limit / 3))
+      # fresh compile caches, the weights cache shared (a fresh one would draw the SD1.5 weights in each slot)
+      base="${SDCN_TRT_CACHE:-$HOME/.cache/sdcn_trt}"
+      mkdir -p "$base/weights" "$results/compile-cache-$$" "$results/compile-cache-blocks-$$"
+      ln -sfn "$base/weights" "$results/compile-cache-$$/weights"
+      ln -sfn "$base/weights" "$results/compile-cache-blocks-$$/weights"
       SDCN_TRT_CACHE="$results/compile-cache-$$" run compile-cache-first "$third" "$python" -m benchmarks --device cuda \
         --steps 20 --repeats 2 --timeout $((third - 10)) \
         --cases torch:fp16:loop:compile=default:compiled_networks=fused_step --out "$results" ${OUT:+"$OUT"}
@@ -219,7 +224,7 @@ PY
         --device cuda --steps 20 --repeats 2 --timeout $((third - 10)) \
         --cases torch:fp16:loop:compile=default:compiled_networks=fused_step:compile_scope=blocks \
         --out "$results" ${OUT:+"$OUT"}
-      rm -rf "$results/compile-cache-$$" "$results/compile-cache-blocks-$$"
+      rm -rf "$results/compile-cache-$$" "$results/compile-cache-blocks-$$"  # the links go, not the weights
       ;;
     aoti)
       # the inductor backend's fused-step package: built (progress in the log), loaded, run inside the loop graph

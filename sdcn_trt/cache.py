@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -132,6 +133,7 @@ def remember_hash(path: Path, digest: str, signature: list[int], root: Path | No
 
 
 # -- what the cache holds (`sdcn-trt cache`) -----------------------------------------------------------------
+UNFINISHED_AFTER_S = 6 * 3600  # a temporary this old is a write that stopped, not one in progress
 # top-level folder -> the kind of entry each of its children is
 CACHE_KINDS = {"weights": "weights", "onnx": "onnx", "engines": "tensorrt", "inductor": "inductor",
                "torch_compile": "torch.compile", "references": "references", "hashes": "file hashes",
@@ -166,8 +168,10 @@ def _json(path: Path) -> dict:
 
 def _judge(kind: str, path: Path, torch_version: str, python: str) -> tuple[str, str]:
     """(made for, stale reason) of one entry, from the key or meta.json it carries."""
-    if path.name.startswith("."):  # a temporary folder or file of a write that never finished
-        return "", "an unfinished write (a temporary left by a process that stopped)"
+    if path.name.startswith("."):  # a temporary of a write: in progress in another process, or abandoned
+        if path.name == ".unpack" or time.time() - path.lstat().st_mtime < UNFINISHED_AFTER_S:
+            return "", ""
+        return "", f"an unfinished write (a temporary untouched for over {UNFINISHED_AFTER_S // 3600} h)"
     if kind == "torch.compile":
         key = _json(path / "key.json")
         device = key.get("device", {})

@@ -456,7 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "converted weights, ONNX exports, TensorRT engines, AOTInductor packages, "
                                    "torch.compile caches, reference images, remembered file hashes. An entry made by "
                                    "another torch or Python (compiled code), a hash of a file that is gone, or a "
-                                   "temporary of an unfinished write is stale: this install can never use it.")
+                                   "temporary of a write that stopped hours ago is stale: this install can never use "
+                                   "it (compiled code of another torch may be another install's, sharing this cache: "
+                                   "run --remove-stale from the install whose entries you keep).")
     p.add_argument("--cache-dir", default=None, help="the cache folder (default: $SDCN_TRT_CACHE, else ~/.cache/sdcn_trt)")
     p.add_argument("--entries", action="store_true", help="list every entry with its size and what made it")
     p.add_argument("--remove-stale", action="store_true", help="remove the entries this install can never use")

@@ -61,7 +61,9 @@ def _fake_cache(root, outside):
     (root / "inductor" / "fused_step-fp16-aaaa").mkdir(parents=True)
     (root / "inductor" / "fused_step-fp16-aaaa" / "meta.json").write_text(json.dumps(
         {"parts": {"torch": "1.13.0+cu117", "device": {"type": "cuda", "name": "NVIDIA H200"}}}))
-    (root / "inductor" / ".fused_step-fp16-bbbb.x1y2").mkdir()  # a build that never finished
+    (root / "inductor" / ".fused_step-fp16-bbbb.x1y2").mkdir()  # a build that never finished: hours old
+    os.utime(root / "inductor" / ".fused_step-fp16-bbbb.x1y2", (0, os.path.getmtime(root) - 7 * 3600))
+    (root / "inductor" / ".fused_step-fp16-cccc.x3y4").mkdir()  # a build in progress in another process
     (root / "hashes").mkdir()
     (root / "hashes" / "gone.json").write_text(json.dumps({"path": str(root / "nowhere.pth"), "stat": [1, 2, 3, 4],
                                                            "sha256": "0" * 64}))
@@ -99,7 +101,8 @@ def test_cache_command_lists_and_removes_only_inside_the_cache(tmp_path, capsys)
     assert main(["cache", "--cache-dir", str(root), "--remove-stale"]) == 0
     assert "removed 5 entries" in capsys.readouterr().out
     left = sorted(str(p.relative_to(root)) for p in root.glob("*/*"))
-    assert left == ["engines/link.plan", "onnx/unet-fp16-1234", "torch_compile/now", "weights/abc-fp32"]
+    assert left == ["engines/link.plan", "inductor/.fused_step-fp16-cccc.x3y4", "onnx/unet-fp16-1234",
+                    "torch_compile/now", "weights/abc-fp32"]
     assert main(["cache", "--cache-dir", str(root), "--remove", "tensorrt", "onnx"]) == 0
     assert "removed 2 entries" in capsys.readouterr().out
     assert outside.read_bytes() == b"keep me" and not (root / "engines" / "link.plan").exists()  # the link, not its target

@@ -108,6 +108,7 @@ def test_saving_nothing_or_failing_to_save_costs_no_run(tiny, tmp_path, monkeypa
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(cc, "save_artifacts", full_disk)
+    monkeypatch.setattr(cc, "compiled_anything_new", lambda: True)  # whatever earlier tests left in the cache
     desc = get_descriptor("control_hint", tiny)
     runner = TorchRunner(desc, compile="default")
     with caplog.at_level(logging.WARNING, logger="sdcn_trt.engines.torch"):

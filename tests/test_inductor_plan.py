@@ -227,3 +227,16 @@ def test_dynamic_shapes_are_grouped_as_forward_takes_its_inputs():
     assert export_dynamic_shapes(text, ("t",)) == ("t",) and export_dynamic_shapes(text, None) is None
     with pytest.raises(InputError, match="2 inputs do not fit the parameters of .*text"):
         export_dynamic_shapes(text, ("t", "u"))
+
+
+def test_a_failing_progress_callback_leaves_no_child_running():
+    code = ("import time; from sdcn_trt.engines.inductor.child import say_progress; say_progress('started'); "
+            "time.sleep(60)  # sdcn-callback-test")
+
+    def stop(line):
+        raise KeyboardInterrupt  # Ctrl-C, or a callback that fails
+
+    with pytest.raises(KeyboardInterrupt):
+        run_child([sys.executable, "-c", code], 120, progress=stop, poll_s=0.2)
+    leftover = subprocess.run(["pgrep", "-f", "sdcn-callback-test"], capture_output=True, text=True).stdout.split()
+    assert leftover == []

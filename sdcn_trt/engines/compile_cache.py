@@ -32,6 +32,7 @@ INDUCTOR_ENV = "TORCHINDUCTOR_CACHE_DIR"
 ARTIFACTS = "mega-cache"  # the Mega-Cache files' sub-folder: NAME.bin + NAME.json (its sha256 and key)
 _loaded: set[Path] = set()  # folders whose artifacts this process has loaded
 _set_by_us: set[str] = set()  # the TORCHINDUCTOR_CACHE_DIR values use_compile_cache wrote
+_misses_saved = [0]  # inductor's FX-graph cache misses (new compiles) this process had at its last save
 
 
 def device_identity(device: torch.device) -> dict[str, Any]:
@@ -71,8 +72,10 @@ def compile_cache_dir(key: dict[str, Any], root: Path | None = None) -> Path:
     label = "cuda-sm" + "".join(map(str, device["capability"])) if device["type"] == "cuda" else device["type"]
     folder = (root or cache_root()) / "torch_compile" / f"torch{key['torch'].split('+')[0]}-{label}-{hash_json(key)[:12]}"
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for path in (folder.parent, folder):
-        os.chmod(path, 0o700)
+    for path in (folder.parent, folder):  # private to the user who made it (mkdir's mode is cut by the umask)
+        info = path.stat()
+        if info.st_mode & 0o077 and info.st_uid == os.getuid():
+            os.chmod(path, 0o700)
     key_file = folder / "key.json"
     if not key_file.exists():
         with atomic_path(key_file) as tmp:
@@ -132,11 +135,22 @@ def load_artifacts(folder: Path) -> int:
     return loaded
 
 
+def compiled_anything_new() -> bool:
+    """Whether this process compiled a graph the cache did not hold since its last save (a warm process that
+    only hit the cache has nothing new to save)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_miss"] > _misses_saved[0]
+
+
 def save_artifacts(folder: Path, name: str, key: dict[str, Any]) -> Path | None:
     """Save this process's Mega-Cache artifacts (every compile so far) as `name` in `folder`, with their
     sha256 and `key` (what compiled: network, mode, FastPath); written whole or not at all. None when torch
     has nothing to save."""
+    from torch._dynamo.utils import counters
+
     saved = torch.compiler.save_cache_artifacts()
+    _misses_saved[0] = counters["inductor"]["fxgraph_cache_miss"]
     if saved is None:
         return None
     blob_bytes = saved[0]

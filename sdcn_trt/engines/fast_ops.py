@@ -60,11 +60,19 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None
     return F.silu(y) if silu else y
 
 
+GROUP_NORM_RECOMPILES = 64  # dynamo's recompile limit (default 8): SiLU or not, NHWC or not, 3-D inputs, dtypes...
+
+
 @lru_cache(maxsize=1)
 def compiled_group_norm_act() -> Callable[..., torch.Tensor]:
     """group_norm_act compiled once by inductor (one fused Triton kernel on CUDA); dynamic shapes, so every
-    GroupNorm of the UNet shares one compiled graph per layout and activation instead of one per shape."""
-    return torch.compile(group_norm_act, dynamic=True, fullgraph=True)
+    GroupNorm of the UNet shares one compiled graph per layout and activation instead of one per shape. Each
+    variant is one of dynamo's recompiles of this function: the limit is raised for it, and past the limit
+    dynamo runs the function eagerly (not fullgraph, which would raise instead)."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(GROUP_NORM_RECOMPILES, torch._dynamo.config.recompile_limit)
+    return torch.compile(group_norm_act, dynamic=True)
 
 
 class FastGroupNorm(nn.GroupNorm):

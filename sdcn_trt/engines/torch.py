@@ -204,10 +204,14 @@ class TorchRunner(Runner):
         return self._device
 
     def activate_impl(self) -> None:
-        if self.compile != "off" or (self.fast.gn_silu and self._device.type == "cuda"):  # inductor compiles
+        if self.compile != "off":  # the compiled networks' caches, kept for the next process
             from sdcn_trt.engines.compile_cache import use_compile_cache
 
-            self.compile_cache = use_compile_cache(self._device, self.cache_dir)
+            try:
+                self.compile_cache = use_compile_cache(self._device, self.cache_dir)
+            except OSError as exc:  # a read-only or another user's cache: compile as torch would, nothing kept
+                logger.warning("compile cache: cannot use %s (%s); torch.compile keeps its own caches this time",
+                               self.cache_dir or "the sdcn_trt cache", exc)
         module: Any = prepare_module(self.descriptor, self._device, self.dtype, self.fast)
         self._text_projections = [m for m in module.modules() if isinstance(m, TextProjection)]
         if self.compile != "off":  # compiled at the first call, where the input shapes are known
@@ -291,9 +295,11 @@ class TorchRunner(Runner):
                                f"{shapes}: {type(exc).__name__}: {cause[:500]}; compile='off' runs it without torch.compile") from exc
         if not self._artifacts_saved and self.compile_cache is not None:  # after the first compile: for the next process
             from sdcn_trt.cache import hash_json
-            from sdcn_trt.engines.compile_cache import save_artifacts
+            from sdcn_trt.engines.compile_cache import compiled_anything_new, save_artifacts
 
             self._artifacts_saved = True
+            if not compiled_anything_new():  # everything came from the cache: nothing new to keep
+                return out
             what = {"network": self.name, "mode": self.compile, "flags": list(self.compile_flags),
                     "scope": self.compile_scope, "dtype": str(self.dtype),
                     "fast": repr(self.fast)}

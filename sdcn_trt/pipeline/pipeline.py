@@ -123,6 +123,8 @@ class ControlNetPipeline:
                    lora=lora)
 
     def close(self) -> None:
+        """Release the runners; the loops captured over their buffers go too (a later call builds new ones)."""
+        self._loops.clear()
         for runner in self.runners.values():
             runner.deactivate()
 

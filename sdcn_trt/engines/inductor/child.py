@@ -148,27 +148,35 @@ def run_child(cmd: Sequence[str], timeout: float | None, env: Mapping[str, str] 
             nonlocal seen
             if progress is None:
                 return
-            text = os.pread(err.fileno(), 1 << 20, seen)  # read where the child got to; the file's offset stays
-            complete = text[:text.rfind(b"\n") + 1]  # whole lines only; the rest is read next time
-            seen += len(complete)
-            for line in complete.decode(errors="replace").splitlines():
-                if line.startswith(PROGRESS):
-                    progress(line[len(PROGRESS):])
+            while True:  # everything the child wrote so far, a MiB at a time
+                text = os.pread(err.fileno(), 1 << 20, seen)  # where the child got to; the file's offset stays
+                end = text.rfind(b"\n") + 1 or (len(text) if len(text) == 1 << 20 else 0)  # a line longer than a MiB: skip on
+                seen += end
+                for line in text[:end].decode(errors="replace").splitlines():
+                    if line.startswith(PROGRESS):
+                        progress(line[len(PROGRESS):])
+                if len(text) < 1 << 20:
+                    return
 
         returncode: int | None = None
-        while True:
-            left = None if timeout is None else timeout - (time.perf_counter() - clock)
-            try:
-                returncode = proc.wait(timeout=poll_s if left is None else max(0.0, min(poll_s, left)))
-                relay()
-                break
-            except subprocess.TimeoutExpired:
-                relay()
-                if left is not None and left <= poll_s:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-                    returncode = None
+        try:
+            while True:
+                left = None if timeout is None else timeout - (time.perf_counter() - clock)
+                try:
+                    returncode = proc.wait(timeout=poll_s if left is None else max(0.0, min(poll_s, left)))
+                    relay()
                     break
+                except subprocess.TimeoutExpired:
+                    relay()
+                    if left is not None and left <= poll_s:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        proc.wait()
+                        returncode = None
+                        break
+        finally:  # the callback raised, or Ctrl-C: the child (a session of its own) must not outlive us
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         err.seek(0)
         stderr = err.read()
     return ChildOutcome(returncode, stderr, time.perf_counter() - clock, timeout)
