@@ -144,3 +144,20 @@ def test_the_backends_cache_dir_holds_the_compile_cache(tiny, tmp_path, monkeypa
     eager = create_runner(get_descriptor("control_hint", tiny), BackendConfig(cache_dir=str(tmp_path / "eager")))
     eager.activate()
     assert eager.compile_cache is None and not (tmp_path / "eager").exists()  # nothing compiles: no cache folder
+
+
+def test_a_cache_it_cannot_use_costs_a_warning_not_the_run(tiny, monkeypatch, caplog):
+    """A read-only cache, or another user's private one: torch.compile runs with its own caches."""
+    def read_only(device, root=None):
+        raise PermissionError(13, "Permission denied", "/shared/cache/torch_compile")
+
+    monkeypatch.setattr(cc, "use_compile_cache", read_only)
+    desc = get_descriptor("control_hint", tiny)
+    runner = TorchRunner(desc, compile="default")
+    with caplog.at_level(logging.WARNING, logger="sdcn_trt.engines.torch"):
+        runner.activate()
+    assert runner.is_active and runner.compile_cache is None
+    assert "compile cache: cannot use" in caplog.text and "Permission denied" in caplog.text
+    eager = TorchRunner(desc, fast=None)
+    eager.activate()
+    assert eager.compile_cache is None  # nothing compiles: the compile cache is not even looked at
