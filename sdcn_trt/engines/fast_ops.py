@@ -60,7 +60,15 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None
     return F.silu(y) if silu else y
 
 
-GROUP_NORM_RECOMPILES = 64  # dynamo's recompile limit (default 8): SiLU or not, NHWC or not, 3-D inputs, dtypes...
+RECOMPILE_LIMIT = 64  # dynamo's recompiles per function (default 8): a GroupNorm's variants, a ResNet block's shapes
+
+
+def allow_recompiles() -> None:
+    """Raise dynamo's recompile limit to RECOMPILE_LIMIT for the process (never lowers it): one compiled function
+    serves many input variants here, and past the limit dynamo would run it eagerly. Set once, not per call."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
 
 
 @lru_cache(maxsize=1)
@@ -69,9 +77,7 @@ def compiled_group_norm_act() -> Callable[..., torch.Tensor]:
     GroupNorm of the UNet shares one compiled graph per layout and activation instead of one per shape. Each
     variant is one of dynamo's recompiles of this function: the limit is raised for it, and past the limit
     dynamo runs the function eagerly (not fullgraph, which would raise instead)."""
-    import torch._dynamo
-
-    torch._dynamo.config.recompile_limit = max(GROUP_NORM_RECOMPILES, torch._dynamo.config.recompile_limit)
+    allow_recompiles()
     return torch.compile(group_norm_act, dynamic=True)
 
 

@@ -16,16 +16,15 @@ import torch
 from torch import nn
 
 from sdcn_trt.engines.base import Runner
-from sdcn_trt.engines.fast_ops import (PinnedSdpa, TextProjection, attention_modules, cuda_flags, fuse_group_norm_silu,
-                                       keep_text_projections, keep_transformer_outputs_nhwc, parse_sdpa_kernels,
-                                       sdpa_kernel_for, sdpa_kernels_spelling)
+from sdcn_trt.engines.fast_ops import (PinnedSdpa, TextProjection, allow_recompiles, attention_modules, cuda_flags,
+                                       fuse_group_norm_silu, keep_text_projections, keep_transformer_outputs_nhwc,
+                                       parse_sdpa_kernels, sdpa_kernel_for, sdpa_kernels_spelling)
 from sdcn_trt.config import COMPILE_FLAGS, COMPILE_MODES, COMPILE_SCOPES, PRECISIONS, check_choice, check_compile_flags
 from sdcn_trt.errors import BackendUnavailableError, CompileError, InputError
 from sdcn_trt.export.descriptors import NetworkDescriptor
 
 logger = logging.getLogger(__name__)
 
-REGION_RECOMPILES = 64  # dynamo's recompile limit (default 8) for compiled calls: a ResNet block meets ~20 shapes
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}  # keyed by config.PRECISIONS
 
 
@@ -216,6 +215,7 @@ class TorchRunner(Runner):
         self._text_projections = [m for m in module.modules() if isinstance(m, TextProjection)]
         if self.compile != "off":  # compiled at the first call, where the input shapes are known
             arguments = compile_arguments(self.compile, self.compile_flags)
+            allow_recompiles()  # each block kind compiles once per input shape: a ResNet block meets ~20 shapes
             if self.compile_scope == "blocks":
                 compile_regions(module, arguments)
             else:
@@ -285,9 +285,8 @@ class TorchRunner(Runner):
         new shape; inductor's InductorError is a TorchDynamoException too) becomes one CompileError."""
         import torch._dynamo.exc
 
-        try:  # each block kind compiles once per input shape: room for every shape of a UNet under the limit
-            with torch._dynamo.config.patch(recompile_limit=max(REGION_RECOMPILES, torch._dynamo.config.recompile_limit)):
-                out = self.module(*args)
+        try:
+            out = self.module(*args)
         except torch._dynamo.exc.TorchDynamoException as exc:
             shapes = ", ".join(f"{n} {tuple(a.shape)}" for n, a in zip(self.descriptor.input_names, args, strict=True))
             cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
