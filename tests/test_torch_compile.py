@@ -221,6 +221,8 @@ def test_regional_compilation_compiles_each_block_kind_once_per_shape(tiny):
     assert not isinstance(runner.module, torch._dynamo.eval_frame.OptimizedModule)  # the module itself runs eager
     regions = [m for m in runner.module.modules() if isinstance(m, (ResnetBlock2D, Upsample2D))]
     assert regions and all(m._compiled_call_impl is not None for m in regions)
+    shared = [m for m in tiny.vae.modules() if isinstance(m, (ResnetBlock2D, Upsample2D))]
+    assert shared and all(m._compiled_call_impl is None for m in shared)  # compiled on a copy, never the session's
     torch._dynamo.reset()
     counters.clear()
     out = runner.infer(feed)["images"]

@@ -117,15 +117,16 @@ def apply_fast_path(module: nn.Module, fast: FastPath) -> nn.Module:
 
 
 def prepare_module(descriptor: NetworkDescriptor, device: torch.device, dtype: torch.dtype,
-                   fast: FastPath | None = None) -> nn.Module:
+                   fast: FastPath | None = None, private: bool = False) -> nn.Module:
     """The descriptor's module on `device` in `dtype` with the fast path applied; the shared CPU
     components are left untouched (a copy is made whenever anything would change them: components
-    already held in `dtype` on `device` are used as they are)."""
+    already held in `dtype` on `device` are used as they are, unless the caller will change the module
+    itself: `private`)."""
     fast = FastPath.default_for(device, dtype) if fast is None else fast
     fast.check_device(device)
     module = descriptor.build_module()
     held = next((p for p in module.parameters() if p.is_floating_point()), None)  # fp16 components: fp16
-    if held is None or held.dtype != dtype or held.device != device or fast != FastPath():
+    if private or held is None or held.dtype != dtype or held.device != device or fast != FastPath():
         module = copy.deepcopy(module)  # .to() and the fast path work in place
     return apply_fast_path(module.to(device, dtype), fast)  # on the device first: gn_silu compiles for CUDA only
 
@@ -211,12 +212,13 @@ class TorchRunner(Runner):
             except OSError as exc:  # a read-only or another user's cache: compile as torch would, nothing kept
                 logger.warning("compile cache: cannot use %s (%s); torch.compile keeps its own caches this time",
                                self.cache_dir or "the sdcn_trt cache", exc)
-        module: Any = prepare_module(self.descriptor, self._device, self.dtype, self.fast)
+        blocks = self.compile != "off" and self.compile_scope == "blocks"  # compiled in place: on a copy of its own
+        module: Any = prepare_module(self.descriptor, self._device, self.dtype, self.fast, private=blocks)
         self._text_projections = [m for m in module.modules() if isinstance(m, TextProjection)]
         if self.compile != "off":  # compiled at the first call, where the input shapes are known
             arguments = compile_arguments(self.compile, self.compile_flags)
             allow_recompiles()  # each block kind compiles once per input shape: a ResNet block meets ~20 shapes
-            if self.compile_scope == "blocks":
+            if blocks:
                 compile_regions(module, arguments)
             else:
                 module = torch.compile(module, **arguments)
