@@ -79,8 +79,8 @@ def main() -> int:
     parser.add_argument("--networks", nargs="+", default=PIPELINE, help="default: the pipeline's four networks")
     parser.add_argument("--strategies", nargs="+", help="default: every strategy, in order")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per strategy")
-    parser.add_argument("--wrapper-opt", default="O1", choices=("O0", "O1"),
-                        help="the C++ wrapper's optimisation level (InductorSettings.wrapper_opt)")
+    parser.add_argument("--wrapper-opt", default="O0", choices=("O0", "O1"),
+                        help="the C++ wrapper's optimisation level (InductorSettings.wrapper_opt, default O0)")
     parser.add_argument("--out", nargs="*", default=[], help="folders for inductor-probe-<device>.json / .md")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child: this strategy only
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -123,14 +123,22 @@ def main() -> int:
 
 
 def phase_split(phases: dict[str, float]) -> str:
-    """' (12 + 70)': the build's export and AOTInductor seconds, when the package was built with them timed."""
-    return f" ({phases['export_s']:.0f} + {phases['aoti_s']:.0f})" if "export_s" in phases and "aoti_s" in phases else ""
+    """' (torch.export 12, AOTInductor 70)': where a build's seconds went, when the package was built with
+    its phases timed: the child's set-up (the networks built with seeded weights), torch.export, and
+    AOTInductor, split into lowering, code generation and C++ compile where inductor timed them."""
+    if "export_s" not in phases or "aoti_s" not in phases:
+        return ""
+    from sdcn_trt.engines.inductor.plan import INDUCTOR_PHASES, PHASE_WORDS
+
+    outer = ", ".join(f"{PHASE_WORDS[k]} {phases[k]:.0f}" for k in ("setup_s", "export_s", "aoti_s") if k in phases)
+    inside = ", ".join(f"{PHASE_WORDS[k]} {phases[k]:.0f}" for k in INDUCTOR_PHASES.values() if k in phases)
+    return f" ({outer}{': ' + inside if inside else ''})"
 
 
 def write(report: dict[str, Any], folders: list[str]) -> None:
     lines = [f"# AOTInductor load strategies, {report['date']} ({report['device']}, {report['preset']}, "
              f"{report['precision']}, C++ wrapper {report.get('wrapper_opt', 'O1')})", "",
-             "| strategy | result | network: build s (export + AOTInductor) / load s / MiB / max abs diff |", "|---|---|---|"]
+             "| strategy | result | network: build s (its phases) / load s / MiB / max abs diff |", "|---|---|---|"]
     for row in report["tried"]:
         nets = "; ".join(f"{n} {v['build_s']:.0f}{phase_split(v.get('phases', {}))} / {v['activate_s']:.1f} / "
                          f"{v['size_mib']:.1f} / "

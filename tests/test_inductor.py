@@ -255,8 +255,10 @@ def fused_runner(tiny, isolated_cache):
 def test_fused_step_matches_eager_torch(tiny, fused_runner):
     assert not fused_runner.package.cached and fused_runner.package.reasons == ["no cached package"]
     phases = fused_runner.package.phases  # where the build's time went: torch.export, AOTInductor, the load
-    assert set(phases) == {"export_s", "aoti_s", "load_s"} and all(v > 0 for v in phases.values())
-    assert phases["export_s"] + phases["aoti_s"] <= fused_runner.package.seconds
+    assert {"setup_s", "export_s", "aoti_s", "load_s", "lower_s", "codegen_s", "cpp_s"} == set(phases)
+    assert all(v > 0 for v in phases.values())
+    assert phases["export_s"] + phases["aoti_s"] <= fused_runner.package.seconds  # the compile; set-up before it
+    assert phases["lower_s"] + phases["codegen_s"] + phases["cpp_s"] <= phases["aoti_s"]  # inductor's timers, inside
     desc = fused_runner.descriptor
     feed = desc.sample_inputs(ShapeSpec(), seed=3)
     feed["control_scales"] = torch.tensor([[[0.5] * desc.dims.num_scales, [1.0] * desc.dims.num_scales]])
@@ -332,7 +334,16 @@ def test_cli_build_prints_time_size_and_parity(hint_build):
     assert "max |diff| vs eager torch " in line
     meta = json.loads(next((cache / "inductor").glob("control_hint-*/meta.json")).read_text())
     assert meta["parts"]["shapes"] == {"control": [[1, 3, 64, 64]] * 3}  # min, traced, max
+    assert meta["parts"]["options"]["wrapper_opt"] == "O0"  # the default: the wrapper compiled at -O0
     assert f"{meta['size_bytes'] / 2**20:.1f} MiB" in line and meta["check"]["hint"]["max_abs"] < 1e-5
+
+
+def test_cli_build_refuses_an_unknown_wrapper_level(capsys):
+    from sdcn_trt.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["build", "--backend", "inductor", "--device", "cpu", "--preset", "tiny", "--wrapper-opt", "O3"])
+    assert exc.value.code == 2 and "argument --wrapper-opt: invalid choice: 'O3'" in capsys.readouterr().err
 
 
 def test_other_weights_load_the_same_package_and_equal_eager_torch(hint_build, tiny):

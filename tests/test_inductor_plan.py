@@ -11,7 +11,7 @@ import torch
 from sdcn_trt.engines.inductor.child import ChildOutcome, crash_site, describe_exit, fault_stack, python_error, run_child
 from sdcn_trt.engines.inductor.plan import (
     LOAD_ENV, LOAD_STRATEGIES, InductorSettings, architecture, autotune_fits, constants_api_missing, constants_map,
-    load_strategy, loader_kwargs, module_tensors, network_config, own_storage, unpack_dir,
+    inductor_phases, load_strategy, loader_kwargs, module_tensors, network_config, own_storage, timed_totals, unpack_dir,
 )
 from sdcn_trt.errors import InputError
 from sdcn_trt.export.descriptors import ShapeRange, ShapeSpec, get_descriptor
@@ -40,17 +40,22 @@ def test_settings_travel_to_the_child_as_json():
                                max_autotune=True, fast=FastPath(sdpa=True), load="fresh-process")
     assert InductorSettings.from_json(settings.to_json()) == settings
     assert InductorSettings.from_json(InductorSettings().to_json()) == InductorSettings()
-    assert settings.inductor_configs() == {"max_autotune": True, "aot_inductor.package_constants_in_so": False}
+    assert settings.inductor_configs() == {"max_autotune": True, "aot_inductor.package_constants_in_so": False,
+                                           "aot_inductor.compile_wrapper_opt_level": "O0"}
     assert settings.inductor_configs(False)["max_autotune"] is False
-    fast_wrapper = InductorSettings(wrapper_opt="O0")
-    assert InductorSettings.from_json(fast_wrapper.to_json()) == fast_wrapper
-    assert fast_wrapper.inductor_configs()["aot_inductor.compile_wrapper_opt_level"] == "O0"
+    assert InductorSettings().inductor_configs()["aot_inductor.compile_wrapper_opt_level"] == "O0"  # the default
+    inductors_own = InductorSettings(wrapper_opt="O1")
+    assert InductorSettings.from_json(inductors_own.to_json()) == inductors_own
+    assert "aot_inductor.compile_wrapper_opt_level" not in inductors_own.inductor_configs()
+    assert InductorSettings.from_json({k: v for k, v in inductors_own.to_json().items() if k != "wrapper_opt"}) \
+        == inductors_own  # a request written before the field was an O1 build
     with pytest.raises(InputError, match="unknown wrapper_opt 'O3'; choose one of O0, O1"):
         InductorSettings(wrapper_opt="O3")
 
 
-def test_the_wrapper_level_keys_a_package_only_when_it_is_not_the_default(tiny):
-    """O1 (inductor's default) leaves package keys as they were; O0 is another package."""
+def test_the_wrapper_level_keys_a_package_only_when_it_is_not_inductors_default(tiny):
+    """O1 (inductor's default, what every package before the field was built at) leaves package keys as they
+    were; O0, our default, is another package."""
     from sdcn_trt.engines.inductor.plan import current_target, package_parts
 
     desc = get_descriptor("control_hint", tiny)
@@ -58,6 +63,16 @@ def test_the_wrapper_level_keys_a_package_only_when_it_is_not_the_default(tiny):
     parts = {opt: package_parts(desc, "arch", "fp32", InductorSettings(wrapper_opt=opt), FastPath(), target)
              for opt in ("O0", "O1")}
     assert "wrapper_opt" not in parts["O1"]["options"] and parts["O0"]["options"]["wrapper_opt"] == "O0"
+
+
+def test_an_aoti_builds_phases_come_from_inductors_own_timers():
+    """Only the compile between the two readings counts; a section this torch never timed is left out, not 0."""
+    before = timed_totals({"GraphLowering.run": [2.0], "GraphLowering.codegen": [1.0, 4.0], "other": [9.0]})
+    assert before == {"GraphLowering.run": 2.0, "GraphLowering.codegen": 5.0, "AotCodeCompiler.compile": 0.0}
+    after = timed_totals({"GraphLowering.run": [2.0, 3.0], "GraphLowering.codegen": [1.0, 4.0, 20.0], "other": [9.0]})
+    assert inductor_phases(before, after) == {"lower_s": 3.0, "codegen_s": 20.0}
+    after["AotCodeCompiler.compile"] = 44.0
+    assert inductor_phases(before, after) == {"lower_s": 3.0, "codegen_s": 20.0, "cpp_s": 44.0}
 
 
 def test_a_childs_progress_lines_arrive_while_it_runs():

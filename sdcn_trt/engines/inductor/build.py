@@ -31,8 +31,9 @@ import torch
 
 from sdcn_trt.engines.inductor.child import python_command, run_child, say_progress
 from sdcn_trt.engines.inductor.plan import (
-    InductorSettings, LoadStrategy, architecture, autotune_fits, constants_api_missing, constants_map, dynamic_shapes,
-    export_dynamic_shapes, load_strategy, loader_kwargs, module_tensors, unpack_dir,
+    PHASE_WORDS, InductorSettings, LoadStrategy, architecture, autotune_fits, constants_api_missing, constants_map,
+    dynamic_shapes, export_dynamic_shapes, inductor_phases, load_strategy, loader_kwargs, module_tensors, timed_totals,
+    unpack_dir,
 )
 from sdcn_trt.engines.torch import FastPath, cast_input, prepare_module, resolve_dtype
 from sdcn_trt.errors import BackendUnavailableError, DeviceMemoryError, SdcnError
@@ -155,6 +156,7 @@ def compile_package(descriptor: NetworkDescriptor, module: torch.nn.Module, args
     into `phases` (export, aoti: inductor's code generation, kernel and wrapper compiles) and to the parent
     as a progress line when it ends."""
     phases = {} if phases is None else phases
+    from torch._dynamo.utils import compilation_time_metrics
     from torch._inductor import aoti_compile_and_package
 
     autotune, note = settings.max_autotune, ""
@@ -170,7 +172,7 @@ def compile_package(descriptor: NetworkDescriptor, module: torch.nn.Module, args
         phases["export_s"] = time.perf_counter() - clock
         say_progress(f"exported in {phases['export_s']:.1f} s ({len(program.graph.nodes)} graph nodes); AOTInductor "
                      "generating and compiling kernels and the C++ wrapper ...")
-        clock = time.perf_counter()
+        clock, timed = time.perf_counter(), timed_totals(compilation_time_metrics)
         try:
             aoti_compile_and_package(program, package_path=str(target), inductor_configs=settings.inductor_configs(autotune))
         except torch.OutOfMemoryError as exc:
@@ -180,7 +182,10 @@ def compile_package(descriptor: NetworkDescriptor, module: torch.nn.Module, args
             note = f"max_autotune ran out of GPU memory ({str(exc).splitlines()[0]})"
             aoti_compile_and_package(program, package_path=str(target), inductor_configs=settings.inductor_configs(False))
         phases["aoti_s"] = time.perf_counter() - clock
-        say_progress(f"AOTInductor compiled in {phases['aoti_s']:.1f} s")
+        inside = inductor_phases(timed, timed_totals(compilation_time_metrics))
+        phases.update(inside)
+        say_progress(f"AOTInductor compiled in {phases['aoti_s']:.1f} s"
+                     + (" (" + ", ".join(f"{PHASE_WORDS[k]} {v:.1f} s" for k, v in inside.items()) + ")" if inside else ""))
     if note:
         note += "; compiled with the default settings instead"
         logger.warning("%s: %s", descriptor.name, note)
@@ -201,6 +206,7 @@ def _fault(stage: str) -> None:
 
 def child_main(work: Path, stage: str, result: dict[str, Any]) -> None:
     """One build child's work on the request in `work`, recorded in `result` as it goes (result.json)."""
+    set_up = time.perf_counter()
     request = json.loads((work / REQUEST).read_text())
     device = torch.device(request["device"])
     settings = InductorSettings.from_json(request["settings"])
@@ -212,7 +218,7 @@ def child_main(work: Path, stage: str, result: dict[str, Any]) -> None:
     if stage in ("compile", "compile+load"):
         _fault("compile")
         clock = time.perf_counter()
-        phases: dict[str, float] = {}
+        phases: dict[str, float] = {"setup_s": clock - set_up}  # the networks built with seeded weights
         result["autotune_note"] = compile_package(descriptor, module, args, settings, device, work / PACKAGE, phases)
         result["compile_s"] = time.perf_counter() - clock
         result["phases"] = phases

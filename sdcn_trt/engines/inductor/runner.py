@@ -56,7 +56,7 @@ class PackageResult:
     check: dict[str, dict[str, float]] = field(default_factory=dict)  # per output, vs eager torch (seeded weights)
     built_seconds: float = 0.0  # what compiling this package took, when it was compiled (cached or not)
     notes: list[str] = field(default_factory=list)  # e.g. max_autotune skipped for lack of GPU memory
-    phases: dict[str, float] = field(default_factory=dict)  # seconds of the build's export, aoti (and load)
+    phases: dict[str, float] = field(default_factory=dict)  # the build's seconds: PHASE_WORDS (plan.py) names them
 
 
 def require_inductor(device_type: str) -> None:
