@@ -23,9 +23,11 @@
 # torch.compile step's kernel table), fastpath-inductor (the compiled steps and their compile times),
 # compile-cache (the torch.compile'd fused step compiled, then a second process from the compile cache, then
 # its blocks compiled apart: regional compilation; each timed),
-# aoti (the inductor fused-step package built, loaded and run inside the loop graph) and samplers (every
+# aoti (the inductor fused-step package built, loaded and run inside the loop graph), samplers (every
 # sampler at 10 and 20 steps inside the whole-loop graph on sd15-random, torch fp16: issue #32's goal, a
-# 10-step image <= 0.55x the 20-step DDIM image's time, benchmarks/samplers.py). Logs, JSON and
+# 10-step image <= 0.55x the 20-step DDIM image's time, benchmarks/samplers.py) and startup (process start
+# to first image, each case a new process: torch.compile cold then from its caches, AOTInductor's packages
+# built then loaded; issue #31's goal, <= 5 s with the caches warm, benchmarks/startup.py). Logs, JSON and
 # Markdown go to benchmarks/results/ and, when $OUT is set (the device machine), to $OUT as they are written.
 #
 # Usage, on a machine with a CUDA GPU and this package importable (the offline device machine:
@@ -41,7 +43,7 @@ budget=${GPU_CHECK_BUDGET:-480}
 # 2026-12-04 H200 run's step times (benchmarks/results/gpu-h200-20261204/) with the cached fp16 weights
 DEFAULT_PLAN="env:25 bench:200 batched:55 profile:100 schedules:40 tests:50"
 BY_NAME_PLAN="inductor:240 sdpa:60 fastpath:90 paritygap:60 tiny:120 tests-slow:240 profile-inductor:300
-  profile-compile-max:300 fastpath-inductor:420 compile-cache:420 aoti:420 samplers:240"
+  profile-compile-max:300 fastpath-inductor:420 compile-cache:420 aoti:420 samplers:240 startup:420"
 limit_of() {  # limit_of STEP: its limit in seconds, empty for an unknown step
   local entry
   for entry in $DEFAULT_PLAN $BY_NAME_PLAN; do [[ ${entry%%:*} == "$1" ]] && { echo "${entry#*:}"; return; }; done
@@ -230,6 +232,16 @@ PY
       # the inductor backend's fused-step package: built (progress in the log), loaded, run inside the loop graph
       run aoti "$limit" "$python" -m benchmarks --device cuda --steps 20 --repeats 3 --timeout $((limit - 20)) \
         --cases inductor:fp16:loop:compiled_networks=fused_step --out "$results" ${OUT:+"$OUT"}
+      ;;
+    startup)
+      # each case a new process from the sd15-random preset's cached weights (shared with the other steps):
+      # torch.compile cold then warm, AOTInductor's packages built then loaded; the report is written after
+      # every case, so a case cut by the limit leaves the ones before it
+      base="${SDCN_TRT_CACHE:-$HOME/.cache/sdcn_trt}"
+      mkdir -p "$base/weights"
+      run startup "$limit" "$python" -m benchmarks.startup --device cuda --preset sd15-random --weights "$base/weights" \
+        --cases "compiled fp16" "inductor fp16" --timeout $((limit / 2)) --work "$results/startup-$$" \
+        --out "$results" ${OUT:+"$OUT"}
       ;;
     samplers)
       # each sampler's loop captured once untimed (--warmup), then 3 timed replays per sampler and step count;

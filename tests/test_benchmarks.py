@@ -131,6 +131,50 @@ def test_startup_cases_run_cold_then_warm(tmp_path):
     assert not (tmp_path / "out" / "LATEST-startup-cpu.md").exists()  # LATEST is the full sd15-random run's
 
 
+def test_startup_plans_the_gpu_cases_and_keeps_the_weights_when_only_the_compile_is_cold(tmp_path):
+    from benchmarks.startup import GPU_CASES, plan_runs, prepare_cache
+
+    runs = plan_runs("cuda", "sd15-random", ["fp16", "compiled fp16, warm"], None)
+    assert [(r[0], r[4], r[5]) for r in runs] == [("fp16, weights drawn", "cold", "off"), ("fp16, warm", "warm", "off"),
+                                                  ("compiled fp16, warm", "warm", "default")]
+    assert [r[0] for r in plan_runs("cuda", "sd15-random", None, None)] == [c[0] for c in GPU_CASES]
+    with pytest.raises(SystemExit, match="no cuda case matches \\['torch fp32'\\]; the cases: fp16, weights drawn;"):
+        plan_runs("cuda", "sd15-random", ["torch fp32"], None)  # a CPU case's label
+    work, cache = tmp_path / "w", tmp_path / "w" / "cache-preset-torch-compiled"
+    prepare_cache(work / "weights", cache, "cold")
+    (cache / "weights" / "entry").write_text("weights")  # lands in the suite's weights folder
+    (cache / "torch_compile").mkdir()
+    prepare_cache(work / "weights", cache, "compile-cold")
+    assert (work / "weights" / "entry").exists() and (cache / "weights" / "entry").exists()
+    assert not (cache / "torch_compile").exists()
+    (cache / "torch_compile").mkdir()
+    prepare_cache(work / "weights", cache, "warm")
+    assert (cache / "torch_compile").exists() and (cache / "weights" / "entry").exists()
+    prepare_cache(work / "weights", cache, "cold")
+    assert list((work / "weights").iterdir()) == [] and list(cache.iterdir()) == [cache / "weights"]
+    refused = subprocess.run([sys.executable, "-m", "benchmarks.startup", "--device", "cuda", "--weights", str(work),
+                              "--cases", "fp16, weights drawn"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1] == (
+        "--weights is another run's weights cache, which a cold case would empty: pick 'warm' and 'compile-cold' "
+        "cases only, or leave --weights out")
+
+
+@pytest.mark.slow
+def test_startup_inductor_cases_build_then_load_the_packages(tmp_path):
+    """The AOTInductor route's start-up on the tiny preset: packages built on the weights the case
+    before drew, then loaded by the next process; the same image both times."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.startup", "--preset", "tiny", "--work", str(tmp_path / "w"),
+                           "--out", str(tmp_path / "out"), "--cases", "preset, cold", "preset inductor"],
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    drawn, built, loaded = json.loads(next((tmp_path / "out").glob("startup-cpu-*.json")).read_text())["cases"]
+    assert [built["label"], loaded["label"]] == ["tiny preset inductor, package built", "tiny preset inductor, warm"]
+    assert built["cache"] == "compile-cold" and "error" not in built and "error" not in loaded
+    assert built["image_sha256"] == loaded["image_sha256"] and built["steps"] == loaded["steps"] == 1
+    assert loaded["ready_s"] < built["ready_s"]  # loaded, not built
+    assert not any("wrote weights cache entry" in line for line in built["logs"])  # the weights the first case drew
+
+
 def test_quality_table_runs_every_row_against_full_fp32(tmp_path, monkeypatch):
     from benchmarks.quality import main, parse_row
 
@@ -249,6 +293,10 @@ def test_inductor_probe_table_carries_the_packages_notes(tmp_path):
     net["notes"] = []
     write(report, [str(tmp_path)])
     assert "Notes" not in (tmp_path / "inductor-probe-cuda.md").read_text()
+    net["phases"] = {"export_s": 0.6, "aoti_s": 2.2, "lower_s": 0.4, "cpp_s": 1.5, "load_s": 0.5}  # no codegen timer
+    write(report, [str(tmp_path)])
+    assert ("| control_hint 3 (torch.export 1, AOTInductor 2: lowering 0, C++ compile 2) / 0.5 / 1.0 / 1.0e-06 |"
+            in (tmp_path / "inductor-probe-cuda.md").read_text())
 
 
 def test_compiled_diffusers_cases_refuse_the_cpu_and_other_backends(tiny):

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 DEFAULT_STEPS = "env bench batched profile schedules tests".split()
 BY_NAME = ["inductor", "sdpa", "fastpath", "paritygap", "tiny", "tests-slow", "profile-inductor", "profile-compile-max",
-           "fastpath-inductor", "compile-cache", "aoti", "samplers"]
+           "fastpath-inductor", "compile-cache", "aoti", "samplers", "startup"]
 BUDGET = 480  # seconds: what the default run may take on a fresh device machine (8 of its 15 minutes)
 
 
@@ -52,7 +52,8 @@ def test_every_gpu_check_step_passes_arguments_the_code_takes(tmp_path):
     assert modules == ["benchmarks", "benchmarks", "benchmarks.profile", "benchmarks.schedules", "pytest",
                        "benchmarks.inductor_probe", "benchmarks.sdpa", "benchmarks.fast_path", "benchmarks.parity_gap",
                        "benchmarks", "pytest", "benchmarks.profile", "benchmarks.profile", "benchmarks.fast_path",
-                       "benchmarks", "benchmarks", "benchmarks", "benchmarks", "benchmarks.samplers"]
+                       "benchmarks", "benchmarks", "benchmarks", "benchmarks", "benchmarks.samplers",
+                       "benchmarks.startup"]
     assert out.count("arguments parsed") == len(modules) - 2  # pytest collected instead, twice
     for call in (c for c in calls if c["module"] == "benchmarks"):  # each --cases entry is a case the runner reads
         cases = call["args"][call["args"].index("--cases") + 1:]
@@ -64,6 +65,14 @@ def test_every_gpu_check_step_passes_arguments_the_code_takes(tmp_path):
     (samplers,) = [c["args"] for c in calls if c["module"] == "benchmarks.samplers"]  # issue #32's GPU goal
     assert all(f" {a} " in f" {' '.join(samplers)} " for a in ("--preset sd15-random", "--device cuda",
                                                                "--cuda-graph loop", "--steps 10 20", "--warmup"))
+    (startup,) = [c["args"] for c in calls if c["module"] == "benchmarks.startup"]  # issue #31's first-image goal
+    from benchmarks.startup import plan_runs
+
+    labels = startup[startup.index("--cases") + 1:]
+    labels = labels[:next(i for i, a in enumerate(labels) if a.startswith("--"))]
+    planned = plan_runs("cuda", "sd15-random", labels, None)  # labels the GPU cases have, none that empties --weights
+    assert [r[0] for r in planned] == ["compiled fp16, compile cold", "compiled fp16, warm", "inductor fp16, package built",
+                                    "inductor fp16, warm"] and "--weights" in startup
     collected = re.findall(r"(\d+)/\d+ tests collected", out)  # both halves of the GPU-marked tests collect
     assert len(collected) == 2 and all(int(n) > 0 for n in collected), out
     assert sorted(p.name.split("-", 3)[-1] for p in results.glob("gpu-*.log")) == sorted(f"{s}.log" for s in ["env", *runs])
