@@ -368,6 +368,30 @@ def test_other_weights_load_the_same_package_and_equal_eager_torch(hint_build, t
     assert runner.package.size_bytes < 2**24  # kernels only: no weights inside
 
 
+def test_a_loaded_package_runs_on_the_modules_own_weight_tensors(hint_build, tiny):
+    """The weights are given with user_managed=True: no second copy. A weight changed in place after the
+    load changes the package's output as it changes eager torch's, and the runner holds the tensors."""
+    from sdcn_trt.engines.inductor.build import as_tuple, load_package
+    from sdcn_trt.engines.inductor.plan import load_strategy
+    from sdcn_trt.engines.torch import prepare_module
+
+    cache, _ = hint_build
+    desc = get_descriptor("control_hint", tiny)
+    package = next((cache / "inductor").glob("control_hint-*/model.pt2"))
+    cpu = torch.device("cpu")
+    module = prepare_module(desc, cpu, torch.float32, FastPath.default_for(cpu, torch.float32), private=True)
+    model = load_package(package, torch.device("cpu"), load_strategy("default"), module, "control_hint")
+    control = desc.sample_inputs(ShapeSpec(1, 64, 64), seed=7)["control"]
+    before = as_tuple(model(control))[0]
+    weight = dict(module.named_parameters())[next(n for n, _ in module.named_parameters() if n.endswith("weight"))]
+    assert any(t.data_ptr() == weight.data_ptr() for t in model.constants.values())  # the same storage, held
+    with torch.no_grad():
+        weight.mul_(0.5)
+        after, expected = as_tuple(model(control))[0], as_tuple(module(control))[0]
+    assert (after - before).abs().max() > 0  # the change reached the package: it was not copied
+    assert (after - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
 def test_the_unpack_strategy_unpacks_where_it_is_told_or_says_it_could_not(hint_build, tiny, tmp_path, caplog):
     """torch 2.14's loader unpacks into $TMPDIR/aotinductor_XXXXXX (what 'unpack-in-cache' points at the
     cache); torch 2.11's (the device image's) unpacks into /tmp/XXXXXX whatever TMPDIR says (seen on the

@@ -94,19 +94,31 @@ def unpack_ignored(unpack: Path) -> str:
             f"{unpack} but in the system temp folder (torch 2.11 unpacks into /tmp/XXXXXX; 2.14 honours TMPDIR)")
 
 
-def attach_weights(compiled: Any, module: torch.nn.Module, network: str) -> Any:
-    """Give the package `module`'s parameters and buffers as its constants (copied into the package's
-    own buffers on its device); returns `compiled`."""
+class WithWeights:
+    """A loaded package and the tensors it runs on. They are given with `user_managed=True`: AOTInductor
+    keeps their pointers instead of copying them into buffers of its own (one copy of the weights, not two;
+    on the CPU, where a fp32 runner shares the session's modules, the SD1.5 weights' 5.7 GB), so they live
+    as long as this does."""
+
+    def __init__(self, compiled: Any, constants: dict[str, torch.Tensor]):
+        self.compiled, self.constants = compiled, constants
+
+    def __call__(self, *args: torch.Tensor) -> Any:
+        return self.compiled(*args)
+
+
+def attach_weights(compiled: Any, module: torch.nn.Module, network: str) -> WithWeights:
+    """Give the package `module`'s parameters and buffers as its constants, without a copy."""
     missing = constants_api_missing(compiled)
     if missing:
         raise BackendUnavailableError(f"backend 'inductor' cannot run '{network}': {missing}")
     tensors = constants_map(list(compiled.get_constant_fqns()), module_tensors(module), network)
-    compiled.load_constants(tensors, check_full_update=True)
-    return compiled
+    compiled.load_constants(tensors, check_full_update=True, user_managed=True)
+    return WithWeights(compiled, tensors)
 
 
 def load_package(path: Path, device: torch.device, strategy: LoadStrategy, module: torch.nn.Module, network: str,
-                 unpack: Path | None = None, notes: list[str] | None = None) -> Any:
+                 unpack: Path | None = None, notes: list[str] | None = None) -> WithWeights:
     """Load the package at `path` and give it `module`'s weights (`notes`: see load_compiled)."""
     return attach_weights(load_compiled(path, device, strategy, unpack, notes), module, network)
 
