@@ -223,10 +223,28 @@ def test_regional_compilation_compiles_each_block_kind_once_per_shape(tiny):
     assert regions and all(m._compiled_call_impl is not None for m in regions)
     shared = [m for m in tiny.vae.modules() if isinstance(m, (ResnetBlock2D, Upsample2D))]
     assert shared and all(m._compiled_call_impl is None for m in shared)  # compiled on a copy, never the session's
-    torch._dynamo.reset()
     counters.clear()
     out = runner.infer(feed)["images"]
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-3)
     shapes = {(type(m).__name__, m.in_channels if hasattr(m, "in_channels") else m.channels) for m in regions}
     assert counters["stats"]["unique_graphs"] < len(regions)  # repeated blocks reuse a compiled graph
     assert counters["stats"]["unique_graphs"] >= len({kind for kind, _ in shapes})
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_fused_step_compiles_as_one_graph_on_either_fast_path(tiny, device):
+    """No graph breaks: dynamo traces the whole fused step (the CPU fast path, and the CUDA one's NHWC
+    layout and GroupNorm+SiLU, on CPU tensors) into one graph, so a compile is one inductor run and the
+    compiled step never drops back to Python between pieces. A break added later fails here."""
+    import torch._dynamo
+
+    from sdcn_trt.engines.torch import FastPath, prepare_module
+
+    cpu = torch.device("cpu")
+    fast = FastPath.default_for(torch.device(device), torch.float16 if device == "cuda" else torch.float32)
+    desc = get_descriptor("fused_step", tiny)
+    module = prepare_module(desc, cpu, torch.float32, fast, private=True)
+    feed = desc.sample_inputs(ShapeSpec(), cpu)
+    with torch.no_grad():
+        explained = torch._dynamo.explain(module)(*(feed[n] for n in desc.input_names))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
