@@ -368,6 +368,35 @@ def test_other_weights_load_the_same_package_and_equal_eager_torch(hint_build, t
     assert runner.package.size_bytes < 2**24  # kernels only: no weights inside
 
 
+def test_the_runner_keeps_inductors_own_caches_in_the_sdcn_cache(hint_build, tiny, monkeypatch, caplog):
+    """AOTInductor's loader probes the CPU by compiling test programs in inductor's cache folder: the runner
+    points that folder into the sdcn_trt cache (no Mega-Cache loaded: that is torch.compile's), so a new
+    process with a new temp folder does not compile them again. A cache it cannot use costs a warning."""
+    import logging
+
+    from sdcn_trt.engines import compile_cache as cc
+    from sdcn_trt.engines.inductor import runner as runner_module
+
+    cache, _ = hint_build
+    monkeypatch.delenv(cc.INDUCTOR_ENV, raising=False)
+    monkeypatch.setattr(cc, "load_artifacts", lambda folder: pytest.fail("loaded torch.compile's artifacts"))
+    desc = get_descriptor("control_hint", tiny)
+    runner = InductorRunner(desc, BackendConfig(backend="inductor", cache_dir=str(cache)), SMALL)
+    runner.activate()
+    folder = Path(os.environ[cc.INDUCTOR_ENV])
+    assert folder.name == "inductor" and folder.parent.parent == cache / "torch_compile" and runner.package.cached
+
+    def read_only(device, root=None, artifacts=True):
+        raise PermissionError(13, "Permission denied", str(cache / "torch_compile"))
+
+    monkeypatch.setattr(runner_module, "use_compile_cache", read_only)
+    again = InductorRunner(desc, BackendConfig(backend="inductor", cache_dir=str(cache)), SMALL)
+    with caplog.at_level(logging.WARNING, logger="sdcn_trt.engines.inductor.runner"):
+        again.activate()
+    assert again.is_active and again.package.cached
+    assert "compile cache: cannot use" in caplog.text and "Permission denied" in caplog.text
+
+
 def test_a_loaded_package_runs_on_the_modules_own_weight_tensors(hint_build, tiny):
     """The weights are given with user_managed=True: no second copy. A weight changed in place after the
     load changes the package's output as it changes eager torch's, and the runner holds the tensors."""

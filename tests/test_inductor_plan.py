@@ -2,8 +2,10 @@
 given at load time, max_autotune's memory check, and how a crashed child is named. No compile here."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,6 +65,23 @@ def test_the_wrapper_level_keys_a_package_only_when_it_is_not_inductors_default(
     parts = {opt: package_parts(desc, "arch", "fp32", InductorSettings(wrapper_opt=opt), FastPath(), target)
              for opt in ("O0", "O1")}
     assert "wrapper_opt" not in parts["O1"]["options"] and parts["O0"]["options"]["wrapper_opt"] == "O0"
+
+
+def test_the_cpu_target_is_read_without_compiling_anything(monkeypatch):
+    """A package's CPU key names the CPU and its vector ISA without inductor's ISA probe, which builds test
+    programs with g++ (seconds, in every process whose temp folder is new)."""
+    from sdcn_trt.engines.inductor.plan import cpu_model, current_target
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError(f"ran {args[0]!r}")
+
+    monkeypatch.setattr(subprocess, "run", no_compiler)
+    monkeypatch.setattr(subprocess, "check_output", no_compiler)
+    target = current_target(torch.device("cpu"))
+    assert (target.device_type, target.device_name) == ("cpu", cpu_model())
+    assert target.capability.startswith(torch.backends.cpu.get_cpu_capability().lower())
+    if Path("/proc/cpuinfo").exists():  # a digest of the CPU's flags beside it: two CPUs named alike may differ
+        assert re.fullmatch(r"\w+ flags [0-9a-f]{12}", target.capability), target.capability
 
 
 def test_an_aoti_builds_phases_come_from_inductors_own_timers():

@@ -94,10 +94,12 @@ def _user_set_inductor_dir() -> str | None:
     return chosen
 
 
-def use_compile_cache(device: torch.device, root: Path | None = None) -> Path | None:
-    """Point inductor's (and so Triton's) caches at the keyed folder for `device` and load the Mega-Cache
-    artifacts saved there, once per process; returns the folder (where save_artifacts writes). None, and
-    nothing changed, when the user set TORCHINDUCTOR_CACHE_DIR: that cache is theirs to manage."""
+def use_compile_cache(device: torch.device, root: Path | None = None, artifacts: bool = True) -> Path | None:
+    """Point inductor's (and so Triton's) caches at the keyed folder for `device` and, with `artifacts`, load
+    the Mega-Cache artifacts saved there, once per process; returns the folder (where save_artifacts writes).
+    None, and nothing changed, when the user set TORCHINDUCTOR_CACHE_DIR: that cache is theirs to manage.
+    The inductor backend asks for the folder alone: AOTInductor's loader probes the CPU's vector ISA by
+    compiling test programs there (5–7 s in a new temp folder, nothing once they are kept)."""
     user_dir = _user_set_inductor_dir()
     if user_dir is not None:
         logger.debug("compile cache: TORCHINDUCTOR_CACHE_DIR=%s is the user's; sdcn_trt's is not used", user_dir)
@@ -105,7 +107,7 @@ def use_compile_cache(device: torch.device, root: Path | None = None) -> Path | 
     folder = compile_cache_dir(compile_cache_key(device_identity(device)), root)
     os.environ[INDUCTOR_ENV] = str(folder / "inductor")
     _set_by_us.add(os.environ[INDUCTOR_ENV])
-    if folder not in _loaded:
+    if artifacts and folder not in _loaded:
         _loaded.add(folder)
         load_artifacts(folder)
     return folder

@@ -27,6 +27,7 @@ import torch
 from sdcn_trt.cache import atomic_path, hash_file, hash_json
 from sdcn_trt.config import BackendConfig
 from sdcn_trt.engines.base import Runner
+from sdcn_trt.engines.compile_cache import use_compile_cache
 from sdcn_trt.engines.inductor.build import PACKAGE, PackageBuildError, as_tuple, build_in_child, load_package
 from sdcn_trt.engines.inductor.plan import (
     InductorSettings, architecture, current_target, inductor_status, load_strategy, package_parts, rebuild_reasons,
@@ -165,6 +166,10 @@ class InductorRunner(Runner):
     def activate_impl(self) -> None:
         self._device = resolve_device(self._device)
         cache = self.config.cache_path()
+        try:  # inductor's own caches kept too (the loader's CPU probe, the build child's graphs), not in a temp folder
+            use_compile_cache(self._device, cache, artifacts=False)
+        except OSError as exc:
+            logger.warning("compile cache: cannot use %s (%s); inductor keeps its own caches this time", cache, exc)
         build = lambda reason="": build_package(self.descriptor, self._device, self.config.precision,  # noqa: E731
                                                 self.settings, cache, reason)
         package = build()
