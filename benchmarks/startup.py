@@ -245,6 +245,13 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def startup_device(text: str) -> str:
+    """--device: cpu, cuda or cuda:N (argparse turns the ValueError into a usage error)."""
+    if text.split(":")[0] not in STEPS:
+        raise ValueError(text)
+    return text
+
+
 def plan_runs(device: str, preset: str, labels: list[str] | None,
               baseline: str | None) -> list[tuple[str, str, str, str, str, str, str | None]]:
     """The cases to run on `device`, in order, as (label, source, backend, precision, cache state,
@@ -280,7 +287,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", default="/tmp/sdcn-startup", help="where the file and the caches go")
     parser.add_argument("--preset", default="sd15-random", help="the preset the single file is written from")
-    parser.add_argument("--device", default="cpu", help="cpu (CASES) or cuda (GPU_CASES)")
+    parser.add_argument("--device", default="cpu", type=startup_device, help="cpu (CASES) or cuda[:N] (GPU_CASES)")
     parser.add_argument("--steps", type=int, help="the first image's steps (default: 1 on a CPU, 20 on a GPU)")
     parser.add_argument("--keep", action="store_true", help="keep the file and caches (default: delete them)")
     parser.add_argument("--cases", nargs="+", help="labels (or prefixes) of the cases to run")

@@ -25,7 +25,7 @@ from sdcn_trt.cli_options import (
 )
 from sdcn_trt.engines import require_backend
 from sdcn_trt.engines.inductor.runner import build_packages, require_inductor
-from sdcn_trt.engines.inductor.plan import WRAPPER_OPT_LEVELS, InductorSettings
+from sdcn_trt.engines.inductor.plan import InductorSettings
 from sdcn_trt.engines.tensorrt.runner import build_engines, require_tensorrt
 from sdcn_trt.engines.tensorrt.plan import BuildSettings
 from sdcn_trt.errors import InputError, SdcnError
@@ -115,7 +115,7 @@ def cmd_build_inductor(args: argparse.Namespace) -> int:
     opt = ShapeSpec(args.batch, args.height, args.width)
     shape_range = (ShapeRange.dynamic(opt, args.max_batch, args.min_side, args.max_side) if args.dynamic
                    else ShapeRange.static(opt))
-    settings = InductorSettings(shape_range, max_autotune=args.max_autotune, wrapper_opt=args.wrapper_opt)
+    settings = InductorSettings(shape_range, max_autotune=args.max_autotune)
     results = build_packages(load_components(args), args.networks or list(PIPELINE_NETWORKS), config, settings)
     for name, r in results.items():
         state = "cached" if r.cached else f"compiled in {r.seconds:.1f} s ({'; '.join(r.reasons)})"
@@ -365,9 +365,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refittable engines, keyed by graph: other weights (--lora, another ControlNet) are refitted in, "
                         "not rebuilt")
     p.add_argument("--max-autotune", action="store_true", help="inductor: autotune GEMMs/convolutions (longer builds)")
-    p.add_argument("--wrapper-opt", choices=WRAPPER_OPT_LEVELS, default=InductorSettings.wrapper_opt,
-                   help="inductor: the C++ wrapper's g++ level (default %(default)s: it only launches kernels; "
-                        "O1 compiles about twice as long)")
     add_model_args(p)
     p.add_argument("--device", default="cuda")
     p.add_argument("--cache-dir", help="engine cache (default: $SDCN_TRT_CACHE)")

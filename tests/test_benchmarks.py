@@ -152,6 +152,9 @@ def test_startup_plans_the_gpu_cases_and_keeps_the_weights_when_only_the_compile
     assert (cache / "torch_compile").exists() and (cache / "weights" / "entry").exists()
     prepare_cache(work / "weights", cache, "cold")
     assert list((work / "weights").iterdir()) == [] and list(cache.iterdir()) == [cache / "weights"]
+    wrong = subprocess.run([sys.executable, "-m", "benchmarks.startup", "--device", "gpu"], capture_output=True,
+                           text=True, timeout=120)
+    assert wrong.returncode == 2 and "argument --device: invalid startup_device value: 'gpu'" in wrong.stderr
     refused = subprocess.run([sys.executable, "-m", "benchmarks.startup", "--device", "cuda", "--weights", str(work),
                               "--cases", "fp16, weights drawn"], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1] == (

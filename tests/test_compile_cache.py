@@ -100,6 +100,17 @@ def test_a_cache_dir_the_user_set_is_theirs(tmp_path, monkeypatch):
     assert cc.use_compile_cache(torch.device("cpu"), tmp_path / "root") == folder  # ours again, not "the user's"
 
 
+def test_a_folder_it_cannot_write_is_refused_and_inductor_keeps_its_own(tmp_path, monkeypatch):
+    """A prebuilt cache shared read-only: inductor writes into its cache folder as it runs (the CPU probe, new
+    kernels), so the folder is refused (the runners warn and go on) and TORCHINDUCTOR_CACHE_DIR is left alone."""
+    monkeypatch.setenv(cc.INDUCTOR_ENV, "recorded, so that the test ends with the value it started with")
+    monkeypatch.delenv(cc.INDUCTOR_ENV)
+    monkeypatch.setattr(cc.os, "access", lambda path, mode: False)
+    with pytest.raises(PermissionError, match="the compile cache folder is not writable"):
+        cc.use_compile_cache(torch.device("cpu"), tmp_path / "root")
+    assert cc.INDUCTOR_ENV not in os.environ
+
+
 def test_saving_nothing_or_failing_to_save_costs_no_run(tiny, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: None)
     assert cc.save_artifacts(tmp_path, "x", {}) is None and not (tmp_path / cc.ARTIFACTS).exists()

@@ -12,8 +12,9 @@ import torch
 
 from sdcn_trt.engines.inductor.child import ChildOutcome, crash_site, describe_exit, fault_stack, python_error, run_child
 from sdcn_trt.engines.inductor.plan import (
-    LOAD_ENV, LOAD_STRATEGIES, InductorSettings, architecture, autotune_fits, constants_api_missing, constants_map,
-    inductor_phases, load_strategy, loader_kwargs, module_tensors, network_config, own_storage, timed_totals, unpack_dir,
+    LOAD_ENV, LOAD_STRATEGIES, InductorSettings, architecture, autotune_fits, constant_batches, constants_api_missing,
+    constants_map, inductor_phases, load_strategy, loader_kwargs, module_tensors, network_config, own_storage,
+    timed_totals, unpack_dir,
 )
 from sdcn_trt.errors import InputError
 from sdcn_trt.export.descriptors import ShapeRange, ShapeSpec, get_descriptor
@@ -48,7 +49,7 @@ def test_settings_travel_to_the_child_as_json():
     assert InductorSettings().inductor_configs()["aot_inductor.compile_wrapper_opt_level"] == "O0"  # the default
     inductors_own = InductorSettings(wrapper_opt="O1")
     assert InductorSettings.from_json(inductors_own.to_json()) == inductors_own
-    assert "aot_inductor.compile_wrapper_opt_level" not in inductors_own.inductor_configs()
+    assert inductors_own.inductor_configs()["aot_inductor.compile_wrapper_opt_level"] == "O1"  # given, not the env's
     assert InductorSettings.from_json({k: v for k, v in inductors_own.to_json().items() if k != "wrapper_opt"}) \
         == inductors_own  # a request written before the field was an O1 build
     with pytest.raises(InputError, match="unknown wrapper_opt 'O3'; choose one of O0, O1"):
@@ -70,18 +71,23 @@ def test_the_wrapper_level_keys_a_package_only_when_it_is_not_inductors_default(
 def test_the_cpu_target_is_read_without_compiling_anything(monkeypatch):
     """A package's CPU key names the CPU and its vector ISA without inductor's ISA probe, which builds test
     programs with g++ (seconds, in every process whose temp folder is new)."""
-    from sdcn_trt.engines.inductor.plan import cpu_model, current_target
+    from sdcn_trt.engines.inductor.plan import cpu_model, current_target, isa_flags
+
+    import torch._inductor.cpu_vec_isa as cpu_vec_isa
 
     def no_compiler(*args, **kwargs):
-        raise AssertionError(f"ran {args[0]!r}")
+        raise AssertionError("inductor's ISA probe ran")
 
+    monkeypatch.setattr(cpu_vec_isa, "pick_vec_isa", no_compiler)
     monkeypatch.setattr(subprocess, "run", no_compiler)
-    monkeypatch.setattr(subprocess, "check_output", no_compiler)
     target = current_target(torch.device("cpu"))
     assert (target.device_type, target.device_name) == ("cpu", cpu_model())
     assert target.capability.startswith(torch.backends.cpu.get_cpu_capability().lower())
     if Path("/proc/cpuinfo").exists():  # a digest of the CPU's flags beside it: two CPUs named alike may differ
         assert re.fullmatch(r"\w+ flags [0-9a-f]{12}", target.capability), target.capability
+    # the digest covers instruction sets, not the microcode and mitigation flags an update changes
+    assert isa_flags("fpu vme ibrs avx2 md_clear avx512f sse4_2 ssbd amx_tile") == ["amx_tile", "avx2", "avx512f",
+                                                                                      "fpu", "sse4_2"]
 
 
 def test_an_aoti_builds_phases_come_from_inductors_own_timers():
@@ -157,6 +163,10 @@ def test_constants_map_names_what_the_module_lacks():
                                          r"\['0.bias', '1.bias', '1.num_batches_tracked'\]\): the package was "
                                          r"compiled for another architecture"):
         constants_map(["0.weight", "2.weight"], tensors, "toy")
+    batches = list(constant_batches(["0.weight", "0.bias", "1.running_mean"], tensors, "toy", batch_bytes=20))
+    assert [sorted(b) for b in batches] == [["0.weight"], ["0.bias", "1.running_mean"]]  # 24 bytes, then 12 + 12
+    with pytest.raises(InputError, match="the 'toy' package needs 1 tensors"):
+        next(constant_batches(["2.weight"], tensors, "toy"))  # before any batch is made
 
 
 def test_a_torch_without_the_constants_api_is_named():

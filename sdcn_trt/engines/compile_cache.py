@@ -105,6 +105,8 @@ def use_compile_cache(device: torch.device, root: Path | None = None, artifacts:
         logger.debug("compile cache: TORCHINDUCTOR_CACHE_DIR=%s is the user's; sdcn_trt's is not used", user_dir)
         return None
     folder = compile_cache_dir(compile_cache_key(device_identity(device)), root)
+    if not os.access(folder, os.W_OK | os.X_OK):  # a prebuilt cache shared read-only: inductor writes as it goes
+        raise PermissionError(13, "the compile cache folder is not writable", str(folder))
     os.environ[INDUCTOR_ENV] = str(folder / "inductor")
     _set_by_us.add(os.environ[INDUCTOR_ENV])
     if artifacts and folder not in _loaded:

@@ -31,7 +31,7 @@ import torch
 
 from sdcn_trt.engines.inductor.child import python_command, run_child, say_progress
 from sdcn_trt.engines.inductor.plan import (
-    PHASE_WORDS, InductorSettings, LoadStrategy, architecture, autotune_fits, constants_api_missing, constants_map,
+    PHASE_WORDS, InductorSettings, LoadStrategy, architecture, autotune_fits, constant_batches, constants_api_missing,
     dynamic_shapes, export_dynamic_shapes, inductor_phases, load_strategy, loader_kwargs, module_tensors, timed_totals,
     unpack_dir,
 )
@@ -94,31 +94,22 @@ def unpack_ignored(unpack: Path) -> str:
             f"{unpack} but in the system temp folder (torch 2.11 unpacks into /tmp/XXXXXX; 2.14 honours TMPDIR)")
 
 
-class WithWeights:
-    """A loaded package and the tensors it runs on. They are given with `user_managed=True`: AOTInductor
-    keeps their pointers instead of copying them into buffers of its own (one copy of the weights, not two;
-    on the CPU, where a fp32 runner shares the session's modules, the SD1.5 weights' 5.7 GB), so they live
-    as long as this does."""
-
-    def __init__(self, compiled: Any, constants: dict[str, torch.Tensor]):
-        self.compiled, self.constants = compiled, constants
-
-    def __call__(self, *args: torch.Tensor) -> Any:
-        return self.compiled(*args)
-
-
-def attach_weights(compiled: Any, module: torch.nn.Module, network: str) -> WithWeights:
-    """Give the package `module`'s parameters and buffers as its constants, without a copy."""
+def attach_weights(compiled: Any, module: torch.nn.Module, network: str) -> Any:
+    """Give the package `module`'s parameters and buffers as its constants, batch by batch (copied into the
+    package's own buffers on its device; see constant_batches); returns `compiled`. Not `user_managed=True`,
+    which would skip the copy: in torch 2.11 and 2.14 AOTInductor then keeps a reference to every tensor it
+    is given that nothing ever releases, so each activation (a LoRA set, a pipeline reopened) would leak a
+    copy of the weights."""
     missing = constants_api_missing(compiled)
     if missing:
         raise BackendUnavailableError(f"backend 'inductor' cannot run '{network}': {missing}")
-    tensors = constants_map(list(compiled.get_constant_fqns()), module_tensors(module), network)
-    compiled.load_constants(tensors, check_full_update=True, user_managed=True)
-    return WithWeights(compiled, tensors)
+    for batch in constant_batches(list(compiled.get_constant_fqns()), module_tensors(module), network):
+        compiled.load_constants(batch, check_full_update=False)  # every name is given (constant_batches checks)
+    return compiled
 
 
 def load_package(path: Path, device: torch.device, strategy: LoadStrategy, module: torch.nn.Module, network: str,
-                 unpack: Path | None = None, notes: list[str] | None = None) -> WithWeights:
+                 unpack: Path | None = None, notes: list[str] | None = None) -> Any:
     """Load the package at `path` and give it `module`'s weights (`notes`: see load_compiled)."""
     return attach_weights(load_compiled(path, device, strategy, unpack, notes), module, network)
 

@@ -12,7 +12,7 @@ import platform
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -96,8 +96,8 @@ class InductorSettings:
         given at load time), so a package holds kernels only and serves any weights of its architecture."""
         autotune = self.max_autotune if max_autotune is None else max_autotune
         configs: dict[str, Any] = {"max_autotune": autotune, "aot_inductor.package_constants_in_so": False}
-        if self.wrapper_opt != "O1":  # inductor's own default; a torch without the setting compiles at O1
-            configs["aot_inductor.compile_wrapper_opt_level"] = self.wrapper_opt
+        # always given: inductor's own default reads $AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL, which the key ignores
+        configs["aot_inductor.compile_wrapper_opt_level"] = self.wrapper_opt
         return configs
 
     def to_json(self) -> dict[str, Any]:
@@ -137,10 +137,21 @@ def current_target(device: torch.device) -> Target:
         props = torch.cuda.get_device_properties(device)
         return Target(torch.__version__, "cuda", props.name, f"sm_{props.major}{props.minor}")
     capability = torch.backends.cpu.get_cpu_capability().lower()
-    flags = cpu_info("flags") or cpu_info("Features")  # x86 / arm
+    flags = isa_flags(cpu_info("flags") or cpu_info("Features"))  # x86 / arm
     if flags:
-        capability += " flags " + hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:12]
+        capability += " flags " + hashlib.sha256(" ".join(flags).encode()).hexdigest()[:12]
     return Target(torch.__version__, "cpu", cpu_model(), capability)
+
+
+ISA_FLAG_PREFIXES = ("avx", "sse", "ssse", "fma", "f16c", "bmi", "amx", "vnni", "vaes", "vpclmul", "gfni", "aes", "sha",
+                     "popcnt", "lzcnt", "abm", "movbe", "adx", "pclmul", "xop", "fp", "asimd", "sve", "sme", "i8mm",
+                     "bf16", "dotprod", "atomics", "neon")
+
+
+def isa_flags(flags: str) -> list[str]:
+    """The instruction-set flags among a /proc/cpuinfo flags line, sorted: what -march=native compiles
+    for, without the microcode and mitigation flags (ibrs, md_clear, ...) an update or a VM move changes."""
+    return sorted(f for f in flags.split() if f.startswith(ISA_FLAG_PREFIXES))
 
 
 def cpu_info(field: str) -> str:
@@ -366,16 +377,40 @@ def own_storage(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().clone()
 
 
-def constants_map(fqns: list[str], tensors: Mapping[str, torch.Tensor], network: str) -> dict[str, torch.Tensor]:
-    """The tensors a package asks for (`fqns`: its get_constant_fqns()), each in storage of its own;
-    InputError naming what is missing or extra when the module does not match the package."""
+def check_constants(fqns: list[str], tensors: Mapping[str, torch.Tensor], network: str) -> None:
+    """InputError naming what is missing or extra when the module does not match the package (`fqns`:
+    its get_constant_fqns())."""
     missing = [f for f in fqns if f not in tensors]
     if missing:
         extra = sorted(set(tensors) - set(fqns))
         raise InputError(f"the '{network}' package needs {len(missing)} tensors the module does not have "
                          f"(first: {missing[:3]}; the module has {len(extra)} the package does not need, first: "
                          f"{extra[:3]}): the package was compiled for another architecture")
+
+
+def constants_map(fqns: list[str], tensors: Mapping[str, torch.Tensor], network: str) -> dict[str, torch.Tensor]:
+    """The tensors a package asks for, each in storage of its own (see check_constants)."""
+    check_constants(fqns, tensors, network)
     return {f: own_storage(tensors[f]) for f in fqns}
+
+
+def constant_batches(fqns: list[str], tensors: Mapping[str, torch.Tensor], network: str,
+                     batch_bytes: int = 256 * 2**20) -> Iterator[dict[str, torch.Tensor]]:
+    """constants_map's tensors in batches of about `batch_bytes`, each made as it is asked for: a package
+    that takes its weights batch by batch never holds own_storage's clones of all of them at once (mapped
+    weights are views into one file, so every one is cloned: at SD1.5 size, 5.7 GB fp32 on top of the
+    package's own copy). The names are checked before any batch."""
+    check_constants(fqns, tensors, network)
+    batch: dict[str, torch.Tensor] = {}
+    size = 0
+    for fqn in fqns:
+        batch[fqn] = own_storage(tensors[fqn])
+        size += batch[fqn].numel() * batch[fqn].element_size()
+        if size >= batch_bytes:
+            yield batch
+            batch, size = {}, 0
+    if batch:
+        yield batch
 
 
 def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
