@@ -42,13 +42,18 @@ def device_identity(device: torch.device) -> dict[str, Any]:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return {"type": "cuda", "name": torch.cuda.get_device_name(index),
                 "capability": list(torch.cuda.get_device_capability(index)), "cuda": torch.version.cuda}
-    model = ""
+    return {"type": device.type, "machine": platform.machine(), "model": cpu_info("model name")}
+
+
+def cpu_info(field: str) -> str:
+    """The first `field` line of /proc/cpuinfo ("" where there is none)."""
     try:
-        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("model name")), "")
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.split(":", 1)[0].strip() == field:
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return {"type": device.type, "machine": platform.machine(), "model": model}
+    return ""
 
 
 def triton_version() -> str | None:

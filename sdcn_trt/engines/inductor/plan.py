@@ -17,6 +17,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from sdcn_trt.config import check_choice
+from sdcn_trt.engines.compile_cache import cpu_info
 from sdcn_trt.engines.torch import FastPath, cpp_compiler_missing, triton_missing
 from sdcn_trt.errors import InputError
 from sdcn_trt.export.descriptors import NetworkDescriptor, ShapeRange, ShapeSpec
@@ -152,17 +153,6 @@ def isa_flags(flags: str) -> list[str]:
     """The instruction-set flags among a /proc/cpuinfo flags line, sorted: what -march=native compiles
     for, without the microcode and mitigation flags (ibrs, md_clear, ...) an update or a VM move changes."""
     return sorted(f for f in flags.split() if f.startswith(ISA_FLAG_PREFIXES))
-
-
-def cpu_info(field: str) -> str:
-    """The first `field` line of /proc/cpuinfo ("" where there is none)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.split(":", 1)[0].strip() == field:
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def cpu_model() -> str:
