@@ -161,6 +161,11 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
         result["torch_weights_loaded_after_image"] = components.is_loaded()
     result["rss_after_image_gib"] = rss_now()
     result["peak_rss_gib"] = peak_rss_gib()
+    if args.cache != "none" and "code" not in result:  # the weights cache entry it used (for its size), keyed
+        from sdcn_trt.models.weights_cache import entry_folder  # as the components name their weights
+
+        folder = entry_folder(Path(args.cache_dir), components.weights_id(args.precision), args.precision)
+        result["weights_entry"] = folder.name if folder.exists() else None
     exports = {n: {"cached": r.export.cached, "seconds": r.export.seconds}
                for n, r in pipe.runners.items() if getattr(r, "export", None) is not None}
     if exports:
@@ -192,10 +197,11 @@ def evict(folder: Path) -> None:
                 os.close(fd)
 
 
-def weights_bytes(cache: Path, precision: str) -> int | None:
-    """Size of the weights cache entry the case used (the weights' own size at that precision)."""
-    files = sorted((cache / "weights").glob(f"*-{precision}/weights.safetensors")) if cache.exists() else []
-    return files[0].stat().st_size if files else None
+def weights_bytes(cache: Path, entry: str | None) -> int | None:
+    """Size of the weights cache entry the case used (the weights' own size at its precision), by the
+    entry's folder name as the case reported it; None when it reported none (a baseline checkout)."""
+    path = cache / "weights" / entry / "weights.safetensors" if entry else None
+    return path.stat().st_size if path is not None and path.exists() else None
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -316,6 +322,7 @@ def main() -> int:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks.__main__ import machine
+    from sdcn_trt.engines.inductor.child import run_child
 
     device = args.device.split(":")[0]
     runs = plan_runs(device, args.preset, args.cases, args.baseline)
@@ -342,6 +349,7 @@ def main() -> int:
         prepare_cache(shared, cache_dir, cache)  # cold: no weights cache, no hash memo, no exports
         if args.evict:
             evict(work)
+            evict(shared)  # (another run's, with --weights)
         print(f"case {label} ...", flush=True)
         out = work / "case.json"
         # run as a script, so that only sdcn_trt comes from PYTHONPATH (the baseline's, when asked)
@@ -352,19 +360,15 @@ def main() -> int:
                "--precision", precision, "--cache", cache, "--cache-dir", str(cache_dir), "--result", str(out),
                "--source", source, "--preset", args.preset, "--device", args.device]
         cmd += (["--compile", compile_mode] if compile_mode != "off" else []) + ([f"--steps={args.steps}"] if args.steps else [])
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
-            if proc.returncode == 0:
-                case = json.loads(out.read_text())
-            else:
-                tail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
-                case = {"error": tail}
-        except subprocess.TimeoutExpired:
-            case = {"error": f"timed out after {args.timeout} s"}
+        # a process group of its own: a timeout also ends the inductor build (and workers) it started
+        outcome = run_child(cmd, args.timeout, env=env)
+        case = json.loads(out.read_text()) if outcome.ok else {"error": outcome.how()}
+        if not outcome.ok:
+            print(outcome.details(), file=sys.stderr, flush=True)
         shutil.rmtree(env["TMPDIR"], ignore_errors=True)
         case.update(label=label, source=source, backend=backend, precision=precision, cache=cache, compile=compile_mode,
                     page_cache="evicted" if args.evict else "as the case before left it")
-        held = weights_bytes(cache_dir, precision) if cache != "none" else report.get("file_bytes")
+        held = weights_bytes(cache_dir, case.get("weights_entry")) if cache != "none" else report.get("file_bytes")
         if held is not None:
             case["weights_bytes"] = held if backend == "torch" else None
         report["cases"].append(case)

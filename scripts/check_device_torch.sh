@@ -9,6 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.venv-device
 if [ ! -x "$venv/bin/python" ]; then
+    bash scripts/need_disk.sh 8 "$venv and a test run"
     python=python3
     for candidate in python3.12 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3; do
         if "$candidate" --version >/dev/null 2>&1; then python=$candidate; break; fi

@@ -3,10 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # a fresh install takes about 6 GB (torch's wheel is a CUDA build); say so before pip fails half-way
-free_kb=$(df -Pk . | awk 'NR==2 {print $4}')
-if [ ! -d .venv/lib ] && [ "${free_kb:-0}" -lt $((7 * 1024 * 1024)) ]; then
-    echo "install.sh: only $((free_kb / 1024)) MiB free on $(df -P . | awk 'NR==2 {print $6}'); a fresh install needs about 7 GiB" >&2
-fi
+[ -d .venv/lib ] || bash scripts/need_disk.sh 7 "a fresh install"
 python3 -m venv .venv
 export PIP_NO_CACHE_DIR=1  # no second copy of every download: CI machines can be short of disk
 .venv/bin/python -m pip install -q --upgrade pip

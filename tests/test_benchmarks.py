@@ -125,6 +125,7 @@ def test_startup_cases_run_cold_then_warm(tmp_path):
     for case in (cold, warm):
         assert case["image_shape"] == [256, 384, 3] and case["torch_weights_loaded_after_image"]
         assert case["weights_bytes"] > 0.9 * report["file_bytes"]  # the fp32 entry: the file's tensors
+        assert case["weights_entry"].endswith("-fp32")
         assert case["ready_s"] >= case["load_s"] > 0 and case["peak_rss_gib"] > 0
     table = next((tmp_path / "out").glob("startup-cpu-*.md")).read_text()
     assert "| torch fp32, warm |" in table and "from the tiny preset" in table
@@ -132,7 +133,7 @@ def test_startup_cases_run_cold_then_warm(tmp_path):
 
 
 def test_startup_plans_the_gpu_cases_and_keeps_the_weights_when_only_the_compile_is_cold(tmp_path):
-    from benchmarks.startup import GPU_CASES, plan_runs, prepare_cache
+    from benchmarks.startup import GPU_CASES, plan_runs, prepare_cache, weights_bytes
 
     runs = plan_runs("cuda", "sd15-random", ["fp16", "compiled fp16, warm"], None)
     assert [(r[0], r[4], r[5]) for r in runs] == [("fp16, weights drawn", "cold", "off"), ("fp16, warm", "warm", "off"),
@@ -155,11 +156,28 @@ def test_startup_plans_the_gpu_cases_and_keeps_the_weights_when_only_the_compile
     wrong = subprocess.run([sys.executable, "-m", "benchmarks.startup", "--device", "gpu"], capture_output=True,
                            text=True, timeout=120)
     assert wrong.returncode == 2 and "argument --device: invalid startup_device value: 'gpu'" in wrong.stderr
+    (work / "weights" / "a-fp32").mkdir()  # a shared weights folder holds other models' entries too
+    (work / "weights" / "a-fp32" / "weights.safetensors").write_bytes(b"1" * 10)
+    (work / "weights" / "b-fp32").mkdir()
+    (work / "weights" / "b-fp32" / "weights.safetensors").write_bytes(b"2" * 20)
+    assert weights_bytes(cache, "b-fp32") == 20 and weights_bytes(cache, None) is None
+    assert weights_bytes(cache, "c-fp32") is None
     refused = subprocess.run([sys.executable, "-m", "benchmarks.startup", "--device", "cuda", "--weights", str(work),
                               "--cases", "fp16, weights drawn"], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1] == (
         "--weights is another run's weights cache, which a cold case would empty: pick 'warm' and 'compile-cold' "
         "cases only, or leave --weights out")
+
+
+def test_a_startup_case_past_its_time_is_ended_and_reported(tmp_path):
+    """--timeout ends the case's process group (an inductor build it started too); the report says so
+    and the suite goes on."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.startup", "--preset", "tiny", "--work", str(tmp_path / "w"),
+                           "--out", str(tmp_path / "out"), "--cases", "preset, cold", "--timeout", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    case, = json.loads(next((tmp_path / "out").glob("startup-cpu-*.json")).read_text())["cases"]
+    assert case["label"] == "tiny preset, cold" and case["error"] == "timed out after 1 s"
 
 
 @pytest.mark.slow

@@ -249,6 +249,44 @@ def test_a_child_past_its_time_is_killed_with_its_process_group():
                          "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"], 2)
     assert outcome.returncode is None and outcome.how() == "timed out after 2 s" and not outcome.crashed
     assert outcome.seconds < 30
+
+
+def gone(pid: int) -> bool:
+    """The process has ended (a zombie nobody reaped counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_child_dies_with_a_parent_killed_outright(tmp_path):
+    """A parent SIGKILLed (a benchmark's timeout, the OOM killer) runs no `finally`: the kernel ends the
+    child it was waiting for, which would otherwise build on for minutes in a session of its own."""
+    import os
+    import signal
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    parent = subprocess.Popen([sys.executable, "-c", "import sys; from sdcn_trt.engines.inductor.child import run_child; "
+                               f"run_child([sys.executable, '-c', {child!r}], 300)"])
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        pid = int(pid_file.read_text())
+        assert not gone(pid)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while not gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert gone(pid)
+    finally:
+        parent.kill()
+        if pid_file.exists() and pid_file.read_text() and not gone(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)  # (this test failed: leave nothing behind)
     leftover = subprocess.run(["pgrep", "-f", "time.sleep\\(60\\)"], capture_output=True, text=True).stdout.split()
     assert leftover == []
 

@@ -132,16 +132,38 @@ def say_progress(message: str) -> None:
     print(PROGRESS + message, file=sys.stderr, flush=True)
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """On Linux, a `preexec_fn` that has the kernel SIGKILL the child when the thread that started it
+    ends: a parent killed outright (SIGKILL, a benchmark's timeout), whose `finally` never runs, leaves
+    no build behind. That thread is the one waiting in run_child until the child ends. None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(ctypes.c_int(PR_SET_PDEATHSIG), ctypes.c_ulong(signal.SIGKILL))
+        if os.getppid() != parent:  # the parent died before the kernel was told
+            os._exit(1)
+
+    return arm
+
+
 def run_child(cmd: Sequence[str], timeout: float | None, env: Mapping[str, str] | None = None,
               stdout: int | None = subprocess.DEVNULL, progress: Callable[[str], None] | None = None,
               poll_s: float = 1.0) -> ChildOutcome:
-    """Run `cmd` in its own process group (a timeout, None for none, also ends the workers it started);
-    stderr goes to a temporary file, not a pipe, so a child that writes a lot never blocks. `progress` gets
+    """Run `cmd` in its own process group (a timeout, None for none, also ends the workers it started),
+    killed with this process however it ends (`die_with_parent`); stderr goes to a temporary file, not a pipe, so a child that writes a lot never blocks. `progress` gets
     each PROGRESS line of the child's stderr (without the prefix) within `poll_s` of its writing."""
     clock = time.perf_counter()
     with tempfile.TemporaryFile(mode="w+", prefix="sdcn_child.", suffix=".log") as err:
         proc = subprocess.Popen(list(cmd), stdout=stdout, stderr=err, text=True, start_new_session=True,
-                                env=dict(env) if env is not None else None)
+                                env=dict(env) if env is not None else None, preexec_fn=die_with_parent())
         seen = 0  # bytes of stderr already scanned for progress lines
 
         def relay() -> None:
