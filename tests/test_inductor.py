@@ -341,12 +341,16 @@ def test_cli_build_prints_time_size_and_parity(hint_build):
 def test_other_weights_load_the_same_package_and_equal_eager_torch(hint_build, tiny):
     """Weights live outside the package: a package compiled (in the child, on seeded weights of the
     architecture) serves the tiny preset's seed-0 and seed-1 weights alike, each equal to eager torch
-    on its own weights, with no recompile."""
+    on its own weights, with no recompile. The seed-1 weights are mapped from the weights cache: views
+    into one file, given to the package without a copy of their own (plan.own_storage)."""
     from sdcn_trt.models.presets import load_preset
 
     cache, _ = hint_build
+    load_preset("tiny", seed=1)  # drawn (or already cached): the next load maps them
     first, second = tiny, load_preset("tiny", seed=1)
-    assert not torch.equal(first.controlnet.conv_in.weight, second.controlnet.conv_in.weight)
+    mapped = second.controlnet.controlnet_cond_embedding.conv_in.weight  # (what the hint package takes)
+    assert mapped.untyped_storage().nbytes() > mapped.numel() * mapped.element_size()  # a view into the file
+    assert not torch.equal(first.controlnet.controlnet_cond_embedding.conv_in.weight, mapped)
     results = {}
     for seed, components in ((0, first), (1, second)):
         desc = get_descriptor("control_hint", components)

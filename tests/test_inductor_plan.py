@@ -13,7 +13,7 @@ import torch
 from sdcn_trt.engines.inductor.child import ChildOutcome, crash_site, describe_exit, fault_stack, python_error, run_child
 from sdcn_trt.engines.inductor.plan import (
     LOAD_ENV, LOAD_STRATEGIES, InductorSettings, architecture, autotune_fits, constant_batches, constants_api_missing,
-    constants_map, inductor_phases, load_strategy, loader_kwargs, module_tensors, network_config, own_storage,
+    inductor_phases, load_strategy, loader_kwargs, module_tensors, network_config, own_storage,
     timed_totals, unpack_dir,
 )
 from sdcn_trt.errors import InputError
@@ -147,26 +147,30 @@ def test_constants_are_given_in_storage_of_their_own():
     view = big[6:].reshape(2, 3)  # what a memory-mapped file or a fused QKV weight hands out
     owned = own_storage(view)
     assert owned.untyped_storage().nbytes() == 6 * 4 and owned.storage_offset() == 0 and torch.equal(owned, view)
+    assert owned.data_ptr() == view.data_ptr() and owned.shape == view.shape  # the same memory, not a copy
+    halves = torch.arange(12.0).half()[4:].reshape(2, 2, 2)
+    assert own_storage(halves).dtype == torch.float16 and torch.equal(own_storage(halves), halves)
     transposed = own_storage(plain.t())
     assert transposed.is_contiguous() and torch.equal(transposed, plain.t())
+    assert transposed.untyped_storage().nbytes() == 6 * 4
+    empty = own_storage(big[12:])
+    assert empty.numel() == 0 and empty.untyped_storage().nbytes() == 0
 
 
-def test_constants_map_names_what_the_module_lacks():
+def test_the_constants_given_are_the_ones_asked_for_and_a_lack_is_named():
     module = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
     tensors = module_tensors(module)
     assert sorted(tensors) == ["0.bias", "0.weight", "1.bias", "1.num_batches_tracked", "1.running_mean",
                                "1.running_var", "1.weight"]
-    given = constants_map(["0.weight", "1.running_mean"], tensors, "toy")
+    given, = constant_batches(["0.weight", "1.running_mean"], tensors, "toy")
     assert sorted(given) == ["0.weight", "1.running_mean"] and torch.equal(given["0.weight"], module[0].weight)
     with pytest.raises(InputError, match=r"the 'toy' package needs 1 tensors the module does not have \(first: "
                                          r"\['2.weight'\]; the module has 6 the package does not need, first: "
                                          r"\['0.bias', '1.bias', '1.num_batches_tracked'\]\): the package was "
                                          r"compiled for another architecture"):
-        constants_map(["0.weight", "2.weight"], tensors, "toy")
+        next(constant_batches(["0.weight", "2.weight"], tensors, "toy"))  # before any batch is made
     batches = list(constant_batches(["0.weight", "0.bias", "1.running_mean"], tensors, "toy", batch_bytes=20))
     assert [sorted(b) for b in batches] == [["0.weight"], ["0.bias", "1.running_mean"]]  # 24 bytes, then 12 + 12
-    with pytest.raises(InputError, match="the 'toy' package needs 1 tensors"):
-        next(constant_batches(["2.weight"], tensors, "toy"))  # before any batch is made
 
 
 def test_a_torch_without_the_constants_api_is_named():

@@ -4,6 +4,7 @@ from the profile, the ways of loading a package, the constants given to it at lo
 memory check, and the toolchain check."""
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -359,12 +360,19 @@ def constants_api_missing(compiled: Any) -> str:
 def own_storage(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` detached, contiguous and alone in its storage. AOTInductor's update_constant_buffer
     copies the whole storage of each tensor it is given into the constant's slot: a view into a larger
-    storage (a memory-mapped weights file, a fused QKV weight) would overflow it."""
+    storage (a memory-mapped weights file, a fused QKV weight) would overflow it. A contiguous CPU view
+    is given as a tensor on the same memory whose storage is just its bytes (no copy: valid while
+    `tensor` lives, which is for the load_constants call); anything else is copied once."""
     tensor = tensor.detach()
     whole = tensor.numel() * tensor.element_size()
     if tensor.is_contiguous() and tensor.storage_offset() == 0 and tensor.untyped_storage().nbytes() == whole:
         return tensor
-    return tensor.contiguous().clone()
+    if not tensor.is_contiguous():
+        return tensor.contiguous()  # a new storage of its own
+    if tensor.device.type != "cpu" or whole == 0:
+        return tensor.clone()
+    memory = (ctypes.c_char * whole).from_address(tensor.data_ptr())
+    return torch.frombuffer(memory, dtype=torch.uint8).view(tensor.dtype).view(tensor.shape)
 
 
 def check_constants(fqns: list[str], tensors: Mapping[str, torch.Tensor], network: str) -> None:
@@ -378,18 +386,12 @@ def check_constants(fqns: list[str], tensors: Mapping[str, torch.Tensor], networ
                          f"{extra[:3]}): the package was compiled for another architecture")
 
 
-def constants_map(fqns: list[str], tensors: Mapping[str, torch.Tensor], network: str) -> dict[str, torch.Tensor]:
-    """The tensors a package asks for, each in storage of its own (see check_constants)."""
-    check_constants(fqns, tensors, network)
-    return {f: own_storage(tensors[f]) for f in fqns}
-
-
 def constant_batches(fqns: list[str], tensors: Mapping[str, torch.Tensor], network: str,
                      batch_bytes: int = 256 * 2**20) -> Iterator[dict[str, torch.Tensor]]:
-    """constants_map's tensors in batches of about `batch_bytes`, each made as it is asked for: a package
-    that takes its weights batch by batch never holds own_storage's clones of all of them at once (mapped
-    weights are views into one file, so every one is cloned: at SD1.5 size, 5.7 GB fp32 on top of the
-    package's own copy). The names are checked before any batch."""
+    """The tensors a package asks for (`fqns`: its get_constant_fqns()), each in storage of its own
+    (own_storage), in batches of about `batch_bytes` made as they are asked for: a package that takes
+    its weights batch by batch never holds the copies own_storage makes of all of them at once. The
+    names are checked before any batch."""
     check_constants(fqns, tensors, network)
     batch: dict[str, torch.Tensor] = {}
     size = 0
