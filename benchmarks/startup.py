@@ -349,7 +349,8 @@ def main() -> int:
         prepare_cache(shared, cache_dir, cache)  # cold: no weights cache, no hash memo, no exports
         if args.evict:
             evict(work)
-            evict(shared)  # (another run's, with --weights)
+            if args.weights:  # another run's folder, outside `work`
+                evict(shared)
         print(f"case {label} ...", flush=True)
         out = work / "case.json"
         # run as a script, so that only sdcn_trt comes from PYTHONPATH (the baseline's, when asked)
@@ -360,7 +361,7 @@ def main() -> int:
                "--precision", precision, "--cache", cache, "--cache-dir", str(cache_dir), "--result", str(out),
                "--source", source, "--preset", args.preset, "--device", args.device]
         cmd += (["--compile", compile_mode] if compile_mode != "off" else []) + ([f"--steps={args.steps}"] if args.steps else [])
-        # a process group of its own: a timeout also ends the inductor build (and workers) it started
+        # a timeout ends the case's process group; an inductor build child it started dies with it
         outcome = run_child(cmd, args.timeout, env=env)
         case = json.loads(out.read_text()) if outcome.ok else {"error": outcome.how()}
         if not outcome.ok:

@@ -150,9 +150,21 @@ def test_constants_are_given_in_storage_of_their_own():
     assert owned.data_ptr() == view.data_ptr() and owned.shape == view.shape  # the same memory, not a copy
     halves = torch.arange(12.0).half()[4:].reshape(2, 2, 2)
     assert own_storage(halves).dtype == torch.float16 and torch.equal(own_storage(halves), halves)
-    transposed = own_storage(plain.t())
-    assert transposed.is_contiguous() and torch.equal(transposed, plain.t())
-    assert transposed.untyped_storage().nbytes() == 6 * 4
+    transposed = own_storage(plain.t())  # dense, not contiguous: copied in its own layout
+    assert transposed.stride() == (1, 3) and torch.equal(transposed, plain.t())
+    assert transposed.untyped_storage().nbytes() == 6 * 4 and transposed.data_ptr() != plain.data_ptr()
+    every_other = own_storage(big[::2])  # not dense: copied contiguous
+    assert every_other.is_contiguous() and every_other.untyped_storage().nbytes() == 6 * 4
+    assert torch.equal(every_other, big[::2])
+    conv = torch.randn(4, 3, 2, 2).to(memory_format=torch.channels_last)
+    assert own_storage(conv).data_ptr() == conv.data_ptr()  # alone in its storage: as it is
+    file = torch.cat([torch.zeros(5), conv.permute(0, 2, 3, 1).flatten()])  # a conv weight mapped from a file
+    mapped = file[5:].view(4, 2, 2, 3).permute(0, 3, 1, 2)  # channels_last, at an offset
+    owned = own_storage(mapped)
+    assert owned.stride() == conv.stride() and torch.equal(owned, conv) and owned.data_ptr() == mapped.data_ptr()
+    assert owned.untyped_storage().nbytes() == conv.numel() * 4
+    del file, mapped
+    assert torch.equal(owned, conv)  # the slice keeps the file's memory alive
     empty = own_storage(big[12:])
     assert empty.numel() == 0 and empty.untyped_storage().nbytes() == 0
 
@@ -253,6 +265,8 @@ def test_a_child_past_its_time_is_killed_with_its_process_group():
                          "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"], 2)
     assert outcome.returncode is None and outcome.how() == "timed out after 2 s" and not outcome.crashed
     assert outcome.seconds < 30
+    leftover = subprocess.run(["pgrep", "-f", "time.sleep\\(60\\)"], capture_output=True, text=True).stdout.split()
+    assert leftover == []
 
 
 def gone(pid: int) -> bool:
@@ -279,6 +293,7 @@ def test_a_child_dies_with_a_parent_killed_outright(tmp_path):
         deadline = time.monotonic() + 60
         while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
             time.sleep(0.1)
+        assert pid_file.exists() and pid_file.read_text(), "the child did not start in 60 s"
         pid = int(pid_file.read_text())
         assert not gone(pid)
         parent.send_signal(signal.SIGKILL)
@@ -291,8 +306,6 @@ def test_a_child_dies_with_a_parent_killed_outright(tmp_path):
         parent.kill()
         if pid_file.exists() and pid_file.read_text() and not gone(int(pid_file.read_text())):
             os.kill(int(pid_file.read_text()), signal.SIGKILL)  # (this test failed: leave nothing behind)
-    leftover = subprocess.run(["pgrep", "-f", "time.sleep\\(60\\)"], capture_output=True, text=True).stdout.split()
-    assert leftover == []
 
 
 def test_dynamic_shapes_are_grouped_as_forward_takes_its_inputs():

@@ -133,37 +133,35 @@ def say_progress(message: str) -> None:
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# What runs before the child's command (then exec'd in its place): the kernel is told to SIGKILL the
+# process when the thread that started it ends (the setting survives exec), and it exits at once if
+# that parent is already gone. No preexec_fn: that would fork a multi-threaded torch process and run
+# Python (and torch's fork hooks) in the copy.
+ARM_CHILD = (f"import ctypes, os, sys; ctypes.CDLL(None).prctl({PR_SET_PDEATHSIG}, {int(signal.SIGKILL)}); "
+             "os.getppid() == int(sys.argv[1]) or os._exit(1); os.execvp(sys.argv[2], sys.argv[2:])")
 
 
-def die_with_parent() -> Callable[[], None] | None:
-    """On Linux, a `preexec_fn` that has the kernel SIGKILL the child when the thread that started it
-    ends: a parent killed outright (SIGKILL, a benchmark's timeout), whose `finally` never runs, leaves
-    no build behind. That thread is the one waiting in run_child until the child ends. None elsewhere."""
+def dying_with_parent(cmd: Sequence[str]) -> list[str]:
+    """`cmd`, run so that it dies with this process's calling thread (Linux; elsewhere `cmd` as it is): a
+    parent killed outright (SIGKILL, a benchmark's timeout, the OOM killer), whose `finally` never runs,
+    leaves no build behind. That thread is the one waiting in run_child until the child ends. Only the
+    child itself is tied: its own children (g++, compile workers) finish or watch their parent."""
     if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def arm() -> None:
-        prctl(ctypes.c_int(PR_SET_PDEATHSIG), ctypes.c_ulong(signal.SIGKILL))
-        if os.getppid() != parent:  # the parent died before the kernel was told
-            os._exit(1)
-
-    return arm
+        return list(cmd)
+    return [sys.executable, "-c", ARM_CHILD, str(os.getpid()), *cmd]
 
 
 def run_child(cmd: Sequence[str], timeout: float | None, env: Mapping[str, str] | None = None,
               stdout: int | None = subprocess.DEVNULL, progress: Callable[[str], None] | None = None,
               poll_s: float = 1.0) -> ChildOutcome:
     """Run `cmd` in its own process group (a timeout, None for none, also ends the workers it started),
-    killed with this process however it ends (`die_with_parent`); stderr goes to a temporary file, not a pipe, so a child that writes a lot never blocks. `progress` gets
-    each PROGRESS line of the child's stderr (without the prefix) within `poll_s` of its writing."""
+    tied to the calling thread (`dying_with_parent`); stderr goes to a temporary file, not a pipe, so a
+    child that writes a lot never blocks. `progress` gets each PROGRESS line of the child's stderr
+    (without the prefix) within `poll_s` of its writing."""
     clock = time.perf_counter()
     with tempfile.TemporaryFile(mode="w+", prefix="sdcn_child.", suffix=".log") as err:
-        proc = subprocess.Popen(list(cmd), stdout=stdout, stderr=err, text=True, start_new_session=True,
-                                env=dict(env) if env is not None else None, preexec_fn=die_with_parent())
+        proc = subprocess.Popen(dying_with_parent(cmd), stdout=stdout, stderr=err, text=True, start_new_session=True,
+                                env=dict(env) if env is not None else None)
         seen = 0  # bytes of stderr already scanned for progress lines
 
         def relay() -> None:

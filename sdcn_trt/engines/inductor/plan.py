@@ -4,7 +4,6 @@ from the profile, the ways of loading a package, the constants given to it at lo
 memory check, and the toolchain check."""
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import hashlib
 import json
@@ -358,21 +357,22 @@ def constants_api_missing(compiled: Any) -> str:
 
 
 def own_storage(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` detached, contiguous and alone in its storage. AOTInductor's update_constant_buffer
-    copies the whole storage of each tensor it is given into the constant's slot: a view into a larger
-    storage (a memory-mapped weights file, a fused QKV weight) would overflow it. A contiguous CPU view
-    is given as a tensor on the same memory whose storage is just its bytes (no copy: valid while
-    `tensor` lives, which is for the load_constants call); anything else is copied once."""
+    """`tensor` detached and alone in a storage of exactly its bytes. AOTInductor's update_constant_buffer
+    copies the whole storage of each tensor it is given (from the tensor's first element) into the
+    constant's slot: a view into a larger storage (a memory-mapped weights file, a fused QKV weight)
+    would overflow it. A dense view is given on the same memory, through a slice of its storage (no
+    copy; the slice keeps the memory alive), in its own layout; anything else is copied, dense, with
+    its layout kept where it had one (clone's preserve_format: channels_last stays channels_last)."""
     tensor = tensor.detach()
     whole = tensor.numel() * tensor.element_size()
-    if tensor.is_contiguous() and tensor.storage_offset() == 0 and tensor.untyped_storage().nbytes() == whole:
-        return tensor
-    if not tensor.is_contiguous():
-        return tensor.contiguous()  # a new storage of its own
-    if tensor.device.type != "cpu" or whole == 0:
+    dense = tensor.is_contiguous() or (tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last))
+    if not dense or whole == 0:
         return tensor.clone()
-    memory = (ctypes.c_char * whole).from_address(tensor.data_ptr())
-    return torch.frombuffer(memory, dtype=torch.uint8).view(tensor.dtype).view(tensor.shape)
+    if tensor.storage_offset() == 0 and tensor.untyped_storage().nbytes() == whole:
+        return tensor
+    start = tensor.storage_offset() * tensor.element_size()
+    memory = tensor.untyped_storage()[start:start + whole]
+    return torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(memory, 0, tensor.shape, tensor.stride())
 
 
 def check_constants(fqns: list[str], tensors: Mapping[str, torch.Tensor], network: str) -> None:
@@ -390,7 +390,7 @@ def constant_batches(fqns: list[str], tensors: Mapping[str, torch.Tensor], netwo
                      batch_bytes: int = 256 * 2**20) -> Iterator[dict[str, torch.Tensor]]:
     """The tensors a package asks for (`fqns`: its get_constant_fqns()), each in storage of its own
     (own_storage), in batches of about `batch_bytes` made as they are asked for: a package that takes
-    its weights batch by batch never holds the copies own_storage makes of all of them at once. The
+    its weights batch by batch never holds the copies own_storage may make of all of them at once. The
     names are checked before any batch."""
     check_constants(fqns, tensors, network)
     batch: dict[str, torch.Tensor] = {}
